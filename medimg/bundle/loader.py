@@ -1,0 +1,92 @@
+"""Run an exported bundle's own ``inference.json`` on images (the path ``medimg.infer`` uses).
+
+The bundle's preprocessing, network, inferer and postprocessing are parsed exactly as
+``monai.bundle run`` parses them (writer excluded, as MONAI Label does); the prediction is then
+written by :func:`medimg.data.io.write_like` with the input's own affine and header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, SaveImaged
+from monai.utils import MetaKeys
+
+from medimg.data.io import NIFTI_SUFFIXES, Image, has_suffix
+from medimg.errors import BundleError, DataError
+from medimg.models.weights import read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class BundlePredictor:
+    """Load a bundle once, predict many images.
+
+    Args:
+        bundle_dir: the bundle folder.
+        device: ``cpu``, ``cuda`` or ``None`` for CUDA when available.
+        amp: mixed precision (default: on for CUDA).
+    """
+
+    def __init__(self, bundle_dir: str | Path, device: str | None = None, amp: bool | None = None) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        config = self.bundle_dir / "configs" / "inference.json"
+        weights = self.bundle_dir / "models" / "model.pt"
+        for required in (config, self.bundle_dir / "configs" / "metadata.json", weights):
+            if not required.is_file():
+                raise BundleError(required, "missing from the bundle")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp = self.device.type == "cuda" if amp is None else amp
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
+        parser["bundle_root"] = str(self.bundle_dir)
+        self.meta = parser.get("_meta_", {})
+        try:
+            self.network = parser.get_parsed_content("network_def")
+            self.preprocessing: Compose = parser.get_parsed_content("preprocessing")
+            self.inferer = parser.get_parsed_content("inferer")
+            post = parser.get_parsed_content("postprocessing")
+        except Exception as exc:  # noqa: BLE001 - a malformed config fails in many ways
+            raise BundleError(config, f"cannot build the bundle's components ({str(exc).splitlines()[0][:200]})") from exc
+        self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
+        state = read_checkpoint(weights)
+        try:
+            self.network.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(weights, f"weights do not fit network_def ({str(exc).splitlines()[0]})") from exc
+        self.network.to(self.device).eval()
+
+    @torch.no_grad()
+    def predict(self, path: str | Path) -> tuple[np.ndarray, Image]:
+        """Segment one image file or DICOM series folder.
+
+        Returns:
+            ``(labels, reference)``: the label array in the input's own index order and shape, and
+            an :class:`Image` carrying the input's geometry (for :func:`write_like`).
+        """
+        data = self.preprocessing({"image": str(path)})
+        image = data["image"]
+        autocast = (torch.autocast(device_type=self.device.type, dtype=torch.float16) if self.amp
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = self.inferer(image[None].to(self.device), self.network)
+        data["pred"] = logits[0].float().cpu()
+        data = self.postprocessing(data)
+        pred = data["pred"]
+        pred = (pred.as_tensor() if hasattr(pred, "as_tensor") else pred).numpy()
+        pred = pred[0] if pred.ndim == image.ndim else pred
+        meta = image.meta
+        shape = tuple(int(s) for s in np.asarray(meta[MetaKeys.SPATIAL_SHAPE]).ravel())
+        if pred.shape != shape:
+            raise DataError(path, f"inverted prediction has shape {pred.shape}, input has {shape}")
+        affine = np.asarray(meta[MetaKeys.ORIGINAL_AFFINE], dtype=np.float64)
+        header = nib.load(str(path)).header if has_suffix(path, NIFTI_SUFFIXES) else None
+        reference = Image(np.empty(shape, dtype=np.uint8), affine, Path(path), meta.get("source_kind", ""), header)
+        return pred.astype(np.uint8), reference

@@ -1,0 +1,125 @@
+"""Write a MONAI bundle from a trained network and its run configuration."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+from torch import nn
+
+from medimg.bundle.verify import verify_bundle
+from medimg.errors import BundleError
+from medimg.resources import resource_dir
+
+log = logging.getLogger(__name__)
+REQUIRED_PACKAGES = ("medimg", "nibabel", "pydicom", "SimpleITK", "pytorch-ignite")
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for name in REQUIRED_PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _try_torchscript(network: nn.Module, example: torch.Tensor, path: Path) -> bool:
+    """Script the network and check it reproduces the eager output; False when it does not script."""
+    try:
+        scripted = torch.jit.script(network.eval())
+        with torch.no_grad():
+            ok = torch.allclose(scripted(example), network(example), atol=1e-4)
+    except Exception as exc:  # noqa: BLE001 - scripting fails in many ways
+        log.info("network does not script (%s); models/model.ts not written", type(exc).__name__)
+        return False
+    if not ok:
+        log.warning("scripted network disagrees with the eager one; models/model.ts not written")
+        return False
+    torch.jit.save(scripted, str(path))
+    return True
+
+
+def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network_def: dict[str, Any],
+                 preprocessing: list[dict[str, Any]], inference_vars: dict[str, Any], labels: dict[str, str],
+                 metadata_updates: dict[str, Any], train_config: str | None = None,
+                 schema: str | Path | None = None, verify: bool = True, overwrite: bool = False) -> Path:
+    """Write (and verify) a MONAI bundle atomically.
+
+    Args:
+        out_dir: destination folder (must not exist unless ``overwrite``).
+        template: folder name under ``bundles/`` with configs, docs and LICENSE.
+        network: the trained network; its state dict becomes ``models/model.pt``.
+        network_def: bundle component that rebuilds the network (``_target_`` plus arguments).
+        preprocessing: the transform spec list (the one training used, ``infer`` stage).
+        inference_vars: top-level ``inference.json`` values to set (``roi_size``, ...).
+        labels: label index -> name.
+        metadata_updates: ``metadata.json`` fields to set (``eval_metrics``, ``data_source``, ...).
+        train_config: the run's resolved YAML, stored as ``configs/train_config.yaml``.
+        schema: local metadata schema for verification.
+        verify: run MONAI's verification.
+        overwrite: replace an existing ``out_dir``.
+
+    Returns:
+        The bundle folder.
+    """
+    out_dir = Path(out_dir)
+    src = resource_dir("bundles") / template
+    if not (src / "configs" / "inference.json").is_file():
+        raise BundleError(src, "bundle template has no configs/inference.json")
+    if out_dir.exists() and not overwrite:
+        raise BundleError(out_dir, "already exists; choose another --out or pass --overwrite")
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp)
+        (tmp / "models").mkdir(exist_ok=True)
+        network = network.cpu().eval()
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, tmp / "models" / "model.pt")
+
+        inference = json.loads((tmp / "configs" / "inference.json").read_text())
+        inference["network_def"] = network_def
+        inference["preprocessing"]["transforms"] = preprocessing
+        inference.update(inference_vars)
+        (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+
+        meta = json.loads((tmp / "configs" / "metadata.json").read_text())
+        names = [labels[k] for k in sorted(labels, key=int)]
+        meta.update({
+            "monai_version": monai.__version__,
+            "pytorch_version": torch.__version__.split("+")[0],
+            "numpy_version": np.__version__,
+            "required_packages_version": _package_versions(),
+            "label_classes": ", ".join(f"{k}: {v}" for k, v in sorted(labels.items(), key=lambda kv: int(kv[0]))),
+            "pred_classes": ", ".join(f"{i}: {n}" for i, n in enumerate(names)),
+            "labels": {n: int(k) for k, n in labels.items()},
+            "python_version": sys.version.split()[0],
+        })
+        meta.update(metadata_updates)
+        out_fmt = meta["network_data_format"]["outputs"]["pred"]
+        out_fmt["num_channels"] = len(names)
+        out_fmt["channel_def"] = {str(i): n for i, n in enumerate(names)}
+        (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
+        if train_config is not None:
+            (tmp / "configs" / "train_config.yaml").write_text(train_config)
+
+        shape = [1, int(meta["network_data_format"]["inputs"]["image"]["num_channels"])]
+        spatial = [32] * len(inference_vars.get("roi_size", [0, 0, 0]))
+        _try_torchscript(network, torch.rand(*shape, *spatial), tmp / "models" / "model.ts")
+        if verify:
+            verify_bundle(tmp, schema)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,170 @@
+"""DICOM series reading: pick the series, sort slices geometrically, build the RAS affine.
+
+MONAI's readers sort by file name or InstanceNumber in some paths and accept uneven slice gaps
+silently; here slices are ordered by ImagePositionPatient projected on the slice normal, mixed
+series are told apart by SeriesInstanceUID, and uneven spacing is an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from medimg.errors import DataError
+
+# relative tolerance on slice gaps before a series counts as non-uniform
+SPACING_RTOL = 1e-2
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class DicomSeries:
+    """A geometrically sorted DICOM series.
+
+    Attributes:
+        array: voxels indexed (column, row, slice), float32, rescale slope/intercept applied.
+        affine: 4x4 voxel-to-world matrix in RAS+ mm.
+        series_uid: SeriesInstanceUID.
+        files: the slice files in geometric order.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    series_uid: str
+    files: list[Path]
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when ``path`` carries the DICOM preamble magic (``DICM`` at byte 128)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def folder_has_dicom(folder: Path) -> bool:
+    """True when ``folder`` directly holds at least one DICOM file."""
+    return any(p.is_file() and is_dicom_file(p) for p in folder.iterdir())
+
+
+def _scan(folder: Path) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
+    """Read every DICOM header in ``folder``; stray non-DICOM files are skipped with a warning."""
+    series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    stray: list[str] = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if not is_dicom_file(path):
+            stray.append(path.name)
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            raise DataError(path, f"unreadable DICOM file ({exc})") from exc
+        if "PixelData" not in ds and not hasattr(ds, "ImagePositionPatient"):
+            stray.append(path.name)  # DICOMDIR, structured reports, presentation states
+            continue
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if stray:
+        shown = ", ".join(stray[:5]) + (" ..." if len(stray) > 5 else "")
+        warnings.warn(f"{folder}: skipped {len(stray)} non-image file(s): {shown}", stacklevel=3)
+    if not series:
+        raise DataError(folder, "folder holds no DICOM image files")
+    return series
+
+
+def _describe(series: dict[str, list[tuple[Path, pydicom.Dataset]]]) -> str:
+    parts = []
+    for uid, items in series.items():
+        desc = str(items[0][1].get("SeriesDescription", "")).strip()
+        parts.append(f"{uid} ({len(items)} files{', ' + desc if desc else ''})")
+    return "; ".join(parts)
+
+
+def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> DicomSeries:
+    """Read one DICOM series from a folder into a (column, row, slice) array and RAS affine.
+
+    Args:
+        folder: the series folder.
+        series_uid: which SeriesInstanceUID to read when the folder mixes several.
+
+    Returns:
+        The sorted series.
+
+    Raises:
+        DataError: no DICOM, several series and none chosen, inconsistent or non-uniform slices.
+    """
+    folder = Path(folder)
+    series = _scan(folder)
+    if series_uid is not None:
+        if series_uid not in series:
+            raise DataError(folder, f"no series with SeriesInstanceUID {series_uid}; found: {_describe(series)}")
+        items = series[series_uid]
+    elif len(series) > 1:
+        raise DataError(folder, f"folder mixes {len(series)} series; choose one by SeriesInstanceUID: "
+                                f"{_describe(series)}")
+    else:
+        series_uid, items = next(iter(series.items()))
+
+    first = items[0][1]
+    try:
+        iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+        spacing_rc = np.asarray(first.PixelSpacing, dtype=np.float64)
+    except AttributeError as exc:
+        raise DataError(items[0][0], f"missing geometry tag ({exc})") from exc
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    shape = (int(first.Rows), int(first.Columns))
+    positions = []
+    for path, ds in items:
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
+            raise DataError(path, "slice orientation differs from the rest of the series")
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise DataError(path, f"slice size {ds.Rows}x{ds.Columns} differs from {shape[0]}x{shape[1]}")
+        positions.append(np.asarray(ds.ImagePositionPatient, dtype=np.float64))
+    dist = np.array([float(p @ normal) for p in positions])
+    order = np.argsort(dist, kind="stable")
+    dist = dist[order]
+    items = [items[i] for i in order]
+    positions = [positions[i] for i in order]
+
+    if len(items) > 1:
+        gaps = np.diff(dist)
+        if np.any(gaps < 1e-4):
+            dup = items[int(np.argmin(gaps)) + 1][0]
+            raise DataError(dup, "two slices share the same position (duplicate or mixed acquisitions)")
+        step = float(np.median(gaps))
+        if np.max(np.abs(gaps - step)) > SPACING_RTOL * step:
+            raise DataError(folder, f"non-uniform slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm);"
+                                    " resample the series before use")
+        slice_vec = (positions[-1] - positions[0]) / (len(items) - 1)
+    else:
+        thickness = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+        slice_vec = normal * thickness
+
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * spacing_rc[1]  # column index i walks along the row direction
+    affine_lps[:3, 1] = col_dir * spacing_rc[0]  # row index j walks along the column direction
+    affine_lps[:3, 2] = slice_vec
+    affine_lps[:3, 3] = positions[0]
+
+    slices = []
+    for path, _ in items:
+        ds = pydicom.dcmread(path)
+        try:
+            pix = ds.pixel_array.astype(np.float32)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
+            raise DataError(path, f"cannot decode pixel data ({exc})") from exc
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slices.append(pix * slope + intercept)
+    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
+    return DicomSeries(np.ascontiguousarray(volume), LPS_TO_RAS @ affine_lps, str(series_uid),
+                       [p for p, _ in items])

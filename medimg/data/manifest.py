@@ -1,0 +1,146 @@
+"""Decathlon-style datalists: load with paths relative to a dataset folder, validate up front."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medimg.data.io import NIFTI_SUFFIXES, has_suffix, read_image
+from medimg.errors import DataError
+
+SPLITS = ("training", "validation", "test")
+
+
+@dataclass
+class Manifest:
+    """A datalist with absolute paths.
+
+    Attributes:
+        path: the manifest file.
+        dataset_dir: the folder relative paths were resolved against.
+        splits: ``training``/``validation``/``test`` lists of ``{"image": ..., "label": ...}``.
+        labels: label index (as string) to name, e.g. ``{"0": "background", "1": "grey_matter"}``.
+        meta: every other top-level field of the manifest.
+    """
+
+    path: Path
+    dataset_dir: Path
+    splits: dict[str, list[dict]]
+    labels: dict[str, str] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of label classes, background included."""
+        return max(len(self.labels), 2)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names ordered by label index."""
+        return [self.labels[k] for k in sorted(self.labels, key=int)]
+
+
+def load_manifest(path: str | Path, dataset_dir: str | Path | None = None) -> Manifest:
+    """Read a datalist JSON and resolve its paths against ``dataset_dir``.
+
+    Args:
+        path: the manifest JSON.
+        dataset_dir: folder the relative paths are relative to (default: the manifest's folder).
+
+    Returns:
+        The manifest with absolute paths; entries are not opened (see :func:`validate_manifest`).
+
+    Raises:
+        DataError: unreadable JSON, no training split, malformed entries, missing files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "manifest not found")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"manifest is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or not raw.get("training"):
+        raise DataError(path, "manifest needs a non-empty 'training' list")
+    base = Path(dataset_dir) if dataset_dir is not None else path.parent
+    splits: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        items = raw.get(split, [])
+        resolved = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                item = {"image": item}
+            if not isinstance(item, dict) or "image" not in item:
+                raise DataError(path, f"{split}[{i}] needs an 'image' entry")
+            entry = dict(item)
+            for key in ("image", "label"):
+                if key in entry:
+                    p = Path(entry[key])
+                    entry[key] = str(p if p.is_absolute() else base / p)
+                    if not Path(entry[key]).exists():
+                        raise DataError(entry[key], f"listed in {path.name} ({split}[{i}].{key}) but missing")
+            resolved.append(entry)
+        splits[split] = resolved
+    meta = {k: v for k, v in raw.items() if k not in SPLITS and k != "labels"}
+    labels = {str(k): str(v) for k, v in raw.get("labels", {}).items()}
+    return Manifest(path, base, splits, labels, meta)
+
+
+def _geometry(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine, from the header alone for NIfTI (cheap), else from a full read."""
+    if has_suffix(path, NIFTI_SUFFIXES):
+        try:
+            img = nib.load(path)
+        except Exception as exc:  # noqa: BLE001 - any header failure is a data error
+            raise DataError(path, f"not a readable NIfTI image ({exc})") from exc
+        shape = tuple(int(s) for s in img.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        return shape, np.asarray(img.affine)
+    img = read_image(path, spatial_dims=None)
+    return tuple(img.array.shape), img.affine
+
+
+def validate_manifest(manifest: Manifest, splits: tuple[str, ...] = ("training", "validation"),
+                      read_data: bool = True, atol: float = 1e-3) -> None:
+    """Check every listed image/label pair before training starts.
+
+    Checks image/label shape and affine agreement; with ``read_data`` also reads every file
+    (catching corrupt files, NaN intensities, wrong dimensionality) and warns about empty labels.
+
+    Args:
+        manifest: the loaded manifest.
+        splits: which splits to check.
+        read_data: read voxel data too, not only headers.
+        atol: tolerance on affine differences, in mm.
+
+    Raises:
+        DataError: naming the first offending file.
+    """
+    for split in splits:
+        for item in manifest.splits.get(split, []):
+            image = item["image"]
+            if "label" not in item:
+                if read_data:
+                    read_image(image, spatial_dims=None)
+                continue
+            ishape, iaff = _geometry(image)
+            lshape, laff = _geometry(item["label"])
+            if ishape != lshape:
+                raise DataError(item["label"], f"label shape {lshape} does not match image shape {ishape} ({image})")
+            if not np.allclose(iaff, laff, atol=atol):
+                raise DataError(item["label"], f"label affine does not match the image affine ({image})")
+            if read_data:
+                read_image(image, spatial_dims=None)
+                label = read_image(item["label"], spatial_dims=None).array
+                if not np.any(label):
+                    warnings.warn(f"{item['label']}: label is empty (all background)", stacklevel=2)
+                bad = np.unique(label[label >= manifest.num_classes]) if manifest.labels else []
+                if len(bad):
+                    raise DataError(item["label"], f"label values {bad.tolist()} exceed the {manifest.num_classes} "
+                                                   "classes the manifest declares")

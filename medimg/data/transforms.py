@@ -1,0 +1,130 @@
+"""Named, reusable MONAI dictionary-transform pipelines, defined once as bundle-config specs.
+
+A pipeline is a list of MONAI bundle component dicts (``{"_target_": "Spacingd", ...}``).
+Training instantiates it with :func:`build_pipeline`; export writes the very same list into the
+bundle's ``inference.json``, so a bundle preprocesses exactly as training did.
+
+Every deterministic step (orientation, spacing, intensity, foreground crop) is invertible, so
+``Invertd`` maps a prediction made in the model's space back onto the input's exact grid.
+
+Intensity presets: CT windows ``ct_abdomen``, ``ct_lung``, ``ct_bone``, ``ct_brain`` (clip to the
+window, scale to [0, 1]); ``mr`` (0.5-99.5 percentile scaling to [0, 1]); ``none``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+
+from medimg.errors import ConfigError
+
+# (level, width) in HU
+CT_WINDOWS = {
+    "ct_abdomen": (40.0, 400.0),
+    "ct_lung": (-600.0, 1500.0),
+    "ct_bone": (400.0, 1800.0),
+    "ct_brain": (40.0, 80.0),
+}
+INTENSITY_PRESETS = (*CT_WINDOWS, "mr", "none")
+ORIENTATION_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
+
+Spec = list[dict[str, Any]]
+
+
+def intensity_spec(preset: str, key: str = "image") -> Spec:
+    """The intensity-normalisation step of a preset.
+
+    Args:
+        preset: one of :data:`INTENSITY_PRESETS`.
+        key: the image key.
+    """
+    if preset in CT_WINDOWS:
+        level, width = CT_WINDOWS[preset]
+        return [{"_target_": "ScaleIntensityRanged", "keys": key, "a_min": level - width / 2,
+                 "a_max": level + width / 2, "b_min": 0.0, "b_max": 1.0, "clip": True}]
+    if preset == "mr":
+        return [{"_target_": "ScaleIntensityRangePercentilesd", "keys": key, "lower": 0.5, "upper": 99.5,
+                 "b_min": 0.0, "b_max": 1.0, "clip": True, "relative": False}]
+    if preset == "none":
+        return []
+    raise ConfigError("data.intensity", f"unknown preset {preset!r}; choose from {', '.join(INTENSITY_PRESETS)}")
+
+
+def geometry_spec(keys: Sequence[str], pixdim: Sequence[float] | None, label_key: str | None = "label",
+                  spatial_dims: int = 3, axcodes: str = "RAS") -> Spec:
+    """Load (medimg reader), add the channel axis, reorient, resample.
+
+    Args:
+        keys: image and label keys.
+        pixdim: target voxel size in mm, or ``None`` to keep native spacing.
+        label_key: which key is a label (nearest-neighbour resampling).
+        spatial_dims: 2 or 3.
+        axcodes: target orientation.
+    """
+    keys = list(keys)
+    spec: Spec = [
+        {"_target_": "LoadImaged", "keys": keys, "image_only": True,
+         "reader": {"_target_": "medimg.data.io.MedimgReader", "spatial_dims": spatial_dims}},
+        {"_target_": "EnsureChannelFirstd", "keys": keys, "channel_dim": "no_channel"},
+        {"_target_": "Orientationd", "keys": keys, "axcodes": axcodes[:spatial_dims],
+         "labels": ORIENTATION_LABELS},
+    ]
+    if pixdim is not None:
+        spec.append({"_target_": "Spacingd", "keys": keys, "pixdim": [float(p) for p in pixdim],
+                     "mode": ["nearest" if k == label_key else "bilinear" for k in keys]})
+    return spec
+
+
+def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
+                      roi_size: Sequence[int] = (64, 64, 64), num_samples: int = 2, num_classes: int = 3,
+                      crop_foreground: bool = True, augment: bool = True, spatial_dims: int = 3) -> Spec:
+    """The segmentation pipeline for one stage, as a bundle-config list.
+
+    Args:
+        stage: ``train`` (random label-balanced crops), ``val`` (whole volume with label) or
+            ``infer`` (whole volume, image only; invertible for ``Invertd``).
+        pixdim: target spacing in mm (``None`` keeps native spacing).
+        intensity: intensity preset name.
+        roi_size: training crop size (also the sliding-window size).
+        num_samples: crops per volume per step.
+        num_classes: classes including background (for class-balanced cropping).
+        crop_foreground: crop to the image's non-zero bounding box first.
+        augment: random crops, flips and intensity jitter in ``train``; when False a deterministic
+            centre crop (used to compare DDP with a single process exactly).
+        spatial_dims: 2 or 3.
+    """
+    if stage not in ("train", "val", "infer"):
+        raise ConfigError("stage", f"unknown stage {stage!r}; choose train, val or infer")
+    keys = ["image"] if stage == "infer" else ["image", "label"]
+    roi = [int(r) for r in roi_size]
+    spec = geometry_spec(keys, pixdim, spatial_dims=spatial_dims) + intensity_spec(intensity)
+    if crop_foreground:
+        spec.append({"_target_": "CropForegroundd", "keys": keys, "source_key": "image", "allow_smaller": True})
+    if stage == "train":
+        spec.append({"_target_": "SpatialPadd", "keys": keys, "spatial_size": roi})
+        if augment:
+            spec += [
+                {"_target_": "RandCropByLabelClassesd", "keys": keys, "label_key": "label", "spatial_size": roi,
+                 "num_classes": int(num_classes), "num_samples": int(num_samples)},
+                {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 0},
+                {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
+                {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
+            ]
+        else:
+            spec.append({"_target_": "CenterSpatialCropd", "keys": keys, "roi_size": roi})
+    spec.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": stage != "train"})
+    return spec
+
+
+def build_pipeline(spec: Spec) -> Compose:
+    """Instantiate a spec list into a MONAI ``Compose`` (the same way a bundle does)."""
+    parser = ConfigParser({"pipeline": {"_target_": "Compose", "transforms": spec}})
+    return parser.get_parsed_content("pipeline", instantiate=True)
+
+
+def segmentation_transforms(stage: str, **kwargs: Any) -> Compose:
+    """:func:`segmentation_spec` instantiated (same arguments)."""
+    return build_pipeline(segmentation_spec(stage, **kwargs))

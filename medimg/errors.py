@@ -1,0 +1,101 @@
+"""One exception hierarchy for user mistakes, and the CLI wrapper that turns them into one line.
+
+Every error a user can cause (a bad file, a bad config, a weight file that does not fit) is a
+:class:`MedimgError` that names the offending path and the problem. The CLIs catch them and print
+``error: <path>: <problem>`` on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+class MedimgError(Exception):
+    """Base class of every error caused by user input.
+
+    Args:
+        path: the file, folder or config key at fault (``None`` when there is none).
+        problem: what is wrong with it, as one short sentence.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class DataError(MedimgError):
+    """An image, label, DICOM series or manifest cannot be used."""
+
+
+class ConfigError(MedimgError):
+    """A configuration value or command-line option is wrong."""
+
+
+class WeightsError(MedimgError):
+    """A checkpoint or weight file cannot be read or does not fit the network."""
+
+
+class BundleError(MedimgError):
+    """A MONAI bundle is malformed or fails verification."""
+
+
+def find_medimg_error(exc: BaseException | None) -> MedimgError | None:
+    """Return the :class:`MedimgError` behind ``exc``, following ``__cause__``/``__context__``.
+
+    MONAI wraps exceptions raised inside transforms (``applying transform ...``) and PyTorch wraps
+    those raised in data-loader workers; the user's mistake is the innermost MedimgError.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MedimgError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def run_cli(main: Callable[[], int | None]) -> int:
+    """Run a CLI body; a user mistake becomes one ``error:`` line and exit code 2.
+
+    Args:
+        main: the body; returns an exit code or ``None`` for success.
+
+    Returns:
+        The exit code to pass to :func:`sys.exit`.
+    """
+    try:
+        return int(main() or 0)
+    except Exception as exc:  # noqa: BLE001 - only MedimgErrors are turned into one line
+        err = find_medimg_error(exc)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    Nothing half-written is ever left at ``path``: on any error the temporary file is removed.
+
+    Args:
+        path: the final output file.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # keep the full suffix (.nii.gz) so writers that dispatch on it behave
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}{''.join(final.suffixes)}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,78 @@
+"""``python -m medimg.infer --bundle DIR --input PATH --output PATH``.
+
+``--input`` is an image file (NIfTI, NRRD, MHA), a DICOM series folder, or a folder of such
+inputs (then ``--output`` is a folder and each prediction is ``<name>_seg.nii.gz``). Predictions
+are written as NIfTI in exactly the input's geometry. GPU with AMP when available, else CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medimg.data.dicom import folder_has_dicom
+from medimg.data.io import IMAGE_SUFFIXES, has_suffix, write_like
+from medimg.errors import ConfigError, DataError, run_cli
+
+
+def output_name(path: Path) -> str:
+    """``scan.nii.gz`` -> ``scan_seg.nii.gz``; a DICOM folder ``series/`` -> ``series_seg.nii.gz``."""
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"{name}_seg.nii.gz"
+
+
+def collect_inputs(path: Path) -> tuple[list[Path], bool]:
+    """The inputs under ``path`` and whether ``path`` names a folder of several inputs."""
+    if not path.exists():
+        raise DataError(path, "no such file or folder")
+    if path.is_file() or folder_has_dicom(path):
+        return [path], False
+    items = sorted(p for p in path.iterdir()
+                   if (p.is_file() and has_suffix(p)) or (p.is_dir() and folder_has_dicom(p)))
+    if not items:
+        raise DataError(path, "folder holds no images (NIfTI, NRRD, MHA) and no DICOM series")
+    return items, True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m medimg.infer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", required=True, help="exported MONAI bundle folder")
+    parser.add_argument("--input", required=True, help="image file, DICOM series folder, or folder of inputs")
+    parser.add_argument("--output", required=True, help="output .nii.gz (or folder for several inputs)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        from medimg.bundle.loader import BundlePredictor
+
+        inputs, many = collect_inputs(Path(args.input))
+        out = Path(args.output)
+        if not many and out.is_dir():
+            raise ConfigError(out, "is a folder; give an output file name for a single input")
+        if not many and not out.name.endswith((".nii", ".nii.gz")):
+            raise ConfigError(out, "output must end in .nii or .nii.gz")
+        predictor = BundlePredictor(args.bundle, device=args.device)
+        written: list[Path] = []
+        try:
+            for item in inputs:
+                labels, reference = predictor.predict(item)
+                target = out / output_name(item) if many else out
+                written.append(write_like(labels, reference, target))
+                print(f"{item} -> {target}")
+        except BaseException:
+            for path in written:  # all or nothing: no partial set of outputs
+                path.unlink(missing_ok=True)
+            raise
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""A name -> builder registry (timm-style) so configs and bundles name networks, not classes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from medimg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_network(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a network builder under ``name``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_networks() -> list[str]:
+    """Registered network names."""
+    _import_builders()
+    return sorted(_REGISTRY)
+
+
+def build_network(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered network.
+
+    Args:
+        name: registry name (see :func:`list_networks`).
+        **kwargs: builder arguments (e.g. ``pretrained``: a local weight file).
+    """
+    _import_builders()
+    if name not in _REGISTRY:
+        raise ConfigError("model.name", f"unknown network {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**kwargs)
+
+
+def _import_builders() -> None:
+    from medimg.models import swin_unetr  # noqa: F401 - registers its builders

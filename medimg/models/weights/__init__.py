@@ -1,0 +1,56 @@
+"""Pretrained-weight loading: one pure key-remap function per official checkpoint format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medimg.errors import WeightsError
+from medimg.models.weights.report import KeyReport, load_with_report
+from medimg.models.weights.swin_ssl import remap_swin_ssl
+
+REMAPS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "swin_ssl": remap_swin_ssl,
+}
+
+
+def read_checkpoint(path: str | Path) -> Mapping[str, torch.Tensor]:
+    """Read a weight file safely (``weights_only=True`` / safetensors), onto the CPU.
+
+    Raises:
+        WeightsError: missing, unreadable or unsafe (pickled code) file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(path, "weight file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure here is a bad weight file
+        raise WeightsError(path, f"cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+
+
+def load_pretrained(module: nn.Module, path: str | Path, fmt: str) -> KeyReport:
+    """Load an official checkpoint into ``module`` through its format's key remap.
+
+    Args:
+        module: the target network.
+        path: the weight file.
+        fmt: the checkpoint format (a key of :data:`REMAPS`).
+
+    Returns:
+        The key report.
+    """
+    if fmt not in REMAPS:
+        raise WeightsError(path, f"unknown weight format {fmt!r}; known: {', '.join(REMAPS)}")
+    state = read_checkpoint(path)
+    return load_with_report(module, REMAPS[fmt](state), source=str(path))
+
+
+__all__ = ["KeyReport", "REMAPS", "load_pretrained", "load_with_report", "read_checkpoint"]

@@ -1,0 +1,35 @@
+"""``python -m medimg.train bundle=NAME key=value ...`` (Hydra entry point; thin)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+import hydra
+from omegaconf import DictConfig
+
+from medimg.errors import run_cli
+from medimg.resources import resource_dir
+
+CONFIG_DIR = str(resource_dir("configs"))
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    from medimg.training import run_training
+
+    logging.getLogger("medimg").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    code = run_cli(lambda: run_training(cfg) and None)
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _main()
+
+
+if __name__ == "__main__":
+    main()

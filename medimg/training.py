@@ -1,0 +1,194 @@
+"""Assemble data, network, task and Lightning trainer from a composed config, train, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from medimg.data.datamodule import ManifestDataModule
+from medimg.data.datasets import embedded_manifest
+from medimg.data.manifest import load_manifest
+from medimg.data.transforms import build_pipeline, segmentation_spec
+from medimg.errors import ConfigError
+from medimg.models import build_network
+from medimg.tasks import SegmentationTask
+
+log = logging.getLogger("medimg.train")
+RUN_DIR_ENV = "MEDIMG_RUN_DIR"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file and rename: a killed run never leaves a torn file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` to ``path`` atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+class SaveLastOnTrainEnd(L.Callback):
+    """Refresh ``last.ckpt`` when training ends (the step-based saver may be a few steps behind)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save the final state."""
+        trainer.save_checkpoint(self.path)
+
+
+def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """Decide the run folder and the checkpoint to resume from.
+
+    DDP worker processes inherit the folder chosen by rank 0 through ``$MEDIMG_RUN_DIR``.
+
+    Returns:
+        ``(run_dir, resume_checkpoint_or_None)``.
+    """
+    inherited = os.environ.get(RUN_DIR_ENV)
+    resume = cfg.resume
+    if inherited:
+        run_dir = Path(inherited)
+    elif resume not in (False, None, "false", "False"):
+        if resume in (True, "true", "True"):
+            parent = Path(cfg.runs_dir) / cfg.bundle.name
+            runs = sorted(p for p in parent.glob("*") if (p / "checkpoints" / "last.ckpt").is_file())
+            if not runs:
+                raise ConfigError("resume", f"no run of {cfg.bundle.name} with a last.ckpt under {parent}")
+            run_dir = runs[-1]
+        else:
+            run_dir = Path(str(resume))
+            if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+                raise ConfigError(run_dir, "resume: no checkpoints/last.ckpt in this run folder")
+    else:
+        run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    resuming = resume not in (False, None, "false", "False")
+    return run_dir.resolve(), (ckpt if resuming and ckpt.is_file() else None)
+
+
+def count_parameters(network: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    total = sum(p.numel() for p in network.parameters())
+    trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def build_datamodule(cfg: DictConfig, run_dir: Path) -> ManifestDataModule:
+    """Materialise the embedded dataset (if any), then the data module with its pipelines."""
+    d = cfg.data
+    if d.dataset:
+        manifest, dataset_dir = embedded_manifest(d.dataset, d.dataset_dir)
+    elif d.manifest:
+        manifest, dataset_dir = Path(d.manifest), d.dataset_dir
+    else:
+        raise ConfigError("data", "give data.dataset (mni152, phantom) or data.manifest (+ data.dataset_dir)")
+    num_classes = load_manifest(manifest, dataset_dir).num_classes
+    common = dict(pixdim=d.pixdim, intensity=d.intensity, crop_foreground=d.crop_foreground)
+    train_tf = build_pipeline(segmentation_spec("train", roi_size=d.roi_size, num_samples=d.num_samples,
+                                                num_classes=num_classes, augment=d.augment, **common))
+    val_tf = build_pipeline(segmentation_spec("val", **common))
+    cache_dir = d.cache_dir or (run_dir / "cache")
+    return ManifestDataModule(manifest, dataset_dir, train_tf, val_tf, batch_size=d.batch_size,
+                              num_workers=d.num_workers, cache=d.cache, cache_dir=cache_dir, validate=d.validate,
+                              repeats=d.repeats)
+
+
+def run_training(cfg: DictConfig) -> Path:
+    """Train the configured bundle, then export and verify its MONAI bundle.
+
+    Args:
+        cfg: the composed Hydra config (``configs/train.yaml`` + ``configs/bundle/NAME.yaml``).
+
+    Returns:
+        The run folder.
+    """
+    run_dir, resume_ckpt = resolve_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers started by Lightning land in the same run
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    dm = build_datamodule(cfg, run_dir)
+    manifest = dm.manifest
+    labels = manifest.labels or {str(i): f"class{i}" for i in range(manifest.num_classes)}
+
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.out_channels = manifest.num_classes
+    cfg.data.labels = labels
+    cfg.data.source = str(manifest.meta.get("description", manifest.path.name))
+    cfg.run_dir = str(run_dir)
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model_kwargs, dict)
+    network = build_network(**model_kwargs)
+    trainable, total = count_parameters(network)
+    log.info("network %s: %s trainable of %s parameters (%.1f%%)", cfg.model.name, f"{trainable:,}",
+             f"{total:,}", 100.0 * trainable / max(total, 1))
+
+    is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    if is_rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    task_cfg = cfg.task
+    task = SegmentationTask(network, num_classes=manifest.num_classes, class_names=manifest.class_names or None,
+                            roi_size=list(cfg.data.roi_size), sw_batch_size=task_cfg.sw_batch_size,
+                            overlap=task_cfg.overlap, lr=task_cfg.lr, weight_decay=task_cfg.weight_decay,
+                            warmup_epochs=task_cfg.warmup_epochs,
+                            surface_tolerance_mm=task_cfg.surface_tolerance_mm,
+                            overlay_dir=str(run_dir / "overlays"))
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/dice", mode="max",
+                        save_top_k=1, save_last=False),
+        ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, enable_version_counter=False,
+                        every_n_train_steps=int(cfg.checkpoint.every_n_train_steps)),
+        SaveLastOnTrainEnd(ckpt_dir / "last.ckpt"),
+        LearningRateMonitor(logging_interval="epoch"),
+        TQDMProgressBar(refresh_rate=1),
+    ]
+    loggers = [CSVLogger(str(run_dir), name="logs", version=""),
+               TensorBoardLogger(str(run_dir), name="tensorboard", version="", default_hp_metric=False)]
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_kwargs, dict)
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
+                        plugins=[AtomicCheckpointIO()])
+    if resume_ckpt is not None:
+        log.info("resuming from %s", resume_ckpt)
+    trainer.fit(task, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+
+    best = callbacks[0].best_model_path or None
+    results = trainer.validate(task, datamodule=dm, ckpt_path=best, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if trainer.is_global_zero:
+        metrics["epochs"] = trainer.current_epoch
+        metrics["checkpoint"] = str(best or ckpt_dir / "last.ckpt")
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        _report(metrics, manifest.class_names[1:])
+        if cfg.export.enabled:
+            from medimg.export import export_run
+
+            bundle = export_run(run_dir, run_dir / "bundle", schema=cfg.export.schema, overwrite=True)
+            print(f"bundle written and verified: {bundle}")
+    return run_dir
+
+
+def _report(metrics: dict[str, float], class_names: list[str]) -> None:
+    rows = [f"{'class':<16}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}"]
+    for name in class_names:
+        rows.append(f"{name:<16}{metrics.get(f'val/dice_{name}', float('nan')):>8.3f}"
+                    f"{metrics.get(f'val/hd95_{name}', float('nan')):>10.2f}"
+                    f"{metrics.get(f'val/nsd_{name}', float('nan')):>8.3f}")
+    rows.append(f"{'mean':<16}{metrics.get('val/dice', float('nan')):>8.3f}")
+    print("validation (best checkpoint):\n" + "\n".join(rows))
