@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+
+SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
+
+# tiny, CPU-friendly Swin-UNETR (SwinUNETR needs >= 64^3 patches to train: its bottleneck is 1/32)
+TINY = ["model.feature_size=12", "model.depths=[1,1,1,1]", "data.roi_size=[64,64,64]", "data.num_samples=1",
+        "data.repeats=1", "task.sw_batch_size=1", "checkpoint.every_n_train_steps=1"]
+PHANTOM = ["data.dataset=phantom", "data.pixdim=null", "data.intensity=none"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_root(tmp_path_factory):
+    """Embedded datasets and the schema lookup never touch the user's home in tests."""
+    root = tmp_path_factory.mktemp("medimg_data")
+    os.environ["MEDIMG_DATA_DIR"] = str(root)
+    if SCHEMA.is_file():
+        os.environ["MEDIMG_MONAI_SCHEMA"] = str(SCHEMA)
+    torch.set_num_threads(2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def schema() -> Path:
+    if not SCHEMA.is_file():
+        pytest.skip("MONAI metadata schema not available offline (../shared/monai)")
+    return SCHEMA
+
+
+@pytest.fixture(scope="session")
+def mni_dir(_data_root) -> Path:
+    from medimg.data.datasets import prepare_mni152
+
+    return prepare_mni152(_data_root / "mni152")
+
+
+@pytest.fixture(scope="session")
+def phantom_manifest(_data_root) -> Path:
+    from medimg.data.datasets import prepare_phantom
+
+    return prepare_phantom(_data_root / "phantom")

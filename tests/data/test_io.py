@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medimg.data.dicom import read_dicom_series
+from medimg.data.io import MedimgReader, read_image, write_like
+from medimg.errors import DataError
+from tests.helpers import flip_to_lps, oblique_affine, write_dicom_series
+
+
+def _volume(shape=(12, 10, 8), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 1000, size=shape).astype(np.float32)
+
+
+def _affine(spacing=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 5.0)):
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = origin
+    return aff
+
+
+def _save_nifti(path, array, affine):
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def test_nifti_reads_exact_array_and_affine(tmp_path):
+    vol, aff = _volume(), oblique_affine(_affine(), 17.0, axis=0)
+    img = read_image(_save_nifti(tmp_path / "a.nii.gz", vol, aff))
+    np.testing.assert_array_equal(img.array, vol)
+    np.testing.assert_allclose(img.affine, aff, atol=1e-5)
+    np.testing.assert_allclose(img.spacing, [0.8, 0.9, 2.5], atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_itk_formats_match_nifti_geometry(tmp_path, suffix):
+    vol, aff = _volume(), oblique_affine(_affine(), 30.0, axis=2)
+    src = read_image(_save_nifti(tmp_path / "a.nii.gz", vol, aff))
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "a.nii.gz")), str(tmp_path / f"a{suffix}"))
+    other = read_image(tmp_path / f"a{suffix}")
+    np.testing.assert_array_equal(other.array, src.array)
+    np.testing.assert_allclose(other.affine, src.affine, atol=1e-4)
+
+
+def test_2d_image_reads_as_one_slice_volume(tmp_path):
+    img = read_image(_save_nifti(tmp_path / "s.nii.gz", _volume((9, 7)), _affine()))
+    assert img.array.shape == (9, 7, 1)
+    assert read_image(tmp_path / "s.nii.gz", spatial_dims=2).array.shape == (9, 7)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_shuffled_dicom_series_reads_back_source(tmp_path, oblique):
+    vol = _volume((16, 12, 9))
+    aff = _affine((0.7, 0.7, 3.0))
+    if oblique:
+        aff = oblique_affine(oblique_affine(aff, 20.0, axis=0), 10.0, axis=2)
+    write_dicom_series(vol, aff, tmp_path / "series", shuffle=True)
+    img = read_image(tmp_path / "series")
+    assert img.kind == "dicom"
+    np.testing.assert_array_equal(img.array, vol)
+    np.testing.assert_allclose(img.affine, aff, atol=1e-4)
+
+
+def test_dicom_matches_dcm2niix_reference(tmp_path):
+    if shutil.which("dcm2niix") is None:
+        pytest.skip("dcm2niix not installed")
+    vol = _volume((16, 12, 9))
+    aff = oblique_affine(_affine((0.7, 0.7, 3.0)), 15.0, axis=0)
+    write_dicom_series(vol, aff, tmp_path / "series")
+    out = tmp_path / "ref"
+    out.mkdir()
+    subprocess.run(["dcm2niix", "-z", "y", "-f", "ref", "-o", str(out), str(tmp_path / "series")],
+                   check=True, capture_output=True)
+    ref = nib.as_closest_canonical(nib.load(str(out / "ref.nii.gz")))
+    ours = read_image(tmp_path / "series")
+    mine = nib.as_closest_canonical(nib.Nifti1Image(ours.array, ours.affine))
+    np.testing.assert_allclose(mine.get_fdata(), ref.get_fdata(), atol=1e-3)
+    np.testing.assert_allclose(mine.affine, ref.affine, atol=1e-3)
+
+
+def test_mixed_series_need_a_uid(tmp_path):
+    vol = _volume((8, 8, 4))
+    uid_a = write_dicom_series(vol, _affine(), tmp_path / "mix", description="A", seed=1)
+    uid_b = write_dicom_series(vol * 2, _affine(), tmp_path / "mix", description="B", seed=2)
+    with pytest.raises(DataError, match="mixes 2 series") as err:
+        read_image(tmp_path / "mix")
+    assert uid_a in str(err.value) and uid_b in str(err.value)
+    np.testing.assert_array_equal(read_image(tmp_path / "mix", series_uid=uid_b).array, vol * 2)
+
+
+def test_non_uniform_spacing_is_an_error(tmp_path):
+    write_dicom_series(_volume((8, 8, 5)), _affine(), tmp_path / "s", slice_positions_mm=[0, 2.5, 5.0, 9.0, 11.5])
+    with pytest.raises(DataError, match="non-uniform slice spacing"):
+        read_dicom_series(tmp_path / "s")
+
+
+def test_stray_files_are_skipped_with_a_warning(tmp_path):
+    vol = _volume((8, 8, 4))
+    write_dicom_series(vol, _affine(), tmp_path / "s")
+    (tmp_path / "s" / "notes.txt").write_text("scanner notes")
+    with pytest.warns(UserWarning, match="skipped 1 non-image file"):
+        img = read_image(tmp_path / "s")
+    np.testing.assert_array_equal(img.array, vol)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "no such file"),
+    ("empty", "file is empty"),
+    ("truncated", "truncated or corrupt"),
+    ("not_image", "not a readable NIfTI|truncated or corrupt"),
+    ("text_suffix", "unsupported file type"),
+    ("four_d", "is 4D"),
+    ("five_d", "is 5D"),
+    ("nan", "NaN intensities"),
+    ("no_dicom", "no DICOM"),
+])
+def test_bad_inputs_name_the_file(tmp_path, case, match):
+    good = _save_nifti(tmp_path / "good.nii.gz", _volume(), _affine())
+    path = tmp_path / f"{case}.nii.gz"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        data = good.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "not_image":
+        path.write_bytes(gzip.compress(b"this is not an image" * 20))
+    elif case == "text_suffix":
+        path = tmp_path / "scan.txt"
+        path.write_text("hello")
+    elif case == "four_d":
+        _save_nifti(path, _volume((6, 6, 6, 3)), _affine())
+    elif case == "five_d":
+        _save_nifti(path, _volume((6, 6, 6, 1, 2)), _affine())
+    elif case == "nan":
+        vol = _volume()
+        vol[1, 2, 3] = np.nan
+        _save_nifti(path, vol, _affine())
+    elif case == "no_dicom":
+        path = tmp_path / "folder"
+        path.mkdir()
+        (path / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match=match) as err:
+        read_image(path)
+    assert path.name in str(err.value)
+
+
+def test_trailing_singleton_axes_are_dropped(tmp_path):
+    img = read_image(_save_nifti(tmp_path / "a.nii.gz", _volume((6, 6, 6, 1)), _affine()))
+    assert img.array.shape == (6, 6, 6)
+
+
+def test_monai_reader_matches_read_image(tmp_path):
+    from monai.transforms import LoadImage
+
+    vol, aff = _volume(), oblique_affine(_affine(), 12.0)
+    path = _save_nifti(tmp_path / "a.nii.gz", vol, aff)
+    loaded = LoadImage(reader=MedimgReader(), image_only=True)(str(path))
+    np.testing.assert_array_equal(loaded.numpy(), vol)
+    np.testing.assert_allclose(loaded.affine.numpy(), aff, atol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", ["ras", "lps", "oblique"])
+def test_write_like_keeps_exact_geometry(tmp_path, geometry):
+    vol, aff = _volume(), _affine()
+    if geometry == "lps":
+        vol, aff = flip_to_lps(vol, aff)
+    elif geometry == "oblique":
+        aff = oblique_affine(aff, 33.0, axis=1)
+    src = _save_nifti(tmp_path / "in.nii.gz", vol, aff)
+    ref = read_image(src)
+    out = write_like((vol > 500).astype(np.uint8), ref, tmp_path / "out.nii.gz")
+    a, b = nib.load(str(src)), nib.load(str(out))
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a.affine, b.affine)
+    np.testing.assert_array_equal(a.header.get_qform(), b.header.get_qform())
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_write_like_refuses_wrong_shape_and_leaves_nothing(tmp_path):
+    ref = read_image(_save_nifti(tmp_path / "in.nii.gz", _volume(), _affine()))
+    with pytest.raises(DataError, match="differs from input shape"):
+        write_like(np.zeros((3, 3, 3)), ref, tmp_path / "out.nii.gz")
+    assert not (tmp_path / "out.nii.gz").exists()

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Invertd
+
+from medimg.data.datamodule import ManifestDataModule
+from medimg.data.datasets import TRAIN_Y_MIN_MM, VAL_Y_MAX_MM, mni152_tissue_labels
+from medimg.data.manifest import load_manifest, validate_manifest
+from medimg.data.transforms import CT_WINDOWS, build_pipeline, intensity_spec, segmentation_spec
+from medimg.errors import ConfigError, DataError
+from medimg.resources import resource_dir
+from tests.helpers import flip_to_lps, oblique_affine
+
+
+def test_tissue_labels_argmax_with_threshold():
+    gm = np.array([0.6, 0.3, 0.45, 0.5, 0.2])
+    wm = np.array([0.3, 0.6, 0.45, 0.2, 0.2])
+    np.testing.assert_array_equal(mni152_tissue_labels(gm, wm), [1, 2, 0, 1, 0])
+
+
+def test_mni152_is_real_and_split_without_overlap(mni_dir):
+    manifest = load_manifest(resource_dir("data_manifests") / "mni152.json", mni_dir)
+    assert manifest.class_names == ["background", "grey_matter", "white_matter"]
+    full = nib.load(str(mni_dir / "t1.nii.gz"))
+    assert full.shape == (197, 233, 189)
+    train = nib.load(manifest.splits["training"][0]["image"])
+    val = nib.load(manifest.splits["validation"][0]["image"])
+    y_train_min = train.affine[1, 3]
+    y_val_max = val.affine[1, 3] + val.shape[1] - 1
+    assert y_train_min >= TRAIN_Y_MIN_MM and y_val_max <= VAL_Y_MAX_MM and y_train_min - y_val_max >= 8
+    labels = np.asarray(nib.load(str(mni_dir / "labels.nii.gz")).dataobj)
+    counts = np.bincount(labels.ravel(), minlength=3)
+    assert counts[2] > 500_000 and counts[1] > 1_000_000  # real white and grey matter volumes (mm^3)
+    # crops keep world coordinates: the training slab's voxels are the full volume's voxels
+    t1 = np.asarray(full.dataobj)
+    offset = int(round(y_train_min - full.affine[1, 3]))
+    np.testing.assert_array_equal(np.asarray(train.dataobj), t1[:, offset:])
+    validate_manifest(manifest)
+
+
+def _write_pair(tmp_path, image_shape=(8, 8, 8), label_shape=(8, 8, 8), label_affine=None, label_value=1):
+    aff = np.eye(4)
+    nib.save(nib.Nifti1Image(np.ones(image_shape, np.float32), aff), str(tmp_path / "img.nii.gz"))
+    lab = np.zeros(label_shape, np.uint8)
+    lab[2:4, 2:4, 2:4] = label_value
+    nib.save(nib.Nifti1Image(lab, aff if label_affine is None else label_affine), str(tmp_path / "lab.nii.gz"))
+    doc = {"labels": {"0": "bg", "1": "fg"}, "training": [{"image": "img.nii.gz", "label": "lab.nii.gz"}]}
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    return tmp_path / "m.json"
+
+
+def test_manifest_validation_catches_mismatches(tmp_path):
+    with pytest.raises(DataError, match="label shape"):
+        validate_manifest(load_manifest(_write_pair(tmp_path, label_shape=(8, 8, 7))))
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    with pytest.raises(DataError, match="label affine"):
+        validate_manifest(load_manifest(_write_pair(tmp_path, label_affine=shifted)))
+    with pytest.raises(DataError, match="exceed the 2 classes"):
+        validate_manifest(load_manifest(_write_pair(tmp_path, label_value=3)))
+    with pytest.warns(UserWarning, match="label is empty"):
+        validate_manifest(load_manifest(_write_pair(tmp_path, label_value=0)))
+
+
+def test_manifest_missing_file_and_bad_json(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps({"training": [{"image": "nope.nii.gz"}]}))
+    with pytest.raises(DataError, match="nope.nii.gz.*missing"):
+        load_manifest(tmp_path / "m.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_manifest(tmp_path / "bad.json")
+
+
+def test_ct_window_presets_scale_the_window_to_unit_range():
+    pipe = build_pipeline(intensity_spec("ct_abdomen"))
+    level, width = CT_WINDOWS["ct_abdomen"]
+    out = pipe({"image": torch.tensor([[level - width, level - width / 2, level, level + width / 2, 3000.0]])})
+    torch.testing.assert_close(out["image"], torch.tensor([[0.0, 0.0, 0.5, 1.0, 1.0]]))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        intensity_spec("ct_liver")
+
+
+@pytest.mark.parametrize("geometry", ["lps", "oblique", "anisotropic"])
+def test_infer_pipeline_inverts_to_the_input_grid(tmp_path, geometry):
+    rng = np.random.default_rng(0)
+    vol = rng.random((20, 18, 14)).astype(np.float32) + 1
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    if geometry == "lps":
+        vol, aff = flip_to_lps(vol, aff)
+    elif geometry == "oblique":
+        aff = oblique_affine(aff, 28.0, axis=2)
+    else:
+        aff = np.diag([0.7, 0.9, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(vol, aff), str(tmp_path / "x.nii.gz"))
+    spec = segmentation_spec("infer", pixdim=(1.5, 1.5, 1.5), intensity="mr", crop_foreground=True)
+    pre = build_pipeline(spec)
+    data = pre({"image": str(tmp_path / "x.nii.gz")})
+    data["pred"] = data["image"].clone()
+    inv = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(data)
+    assert tuple(inv["pred"].shape[1:]) == vol.shape
+    np.testing.assert_allclose(inv["pred"].affine.numpy(), aff, atol=1e-4)
+
+
+def test_datamodule_cache_modes(tmp_path, phantom_manifest):
+    spec_kwargs = dict(pixdim=None, intensity="none", crop_foreground=False)
+    train = build_pipeline(segmentation_spec("train", roi_size=(16, 16, 16), num_samples=2, **spec_kwargs))
+    val = build_pipeline(segmentation_spec("val", **spec_kwargs))
+    shapes = {}
+    for cache in ("none", "memory", "disk"):
+        dm = ManifestDataModule(phantom_manifest, None, train, val, batch_size=2, cache=cache,
+                                cache_dir=tmp_path / "cache")
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        shapes[cache] = tuple(batch["image"].shape)
+        vb = next(iter(dm.val_dataloader()))
+        assert tuple(vb["label"].shape) == (1, 1, 32, 32, 32)
+    assert set(shapes.values()) == {(4, 1, 16, 16, 16)}  # 2 volumes x 2 crops each
+    assert any((tmp_path / "cache" / "training").iterdir())
+    with pytest.raises(ConfigError, match="unknown cache mode"):
+        ManifestDataModule(phantom_manifest, None, train, val, cache="redis")
