@@ -172,14 +172,23 @@ class MedimgReader(ImageReader):
         names = [filename] if isinstance(filename, (str, Path)) else list(filename)
         return all(Path(n).is_dir() or has_suffix(n) for n in names)
 
-    def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any) -> Image | list[Image]:
-        """Read one path (or several, stacked as channels by :meth:`get_data`)."""
-        if isinstance(data, (str, Path)):
-            return read_image(data, self.spatial_dims, self.series_uid)
-        return [read_image(d, self.spatial_dims, self.series_uid) for d in data]
+    def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any) -> Image | list[Image] | DataError:
+        """Read one path (or several, stacked as channels by :meth:`get_data`).
 
-    def get_data(self, img: Image | list[Image]) -> tuple[np.ndarray, dict]:
+        A :class:`DataError` is returned, not raised: ``LoadImage`` swallows exceptions from
+        ``read`` and silently tries its other readers; :meth:`get_data` raises it instead.
+        """
+        try:
+            if isinstance(data, (str, Path)):
+                return read_image(data, self.spatial_dims, self.series_uid)
+            return [read_image(d, self.spatial_dims, self.series_uid) for d in data]
+        except DataError as exc:
+            return exc
+
+    def get_data(self, img: Image | list[Image] | DataError) -> tuple[np.ndarray, dict]:
         """Return the array and the MONAI metadata (affine, spatial shape, RAS space)."""
+        if isinstance(img, DataError):
+            raise img
         imgs = [img] if isinstance(img, Image) else img
         first = imgs[0]
         for other in imgs[1:]:

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medimg.infer import main as infer_main
+from tests.helpers import run_module
+
+
+def _make(tmp_path, case):
+    path = tmp_path / f"{case}.nii.gz"
+    if case == "truncated":
+        nib.save(nib.Nifti1Image(np.random.rand(16, 16, 16).astype(np.float32), np.eye(4)), str(path))
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "not_an_image":
+        path.write_bytes(gzip.compress(b"hello world" * 50))
+    elif case == "missing":
+        pass
+    elif case == "four_d":
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), str(path))
+    elif case == "nan":
+        v = np.ones((8, 8, 8), np.float32)
+        v[0, 0, 0] = np.nan
+        nib.save(nib.Nifti1Image(v, np.eye(4)), str(path))
+    elif case == "no_dicom":
+        path = tmp_path / "empty_series"
+        path.mkdir()
+        (path / "DICOMDIR.txt").write_text("nothing")
+    return path
+
+
+def test_truncated_input_exits_2_with_one_line(phantom_run, tmp_path):
+    bad = _make(tmp_path, "truncated")
+    out = tmp_path / "out.nii.gz"
+    proc = run_module("medimg.infer", "--bundle", str(phantom_run / "bundle"), "--input", str(bad), "--output", str(out))
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and str(bad) in lines[0] and "truncated or corrupt" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("case,problem", [
+    ("empty", "file is empty"), ("not_an_image", "NIfTI"), ("missing", "no such file"),
+    ("four_d", "is 4D"), ("nan", "NaN intensities"), ("no_dicom", "no images"),
+])
+def test_bad_inputs_in_process(phantom_run, tmp_path, capsys, case, problem):
+    bad = _make(tmp_path, case)
+    out = tmp_path / "out.nii.gz"
+    code = infer_main(["--bundle", str(phantom_run / "bundle"), "--input", str(bad), "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"error: {bad}") and problem in err[-1]
+    assert not out.exists()
+
+
+def test_folder_with_one_bad_file_leaves_no_outputs(phantom_run, phantom_manifest, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a_good.nii.gz").write_bytes((phantom_manifest.parent / "img00.nii.gz").read_bytes())
+    (inputs / "b_bad.nii.gz").write_bytes(b"")
+    out = tmp_path / "out"
+    code = infer_main(["--bundle", str(phantom_run / "bundle"), "--input", str(inputs), "--output", str(out)])
+    assert code == 2 and "b_bad.nii.gz: file is empty" in capsys.readouterr().err
+    assert not list(out.glob("*.nii.gz"))

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medimg.data.io import read_image
+from tests.helpers import flip_to_lps, oblique_affine, run_module, write_dicom_series
+
+
+@pytest.fixture(scope="module")
+def predictions(mni_run, mni_dir, tmp_path_factory):
+    """One infer call over a folder of real MNI152 variants: original, LPS, oblique, permuted, anisotropic, DICOM."""
+    src = nib.load(str(mni_dir / "t1.nii.gz"))
+    vol, aff = np.asarray(src.dataobj, dtype=np.float32), src.affine
+    inputs = tmp_path_factory.mktemp("inputs")
+    variants = {
+        "orig": (vol, aff),
+        "lps": flip_to_lps(vol, aff),
+        "oblique": (vol, oblique_affine(oblique_affine(aff, 25.0, axis=2), 10.0, axis=0)),
+        "permuted": (vol.transpose(2, 0, 1).copy(), aff[:, [2, 0, 1, 3]]),
+        "aniso": (vol[:, :, ::3].copy(), aff @ np.diag([1.0, 1.0, 3.0, 1.0])),
+    }
+    for name, (v, a) in variants.items():
+        nib.save(nib.Nifti1Image(v, a), str(inputs / f"{name}.nii.gz"))
+    write_dicom_series(vol, aff, inputs / "dicom_series", shuffle=True)
+    out = tmp_path_factory.mktemp("preds")
+    proc = run_module("medimg.infer", "--bundle", str(mni_run / "bundle"), "--input", str(inputs), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return inputs, out
+
+
+@pytest.mark.parametrize("name", ["orig", "lps", "oblique", "permuted", "aniso"])
+def test_output_geometry_equals_input(predictions, name):
+    inputs, out = predictions
+    a, b = nib.load(str(inputs / f"{name}.nii.gz")), nib.load(str(out / f"{name}_seg.nii.gz"))
+    assert a.shape == b.shape
+    assert np.abs(a.affine - b.affine).max() <= 1e-4
+    assert set(np.unique(np.asarray(b.dataobj))) <= {0, 1, 2}
+
+
+def _pred(out, name):
+    return np.asarray(nib.load(str(out / f"{name}_seg.nii.gz")).dataobj)
+
+
+def test_reoriented_copies_agree_with_original(predictions):
+    _, out = predictions
+    orig = _pred(out, "orig")
+    assert orig.any()
+    lps = _pred(out, "lps")[::-1, ::-1]
+    permuted = _pred(out, "permuted").transpose(1, 2, 0)
+    oblique = _pred(out, "oblique")  # same voxels, rotated frame: the model sees the same array
+    for other in (lps, permuted, oblique):
+        assert (other == orig).mean() >= 0.999
+
+
+def test_dicom_series_prediction_matches_nifti(predictions):
+    inputs, out = predictions
+    series = read_image(inputs / "dicom_series")
+    pred = nib.load(str(out / "dicom_series_seg.nii.gz"))
+    np.testing.assert_allclose(pred.affine, series.affine, atol=1e-4)
+    assert (np.asarray(pred.dataobj) == _pred(out, "orig")).mean() >= 0.999
+
+
+def test_monai_bundle_run_writes_input_geometry(mni_run, mni_dir, tmp_path):
+    bundle = mni_run / "bundle"
+    src = tmp_path / "lps.nii.gz"
+    img = nib.load(str(mni_dir / "t1_posterior.nii.gz"))
+    v, a = flip_to_lps(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    nib.save(nib.Nifti1Image(v, a), str(src))
+    proc = run_module("monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+                      "--bundle_root", str(bundle), "--datalist", f"['{src}']", "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = nib.load(str(tmp_path / "o" / "lps_seg.nii.gz"))
+    assert out.shape == v.shape
+    assert np.abs(out.affine - a).max() <= 1e-4
