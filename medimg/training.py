@@ -145,6 +145,7 @@ def run_training(cfg: DictConfig) -> Path:
     task = SegmentationTask(network, num_classes=manifest.num_classes, class_names=manifest.class_names or None,
                             roi_size=list(cfg.data.roi_size), sw_batch_size=task_cfg.sw_batch_size,
                             overlap=task_cfg.overlap, lr=task_cfg.lr, weight_decay=task_cfg.weight_decay,
+                            optimizer=task_cfg.optimizer,
                             warmup_epochs=task_cfg.warmup_epochs,
                             surface_tolerance_mm=task_cfg.surface_tolerance_mm,
                             overlay_dir=str(run_dir / "overlays"))

@@ -15,6 +15,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surf
 from monai.networks.utils import one_hot
 from torch import nn
 
+from medimg.errors import ConfigError
 from medimg.tasks.overlay import save_overlay
 
 
@@ -28,8 +29,9 @@ class SegmentationTask(L.LightningModule):
         roi_size: sliding-window size for validation.
         sw_batch_size: windows per forward pass.
         overlap: sliding-window overlap.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
+        lr: learning rate.
+        weight_decay: weight decay.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9, Nesterov).
         warmup_epochs: linear warm-up before the cosine decay.
         surface_tolerance_mm: tolerance of the normalised surface Dice.
         overlay_dir: where the per-epoch PNG overlays go (``None``: none).
@@ -37,7 +39,7 @@ class SegmentationTask(L.LightningModule):
 
     def __init__(self, network: nn.Module, num_classes: int, class_names: Sequence[str] | None = None,
                  roi_size: Sequence[int] = (64, 64, 64), sw_batch_size: int = 2, overlap: float = 0.25,
-                 lr: float = 1e-3, weight_decay: float = 1e-5, warmup_epochs: int = 0,
+                 lr: float = 1e-3, weight_decay: float = 1e-5, optimizer: str = "adamw", warmup_epochs: int = 0,
                  surface_tolerance_mm: float = 2.0, overlay_dir: str | Path | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
@@ -89,9 +91,15 @@ class SegmentationTask(L.LightningModule):
                          title=f"epoch {self.current_epoch}  Dice {float(torch.nanmean(dice.float())):.3f}")
 
     def configure_optimizers(self) -> dict:
-        """AdamW with linear warm-up then cosine decay over ``max_epochs``."""
-        opt = torch.optim.AdamW(self.network.parameters(), lr=self.hparams.lr,
-                                weight_decay=self.hparams.weight_decay)
+        """AdamW (or SGD) with linear warm-up then cosine decay over ``max_epochs``."""
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        if self.hparams.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=self.hparams.lr, momentum=0.9, nesterov=True,
+                                  weight_decay=self.hparams.weight_decay)
+        elif self.hparams.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        else:
+            raise ConfigError("task.optimizer", f"unknown optimizer {self.hparams.optimizer!r}; choose adamw or sgd")
         total = max(int(self.trainer.max_epochs or 1), 1)
         warm = min(int(self.hparams.warmup_epochs), total - 1)
 
