@@ -15,6 +15,7 @@ class BuildPyWithResources(build_py):
     """Copy the resource folders to ``medimg/_resources`` in the build tree."""
 
     def run(self) -> None:
+        """Build the package, then copy the resource folders next to it."""
         super().run()
         root = Path(__file__).parent
         target = Path(self.build_lib) / "medimg" / "_resources"

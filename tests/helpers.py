@@ -39,7 +39,8 @@ def write_dicom_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path,
         rng.shuffle(instance_numbers)
     intercept = float(np.floor(volume.min()))
     for k in order:
-        offset = slice_vec * k if slice_positions_mm is None else slice_vec / np.linalg.norm(slice_vec) * slice_positions_mm[k]
+        unit = slice_vec / np.linalg.norm(slice_vec)
+        offset = slice_vec * k if slice_positions_mm is None else unit * slice_positions_mm[k]
         pos = lps[:3, 3] + offset
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage

@@ -54,7 +54,8 @@ class BundlePredictor:
             self.inferer = parser.get_parsed_content("inferer")
             post = parser.get_parsed_content("postprocessing")
         except Exception as exc:  # noqa: BLE001 - a malformed config fails in many ways
-            raise BundleError(config, f"cannot build the bundle's components ({str(exc).splitlines()[0][:200]})") from exc
+            first = str(exc).splitlines()[0][:200]
+            raise BundleError(config, f"cannot build the bundle's components ({first})") from exc
         self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
         state = read_checkpoint(weights)
         try:

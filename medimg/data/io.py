@@ -126,7 +126,8 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except RuntimeError as exc:
         raise DataError(path, "not a readable NRRD/MHA image") from exc
     if img.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(path, f"has {img.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image")
+        n = img.GetNumberOfComponentsPerPixel()
+        raise DataError(path, f"has {n} components per voxel; expected a scalar image")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     arr = arr.transpose(tuple(range(arr.ndim - 1, -1, -1)))  # (z, y, x) -> (x, y, z)
     nd = img.GetDimension()

@@ -38,7 +38,8 @@ def _make(tmp_path, case):
 def test_truncated_input_exits_2_with_one_line(phantom_run, tmp_path):
     bad = _make(tmp_path, "truncated")
     out = tmp_path / "out.nii.gz"
-    proc = run_module("medimg.infer", "--bundle", str(phantom_run / "bundle"), "--input", str(bad), "--output", str(out))
+    proc = run_module("medimg.infer", "--bundle", str(phantom_run / "bundle"), "--input", str(bad),
+                      "--output", str(out))
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and str(bad) in lines[0] and "truncated or corrupt" in lines[0]

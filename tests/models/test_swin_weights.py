@@ -16,7 +16,8 @@ def _official_layout(net) -> dict[str, torch.Tensor]:
     for key, value in net.state_dict().items():
         if not key.startswith("swinViT."):
             continue
-        name = "module." + key[len("swinViT."):].replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2.")
+        name = key[len("swinViT."):].replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2.")
+        name = "module." + name
         out[name] = torch.randn(value.shape, generator=g) if value.is_floating_point() else value.clone()
     dim = net.swinViT.num_features if hasattr(net.swinViT, "num_features") else 192
     out["module.rotation_head.weight"] = torch.randn(4, dim, generator=g)

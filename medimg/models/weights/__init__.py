@@ -33,7 +33,8 @@ def read_checkpoint(path: str | Path) -> Mapping[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure here is a bad weight file
-        raise WeightsError(path, f"cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        first = str(exc).splitlines()[0][:200]
+        raise WeightsError(path, f"cannot read weights ({type(exc).__name__}: {first})") from exc
 
 
 def load_pretrained(module: nn.Module, path: str | Path, fmt: str) -> KeyReport:
