@@ -1,0 +1,199 @@
+"""Interactive promptable segmentation with a 2D SAM-family network, for 2D images and 3D volumes.
+
+Set an image or volume once; image embeddings are computed per slice on first use and kept in a
+bounded LRU cache, so each new prompt runs only the prompt encoder and mask decoder.
+
+Coordinates are array indices (the prompts-JSON contract): a slice ``volume[:, :, k]`` is shown to
+the network transposed (rows = j, columns = i), so a box ``[i0, j0, i1, j1]`` is SAM's
+``[x0, y0, x1, y1]`` unchanged. 3D prompts are segmented slice by slice: the box for slice k+1
+is the bounding box of the mask on slice k. Given a box, SAM outputs *something* even on a slice
+the object has left, so propagation stops where the mask vanishes, where the decoder's predicted
+IoU drops below ``min_iou``, or where the mean (windowed) intensity inside the mask departs from
+the starting slice's by more than ``intensity_tolerance`` of the intensity range.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from medimg.models.sam.network import PromptableSAM
+
+
+class PromptablePredictor:
+    """Prompt a :class:`PromptableSAM` on an image or a volume.
+
+    Args:
+        network: the promptable network.
+        device: ``cpu``/``cuda`` (default: CUDA when available).
+        cache_size: how many slice embeddings to keep (LRU).
+        min_area: a propagated slice mask smaller than this (pixels) ends propagation.
+        box_margin: pixels added around a mask's bounding box when it becomes the next slice's box.
+        min_iou: propagation stops below this predicted IoU.
+        intensity_tolerance: propagation stops when the mean intensity inside the mask moves by more
+            than this fraction of the windowed range from the starting slice's.
+    """
+
+    def __init__(self, network: PromptableSAM, device: str | None = None, cache_size: int = 64,
+                 min_area: int = 10, box_margin: int = 2, min_iou: float = 0.5,
+                 intensity_tolerance: float = 0.25) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.network = network.to(self.device).eval()
+        self.cache_size = int(cache_size)
+        self.min_area = int(min_area)
+        self.box_margin = int(box_margin)
+        self.min_iou = float(min_iou)
+        self.intensity_tolerance = float(intensity_tolerance)
+        self.last_iou = float("nan")
+        self._cache: OrderedDict[int, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
+        self._volume: np.ndarray | None = None
+        self.encoder_calls = 0
+
+    # -------------------------------------------------------------- setting data
+    def set_image(self, image: np.ndarray) -> None:
+        """Set a 2D image (array index order ``(i, j)``)."""
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 2:
+            raise ValueError(f"set_image expects a 2D array, got shape {image.shape}")
+        self.set_volume(image[..., None])
+
+    def set_volume(self, volume: np.ndarray, window: tuple[float, float] | None = None) -> None:
+        """Set a 3D volume ``(i, j, k)``; slices are along the last axis.
+
+        Intensities are windowed once for the whole volume (``window`` or the 0.5-99.5 percentiles)
+        so every slice sees the same mapping; the network's own per-image normalisation follows.
+        """
+        volume = np.asarray(volume, dtype=np.float32)
+        if volume.ndim != 3:
+            raise ValueError(f"set_volume expects a 3D array, got shape {volume.shape}")
+        lo, hi = window if window is not None else np.percentile(volume, [0.5, 99.5])
+        self._volume = np.clip((volume - lo) / max(float(hi - lo), 1e-8), 0.0, 1.0) * 255.0
+        self._cache.clear()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the current volume."""
+        if self._volume is None:
+            raise RuntimeError("call set_image or set_volume first")
+        return self._volume.shape
+
+    # -------------------------------------------------------------- embeddings
+    @torch.no_grad()
+    def embedding(self, k: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image embedding of slice ``k`` (cached) and its resized size."""
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        x, resized = self.network.preprocess(self._volume[:, :, k].T)
+        emb = self.network.encode(x.to(self.device))
+        self.encoder_calls += 1
+        self._cache[k] = (emb, resized)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return emb, resized
+
+    # -------------------------------------------------------------- 2D prompts
+    @torch.no_grad()
+    def predict_slice(self, k: int = 0, box: Sequence[float] | None = None,
+                      points: Sequence[Sequence[float]] | None = None, point_labels: Sequence[int] | None = None,
+                      mask_input: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+        """Segment slice ``k`` from a box ``[i0, j0, i1, j1]`` and/or points ``[[i, j], ...]``.
+
+        Returns:
+            ``(mask (I, J) bool, low_res_logits (1, 1, 256, 256))``; pass the logits back as
+            ``mask_input`` to refine with more clicks.
+        """
+        if box is None and not points:
+            raise ValueError("give a box or at least one point")
+        emb, resized = self.embedding(k)
+        size = self._volume.shape[1], self._volume.shape[0]  # (rows, cols) of the transposed slice
+        boxes = pts = None
+        if box is not None:
+            b = torch.as_tensor(np.asarray(box, dtype=np.float32), device=self.device).view(2, 2)
+            boxes = self.network.scale_coords(b, size).view(1, 4)
+        if points:
+            p = torch.as_tensor(np.asarray(points, dtype=np.float32)[:, :2], device=self.device)
+            labels = torch.as_tensor(np.asarray(point_labels if point_labels is not None else [1] * len(points)),
+                                     device=self.device)
+            pts = (self.network.scale_coords(p, size)[None], labels[None].int())
+        low, iou = self.network.decode(emb, points=pts, boxes=boxes, masks=mask_input)
+        self.last_iou = float(iou[0, 0])
+        full = self.network.postprocess(low, resized, size)
+        return (full[0, 0] > 0).cpu().numpy().T, low
+
+    # -------------------------------------------------------------- 3D prompts
+    def _box_of(self, mask: np.ndarray) -> np.ndarray | None:
+        if mask.sum() < self.min_area:
+            return None
+        idx = np.argwhere(mask)
+        lo = np.maximum(idx.min(0) - self.box_margin, 0)
+        hi = np.minimum(idx.max(0) + self.box_margin, np.asarray(mask.shape) - 1)
+        return np.concatenate([lo, hi]).astype(np.float32)
+
+    def _propagate(self, out: np.ndarray, start: int, mask: np.ndarray, stop: int, step: int) -> None:
+        box = self._box_of(mask)
+        seed_mean = float(self._volume[:, :, start][mask].mean()) if mask.any() else 0.0
+        k = start + step
+        while box is not None and (k <= stop if step > 0 else k >= stop):
+            mask, _ = self.predict_slice(k, box=box)
+            if mask.sum() < self.min_area or self.last_iou < self.min_iou:
+                break
+            if abs(float(self._volume[:, :, k][mask].mean()) - seed_mean) > self.intensity_tolerance * 255.0:
+                break
+            out[:, :, k] = mask
+            box = self._box_of(mask)
+            k += step
+
+    def predict_volume(self, box: Sequence[float] | None = None, points: Sequence[Sequence[float]] | None = None,
+                       point_labels: Sequence[int] | None = None, slice_index: int | None = None) -> np.ndarray:
+        """Segment a 3D structure by slice propagation.
+
+        Args:
+            box: a 3D box ``[i0, j0, k0, i1, j1, k1]`` (propagation stays inside ``k0..k1``), or a
+                2D box ``[i0, j0, i1, j1]`` on ``slice_index`` (propagation runs until the mask vanishes).
+            points: 3D points ``[[i, j, k], ...]``; the slice of the first positive point starts.
+            point_labels: 1 positive, 0 negative per point.
+            slice_index: the slice of a 2D box.
+
+        Returns:
+            ``(I, J, K)`` bool mask in the volume's own index order.
+        """
+        ni, nj, nk = self.shape
+        out = np.zeros((ni, nj, nk), dtype=bool)
+        k_lo, k_hi = 0, nk - 1
+        box2d = None
+        if box is not None:
+            box = np.asarray(box, dtype=np.float32)
+            if box.size == 6:
+                k_lo, k_hi = int(round(box[2])), int(round(box[5]))
+                start = (k_lo + k_hi) // 2 if slice_index is None else int(slice_index)
+                box2d = box[[0, 1, 3, 4]]
+            elif box.size == 4:
+                if slice_index is None:
+                    raise ValueError("a 2D box on a volume needs slice_index")
+                start, box2d = int(slice_index), box
+            else:
+                raise ValueError(f"a box has 4 (2D) or 6 (3D) numbers, got {box.size}")
+        elif points:
+            pts = np.asarray(points, dtype=np.float32)
+            labels = np.asarray(point_labels if point_labels is not None else [1] * len(pts))
+            if pts.shape[1] != 3:
+                raise ValueError("points on a volume are [i, j, k]")
+            start = int(round(pts[labels == 1][0, 2])) if (labels == 1).any() else int(round(pts[0, 2]))
+        else:
+            raise ValueError("give a box or points")
+        if points:
+            pts = np.asarray(points, dtype=np.float32)
+            labels = np.asarray(point_labels if point_labels is not None else [1] * len(pts))
+            here = np.abs(pts[:, 2] - start) < 0.5
+            mask, _ = self.predict_slice(start, box=box2d, points=pts[here, :2].tolist() or None,
+                                         point_labels=labels[here].tolist() or None)
+        else:
+            mask, _ = self.predict_slice(start, box=box2d)
+        out[:, :, start] = mask
+        self._propagate(out, start, mask, k_hi, +1)
+        self._propagate(out, start, mask, k_lo, -1)
+        return out
