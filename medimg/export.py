@@ -31,7 +31,7 @@ def find_checkpoint(run_dir: Path) -> Path:
 
 def network_spec(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """The bundle ``network_def`` for a run's model config (pretrained paths dropped)."""
-    kwargs = {k: v for k, v in model_cfg.items() if k not in ("name", "pretrained", "pretrained_format")}
+    kwargs = {k: v for k, v in model_cfg.items() if k not in ("name", "pretrained", "pretrained_format", "checkpoint")}
     return {"_target_": "medimg.models.build_network", "name": model_cfg["name"], **kwargs}
 
 
@@ -79,8 +79,12 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         raise WeightsError(ckpt, f"weights do not fit the run's network ({str(exc).splitlines()[0]})") from exc
 
     labels = data_cfg["labels"]
-    preprocessing = segmentation_spec("infer", pixdim=data_cfg["pixdim"], intensity=data_cfg["intensity"],
-                                      crop_foreground=data_cfg["crop_foreground"])
+    if cfg["bundle"].get("task", "segmentation") == "promptable":
+        preprocessing, inference_vars = None, {}  # the network preprocesses each slice itself
+    else:
+        preprocessing = segmentation_spec("infer", pixdim=data_cfg["pixdim"], intensity=data_cfg["intensity"],
+                                          crop_foreground=data_cfg["crop_foreground"])
+        inference_vars = {"roi_size": list(data_cfg["roi_size"])}
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     meta_updates = {
@@ -88,7 +92,7 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         "eval_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }
     return write_bundle(out, cfg["bundle"]["template"], network, spec, preprocessing,
-                        {"roi_size": list(data_cfg["roi_size"])}, labels, meta_updates,
+                        inference_vars, labels, meta_updates,
                         train_config=OmegaConf.to_yaml(cfg), schema=schema, verify=verify, overwrite=overwrite)
 
 

@@ -46,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", required=True, help="exported MONAI bundle folder")
     parser.add_argument("--input", required=True, help="image file, DICOM series folder, or folder of inputs")
     parser.add_argument("--output", required=True, help="output .nii.gz (or folder for several inputs)")
+    parser.add_argument("--prompts", default=None, help="prompts JSON (promptable bundles): boxes / points")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from medimg.bundle.loader import BundlePredictor
+        from medimg.bundle.loader import BundlePredictor, is_promptable, load_bundle_network
 
         inputs, many = collect_inputs(Path(args.input))
         out = Path(args.output)
@@ -58,6 +59,19 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(out, "is a folder; give an output file name for a single input")
         if not many and not out.name.endswith((".nii", ".nii.gz")):
             raise ConfigError(out, "output must end in .nii or .nii.gz")
+        if is_promptable(args.bundle):
+            if not args.prompts:
+                raise ConfigError(args.bundle, "is a promptable bundle; give --prompts prompts.json")
+            if many:
+                raise ConfigError(args.input, "a promptable bundle takes one image (its prompts are per image)")
+            from medimg.predictors.promptable import PromptablePredictor, segment_file
+
+            segment_file(PromptablePredictor(load_bundle_network(args.bundle, args.device), device=args.device),
+                         str(inputs[0]), args.prompts, str(out))
+            print(f"{inputs[0]} -> {out}")
+            return
+        if args.prompts:
+            raise ConfigError(args.prompts, "this bundle is not promptable; drop --prompts")
         predictor = BundlePredictor(args.bundle, device=args.device)
         written: list[Path] = []
         try:

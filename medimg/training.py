@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,6 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from medimg.data.datamodule import ManifestDataModule
 from medimg.data.datasets import embedded_manifest
@@ -22,6 +23,7 @@ from medimg.data.manifest import load_manifest
 from medimg.data.transforms import build_pipeline, segmentation_spec
 from medimg.errors import ConfigError
 from medimg.models import build_network
+from medimg.models.peft import trainable_summary
 from medimg.tasks import SegmentationTask
 
 log = logging.getLogger("medimg.train")
@@ -82,13 +84,6 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     return run_dir.resolve(), (ckpt if resuming and ckpt.is_file() else None)
 
 
-def count_parameters(network: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
-    total = sum(p.numel() for p in network.parameters())
-    trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
-    return trainable, total
-
-
 def build_datamodule(cfg: DictConfig, run_dir: Path) -> ManifestDataModule:
     """Materialise the embedded dataset (if any), then the data module with its pipelines."""
     d = cfg.data
@@ -109,6 +104,79 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> ManifestDataModule:
                               repeats=d.repeats)
 
 
+@dataclass
+class TaskParts:
+    """What a task kind contributes to a run."""
+
+    task: L.LightningModule
+    datamodule: L.LightningDataModule
+    monitor: str
+    report: Callable[[dict[str, float]], None]
+    zero_shot: bool = False
+
+
+def _segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:
+    dm = build_datamodule(cfg, run_dir)
+    manifest = dm.manifest
+    cfg.model.out_channels = manifest.num_classes
+    cfg.data.labels = manifest.labels or {str(i): f"class{i}" for i in range(manifest.num_classes)}
+    cfg.data.source = str(manifest.meta.get("description", manifest.path.name))
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model_kwargs, dict)
+    t = cfg.task
+    task = SegmentationTask(build_network(**model_kwargs), num_classes=manifest.num_classes,
+                            class_names=manifest.class_names or None, roi_size=list(cfg.data.roi_size),
+                            sw_batch_size=t.sw_batch_size, overlap=t.overlap, lr=t.lr, weight_decay=t.weight_decay,
+                            optimizer=t.optimizer, warmup_epochs=t.warmup_epochs,
+                            surface_tolerance_mm=t.surface_tolerance_mm, overlay_dir=str(run_dir / "overlays"))
+    return TaskParts(task, dm, "val/dice", lambda m: _report(m, manifest.class_names[1:]))
+
+
+def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
+    from medimg.data.datamodule import PromptSliceDataModule
+    from medimg.models.peft import apply_freeze_policy
+    from medimg.tasks.promptable import PromptableTask
+
+    d, t = cfg.data, cfg.task
+    if d.dataset:
+        manifest, dataset_dir = embedded_manifest(d.dataset, d.dataset_dir)
+    elif d.manifest:
+        manifest, dataset_dir = Path(d.manifest), d.dataset_dir
+    else:
+        raise ConfigError("data", "give data.dataset (mni152, phantom) or data.manifest (+ data.dataset_dir)")
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model_kwargs, dict)
+    network = build_network(**model_kwargs)
+    apply_freeze_policy(network, t.freeze)
+    classes = list(d.classes) if d.classes else None
+    dm = PromptSliceDataModule(manifest, dataset_dir, network.preprocess, network.img_size, axis=d.axis,
+                               classes=classes, target_mode=d.target_mode, train_slices=d.train_slices,
+                               val_slices=d.val_slices, batch_size=d.batch_size)
+    names = dm.manifest.labels or {}
+    cfg.data.labels = {"0": "background", "1": "+".join(names.get(str(c), f"class{c}") for c in classes or [])
+                       or "foreground"}
+    cfg.data.source = str(dm.manifest.meta.get("description", dm.manifest.path.name))
+    task = PromptableTask(network, click_rounds=t.click_rounds, box_prob=t.box_prob,
+                          box_jitter_frac=t.box_jitter_frac, loss=t.loss, lr=t.lr, weight_decay=t.weight_decay,
+                          seed=int(cfg.seed))
+    return TaskParts(task, dm, "val/dice_box", _report_prompts, zero_shot=bool(t.zero_shot_eval))
+
+
+def _report_prompts(metrics: dict[str, float]) -> None:
+    rows = [f"{'prompt':<10}{'zero-shot Dice':>16}{'fine-tuned Dice':>17}{'fine-tuned NSD':>16}"]
+    for name in ("box", "point1", "point5"):
+        rows.append(f"{name:<10}{metrics.get(f'zero_shot/val/dice_{name}', float('nan')):>16.3f}"
+                    f"{metrics.get(f'val/dice_{name}', float('nan')):>17.3f}"
+                    f"{metrics.get(f'val/nsd_{name}', float('nan')):>16.3f}")
+    print("held-out validation:\n" + "\n".join(rows))
+
+
+TASKS: dict[str, Callable[[DictConfig, Path], TaskParts]] = {
+    "segmentation": _segmentation,
+    "promptable": _promptable,
+}
+
+
 def run_training(cfg: DictConfig) -> Path:
     """Train the configured bundle, then export and verify its MONAI bundle.
 
@@ -121,37 +189,22 @@ def run_training(cfg: DictConfig) -> Path:
     run_dir, resume_ckpt = resolve_run_dir(cfg)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers started by Lightning land in the same run
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    dm = build_datamodule(cfg, run_dir)
-    manifest = dm.manifest
-    labels = manifest.labels or {str(i): f"class{i}" for i in range(manifest.num_classes)}
-
     OmegaConf.set_struct(cfg, False)
-    cfg.model.out_channels = manifest.num_classes
-    cfg.data.labels = labels
-    cfg.data.source = str(manifest.meta.get("description", manifest.path.name))
     cfg.run_dir = str(run_dir)
-    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(model_kwargs, dict)
-    network = build_network(**model_kwargs)
-    trainable, total = count_parameters(network)
-    log.info("network %s: %s trainable of %s parameters (%.1f%%)", cfg.model.name, f"{trainable:,}",
-             f"{total:,}", 100.0 * trainable / max(total, 1))
+    kind = cfg.bundle.get("task", "segmentation")
+    if kind not in TASKS:
+        raise ConfigError("bundle.task", f"unknown task {kind!r}; choose from {', '.join(TASKS)}")
+    parts = TASKS[kind](cfg, run_dir)
+    task, dm = parts.task, parts.datamodule
+    log.info("network %s: %s", cfg.model.name, trainable_summary(task.network))
 
     is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if is_rank_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    task_cfg = cfg.task
-    task = SegmentationTask(network, num_classes=manifest.num_classes, class_names=manifest.class_names or None,
-                            roi_size=list(cfg.data.roi_size), sw_batch_size=task_cfg.sw_batch_size,
-                            overlap=task_cfg.overlap, lr=task_cfg.lr, weight_decay=task_cfg.weight_decay,
-                            optimizer=task_cfg.optimizer,
-                            warmup_epochs=task_cfg.warmup_epochs,
-                            surface_tolerance_mm=task_cfg.surface_tolerance_mm,
-                            overlay_dir=str(run_dir / "overlays"))
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor="val/dice", mode="max",
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor=parts.monitor, mode="max",
                         save_top_k=1, save_last=False),
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, enable_version_counter=False,
                         every_n_train_steps=int(cfg.checkpoint.every_n_train_steps)),
@@ -165,6 +218,10 @@ def run_training(cfg: DictConfig) -> Path:
     assert isinstance(trainer_kwargs, dict)
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
                         plugins=[AtomicCheckpointIO()])
+    zero_shot: dict[str, float] = {}
+    if parts.zero_shot and resume_ckpt is None:  # the pretrained model before any fine-tuning
+        before = trainer.validate(task, datamodule=dm, verbose=False)[0]
+        zero_shot = {f"zero_shot/{k}": float(v) for k, v in before.items()}
     if resume_ckpt is not None:
         log.info("resuming from %s", resume_ckpt)
     trainer.fit(task, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
@@ -172,11 +229,12 @@ def run_training(cfg: DictConfig) -> Path:
     best = callbacks[0].best_model_path or None
     results = trainer.validate(task, datamodule=dm, ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    metrics.update(zero_shot)
     if trainer.is_global_zero:
         metrics["epochs"] = trainer.current_epoch
         metrics["checkpoint"] = str(best or ckpt_dir / "last.ckpt")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        _report(metrics, manifest.class_names[1:])
+        parts.report(metrics)
         if cfg.export.enabled:
             from medimg.export import export_run
 

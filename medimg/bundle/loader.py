@@ -25,6 +25,45 @@ from medimg.models.weights import read_checkpoint
 log = logging.getLogger(__name__)
 
 
+def _parser(bundle_dir: Path) -> ConfigParser:
+    config = bundle_dir / "configs" / "inference.json"
+    meta = bundle_dir / "configs" / "metadata.json"
+    for required in (config, meta, bundle_dir / "models" / "model.pt"):
+        if not required.is_file():
+            raise BundleError(required, "missing from the bundle")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.read_meta(str(meta))
+    parser["bundle_root"] = str(bundle_dir)
+    return parser
+
+
+def is_promptable(bundle_dir: str | Path) -> bool:
+    """True for bundles whose metadata says ``"medimg_task": "promptable"``."""
+    meta = Path(bundle_dir) / "configs" / "metadata.json"
+    if not meta.is_file():
+        raise BundleError(meta, "missing from the bundle")
+    return _parser(Path(bundle_dir)).get("_meta_", {}).get("medimg_task") == "promptable"
+
+
+def load_bundle_network(bundle_dir: str | Path, device: str | None = None) -> torch.nn.Module:
+    """The bundle's ``network_def`` with ``models/model.pt`` loaded (``weights_only``)."""
+    bundle_dir = Path(bundle_dir)
+    parser = _parser(bundle_dir)
+    try:
+        network = parser.get_parsed_content("network_def")
+    except Exception as exc:  # noqa: BLE001
+        raise BundleError(bundle_dir / "configs" / "inference.json",
+                          f"cannot build network_def ({str(exc).splitlines()[0][:200]})") from exc
+    weights = bundle_dir / "models" / "model.pt"
+    try:
+        network.load_state_dict(read_checkpoint(weights), strict=True)
+    except RuntimeError as exc:
+        raise BundleError(weights, f"weights do not fit network_def ({str(exc).splitlines()[0]})") from exc
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return network.to(dev).eval()
+
+
 class BundlePredictor:
     """Load a bundle once, predict many images.
 
@@ -37,19 +76,12 @@ class BundlePredictor:
     def __init__(self, bundle_dir: str | Path, device: str | None = None, amp: bool | None = None) -> None:
         self.bundle_dir = Path(bundle_dir)
         config = self.bundle_dir / "configs" / "inference.json"
-        weights = self.bundle_dir / "models" / "model.pt"
-        for required in (config, self.bundle_dir / "configs" / "metadata.json", weights):
-            if not required.is_file():
-                raise BundleError(required, "missing from the bundle")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp = self.device.type == "cuda" if amp is None else amp
-        parser = ConfigParser()
-        parser.read_config(str(config))
-        parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
-        parser["bundle_root"] = str(self.bundle_dir)
+        parser = _parser(self.bundle_dir)
         self.meta = parser.get("_meta_", {})
+        self.network = load_bundle_network(self.bundle_dir, str(self.device))
         try:
-            self.network = parser.get_parsed_content("network_def")
             self.preprocessing: Compose = parser.get_parsed_content("preprocessing")
             self.inferer = parser.get_parsed_content("inferer")
             post = parser.get_parsed_content("postprocessing")
@@ -57,12 +89,6 @@ class BundlePredictor:
             first = str(exc).splitlines()[0][:200]
             raise BundleError(config, f"cannot build the bundle's components ({first})") from exc
         self.postprocessing = Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
-        state = read_checkpoint(weights)
-        try:
-            self.network.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise BundleError(weights, f"weights do not fit network_def ({str(exc).splitlines()[0]})") from exc
-        self.network.to(self.device).eval()
 
     @torch.no_grad()
     def predict(self, path: str | Path) -> tuple[np.ndarray, Image]:

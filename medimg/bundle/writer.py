@@ -50,7 +50,7 @@ def _try_torchscript(network: nn.Module, example: torch.Tensor, path: Path) -> b
 
 
 def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network_def: dict[str, Any],
-                 preprocessing: list[dict[str, Any]], inference_vars: dict[str, Any], labels: dict[str, str],
+                 preprocessing: list[dict[str, Any]] | None, inference_vars: dict[str, Any], labels: dict[str, str],
                  metadata_updates: dict[str, Any], train_config: str | None = None,
                  schema: str | Path | None = None, verify: bool = True, overwrite: bool = False) -> Path:
     """Write (and verify) a MONAI bundle atomically.
@@ -60,7 +60,8 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
         template: folder name under ``bundles/`` with configs, docs and LICENSE.
         network: the trained network; its state dict becomes ``models/model.pt``.
         network_def: bundle component that rebuilds the network (``_target_`` plus arguments).
-        preprocessing: the transform spec list (the one training used, ``infer`` stage).
+        preprocessing: the transform spec list (the one training used, ``infer`` stage); ``None``
+            for templates that have no ``preprocessing`` (promptable bundles).
         inference_vars: top-level ``inference.json`` values to set (``roi_size``, ...).
         labels: label index -> name.
         metadata_updates: ``metadata.json`` fields to set (``eval_metrics``, ``data_source``, ...).
@@ -88,7 +89,8 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
 
         inference = json.loads((tmp / "configs" / "inference.json").read_text())
         inference["network_def"] = network_def
-        inference["preprocessing"]["transforms"] = preprocessing
+        if preprocessing is not None:
+            inference["preprocessing"]["transforms"] = preprocessing
         inference.update(inference_vars)
         (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
 
@@ -106,14 +108,16 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
         })
         meta.update(metadata_updates)
         out_fmt = meta["network_data_format"]["outputs"]["pred"]
-        out_fmt["num_channels"] = len(names)
+        if meta.get("medimg_task") != "promptable":  # promptable nets output one mask per prompt
+            out_fmt["num_channels"] = len(names)
         out_fmt["channel_def"] = {str(i): n for i, n in enumerate(names)}
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
         if train_config is not None:
             (tmp / "configs" / "train_config.yaml").write_text(train_config)
 
-        shape = [1, int(meta["network_data_format"]["inputs"]["image"]["num_channels"])]
-        spatial = [32] * len(inference_vars.get("roi_size", [0, 0, 0]))
+        image_fmt = meta["network_data_format"]["inputs"]["image"]
+        shape = [1, int(image_fmt["num_channels"])]
+        spatial = [s if isinstance(s, int) else 32 for s in image_fmt["spatial_shape"]]
         _try_torchscript(network, torch.rand(*shape, *spatial), tmp / "models" / "model.ts")
         if verify:
             verify_bundle(tmp, schema)

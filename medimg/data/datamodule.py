@@ -82,3 +82,52 @@ class ManifestDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Nothing to resume: the datasets rebuild from the manifest."""
         return {}
+
+
+class PromptSliceDataModule(L.LightningDataModule):
+    """2D slices of a manifest's volumes with binary targets, for promptable models.
+
+    Args:
+        manifest: datalist JSON.
+        dataset_dir: folder its relative paths refer to.
+        preprocess: the network's ``preprocess``.
+        img_size: the network's input size.
+        axis: slicing axis.
+        classes: label values to segment (``None``: all).
+        target_mode: ``label`` or ``component``.
+        train_slices: slices drawn per training volume (``None``: all with foreground).
+        val_slices: slices drawn per validation volume.
+        batch_size: training batch size.
+        min_size: smallest target kept (pixels).
+    """
+
+    def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, preprocess: Any, img_size: int,
+                 axis: int = 1, classes: list[int] | None = None, target_mode: str = "component",
+                 train_slices: int | None = 40, val_slices: int | None = 12, batch_size: int = 4,
+                 min_size: int = 30) -> None:
+        super().__init__()
+        self.manifest = load_manifest(manifest, dataset_dir)
+        self.kwargs = dict(preprocess=preprocess, img_size=img_size, axis=axis, classes=classes,
+                           target_mode=target_mode, min_size=min_size)
+        self.train_slices, self.val_slices, self.batch_size = train_slices, val_slices, batch_size
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Validate the manifest and cut the slices once."""
+        from medimg.data.slices import PromptSliceDataset
+
+        if self.train_set is None:
+            validate_manifest(self.manifest)
+            val_split = "validation" if self.manifest.splits.get("validation") else "training"
+            self.train_set = PromptSliceDataset(self.manifest.splits["training"], slices_per_volume=self.train_slices,
+                                                seed=0, **self.kwargs)
+            self.val_set = PromptSliceDataset(self.manifest.splits[val_split], slices_per_volume=self.val_slices,
+                                              seed=1, **self.kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training slices."""
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation slices in a fixed order."""
+        return DataLoader(self.val_set, batch_size=8, shuffle=False)

@@ -197,3 +197,47 @@ class PromptablePredictor:
         self._propagate(out, start, mask, k_hi, +1)
         self._propagate(out, start, mask, k_lo, -1)
         return out
+
+
+def segment_file(predictor: PromptablePredictor, input_path: str, prompts_path: str, output_path: str) -> str:
+    """Segment one 2D image or 3D volume from a prompts file; write labels in the input's geometry.
+
+    Each box becomes label 1, 2, ... in order; the points (if any) form one more object. On a
+    volume, a 3D box limits propagation to its slice range; a box with ``z0 == z1`` is a box on
+    that one slice and propagates until the object ends.
+
+    Used by ``medimg.infer --prompts`` and by the bundle's ``inference.json`` (``monai.bundle run``).
+    """
+    from medimg.data.io import read_image, write_like
+    from medimg.data.prompts_io import load_prompts
+
+    image = read_image(input_path, spatial_dims=None)
+    array = image.array
+    flat = array.ndim == 3 and array.shape[2] == 1
+    shape = array.shape[:2] if flat else array.shape
+    prompts = load_prompts(prompts_path, shape, image.affine)
+    nd = len(shape)
+    labels = np.zeros(shape, dtype=np.uint8)
+    if nd == 2:
+        predictor.set_image(array[..., 0] if flat else array)
+        objects = [dict(box=b) for b in prompts.boxes]
+        if len(prompts.points):
+            objects.append(dict(points=prompts.points.tolist(), point_labels=prompts.point_labels.tolist()))
+        for value, obj in enumerate(objects, start=1):
+            mask, _ = predictor.predict_slice(0, **obj)
+            labels[mask & (labels == 0)] = value
+    else:
+        predictor.set_volume(array)
+        objects = []
+        for b in prompts.boxes:
+            if round(b[2]) == round(b[5]):
+                objects.append(dict(box=b[[0, 1, 3, 4]], slice_index=int(round(b[2]))))
+            else:
+                objects.append(dict(box=b))
+        if len(prompts.points):
+            objects.append(dict(points=prompts.points.tolist(), point_labels=prompts.point_labels.tolist()))
+        for value, obj in enumerate(objects, start=1):
+            mask = predictor.predict_volume(**obj)
+            labels[mask & (labels == 0)] = value
+    write_like(labels[..., None] if flat else labels, image, output_path)
+    return output_path

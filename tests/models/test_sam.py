@@ -55,7 +55,7 @@ def test_untrained_adapters_match_sam_predictor():
     with torch.no_grad():
         x, _ = net.preprocess(image)
         boxes = net.scale_coords(torch.tensor(box, dtype=torch.float32).view(2, 2), image.shape[:2]).view(1, 4)
-        low, _ = net(x, boxes=boxes)
+        low = net(x, boxes=boxes)
     diff = np.abs(low[0].numpy() - ref_low).max()
     print("max |logit diff| vs SamPredictor:", diff)
     assert diff <= 1e-4
@@ -69,7 +69,7 @@ def test_lora_through_peft_trains_only_lora():
     assert trainable and all("lora_" in n for n in trainable)
     assert len(trainable) == 2 * 2  # A and B for each of the 2 blocks' qkv
     x = torch.randn(1, 3, 256, 256)
-    low, _ = net(x, boxes=torch.tensor([[10.0, 10.0, 100.0, 100.0]]))
+    low = net(x, boxes=torch.tensor([[10.0, 10.0, 100.0, 100.0]]))
     low.mean().backward()
     grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
     assert set(grads) == set(trainable)
@@ -110,7 +110,7 @@ def test_litemedsam_real_weights_match_reference_on_mni(mni_dir):
         with torch.no_grad():
             x, _ = ours.preprocess(image)
             boxes = ours.scale_coords(torch.tensor(box).view(2, 2), image.shape).view(1, 4)
-            low, _ = ours(x, boxes=boxes)
+            low = ours(x, boxes=boxes)
         our_mask = (low[0, 0] > 0).numpy()
         inter = np.logical_and(our_mask, ref_mask > 0).sum()
         dices.append(2 * inter / (our_mask.sum() + (ref_mask > 0).sum()))

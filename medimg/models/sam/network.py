@@ -123,9 +123,12 @@ class PromptableSAM(nn.Module):
 
     def forward(self, x: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
                 boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
-                multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable encode + decode (no ``no_grad`` anywhere)."""
-        return self.decode(self.encode(x), points, boxes, masks, multimask_output)
+                multimask_output: bool = False) -> torch.Tensor:
+        """Differentiable encode + decode (no ``no_grad`` anywhere); low-res mask logits.
+
+        Use :meth:`decode` for the IoU predictions too.
+        """
+        return self.decode(self.encode(x), points, boxes, masks, multimask_output)[0]
 
     def postprocess(self, low_res: torch.Tensor, resized: tuple[int, int],
                     original_size: tuple[int, int]) -> torch.Tensor:

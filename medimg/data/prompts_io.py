@@ -1,0 +1,97 @@
+"""Prompts JSON (the DESIGN contract) -> voxel-space boxes and points, validated against the image.
+
+``{"space": "voxel"|"world", "boxes": [[x0,y0,z0,x1,y1,z1], ...], "points": [[x,y,z], ...],
+"point_labels": [1|0, ...]}``; 2D images omit z. Voxel coordinates are array indices of the file
+as stored; world coordinates are RAS+ mm (DICOM's LPS is already converted by the reader).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medimg.errors import DataError
+
+
+@dataclass
+class Prompts:
+    """Voxel-space prompts.
+
+    Attributes:
+        boxes: ``(N, 2*d)`` boxes ``[lo..., hi...]`` (sorted so lo <= hi).
+        points: ``(M, d)`` points.
+        point_labels: ``(M,)`` 1 positive / 0 negative.
+    """
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    point_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+
+
+def _to_voxel(coords: np.ndarray, affine: np.ndarray, nd: int) -> np.ndarray:
+    inv = np.linalg.inv(affine[:nd, :nd])
+    return (coords - affine[:nd, 3]) @ inv.T
+
+
+def load_prompts(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -> Prompts:
+    """Read and validate a prompts file for an image of ``shape`` (2 or 3 dims) and ``affine``.
+
+    Raises:
+        DataError: naming the prompts file: bad JSON, wrong lengths, labels that do not match the
+            points, or prompts outside the image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "prompts file not found")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"prompts are not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise DataError(path, "prompts must be a JSON object")
+    space = doc.get("space", "voxel")
+    if space not in ("voxel", "world"):
+        raise DataError(path, f"space must be 'voxel' or 'world', not {space!r}")
+    nd = len(shape)
+    raw_boxes = doc.get("boxes") or []
+    if not isinstance(raw_boxes, list) or any(not isinstance(b, list) or len(b) != 2 * nd for b in raw_boxes):
+        raise DataError(path, f"each box needs {2 * nd} numbers for a {nd}D image")
+    try:
+        boxes = np.asarray(raw_boxes, dtype=np.float64).reshape(-1, 2 * nd)
+    except (TypeError, ValueError) as exc:
+        raise DataError(path, f"boxes must be numbers ({exc})") from exc
+    raw_points = doc.get("points") or []
+    if not isinstance(raw_points, list) or any(not isinstance(p, list) or len(p) != nd for p in raw_points):
+        raise DataError(path, f"each point needs {nd} numbers for a {nd}D image")
+    try:
+        points = np.asarray(raw_points, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(path, f"points must be numbers ({exc})") from exc
+    points = points.reshape(-1, nd)
+    labels = np.asarray(doc.get("point_labels", [1] * len(points)), dtype=np.int64)
+    if len(labels) != len(points) or not np.isin(labels, (0, 1)).all():
+        raise DataError(path, "point_labels needs one 1 or 0 per point")
+    if not len(boxes) and not len(points):
+        raise DataError(path, "no boxes and no points")
+    if space == "world":
+        if len(boxes):
+            lo, hi = _to_voxel(boxes[:, :nd], affine, nd), _to_voxel(boxes[:, nd:], affine, nd)
+            boxes = np.concatenate([np.minimum(lo, hi), np.maximum(lo, hi)], axis=1)
+        if len(points):
+            points = _to_voxel(points, affine, nd)
+    boxes = np.concatenate([np.minimum(boxes[:, :nd], boxes[:, nd:]), np.maximum(boxes[:, :nd], boxes[:, nd:])],
+                           axis=1) if len(boxes) else boxes
+    upper = np.asarray(shape) - 1
+    tol = 0.5
+    for b in boxes:
+        if (b[nd:] < -tol).any() or (b[:nd] > upper + tol).any():
+            raise DataError(path, f"box {np.round(b, 2).tolist()} lies outside the image (shape {tuple(shape)})")
+    for p in points:
+        if (p < -tol).any() or (p > upper + tol).any():
+            raise DataError(path, f"point {np.round(p, 2).tolist()} lies outside the image (shape {tuple(shape)})")
+    boxes = np.concatenate([np.clip(boxes[:, :nd], 0, upper), np.clip(boxes[:, nd:], 0, upper)], axis=1) \
+        if len(boxes) else boxes
+    return Prompts(boxes, np.clip(points, 0, upper) if len(points) else points, labels)
