@@ -84,15 +84,20 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     return run_dir.resolve(), (ckpt if resuming and ckpt.is_file() else None)
 
 
+def resolve_data_source(cfg: DictConfig) -> tuple[Path, Path | str | None]:
+    """``(manifest, dataset_dir)``: an embedded dataset (materialised on first use) or the user's manifest."""
+    d = cfg.data
+    if d.dataset:
+        return embedded_manifest(d.dataset, d.dataset_dir)
+    if d.manifest:
+        return Path(d.manifest), d.dataset_dir
+    raise ConfigError("data", "give data.dataset (mni152, phantom) or data.manifest (+ data.dataset_dir)")
+
+
 def build_datamodule(cfg: DictConfig, run_dir: Path) -> ManifestDataModule:
     """Materialise the embedded dataset (if any), then the data module with its pipelines."""
     d = cfg.data
-    if d.dataset:
-        manifest, dataset_dir = embedded_manifest(d.dataset, d.dataset_dir)
-    elif d.manifest:
-        manifest, dataset_dir = Path(d.manifest), d.dataset_dir
-    else:
-        raise ConfigError("data", "give data.dataset (mni152, phantom) or data.manifest (+ data.dataset_dir)")
+    manifest, dataset_dir = resolve_data_source(cfg)
     num_classes = load_manifest(manifest, dataset_dir).num_classes
     common = dict(pixdim=d.pixdim, intensity=d.intensity, crop_foreground=d.crop_foreground)
     train_tf = build_pipeline(segmentation_spec("train", roi_size=d.roi_size, num_samples=d.num_samples,
@@ -138,12 +143,7 @@ def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
     from medimg.tasks.promptable import PromptableTask
 
     d, t = cfg.data, cfg.task
-    if d.dataset:
-        manifest, dataset_dir = embedded_manifest(d.dataset, d.dataset_dir)
-    elif d.manifest:
-        manifest, dataset_dir = Path(d.manifest), d.dataset_dir
-    else:
-        raise ConfigError("data", "give data.dataset (mni152, phantom) or data.manifest (+ data.dataset_dir)")
+    manifest, dataset_dir = resolve_data_source(cfg)
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_kwargs, dict)
     network = build_network(**model_kwargs)
