@@ -41,17 +41,18 @@ def _sam_from(net) -> Sam:
     return Sam(net.image_encoder, net.prompt_encoder, net.mask_decoder).eval()
 
 
-def test_untrained_adapters_match_sam_predictor():
-    """medimg's SAM path (with fresh adapters) against segment-anything's SamPredictor, same weights."""
+@pytest.mark.parametrize("size,img_size,dim", [("tiny", 256, 64), ("vit_b", 1024, 768)])
+def test_untrained_adapters_match_sam_predictor(size, img_size, dim):
+    """medimg's SAM path (with fresh adapters) against segment-anything's SamPredictor, same random weights."""
     torch.manual_seed(0)
-    net = build_network("sam", size="tiny", img_size=256).eval()
+    net = build_network("sam", size=size, img_size=img_size).eval()
     net.load_state_dict(_random_state(net, seed=1), strict=False)
     image = (np.random.default_rng(0).random((180, 240, 3)) * 255).astype(np.uint8)
     box = np.array([40.0, 30.0, 150.0, 120.0])
     predictor = SamPredictor(_sam_from(net))
     predictor.set_image(image)
     _, _, ref_low = predictor.predict(box=box, multimask_output=False, return_logits=True)
-    add_adapters(net.image_encoder.blocks, dim=64)
+    add_adapters(net.image_encoder.blocks, dim=dim)
     with torch.no_grad():
         x, _ = net.preprocess(image)
         boxes = net.scale_coords(torch.tensor(box, dtype=torch.float32).view(2, 2), image.shape[:2]).view(1, 4)
