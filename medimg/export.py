@@ -87,10 +87,12 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         inference_vars = {"roi_size": list(data_cfg["roi_size"])}
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    meta_updates = {
+    meta_updates: dict[str, Any] = {
         "data_source": data_cfg.get("source", "user manifest"),
         "eval_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }
+    if hasattr(network, "img_size"):  # promptable: the input size is the network's, not the template's
+        meta_updates["input_spatial_shape"] = [int(network.img_size)] * 2
     return write_bundle(out, cfg["bundle"]["template"], network, spec, preprocessing,
                         inference_vars, labels, meta_updates,
                         train_config=OmegaConf.to_yaml(cfg), schema=schema, verify=verify, overwrite=overwrite)

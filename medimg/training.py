@@ -140,12 +140,14 @@ def _segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:
 def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
     from medimg.data.datamodule import PromptSliceDataModule
     from medimg.models.peft import apply_freeze_policy
+    from medimg.models.sam.builders import warn_if_random
     from medimg.tasks.promptable import PromptableTask
 
     d, t = cfg.data, cfg.task
     manifest, dataset_dir = resolve_data_source(cfg)
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_kwargs, dict)
+    warn_if_random(model_kwargs)
     network = build_network(**model_kwargs)
     apply_freeze_policy(network, t.freeze)
     classes = list(d.classes) if d.classes else None

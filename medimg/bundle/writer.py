@@ -106,7 +106,10 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
             "labels": {n: int(k) for k, n in labels.items()},
             "python_version": sys.version.split()[0],
         })
+        input_shape = metadata_updates.pop("input_spatial_shape", None)
         meta.update(metadata_updates)
+        if input_shape is not None:
+            meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = input_shape
         out_fmt = meta["network_data_format"]["outputs"]["pred"]
         if meta.get("medimg_task") != "promptable":  # promptable nets output one mask per prompt
             out_fmt["num_channels"] = len(names)

@@ -69,9 +69,9 @@ class PromptableTask(L.LightningModule):
         return torch.stack([self._emb_cache[key] for key in keys]).to(x.device)
 
     # ------------------------------------------------------------- prompt helpers
-    @staticmethod
-    def _low_res(target: torch.Tensor, size: int = 256) -> torch.Tensor:
-        return F.interpolate(target, size=(size, size), mode="nearest")
+    def _low_res(self, target: torch.Tensor) -> torch.Tensor:
+        """The target at the decoder's low-res mask size (4x the embedding grid: 256 for SAM-1024/LiteMedSAM)."""
+        return F.interpolate(target, size=tuple(self.network.prompt_encoder.mask_input_size), mode="nearest")
 
     def _box(self, mask: np.ndarray, jitter: bool) -> list[float]:
         b = box_from_mask(mask.T, jitter_frac=self.hparams.box_jitter_frac if jitter else 0.0, rng=self.rng)

@@ -96,3 +96,41 @@ def test_bad_prompts_exit_2(lite_run, mni_dir, tmp_path, doc, problem):
     code = main(["--bundle", str(lite_run / "bundle"), "--input", str(tmp_path / "axial.nii.gz"),
                  "--prompts", str(tmp_path / "p.json"), "--output", str(out)])
     assert code == 2 and not out.exists()
+
+
+def test_medsam2d_trains_exports_and_infers_with_a_checkpoint(tmp_path, schema, mni_dir):
+    """medsam2d with a tiny ViT and MedSAM-format weights from a file (random values, official layout)."""
+    import torch
+
+    from medimg.models import build_network
+
+    src = build_network("medsam", size="tiny", img_size=256)
+    torch.save({k: v.clone() for k, v in src.state_dict().items()}, tmp_path / "medsam_tiny.pth")
+    tiny = [a.replace("bundle=litemedsam", "bundle=medsam2d") for a in TINY_LITE]
+    proc = run_module("medimg.train", *tiny, f"runs_dir={tmp_path / 'runs'}", f"data.dataset_dir={mni_dir}",
+                      "model.size=tiny", "model.img_size=256", f"model.checkpoint={tmp_path / 'medsam_tiny.pth'}",
+                      "model.adapters=true", "task.freeze=adapters_only", "task.zero_shot_eval=false")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "loaded" in proc.stdout + proc.stderr and "RANDOM INITIALISATION" not in proc.stdout + proc.stderr
+    run = run_dir_of(proc)
+    meta = json.loads((run / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [256, 256]
+    state = torch.load(run / "bundle" / "models" / "model.pt", weights_only=True)
+    assert any(".adapter." in k for k in state)
+    t1 = nib.load(str(mni_dir / "t1.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32)[:, :, 70], t1.affine), str(tmp_path / "a.nii.gz"))
+    (tmp_path / "p.json").write_text(json.dumps({"points": [[100, 110]], "point_labels": [1]}))
+    inf = run_module("medimg.infer", "--bundle", str(run / "bundle"), "--input", str(tmp_path / "a.nii.gz"),
+                     "--prompts", str(tmp_path / "p.json"), "--output", str(tmp_path / "o.nii.gz"))
+    assert inf.returncode == 0, inf.stderr[-2000:]
+    assert nib.load(str(tmp_path / "o.nii.gz")).shape == (197, 233)
+
+
+def test_medsam2d_without_checkpoint_warns_loudly(caplog):
+    from medimg.models.sam.builders import warn_if_random
+
+    with caplog.at_level("WARNING"):
+        assert warn_if_random({"name": "medsam", "checkpoint": None, "pretrained": None})
+    assert "RANDOM INITIALISATION" in caplog.text
+    assert not warn_if_random({"name": "medsam", "checkpoint": "/w/medsam_vit_b.pth"})
+    assert not warn_if_random({"name": "litemedsam", "pretrained": True})

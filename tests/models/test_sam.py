@@ -118,3 +118,14 @@ def test_litemedsam_real_weights_match_reference_on_mni(mni_dir):
         assert ref_mask.sum() > 500  # a real segmentation, not an empty mask
     print("litemedsam vs reference Dice:", [round(float(d), 5) for d in dices])
     assert min(dices) >= 0.99, dices
+
+
+@pytest.mark.parametrize("kwargs", [{"adapters": True}, {"lora_r": 4}])
+def test_untrained_peft_leaves_litemedsam_unchanged(kwargs):
+    base = build_network("litemedsam", pretrained=True).eval()
+    peft = build_network("litemedsam", pretrained=True, **kwargs).eval()
+    x = torch.rand(1, 3, 256, 256)
+    box = torch.tensor([[30.0, 40.0, 200.0, 210.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft(x, boxes=box), base(x, boxes=box), atol=1e-5, rtol=1e-5)
+    assert any(("adapter" in n or "lora_" in n) for n, _ in peft.named_parameters())

@@ -70,16 +70,26 @@ def _load(net: PromptableSAM, checkpoint: str | Path | None, fmt: str, name: str
         report: KeyReport = load_pretrained(net, checkpoint, fmt)
         log.info("%s: loaded %s (%s)", name, checkpoint, report.summary())
         net.pretrained_report = report  # type: ignore[attr-defined]
-    else:
-        log.warning("%s: no checkpoint given -- RANDOM INITIALISATION. Pass model.checkpoint=PATH for real "
-                    "weights.", name)
     return net
+
+
+def warn_if_random(model_cfg: dict) -> bool:
+    """Log a loud warning when a SAM-family training run starts from random weights; True if it does.
+
+    (Builders stay silent: bundles rebuild the network without a checkpoint and then load model.pt.)
+    """
+    if model_cfg.get("checkpoint") or model_cfg.get("pretrained"):
+        return False
+    log.warning("!" * 78 + "\n%s: no model.checkpoint given -- RANDOM INITIALISATION. Zero-shot results are "
+                "meaningless and fine-tuning starts from scratch. Pass model.checkpoint=/path/to/the official "
+                ".pth for real weights.\n" + "!" * 78, model_cfg.get("name"))
+    return True
 
 
 @register_network("sam")
 def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path | None = None,
               family: str = "sam", adapters: bool = False, adapter_ratio: float = 0.25,
-              lora_r: int = 0) -> PromptableSAM:
+              lora_r: int = 0, pretrained: bool | None = None) -> PromptableSAM:
     """SAM with a ViT image encoder (``vit_b``/``vit_l``/``vit_h``/``tiny``).
 
     Args:
@@ -90,7 +100,11 @@ def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path 
         adapters: add zero-initialised bottleneck adapters to the encoder blocks.
         adapter_ratio: adapter bottleneck width / block width.
         lora_r: LoRA rank on the encoder's attention ``qkv`` (0: none).
+        pretrained: must not be true: no package ships SAM/MedSAM weights; use ``checkpoint``.
     """
+    if pretrained:
+        raise ConfigError("model.pretrained", f"no packaged {family} weights exist offline; "
+                                              "pass model.checkpoint=/path/to/the official .pth")
     if size not in VIT_CONFIGS:
         raise ConfigError("model.size", f"unknown SAM size {size!r}; choose from {', '.join(VIT_CONFIGS)}")
     dim, depth, heads, global_idx = VIT_CONFIGS[size]
@@ -106,10 +120,11 @@ def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path 
 
 @register_network("medsam")
 def build_medsam(checkpoint: str | Path | None = None, size: str = "vit_b", img_size: int = 1024,
-                 adapters: bool = False, adapter_ratio: float = 0.25, lora_r: int = 0) -> PromptableSAM:
+                 adapters: bool = False, adapter_ratio: float = 0.25, lora_r: int = 0,
+                 pretrained: bool | None = None) -> PromptableSAM:
     """MedSAM: SAM ViT-B at 1024 with min-max preprocessing; ``checkpoint`` is ``medsam_vit_b.pth``."""
     return build_sam(size=size, img_size=img_size, checkpoint=checkpoint, family="medsam", adapters=adapters,
-                     adapter_ratio=adapter_ratio, lora_r=lora_r)
+                     adapter_ratio=adapter_ratio, lora_r=lora_r, pretrained=pretrained)
 
 
 @register_network("litemedsam")
