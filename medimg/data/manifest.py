@@ -45,6 +45,25 @@ class Manifest:
         return [self.labels[k] for k in sorted(self.labels, key=int)]
 
 
+def read_json_object(path: str | Path, what: str) -> dict:
+    """Read a JSON object from ``path``; a missing file, bad JSON or a non-object is a :class:`DataError`.
+
+    Args:
+        path: the JSON file.
+        what: what the file is, for the error line (``manifest``, ``prompts``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"{what} not found")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"{what} is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise DataError(path, f"{what} must be a JSON object")
+    return doc
+
+
 def load_manifest(path: str | Path, dataset_dir: str | Path | None = None) -> Manifest:
     """Read a datalist JSON and resolve its paths against ``dataset_dir``.
 
@@ -59,13 +78,8 @@ def load_manifest(path: str | Path, dataset_dir: str | Path | None = None) -> Ma
         DataError: unreadable JSON, no training split, malformed entries, missing files.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "manifest not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"manifest is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict) or not raw.get("training"):
+    raw = read_json_object(path, "manifest")
+    if not raw.get("training"):
         raise DataError(path, "manifest needs a non-empty 'training' list")
     base = Path(dataset_dir) if dataset_dir is not None else path.parent
     splits: dict[str, list[dict]] = {}

@@ -7,12 +7,12 @@ as stored; world coordinates are RAS+ mm (DICOM's LPS is already converted by th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from medimg.data.manifest import read_json_object
 from medimg.errors import DataError
 
 
@@ -44,14 +44,7 @@ def load_prompts(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -
             points, or prompts outside the image.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "prompts file not found")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"prompts are not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise DataError(path, "prompts must be a JSON object")
+    doc = read_json_object(path, "prompts")
     space = doc.get("space", "voxel")
     if space not in ("voxel", "world"):
         raise DataError(path, f"space must be 'voxel' or 'world', not {space!r}")
