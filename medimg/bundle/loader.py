@@ -79,7 +79,6 @@ class BundlePredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp = self.device.type == "cuda" if amp is None else amp
         parser = _parser(self.bundle_dir)
-        self.meta = parser.get("_meta_", {})
         self.network = load_bundle_network(self.bundle_dir, str(self.device))
         try:
             self.preprocessing: Compose = parser.get_parsed_content("preprocessing")

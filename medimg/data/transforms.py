@@ -123,8 +123,3 @@ def build_pipeline(spec: Spec) -> Compose:
     """Instantiate a spec list into a MONAI ``Compose`` (the same way a bundle does)."""
     parser = ConfigParser({"pipeline": {"_target_": "Compose", "transforms": spec}})
     return parser.get_parsed_content("pipeline", instantiate=True)
-
-
-def segmentation_transforms(stage: str, **kwargs: Any) -> Compose:
-    """:func:`segmentation_spec` instantiated (same arguments)."""
-    return build_pipeline(segmentation_spec(stage, **kwargs))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import lightning as L
 import numpy as np
 import torch
@@ -14,8 +12,6 @@ from monai.metrics import compute_dice, compute_surface_dice
 from medimg.data.prompts import box_from_mask, sample_clicks
 from medimg.errors import ConfigError
 from medimg.models.sam.network import PromptableSAM
-
-VAL_PROMPTS = ("box", "point1", "point5")
 
 
 class PromptableTask(L.LightningModule):
@@ -157,8 +153,3 @@ class PromptableTask(L.LightningModule):
 def _two_class(mask: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) binary -> (B, 2, H, W) one-hot, as MONAI's surface metrics expect."""
     return torch.cat([1 - mask, mask], dim=1)
-
-
-def prompt_names() -> Sequence[str]:
-    """The validation prompt types."""
-    return VAL_PROMPTS
