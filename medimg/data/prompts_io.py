@@ -70,21 +70,18 @@ def load_prompts(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -
     if not len(boxes) and not len(points):
         raise DataError(path, "no boxes and no points")
     if space == "world":
-        if len(boxes):
-            lo, hi = _to_voxel(boxes[:, :nd], affine, nd), _to_voxel(boxes[:, nd:], affine, nd)
-            boxes = np.concatenate([np.minimum(lo, hi), np.maximum(lo, hi)], axis=1)
-        if len(points):
-            points = _to_voxel(points, affine, nd)
-    boxes = np.concatenate([np.minimum(boxes[:, :nd], boxes[:, nd:]), np.maximum(boxes[:, :nd], boxes[:, nd:])],
-                           axis=1) if len(boxes) else boxes
+        boxes = np.concatenate([_to_voxel(boxes[:, :nd], affine, nd), _to_voxel(boxes[:, nd:], affine, nd)], axis=1)
+        points = _to_voxel(points, affine, nd)
+    # corners in either order (a flipped axis swaps them in voxel space)
+    lo, hi = np.minimum(boxes[:, :nd], boxes[:, nd:]), np.maximum(boxes[:, :nd], boxes[:, nd:])
     upper = np.asarray(shape) - 1
     tol = 0.5
-    for b in boxes:
-        if (b[nd:] < -tol).any() or (b[:nd] > upper + tol).any():
-            raise DataError(path, f"box {np.round(b, 2).tolist()} lies outside the image (shape {tuple(shape)})")
+    for b_lo, b_hi in zip(lo, hi):
+        if (b_hi < -tol).any() or (b_lo > upper + tol).any():
+            box_text = np.round(np.concatenate([b_lo, b_hi]), 2).tolist()
+            raise DataError(path, f"box {box_text} lies outside the image (shape {tuple(shape)})")
     for p in points:
         if (p < -tol).any() or (p > upper + tol).any():
             raise DataError(path, f"point {np.round(p, 2).tolist()} lies outside the image (shape {tuple(shape)})")
-    boxes = np.concatenate([np.clip(boxes[:, :nd], 0, upper), np.clip(boxes[:, nd:], 0, upper)], axis=1) \
-        if len(boxes) else boxes
-    return Prompts(boxes, np.clip(points, 0, upper) if len(points) else points, labels)
+    boxes = np.concatenate([np.clip(lo, 0, upper), np.clip(hi, 0, upper)], axis=1)
+    return Prompts(boxes, np.clip(points, 0, upper), labels)

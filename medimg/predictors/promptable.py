@@ -165,6 +165,10 @@ class PromptablePredictor:
         out = np.zeros((ni, nj, nk), dtype=bool)
         k_lo, k_hi = 0, nk - 1
         box2d = None
+        pts = np.asarray(points if points else np.zeros((0, 3)), dtype=np.float32)
+        labels = np.asarray(point_labels if point_labels is not None else [1] * len(pts))
+        if len(pts) and pts.shape[1] != 3:
+            raise ValueError("points on a volume are [i, j, k]")
         if box is not None:
             box = np.asarray(box, dtype=np.float32)
             if box.size == 6:
@@ -177,22 +181,13 @@ class PromptablePredictor:
                 start, box2d = int(slice_index), box
             else:
                 raise ValueError(f"a box has 4 (2D) or 6 (3D) numbers, got {box.size}")
-        elif points:
-            pts = np.asarray(points, dtype=np.float32)
-            labels = np.asarray(point_labels if point_labels is not None else [1] * len(pts))
-            if pts.shape[1] != 3:
-                raise ValueError("points on a volume are [i, j, k]")
+        elif len(pts):
             start = int(round(pts[labels == 1][0, 2])) if (labels == 1).any() else int(round(pts[0, 2]))
         else:
             raise ValueError("give a box or points")
-        if points:
-            pts = np.asarray(points, dtype=np.float32)
-            labels = np.asarray(point_labels if point_labels is not None else [1] * len(pts))
-            here = np.abs(pts[:, 2] - start) < 0.5
-            mask, _ = self.predict_slice(start, box=box2d, points=pts[here, :2].tolist() or None,
-                                         point_labels=labels[here].tolist() or None)
-        else:
-            mask, _ = self.predict_slice(start, box=box2d)
+        here = np.abs(pts[:, 2] - start) < 0.5  # the clicks on the starting slice
+        mask, _ = self.predict_slice(start, box=box2d, points=pts[here, :2].tolist() or None,
+                                     point_labels=labels[here].tolist() or None)
         out[:, :, start] = mask
         self._propagate(out, start, mask, k_hi, +1)
         self._propagate(out, start, mask, k_lo, -1)

@@ -77,6 +77,14 @@ class PromptableTask(L.LightningModule):
         pts, labels = sample_clicks(target, pred, num=n, rng=self.rng)
         return pts[:, ::-1].astype(np.float32), labels  # (row, col) -> (x, y)
 
+    def _correction_clicks(self, masks_np: np.ndarray, low: torch.Tensor, clicks: list | None) -> list:
+        """One more click per target from its current error region, appended to the clicks so far."""
+        pred = (low.detach()[:, 0] > 0).cpu().numpy()
+        new = [self._clicks(m, p, 1) for m, p in zip(masks_np, pred)]
+        if clicks is None:
+            return new
+        return [(np.concatenate([c[0], n[0]]), np.concatenate([c[1], n[1]])) for c, n in zip(clicks, new)]
+
     def _decode(self, emb: torch.Tensor, boxes: list | None, points: list | None,
                 masks: torch.Tensor | None) -> torch.Tensor:
         dev = emb.device
@@ -106,10 +114,7 @@ class PromptableTask(L.LightningModule):
         low = self._decode(emb, boxes, clicks, None)
         losses = [self.loss_fn(low, low_t)]
         for _ in range(int(self.hparams.click_rounds)):
-            pred = (low.detach()[:, 0] > 0).cpu().numpy()
-            new = [self._clicks(m, p, 1) for m, p in zip(masks_np, pred)]
-            clicks = new if clicks is None else [(np.concatenate([c[0], n[0]]), np.concatenate([c[1], n[1]]))
-                                                 for c, n in zip(clicks, new)]
+            clicks = self._correction_clicks(masks_np, low, clicks)
             low = self._decode(emb, boxes, clicks, low.detach())
             losses.append(self.loss_fn(low, low_t))
         loss = torch.stack(losses).mean()
@@ -131,9 +136,7 @@ class PromptableTask(L.LightningModule):
         low = self._decode(emb, None, clicks, None)
         results["point1"] = low
         for _ in range(4):
-            pred = (low[:, 0] > 0).cpu().numpy()
-            new = [self._clicks(m, p, 1) for m, p in zip(masks_np, pred)]
-            clicks = [(np.concatenate([c[0], n[0]]), np.concatenate([c[1], n[1]])) for c, n in zip(clicks, new)]
+            clicks = self._correction_clicks(masks_np, low, clicks)
             low = self._decode(emb, None, clicks, low)
         results["point5"] = low
         self.rng = rng_state

@@ -66,17 +66,16 @@ class PromptableSAM(nn.Module):
             arr = np.repeat(arr, 3, axis=-1)
         h, w = self.resized_size(*arr.shape[:2])
         device = self.pixel_mean.device
+        lo, hi = float(arr.min()), float(arr.max())
         if self.family == "sam":
             from segment_anything.utils.transforms import ResizeLongestSide
 
-            lo, hi = float(arr.min()), float(arr.max())
             if lo < 0 or hi > 255 or not np.allclose(arr, np.round(arr)):
                 arr = (arr - lo) / max(hi - lo, 1e-8) * 255.0  # SAM expects uint8 RGB
             resized = ResizeLongestSide(self.img_size).apply_image(np.clip(arr, 0, 255).astype(np.uint8))
             x = torch.as_tensor(resized, device=device).permute(2, 0, 1)[None].float()
             x = (x - self.pixel_mean) / self.pixel_std
         else:
-            lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) / max(hi - lo, 1e-8)
             x = torch.as_tensor(arr, device=device).permute(2, 0, 1)[None]
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
