@@ -81,6 +81,9 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
     labels = data_cfg["labels"]
     if cfg["bundle"].get("task", "segmentation") == "promptable":
         preprocessing, inference_vars = None, {}  # the network preprocesses each slice itself
+        if getattr(network, "spatial_dims", 2) == 3:  # the 3D predictor reproduces the training frame
+            inference_vars = {"roi_size": list(data_cfg["roi_size"]), "pixdim": data_cfg["pixdim"],
+                              "intensity": data_cfg["intensity"]}
     else:
         preprocessing = segmentation_spec("infer", pixdim=data_cfg["pixdim"], intensity=data_cfg["intensity"],
                                           crop_foreground=data_cfg["crop_foreground"])

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from medimg.bundle.loader import BundlePredictor, is_promptable, load_bundle_network
+        from medimg.bundle.loader import BundlePredictor, is_promptable
 
         inputs, many = collect_inputs(Path(args.input))
         out = Path(args.output)
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(args.bundle, "is a promptable bundle; give --prompts prompts.json")
             if many:
                 raise ConfigError(args.input, "a promptable bundle takes one image (its prompts are per image)")
-            from medimg.predictors.promptable import PromptablePredictor, segment_file
+            from medimg.bundle.loader import load_bundle_predictor
+            from medimg.predictors.promptable import segment_file
 
-            segment_file(PromptablePredictor(load_bundle_network(args.bundle, args.device), device=args.device),
-                         str(inputs[0]), args.prompts, str(out))
+            segment_file(load_bundle_predictor(args.bundle, args.device), str(inputs[0]), args.prompts, str(out))
             print(f"{inputs[0]} -> {out}")
             return
         if args.prompts:

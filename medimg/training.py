@@ -151,9 +151,20 @@ def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
     network = build_network(**model_kwargs)
     apply_freeze_policy(network, t.freeze)
     classes = list(d.classes) if d.classes else None
-    dm = PromptSliceDataModule(manifest, dataset_dir, network.preprocess, network.img_size, axis=d.axis,
-                               classes=classes, target_mode=d.target_mode, train_slices=d.train_slices,
-                               val_slices=d.val_slices, batch_size=d.batch_size)
+    if getattr(network, "spatial_dims", 2) == 3:
+        from medimg.data.patches import PromptPatchDataModule
+
+        try:
+            network.check_size(tuple(d.roi_size))
+        except ValueError as exc:
+            raise ConfigError("data.roi_size", str(exc)) from exc
+        dm = PromptPatchDataModule(manifest, dataset_dir, list(d.roi_size), pixdim=d.pixdim, intensity=d.intensity,
+                                   classes=classes, target_mode=d.target_mode, train_samples=d.train_samples,
+                                   val_clicks=d.val_clicks, batch_size=d.batch_size, jitter=d.jitter)
+    else:
+        dm = PromptSliceDataModule(manifest, dataset_dir, network.preprocess, network.img_size, axis=d.axis,
+                                   classes=classes, target_mode=d.target_mode, train_slices=d.train_slices,
+                                   val_slices=d.val_slices, batch_size=d.batch_size)
     names = dm.manifest.labels or {}
     cfg.data.labels = {"0": "background", "1": "+".join(names.get(str(c), f"class{c}") for c in classes or [])
                        or "foreground"}
@@ -166,7 +177,7 @@ def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
 
 def _report_prompts(metrics: dict[str, float]) -> None:
     rows = [f"{'prompt':<10}{'zero-shot Dice':>16}{'fine-tuned Dice':>17}{'fine-tuned NSD':>16}"]
-    for name in ("box", "point1", "point5"):
+    for name in ("box", "point1", "point3", "point5"):
         rows.append(f"{name:<10}{metrics.get(f'zero_shot/val/dice_{name}', float('nan')):>16.3f}"
                     f"{metrics.get(f'val/dice_{name}', float('nan')):>17.3f}"
                     f"{metrics.get(f'val/nsd_{name}', float('nan')):>16.3f}")

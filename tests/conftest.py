@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import REPO
 
-SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
+SCHEMA = Path(os.environ.get("MEDIMG_MONAI_SCHEMA") or REPO.parent / "shared" / "monai" / "meta_schema_20240725.json")
 
 # tiny, CPU-friendly Swin-UNETR (SwinUNETR needs >= 64^3 patches to train: its bottleneck is 1/32)
 TINY = ["model.feature_size=12", "model.depths=[1,1,1,1]", "data.roi_size=[64,64,64]", "data.num_samples=1",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -62,6 +63,28 @@ def load_bundle_network(bundle_dir: str | Path, device: str | None = None) -> to
         raise BundleError(weights, f"weights do not fit network_def ({str(exc).splitlines()[0]})") from exc
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return network.to(dev).eval()
+
+
+def load_bundle_predictor(bundle_dir: str | Path, device: str | None = None) -> Any:
+    """A promptable bundle's ``predictor`` component, with the bundle's network and weights.
+
+    The component's other arguments (``roi_size``, ``pixdim``, ...) come from ``inference.json``.
+    """
+    from monai.utils import locate
+
+    bundle_dir = Path(bundle_dir)
+    parser = _parser(bundle_dir)
+    config = bundle_dir / "configs" / "inference.json"
+    spec = parser.get("predictor")
+    if not isinstance(spec, dict) or "_target_" not in spec:
+        raise BundleError(config, "a promptable bundle needs a 'predictor' component with a _target_")
+    network = load_bundle_network(bundle_dir, device)
+    try:
+        kwargs = {k: parser.get_parsed_content(f"predictor::{k}") for k in spec
+                  if k not in ("_target_", "network", "device")}
+        return locate(spec["_target_"])(network, device=str(next(network.parameters()).device), **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise BundleError(config, f"cannot build the predictor ({str(exc).splitlines()[0][:200]})") from exc
 
 
 class BundlePredictor:

@@ -17,7 +17,7 @@ from torch import nn
 from medimg.errors import ConfigError
 
 log = logging.getLogger(__name__)
-FREEZE_POLICIES = ("full", "encoder_frozen", "adapters_only", "decoder_only")
+FREEZE_POLICIES = ("full", "encoder_frozen", "adapters_only", "decoder_only", "spatial_adapters")
 PEFT_MARKERS = ("adapter", "lora_")
 
 
@@ -75,9 +75,18 @@ def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "imag
     - ``encoder_frozen``: the image encoder is frozen (its adapters/LoRA too); prompt encoder and decoder train.
     - ``adapters_only``: only adapter and LoRA parameters train.
     - ``decoder_only``: only the mask decoder trains.
+    - ``spatial_adapters`` (3D SAM): in the encoder only its 3D adapters, normalisation layers and
+      depth embedding train (its ``freeze_pretrained``); prompt encoder and decoder train.
     """
     if policy not in FREEZE_POLICIES:
         raise ConfigError("model.freeze", f"unknown freeze policy {policy!r}; choose from {', '.join(FREEZE_POLICIES)}")
+    if policy == "spatial_adapters":
+        encoder = getattr(model, encoder_name)
+        if not hasattr(encoder, "freeze_pretrained"):
+            raise ConfigError("task.freeze", "spatial_adapters needs a volumetric SAM encoder (medsam3d)")
+        apply_freeze_policy(model, "encoder_frozen", encoder_name)
+        encoder.freeze_pretrained()
+        return
     for name, param in model.named_parameters():
         is_peft = any(m in name for m in PEFT_MARKERS)
         if policy == "full":

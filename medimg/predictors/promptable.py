@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,7 +195,7 @@ class PromptablePredictor:
         return out
 
 
-def segment_file(predictor: PromptablePredictor, input_path: str, prompts_path: str, output_path: str) -> str:
+def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path: str) -> str:
     """Segment one 2D image or 3D volume from a prompts file; write labels in the input's geometry.
 
     Each box becomes label 1, 2, ... in order; the points (if any) form one more object. On a
@@ -202,7 +203,13 @@ def segment_file(predictor: PromptablePredictor, input_path: str, prompts_path: 
     that one slice and propagates until the object ends.
 
     Used by ``medimg.infer --prompts`` and by the bundle's ``inference.json`` (``monai.bundle run``).
+    A 3D network's predictor (:class:`~medimg.predictors.volumetric.VolumePromptPredictor`) hands
+    over to :func:`~medimg.predictors.volumetric.segment_volume_file`.
     """
+    if getattr(predictor, "spatial_dims", 2) == 3:
+        from medimg.predictors.volumetric import segment_volume_file
+
+        return segment_volume_file(predictor, input_path, prompts_path, output_path)
     from medimg.data.io import read_image, write_like
     from medimg.data.prompts_io import load_prompts
 

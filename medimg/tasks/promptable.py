@@ -1,6 +1,13 @@
-"""Promptable segmentation as a LightningModule: iterative click training, per-prompt validation."""
+"""Promptable segmentation as a LightningModule: iterative click training, per-prompt validation.
+
+One task for 2D (:class:`~medimg.models.sam.network.PromptableSAM`, slices) and 3D
+(:class:`~medimg.models.sam3d.network.PromptableSAM3D`, click-centred patches): the network's
+``spatial_dims`` decides the prompt coordinate order and the mask size, nothing else differs.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -8,19 +15,24 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceFocalLoss, DiceLoss
 from monai.metrics import compute_dice, compute_surface_dice
+from torch import nn
 
 from medimg.data.prompts import box_from_mask, sample_clicks
 from medimg.errors import ConfigError
-from medimg.models.sam.network import PromptableSAM
 
 
 class PromptableTask(L.LightningModule):
-    """Fine-tune a :class:`PromptableSAM` (2D) with simulated prompts.
+    """Fine-tune a promptable SAM-family network (2D or 3D) with simulated prompts.
 
     Each training step prompts every target with a jittered box (probability ``box_prob``) or a
     click, then runs ``click_rounds`` correction rounds: new clicks from the error region plus the
-    previous low-res mask as a mask prompt, as in SAM/SAM-Med2D interactive training. The loss
-    (Dice + BCE, or Dice + focal) is averaged over all rounds.
+    previous mask logits as a mask prompt, as in SAM/SAM-Med2D interactive training. The loss
+    (Dice + BCE, or Dice + focal, plus the IoU head's MSE) is averaged over all rounds. When the
+    batch carries a ``click`` (3D patches are centred on one), that is the first click.
+
+    Coordinates: a 2D network takes SAM's ``(x, y)`` = (column, row); a 3D network takes voxel
+    indices ``(i, j, k)`` of its ``(X, Y, Z)`` input. Validation reports Dice and NSD for a box and
+    for 1, 3 and 5 clicks.
 
     Args:
         network: the promptable network (its freeze policy already applied).
@@ -34,7 +46,7 @@ class PromptableTask(L.LightningModule):
         seed: seed of the prompt simulation.
     """
 
-    def __init__(self, network: PromptableSAM, click_rounds: int = 2, box_prob: float = 0.7,
+    def __init__(self, network: nn.Module, click_rounds: int = 2, box_prob: float = 0.7,
                  box_jitter_frac: float = 0.1, loss: str = "dice_bce", lr: float = 1e-4, weight_decay: float = 1e-4,
                  nsd_tolerance_px: float = 2.0, seed: int = 0) -> None:
         super().__init__()
@@ -49,11 +61,12 @@ class PromptableTask(L.LightningModule):
             raise ConfigError("task.loss", f"unknown loss {loss!r}; choose dice_bce or dice_focal")
         self.rng = np.random.default_rng(seed)
         self._emb_cache: dict[tuple, torch.Tensor] = {}
+        self.spatial_dims = int(getattr(network, "spatial_dims", 2))
 
-    def embed(self, batch: dict, split: str) -> torch.Tensor:
-        """Image embeddings; cached per slice while the image encoder is frozen (its output cannot change)."""
+    def embed(self, batch: dict, split: str) -> Any:
+        """Image features; 2D embeddings are cached per slice while the image encoder is frozen."""
         x = batch["image"]
-        if any(p.requires_grad for p in self.network.image_encoder.parameters()):
+        if self.spatial_dims == 3 or any(p.requires_grad for p in self.network.image_encoder.parameters()):
             return self.network.encode(x)
         keys = [(split, int(v), int(k)) for v, k in zip(batch["volume"], batch["slice"])]
         missing = [i for i, key in enumerate(keys) if key not in self._emb_cache]
@@ -66,16 +79,25 @@ class PromptableTask(L.LightningModule):
 
     # ------------------------------------------------------------- prompt helpers
     def _low_res(self, target: torch.Tensor) -> torch.Tensor:
-        """The target at the decoder's low-res mask size (4x the embedding grid: 256 for SAM-1024/LiteMedSAM)."""
-        return F.interpolate(target, size=tuple(self.network.prompt_encoder.mask_input_size), mode="nearest")
+        """The target at the decoder's mask size (2D: 4x the embedding grid; 3D: full resolution)."""
+        size = tuple(self.network.mask_size(target))
+        return target if size == tuple(target.shape[2:]) else F.interpolate(target, size=size, mode="nearest")
 
     def _box(self, mask: np.ndarray, jitter: bool) -> list[float]:
-        b = box_from_mask(mask.T, jitter_frac=self.hparams.box_jitter_frac if jitter else 0.0, rng=self.rng)
-        return [float(v) for v in b]  # mask.T: (x=col, y=row) order, SAM's box convention
+        mask = mask.T if self.spatial_dims == 2 else mask  # 2D: (x=col, y=row) order, SAM's box convention
+        b = box_from_mask(mask, jitter_frac=self.hparams.box_jitter_frac if jitter else 0.0, rng=self.rng)
+        return [float(v) for v in b]
 
     def _clicks(self, target: np.ndarray, pred: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         pts, labels = sample_clicks(target, pred, num=n, rng=self.rng)
-        return pts[:, ::-1].astype(np.float32), labels  # (row, col) -> (x, y)
+        if self.spatial_dims == 2:
+            pts = pts[:, ::-1]  # (row, col) -> (x, y)
+        return pts.astype(np.float32), labels
+
+    def _first_clicks(self, batch: dict, masks_np: np.ndarray) -> list:
+        if "click" in batch:  # the sample's own click (3D patches are centred on it)
+            return [(c.cpu().numpy()[None].astype(np.float32), np.ones(1, dtype=np.int64)) for c in batch["click"]]
+        return [self._clicks(m, None, 1) for m in masks_np]
 
     def _correction_clicks(self, masks_np: np.ndarray, low: torch.Tensor, clicks: list | None) -> list:
         """One more click per target from its current error region, appended to the clicks so far."""
@@ -85,21 +107,29 @@ class PromptableTask(L.LightningModule):
             return new
         return [(np.concatenate([c[0], n[0]]), np.concatenate([c[1], n[1]])) for c, n in zip(clicks, new)]
 
-    def _decode(self, emb: torch.Tensor, boxes: list | None, points: list | None,
-                masks: torch.Tensor | None) -> torch.Tensor:
-        dev = emb.device
+    def _decode(self, emb: Any, boxes: list | None, points: list | None,
+                masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.device
         box_t = torch.tensor(boxes, device=dev, dtype=torch.float32) if boxes is not None else None
         pts_t = None
         if points is not None:
             n = max(len(p[0]) for p in points)
-            coords = torch.zeros(len(points), n, 2, device=dev)
+            coords = torch.zeros(len(points), n, self.spatial_dims, device=dev)
             labels = torch.full((len(points), n), -1, device=dev, dtype=torch.int32)  # -1: padding point
             for i, (c, lab) in enumerate(points):
                 coords[i, : len(c)] = torch.as_tensor(c.copy(), device=dev)
                 labels[i, : len(lab)] = torch.as_tensor(lab, device=dev, dtype=torch.int32)
             pts_t = (coords, labels)
-        low, _ = self.network.decode(emb, points=pts_t, boxes=box_t, masks=masks)
-        return low
+        return self.network.decode(emb, points=pts_t, boxes=box_t, masks=masks)
+
+    def _loss(self, low: torch.Tensor, iou: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mask loss + the IoU head's MSE against the mask's actual IoU (as SAM trains it)."""
+        with torch.no_grad():
+            pred = low > 0
+            inter = (pred & (target > 0.5)).flatten(1).sum(1)
+            union = (pred | (target > 0.5)).flatten(1).sum(1)
+            actual = inter / union.clamp(min=1)
+        return self.loss_fn(low, target) + F.mse_loss(iou[:, 0].float(), actual.float())
 
     # ------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -110,20 +140,20 @@ class PromptableTask(L.LightningModule):
         masks_np = (low_t[:, 0] > 0.5).cpu().numpy()
         use_box = self.rng.random() < self.hparams.box_prob
         boxes = [self._box(m, jitter=True) for m in masks_np] if use_box else None
-        clicks = None if use_box else [self._clicks(m, None, 1) for m in masks_np]
-        low = self._decode(emb, boxes, clicks, None)
-        losses = [self.loss_fn(low, low_t)]
+        clicks = None if use_box else self._first_clicks(batch, masks_np)
+        low, iou = self._decode(emb, boxes, clicks, None)
+        losses = [self._loss(low, iou, low_t)]
         for _ in range(int(self.hparams.click_rounds)):
             clicks = self._correction_clicks(masks_np, low, clicks)
-            low = self._decode(emb, boxes, clicks, low.detach())
-            losses.append(self.loss_fn(low, low_t))
+            low, iou = self._decode(emb, boxes, clicks, low.detach())
+            losses.append(self._loss(low, iou, low_t))
         loss = torch.stack(losses).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
 
     # ------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Dice and NSD for a tight box, 1 click and 5 clicks (deterministic prompts)."""
+        """Dice and NSD for a tight box, 1, 3 and 5 clicks (deterministic prompts)."""
         x, target = batch["image"], batch["target"]
         emb = self.embed(batch, "val")
         low_t = self._low_res(target)
@@ -131,14 +161,15 @@ class PromptableTask(L.LightningModule):
         rng_state = self.rng
         self.rng = np.random.default_rng(batch_idx)  # same clicks every epoch
         results: dict[str, torch.Tensor] = {}
-        results["box"] = self._decode(emb, [self._box(m, jitter=False) for m in masks_np], None, None)
-        clicks = [self._clicks(m, None, 1) for m in masks_np]
-        low = self._decode(emb, None, clicks, None)
+        results["box"] = self._decode(emb, [self._box(m, jitter=False) for m in masks_np], None, None)[0]
+        clicks = self._first_clicks(batch, masks_np)
+        low = self._decode(emb, None, clicks, None)[0]
         results["point1"] = low
-        for _ in range(4):
+        for n in range(2, 6):
             clicks = self._correction_clicks(masks_np, low, clicks)
-            low = self._decode(emb, None, clicks, low)
-        results["point5"] = low
+            low = self._decode(emb, None, clicks, low)[0]
+            if n in (3, 5):
+                results[f"point{n}"] = low
         self.rng = rng_state
         for name, logits in results.items():
             pred = (logits > 0).float()
@@ -154,5 +185,5 @@ class PromptableTask(L.LightningModule):
 
 
 def _two_class(mask: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) binary -> (B, 2, H, W) one-hot, as MONAI's surface metrics expect."""
+    """(B, 1, *spatial) binary -> (B, 2, *spatial) one-hot, as MONAI's surface metrics expect."""
     return torch.cat([1 - mask, mask], dim=1)

@@ -33,6 +33,8 @@ class PromptableSAM(nn.Module):
         img_size: the encoder's square input size (1024 for SAM/MedSAM, 256 for LiteMedSAM).
     """
 
+    spatial_dims = 2
+
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
                  family: str = "sam", img_size: int = 1024) -> None:
         super().__init__()
@@ -45,6 +47,10 @@ class PromptableSAM(nn.Module):
         self.img_size = int(img_size)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(-1, 1, 1), persistent=False)
+
+    def mask_size(self, target: torch.Tensor) -> tuple[int, int]:
+        """The size training targets take: the decoder's low-res mask (4x the embedding grid)."""
+        return tuple(self.prompt_encoder.mask_input_size)
 
     # ----------------------------------------------------------------- preprocessing
     def resized_size(self, height: int, width: int) -> tuple[int, int]:

@@ -1,0 +1,174 @@
+"""3D training samples for promptable models: patches centred on simulated clicks.
+
+Each volume goes through the bundle's own geometry and intensity pipeline (RAS, ``pixdim``,
+intensity preset) once. A sample picks a target (a label value, or one connected component), puts
+a positive click in the target's largest connected component (away from its edge, as a user
+would), and crops a patch of ``roi_size`` centred on that click (shifted at random by up to
+``jitter`` of the patch during training, so the click is not always in the centre). Patches that
+reach beyond the volume are zero-padded. Correction clicks are the task's job (they depend on the
+model's prediction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset
+
+from medimg.data.manifest import load_manifest, validate_manifest
+from medimg.data.prompts import sample_clicks, split_targets
+from medimg.data.transforms import build_pipeline, segmentation_spec
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a binary mask (the mask itself when empty)."""
+    comp, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    return comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
+
+
+def crop_centred(array: np.ndarray, centre: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` patch of ``array`` whose centre voxel is ``centre``, zero-padded outside the array.
+
+    Returns:
+        ``(patch, origin)``: ``origin`` is the array index of the patch's first voxel (may be negative).
+    """
+    origin = np.asarray(centre, dtype=np.int64) - np.asarray(size) // 2
+    out = np.zeros(tuple(size), dtype=array.dtype)
+    src = tuple(slice(max(o, 0), min(o + s, n)) for o, s, n in zip(origin, size, array.shape))
+    dst = tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(src, origin))
+    out[dst] = array[src]
+    return out, origin
+
+
+class PromptPatchDataset(Dataset):
+    """Click-centred 3D patches with a binary target.
+
+    Each item: ``image`` (1, *roi) in [0, 1], ``target`` (1, *roi), ``click`` (3,) voxel index of
+    the first (positive) click inside the patch, ``label`` (class value).
+
+    Args:
+        volumes: ``[(image (X, Y, Z) float, label (X, Y, Z) int), ...]`` in the model frame.
+        roi_size: patch size.
+        classes: label values to make targets from (``None``: all).
+        target_mode: ``label`` or ``component``.
+        samples: items per epoch (training) -- drawn afresh for each access; ``None``: fixed samples,
+            ``clicks_per_target`` per target (validation: the same clicks every epoch).
+        clicks_per_target: fixed samples per target when ``samples`` is ``None``.
+        jitter: random shift of the patch centre, as a fraction of the patch (training).
+        min_size: smallest target kept (voxels).
+        seed: sampling seed.
+    """
+
+    def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int],
+                 classes: Sequence[int] | None = None, target_mode: str = "label", samples: int | None = None,
+                 clicks_per_target: int = 1, jitter: float = 0.25, min_size: int = 30, seed: int = 0) -> None:
+        self.roi = tuple(int(r) for r in roi_size)
+        self.samples, self.jitter = samples, jitter
+        self.rng = np.random.default_rng(seed)
+        self.images = [np.asarray(img, dtype=np.float32) for img, _ in volumes]
+        self.targets: list[tuple[int, int, np.ndarray]] = []  # (volume, class value, largest component)
+        self.masks: list[np.ndarray] = []
+        for vi, (_, lab) in enumerate(volumes):
+            for value, mask in split_targets(np.asarray(lab), target_mode, list(classes) if classes else None,
+                                             min_size):
+                self.targets.append((vi, value, largest_component(mask)))
+                self.masks.append(mask)
+        if not self.targets:
+            raise ValueError("no target of at least min_size voxels in these volumes")
+        self.fixed = None
+        if samples is None:
+            self.fixed = [self._draw(t, jitter=False) for t in range(len(self.targets))
+                          for _ in range(clicks_per_target)]
+
+    def _draw(self, t: int, jitter: bool) -> dict:
+        vi, value, component = self.targets[t]
+        click = sample_clicks(component, None, 1, rng=self.rng)[0][0]
+        centre = click.copy()
+        if jitter and self.jitter:
+            shift = np.asarray(self.roi) * self.jitter
+            centre = centre + np.round(self.rng.uniform(-shift, shift)).astype(np.int64)
+        image, origin = crop_centred(self.images[vi], centre, self.roi)
+        target, _ = crop_centred(self.masks[t].astype(np.float32), centre, self.roi)
+        return {"image": torch.from_numpy(image)[None], "target": torch.from_numpy(target)[None],
+                "click": torch.as_tensor(click - origin, dtype=torch.float32), "label": value}
+
+    def __len__(self) -> int:
+        return len(self.fixed) if self.fixed is not None else int(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.fixed is not None:
+            return self.fixed[i]
+        return self._draw(int(self.rng.integers(len(self.targets))), jitter=True)
+
+
+def load_volumes(items: Sequence[dict], pixdim: Sequence[float] | None, intensity: str
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Image/label pairs through the bundle's geometry + intensity pipeline (no crops, no augmentation)."""
+    pipeline = build_pipeline(segmentation_spec("val", pixdim=pixdim, intensity=intensity, crop_foreground=False))
+    out = []
+    for item in items:
+        data = pipeline(dict(item))
+        out.append((np.asarray(data["image"][0], dtype=np.float32), np.asarray(data["label"][0]).astype(np.int64)))
+    return out
+
+
+class PromptPatchDataModule(L.LightningDataModule):
+    """Click-centred 3D patches of a manifest's volumes, for volumetric promptable models.
+
+    Args:
+        manifest: datalist JSON.
+        dataset_dir: folder its relative paths refer to.
+        roi_size: patch size (a multiple of the network's patch).
+        pixdim: model spacing in mm (``None``: native).
+        intensity: intensity preset (maps the image to [0, 1]).
+        classes: label values to segment (``None``: all).
+        target_mode: ``label`` or ``component``.
+        train_samples: training patches per epoch.
+        val_clicks: fixed validation clicks per target.
+        batch_size: training batch size.
+        jitter: training patch-centre shift, as a fraction of the patch.
+        min_size: smallest target kept (voxels).
+    """
+
+    def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, roi_size: Sequence[int],
+                 pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
+                 classes: Sequence[int] | None = None, target_mode: str = "label", train_samples: int = 32,
+                 val_clicks: int = 2, batch_size: int = 2, jitter: float = 0.25, min_size: int = 30) -> None:
+        super().__init__()
+        self.manifest = load_manifest(manifest, dataset_dir)
+        self.pixdim, self.intensity = pixdim, intensity
+        self.kwargs = dict(roi_size=roi_size, classes=classes, target_mode=target_mode, min_size=min_size)
+        self.train_samples, self.val_clicks = train_samples, val_clicks
+        self.batch_size, self.jitter = batch_size, jitter
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Validate the manifest, load the volumes once and fix the validation clicks."""
+        if self.train_set is None:
+            validate_manifest(self.manifest)
+            val_split = "validation" if self.manifest.splits.get("validation") else "training"
+            train = load_volumes(self.manifest.splits["training"], self.pixdim, self.intensity)
+            val = load_volumes(self.manifest.splits[val_split], self.pixdim, self.intensity)
+            self.train_set = PromptPatchDataset(train, samples=self.train_samples, jitter=self.jitter, seed=0,
+                                                **self.kwargs)
+            self.val_set = PromptPatchDataset(val, samples=None, clicks_per_target=self.val_clicks, seed=1,
+                                              **self.kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Fresh click-centred patches every epoch."""
+        return DataLoader(self.train_set, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        """The fixed validation patches."""
+        return DataLoader(self.val_set, batch_size=2, shuffle=False)
+
+    def state_dict(self) -> dict:
+        """Nothing to resume: the volumes reload from the manifest."""
+        return {}

@@ -1,0 +1,204 @@
+"""Full-volume inference for 3D promptable networks: windows that grow from the prompts.
+
+The network sees ``roi_size`` windows of the volume in its own frame (RAS, ``pixdim``, intensity
+preset: the bundle's training pipeline). Inference starts with a window centred on the first
+positive click (or the box centre). Whenever the mask reaches a face of the current window, the
+neighbouring window on that side (stride ``roi_size / 2``) is queued; a window with no click of
+the user's inside gets a positive click at the most interior voxel of the mask found so far
+there, so the structure is followed across the volume. With a box, windows stay inside the box.
+Window probabilities are blended with MONAI's Gaussian importance map. The result is resampled
+back to the input grid (``SpatialResample`` to the input's affine and shape) and thresholded, so
+the output has the input's exact geometry whatever its orientation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data.utils import compute_importance_map
+from scipy import ndimage
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class VolumePromptPredictor:
+    """Segment 3D structures from 3D clicks and boxes on whole volumes.
+
+    Args:
+        network: a :class:`~medimg.models.sam3d.network.PromptableSAM3D` (weights loaded).
+        device: torch device.
+        roi_size: window size (the training patch size).
+        pixdim: the model's voxel size in mm (``None``: native spacing).
+        intensity: the bundle's intensity preset.
+        max_windows: upper bound on windows per object.
+        amp: bf16 autocast on CUDA.
+    """
+
+    spatial_dims = 3
+
+    def __init__(self, network: nn.Module, device: str | torch.device = "cpu",
+                 roi_size: Sequence[int] = (64, 64, 64), pixdim: Sequence[float] | None = (2.0, 2.0, 2.0),
+                 intensity: str = "mr", max_windows: int = 64, amp: bool = True) -> None:
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.roi = np.asarray([int(r) for r in roi_size])
+        network.check_size(tuple(self.roi))
+        self.pixdim, self.intensity = pixdim, intensity
+        self.max_windows = int(max_windows)
+        self.amp = amp and self.device.type == "cuda"
+        self.importance = compute_importance_map(tuple(self.roi), mode="gaussian", sigma_scale=0.125,
+                                                 device="cpu").numpy()
+        self.volume = None
+
+    # ------------------------------------------------------------------ volume
+    def set_volume(self, path: str) -> None:
+        """Load ``path`` through the bundle's geometry + intensity pipeline (the model frame)."""
+        from medimg.data.transforms import build_pipeline, geometry_spec, intensity_spec
+
+        pipeline = build_pipeline(geometry_spec(["image"], self.pixdim, label_key=None)
+                                  + intensity_spec(self.intensity))
+        image = pipeline({"image": str(path)})["image"]
+        self.volume = np.asarray(image[0], dtype=np.float32)
+        self.model_affine = np.asarray(image.affine, dtype=np.float64)
+
+    def to_model(self, coords: np.ndarray, src_affine: np.ndarray) -> np.ndarray:
+        """Voxel coordinates of the source image -> voxel coordinates of the model frame."""
+        m = np.linalg.inv(self.model_affine) @ src_affine
+        return np.asarray(coords, dtype=np.float64) @ m[:3, :3].T + m[:3, 3]
+
+    # ------------------------------------------------------------------ windows
+    def _window_origin(self, centre: np.ndarray) -> np.ndarray:
+        shape = np.asarray(self.volume.shape)
+        origin = np.round(centre).astype(np.int64) - self.roi // 2
+        return np.clip(origin, np.minimum(0, shape - self.roi), np.maximum(0, shape - self.roi))
+
+    def _crop(self, array: np.ndarray, origin: np.ndarray) -> np.ndarray:
+        out = np.zeros(tuple(self.roi), dtype=array.dtype)
+        src = tuple(slice(max(o, 0), min(o + r, n)) for o, r, n in zip(origin, self.roi, array.shape))
+        out[tuple(slice(s.start - o, s.stop - o) for s, o in zip(src, origin))] = array[src]
+        return out
+
+    def _run(self, window: np.ndarray, points: np.ndarray, labels: np.ndarray, box: np.ndarray | None) -> np.ndarray:
+        x = torch.from_numpy(window)[None, None].to(self.device)
+        pts = None
+        if len(points):
+            pts = (torch.as_tensor(points, dtype=torch.float32, device=self.device)[None],
+                   torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None])
+        box_t = None if box is None else torch.as_tensor(box, dtype=torch.float32, device=self.device)[None]
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits, _ = self.network.decode(self.network.encode(x), points=pts, boxes=box_t)
+        return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+
+    def predict(self, points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+                box: np.ndarray | None = None) -> np.ndarray:
+        """Foreground probability over the model-frame volume for one object.
+
+        Args:
+            points: ``(N, 3)`` model-frame voxel clicks.
+            point_labels: 1 positive / 0 negative per click.
+            box: ``[i0, j0, k0, i1, j1, k1]`` in model-frame voxels.
+        """
+        if self.volume is None:
+            raise RuntimeError("call set_volume first")
+        pts = np.zeros((0, 3)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        labels = np.ones(len(pts), dtype=np.int64) if point_labels is None else np.asarray(point_labels)
+        box = None if box is None else np.asarray(box, dtype=np.float64)
+        if box is not None:
+            start = (box[:3] + box[3:]) / 2
+        elif (labels == 1).any():
+            start = pts[labels == 1][0]
+        else:
+            raise ValueError("give a box or at least one positive point")
+        shape = np.asarray(self.volume.shape)
+        stride = np.maximum(self.roi // 2, 1)
+        acc, weight = np.zeros(self.volume.shape, np.float32), np.zeros(self.volume.shape, np.float32)
+        queue, seen = deque([self._window_origin(start)]), set()
+        while queue and len(seen) < self.max_windows:
+            origin = queue.popleft()
+            if tuple(origin) in seen:
+                continue
+            seen.add(tuple(origin))
+            local_pts = pts - origin
+            inside = ((local_pts >= 0) & (local_pts < self.roi)).all(axis=1)
+            w_pts, w_labels = local_pts[inside], labels[inside]
+            if box is None and not (w_labels == 1).any():  # grown into: seed from the mask so far
+                seed = self._interior_seed(acc, weight, origin)
+                if seed is None:
+                    continue
+                w_pts, w_labels = np.vstack([w_pts, seed[None]]), np.append(w_labels, 1)
+            prob = self._run(self._crop(self.volume, origin), w_pts, w_labels,
+                             None if box is None else np.concatenate([box[:3] - origin, box[3:] - origin]))
+            self._accumulate(acc, weight, prob, origin)
+            for axis in range(3):
+                for side, sl in ((-1, slice(0, 2)), (1, slice(-2, None))):
+                    face = np.take(prob > 0.5, np.arange(self.roi[axis])[sl], axis=axis)
+                    nxt = origin.copy()
+                    nxt[axis] += side * stride[axis]
+                    nxt = np.clip(nxt, np.minimum(0, shape - self.roi), np.maximum(0, shape - self.roi))
+                    if not face.any() or tuple(nxt) in seen or (nxt == origin).all():
+                        continue
+                    if box is not None and not _overlaps(nxt, self.roi, box):
+                        continue
+                    queue.append(nxt)
+        if queue:
+            log.warning("stopped after %d windows (max_windows); the object may continue", self.max_windows)
+        return np.where(weight > 0, acc / np.maximum(weight, 1e-8), 0.0).astype(np.float32)
+
+    def _accumulate(self, acc: np.ndarray, weight: np.ndarray, prob: np.ndarray, origin: np.ndarray) -> None:
+        src = tuple(slice(max(o, 0), min(o + r, n)) for o, r, n in zip(origin, self.roi, acc.shape))
+        win = tuple(slice(s.start - o, s.stop - o) for s, o in zip(src, origin))
+        acc[src] += prob[win] * self.importance[win]
+        weight[src] += self.importance[win]
+
+    def _interior_seed(self, acc: np.ndarray, weight: np.ndarray, origin: np.ndarray) -> np.ndarray | None:
+        known = self._crop(np.where(weight > 0, acc / np.maximum(weight, 1e-8), 0.0), origin) > 0.5
+        if not known.any():
+            return None
+        dist = ndimage.distance_transform_edt(known)
+        return np.asarray(np.unravel_index(np.argmax(dist), dist.shape), dtype=np.float64)
+
+
+def _overlaps(origin: np.ndarray, roi: np.ndarray, box: np.ndarray) -> bool:
+    return bool(((origin <= box[3:]) & (origin + roi - 1 >= box[:3])).all())
+
+
+def segment_volume_file(predictor: VolumePromptPredictor, input_path: str, prompts_path: str,
+                        output_path: str) -> str:
+    """Segment a 3D volume from a prompts file with a 3D network; labels in the input's geometry.
+
+    Each box becomes label 1, 2, ... in order; the points (if any) form one more object.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from medimg.data.io import read_image, write_like
+    from medimg.data.prompts_io import load_prompts
+    from medimg.errors import DataError
+
+    image = read_image(input_path, spatial_dims=None)
+    if image.array.ndim != 3 or 1 in image.array.shape:
+        raise DataError(input_path, f"a 3D promptable model needs a 3D volume, got shape {image.array.shape}")
+    prompts = load_prompts(prompts_path, image.array.shape, image.affine)
+    predictor.set_volume(input_path)
+    objects = []
+    for b in prompts.boxes:
+        corners = np.array(np.meshgrid(*[[b[a], b[a + 3]] for a in range(3)], indexing="ij")).reshape(3, -1).T
+        c = predictor.to_model(corners, image.affine)
+        objects.append(dict(box=np.concatenate([c.min(0), c.max(0)])))
+    if len(prompts.points):
+        objects.append(dict(points=predictor.to_model(prompts.points, image.affine), point_labels=prompts.point_labels))
+    resample = SpatialResample(mode="bilinear", padding_mode="zeros")
+    labels = np.zeros(image.array.shape, dtype=np.uint8)
+    for value, obj in enumerate(objects, start=1):
+        prob = MetaTensor(torch.from_numpy(predictor.predict(**obj))[None],
+                          affine=torch.as_tensor(predictor.model_affine))
+        back = resample(prob, dst_affine=torch.as_tensor(image.affine), spatial_size=image.array.shape)
+        mask = np.asarray(back[0]) > 0.5
+        labels[mask & (labels == 0)] = value
+    write_like(labels, image, output_path)
+    return output_path
