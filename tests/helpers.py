@@ -93,3 +93,21 @@ def run_module(module: str, *args: str, cwd: Path | None = None, env: dict | Non
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def sphere_phantom(rng: np.random.Generator, size: int = 32, num: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A volume with ``num`` separated spheres (radius 4-7, each its own brightness) on noise; labels 1..num."""
+    image = rng.normal(0.1, 0.05, (size,) * 3).astype(np.float32)
+    label = np.zeros((size,) * 3, dtype=np.int64)
+    grid = np.indices((size,) * 3)
+    spheres: list[tuple[np.ndarray, float]] = []
+    while len(spheres) < num:
+        r = rng.uniform(4, 7)
+        c = rng.uniform(r + 1, size - r - 1, 3)
+        if all(np.linalg.norm(c - c2) > r + r2 + 2 for c2, r2 in spheres):
+            spheres.append((c, r))
+    for i, (c, r) in enumerate(spheres, start=1):
+        inside = ((grid - c[:, None, None, None]) ** 2).sum(0) <= r * r
+        image[inside] += rng.uniform(0.3, 0.9)
+        label[inside] = i
+    return np.clip(image, 0, 1), label

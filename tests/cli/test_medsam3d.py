@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.cli.conftest import run_dir_of
+from tests.helpers import flip_to_lps, run_module
+
+# tiny ViT, 4 mm voxels, 32^3 patches: about a minute of CPU training
+TINY_3D = ["bundle=medsam3d", "trainer=debug", "trainer.limit_train_batches=null", "trainer.max_epochs=5",
+           "trainer.check_val_every_n_epoch=5", "data.pixdim=[4.0,4.0,4.0]", "data.roi_size=[32,32,32]",
+           "data.train_samples=40", "data.val_clicks=2", "data.batch_size=4", "checkpoint.every_n_train_steps=5"]
+WM_CLICK_RAS = [-26.0, -10.0, 26.0]  # deep white matter (left corona radiata), in RAS mm
+
+
+@pytest.fixture(scope="module")
+def run3d(tmp_path_factory, schema, mni_dir):
+    runs = tmp_path_factory.mktemp("runs")
+    proc = run_module("medimg.train", *TINY_3D, f"runs_dir={runs}", f"data.dataset_dir={mni_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "point3" in proc.stdout and "trainable" in proc.stdout + proc.stderr
+    return run_dir_of(proc)
+
+
+def test_bundle_is_verified_and_records_the_3d_frame(run3d):
+    metrics = json.loads((run3d / "metrics.json").read_text())
+    for prompt in ("box", "point1", "point3", "point5"):
+        assert 0.0 <= metrics[f"val/dice_{prompt}"] <= 1.0
+    inference = json.loads((run3d / "bundle" / "configs" / "inference.json").read_text())
+    assert inference["roi_size"] == [32, 32, 32] and inference["pixdim"] == [4.0, 4.0, 4.0]
+    assert inference["network_def"]["name"] == "medsam3d" and "checkpoint" not in inference["network_def"]
+    meta = json.loads((run3d / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["medimg_task"] == "promptable" and meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+
+
+@pytest.mark.parametrize("frame", ["ras", "lps"])
+def test_world_click_on_mni_contains_the_clicked_voxel(run3d, mni_dir, tmp_path, frame):
+    t1 = nib.load(str(mni_dir / "t1.nii.gz"))
+    vol, aff = np.asarray(t1.dataobj, dtype=np.float32), t1.affine
+    if frame == "lps":
+        vol, aff = flip_to_lps(vol, aff)
+    nib.save(nib.Nifti1Image(vol, aff), str(tmp_path / "t1.nii.gz"))
+    (tmp_path / "p.json").write_text(json.dumps({"space": "world", "points": [WM_CLICK_RAS], "point_labels": [1]}))
+    proc = run_module("medimg.infer", "--bundle", str(run3d / "bundle"), "--input", str(tmp_path / "t1.nii.gz"),
+                      "--prompts", str(tmp_path / "p.json"), "--output", str(tmp_path / "seg.nii.gz"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seg = nib.load(str(tmp_path / "seg.nii.gz"))
+    assert seg.shape == vol.shape and np.abs(seg.affine - aff).max() <= 1e-4
+    clicked = np.round(np.linalg.solve(aff, np.append(WM_CLICK_RAS, 1))[:3]).astype(int)
+    mask = np.asarray(seg.dataobj) > 0
+    assert mask[tuple(clicked)]
+    assert mask.sum() < 0.5 * vol.size
+
+
+def test_monai_bundle_run_with_a_3d_box(run3d, mni_dir, tmp_path):
+    bundle = run3d / "bundle"
+    (tmp_path / "p.json").write_text(json.dumps({"space": "voxel", "boxes": [[60, 80, 60, 130, 150, 110]]}))
+    proc = run_module("monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+                      "--bundle_root", str(bundle), "--input_file", str(mni_dir / "t1.nii.gz"),
+                      "--prompts_file", str(tmp_path / "p.json"), "--output_file", str(tmp_path / "o.nii.gz"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = np.asarray(nib.load(str(tmp_path / "o.nii.gz")).dataobj)
+    assert out.shape == nib.load(str(mni_dir / "t1.nii.gz")).shape
+    assert out.any() and not out[:50].any() and not out[:, :, :50].any()  # nothing far outside the box
+
+
+def test_bad_3d_prompt_is_one_line_exit_2(run3d, mni_dir, tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"points": [[10, 10]]}))
+    proc = run_module("medimg.infer", "--bundle", str(run3d / "bundle"), "--input", str(mni_dir / "t1.nii.gz"),
+                      "--prompts", str(tmp_path / "p.json"), "--output", str(tmp_path / "seg.nii.gz"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:") and "p.json" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "seg.nii.gz").exists()

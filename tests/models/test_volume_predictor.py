@@ -1,0 +1,111 @@
+"""The growing-window volume predictor, with a stand-in network that segments bright voxels.
+
+The stand-in keeps the test about the predictor alone: window placement and growth, prompts in
+window coordinates, blending, and the way back to the input's geometry.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medimg.predictors.volumetric import VolumePromptPredictor, segment_volume_file
+from tests.helpers import flip_to_lps, oblique_affine
+
+
+class BrightNet(nn.Module):
+    """Predicts voxels brighter than 0.5 inside each window; records the prompts it was given."""
+
+    spatial_dims = 3
+    patch = (16, 16, 16)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.calls: list[dict] = []
+
+    def check_size(self, size):
+        if any(s % 16 for s in size):
+            raise ValueError("multiple of the patch")
+
+    def encode(self, x):
+        return x
+
+    def decode(self, x, points=None, boxes=None, masks=None):
+        self.calls.append({"points": points, "boxes": boxes})
+        return (x - 0.5) * 20 * self.w, torch.ones(x.shape[0], 1)
+
+
+def _bar_volume():
+    vol = np.zeros((96, 48, 48), dtype=np.float32)
+    vol[5:91, 8:20, 8:20] = 1.0  # a bar spanning several windows along i
+    vol[40:60, 34:46, 34:46] = 1.0  # a separate block the bar's windows never reach
+    return vol
+
+
+def _write(tmp_path, vol, affine, name="vol.nii.gz"):
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(vol, affine), str(path))
+    return path
+
+
+def test_windows_follow_the_structure_from_one_click(tmp_path):
+    vol = _bar_volume()
+    path = _write(tmp_path, vol, np.eye(4))
+    net = BrightNet()
+    pred = VolumePromptPredictor(net, roi_size=(32, 32, 32), pixdim=None, intensity="none")
+    pred.set_volume(str(path))
+    prob = pred.predict(points=np.array([[10.0, 14.0, 14.0]]))
+    mask = prob > 0.5
+    bar = np.zeros_like(mask)
+    bar[5:91, 8:20, 8:20] = True
+    np.testing.assert_array_equal(mask, bar)  # the whole bar, and not the separate block
+    assert 3 <= len(net.calls) <= 12
+    first = net.calls[0]["points"]
+    assert first[1].tolist() == [[1]]
+    grown = [c for c in net.calls[1:] if c["points"] is not None]
+    assert all(c["points"][1][0, -1] == 1 for c in grown)  # grown windows get a seed click from the mask
+
+
+def test_a_box_keeps_windows_inside_it(tmp_path):
+    vol = _bar_volume()
+    path = _write(tmp_path, vol, np.eye(4))
+    pred = VolumePromptPredictor(BrightNet(), roi_size=(32, 32, 32), pixdim=None, intensity="none")
+    pred.set_volume(str(path))
+    mask = pred.predict(box=np.array([5.0, 8.0, 8.0, 40.0, 19.0, 19.0])) > 0.5
+    assert mask[5:40, 8:20, 8:20].all()
+    assert not mask[80:].any()  # windows never left the box's range (0..40 -> windows up to 64)
+
+
+@pytest.mark.parametrize("frame", ["lps", "oblique"])
+def test_world_click_on_non_ras_input_comes_back_in_its_geometry(tmp_path, frame):
+    vol = _bar_volume()
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = [-70, -30, -30]
+    click_vox = np.array([30.0, 14.0, 14.0])  # inside the bar
+    if frame == "lps":
+        vol, affine = flip_to_lps(vol, affine)
+        click_vox[:2] = np.array(vol.shape[:2]) - 1 - click_vox[:2]
+    else:
+        affine = oblique_affine(affine, 20.0)
+    assert vol[tuple(click_vox.astype(int))] == 1
+    path = _write(tmp_path, vol, affine)
+    world = (affine @ np.append(click_vox, 1))[:3]
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"space": "world", "points": [world.tolist()], "point_labels": [1]}))
+    out = tmp_path / "seg.nii.gz"
+    pred = VolumePromptPredictor(BrightNet(), roi_size=(32, 32, 32), pixdim=(1.5, 1.5, 1.5), intensity="none")
+    segment_volume_file(pred, str(path), str(prompts), str(out))
+    seg = nib.load(str(out))
+    assert seg.shape == vol.shape
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
+    labels = np.asarray(seg.dataobj)
+    assert labels[tuple(click_vox.astype(int))] == 1  # the clicked voxel is in the mask
+    comp = labels == 1
+    bright = vol > 0.5
+    assert (comp & bright).sum() / comp.sum() > 0.95  # what it marks is the structure
