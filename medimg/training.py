@@ -160,7 +160,8 @@ def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
             raise ConfigError("data.roi_size", str(exc)) from exc
         dm = PromptPatchDataModule(manifest, dataset_dir, list(d.roi_size), pixdim=d.pixdim, intensity=d.intensity,
                                    classes=classes, target_mode=d.target_mode, train_samples=d.train_samples,
-                                   val_clicks=d.val_clicks, batch_size=d.batch_size, jitter=d.jitter)
+                                   val_clicks=d.val_clicks, batch_size=d.batch_size, jitter=d.jitter,
+                                   connected_to_click=d.connected_to_click)
     else:
         dm = PromptSliceDataModule(manifest, dataset_dir, network.preprocess, network.img_size, axis=d.axis,
                                    classes=classes, target_mode=d.target_mode, train_slices=d.train_slices,
@@ -171,7 +172,7 @@ def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
     cfg.data.source = str(dm.manifest.meta.get("description", dm.manifest.path.name))
     task = PromptableTask(network, click_rounds=t.click_rounds, box_prob=t.box_prob,
                           box_jitter_frac=t.box_jitter_frac, loss=t.loss, lr=t.lr, weight_decay=t.weight_decay,
-                          seed=int(cfg.seed))
+                          click_loss_weight=float(t.get("click_loss_weight", 0.0)), seed=int(cfg.seed))
     return TaskParts(task, dm, "val/dice_box", _report_prompts, zero_shot=bool(t.zero_shot_eval))
 
 
@@ -223,8 +224,9 @@ def run_training(cfg: DictConfig) -> Path:
                         every_n_train_steps=int(cfg.checkpoint.every_n_train_steps)),
         SaveLastOnTrainEnd(ckpt_dir / "last.ckpt"),
         LearningRateMonitor(logging_interval="epoch"),
-        TQDMProgressBar(refresh_rate=1),
     ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
     loggers = [CSVLogger(str(run_dir), name="logs", version=""),
                TensorBoardLogger(str(run_dir), name="tensorboard", version="", default_hp_metric=False)]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)

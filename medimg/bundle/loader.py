@@ -70,7 +70,7 @@ def load_bundle_predictor(bundle_dir: str | Path, device: str | None = None) -> 
 
     The component's other arguments (``roi_size``, ``pixdim``, ...) come from ``inference.json``.
     """
-    from monai.utils import locate
+    from pydoc import locate
 
     bundle_dir = Path(bundle_dir)
     parser = _parser(bundle_dir)

@@ -5,8 +5,11 @@ intensity preset) once. A sample picks a target (a label value, or one connected
 a positive click in the target's largest connected component (away from its edge, as a user
 would), and crops a patch of ``roi_size`` centred on that click (shifted at random by up to
 ``jitter`` of the patch during training, so the click is not always in the centre). Patches that
-reach beyond the volume are zero-padded. Correction clicks are the task's job (they depend on the
-model's prediction).
+reach beyond the volume are zero-padded. With ``connected_to_click`` (the default) the patch's
+target is the part of the target that is connected, inside the patch, to the click: one click
+means "this structure", so the click carries information even for a tissue class that fills
+much of the patch (a whole-class target would make the click redundant, and the model learns to
+ignore it). Correction clicks are the task's job (they depend on the model's prediction).
 """
 
 from __future__ import annotations
@@ -63,13 +66,16 @@ class PromptPatchDataset(Dataset):
         clicks_per_target: fixed samples per target when ``samples`` is ``None``.
         jitter: random shift of the patch centre, as a fraction of the patch (training).
         min_size: smallest target kept (voxels).
+        connected_to_click: keep only the target voxels connected to the click inside the patch.
         seed: sampling seed.
     """
 
     def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int],
                  classes: Sequence[int] | None = None, target_mode: str = "label", samples: int | None = None,
-                 clicks_per_target: int = 1, jitter: float = 0.25, min_size: int = 30, seed: int = 0) -> None:
+                 clicks_per_target: int = 1, jitter: float = 0.25, min_size: int = 30,
+                 connected_to_click: bool = True, seed: int = 0) -> None:
         self.roi = tuple(int(r) for r in roi_size)
+        self.connected_to_click = connected_to_click
         self.samples, self.jitter = samples, jitter
         self.rng = np.random.default_rng(seed)
         self.images = [np.asarray(img, dtype=np.float32) for img, _ in volumes]
@@ -96,8 +102,12 @@ class PromptPatchDataset(Dataset):
             centre = centre + np.round(self.rng.uniform(-shift, shift)).astype(np.int64)
         image, origin = crop_centred(self.images[vi], centre, self.roi)
         target, _ = crop_centred(self.masks[t].astype(np.float32), centre, self.roi)
+        local = click - origin
+        if self.connected_to_click:
+            comp, _ = ndimage.label(target > 0)
+            target = (comp == comp[tuple(local)]).astype(np.float32)
         return {"image": torch.from_numpy(image)[None], "target": torch.from_numpy(target)[None],
-                "click": torch.as_tensor(click - origin, dtype=torch.float32), "label": value}
+                "click": torch.as_tensor(local, dtype=torch.float32), "label": value}
 
     def __len__(self) -> int:
         return len(self.fixed) if self.fixed is not None else int(self.samples)
@@ -135,16 +145,19 @@ class PromptPatchDataModule(L.LightningDataModule):
         batch_size: training batch size.
         jitter: training patch-centre shift, as a fraction of the patch.
         min_size: smallest target kept (voxels).
+        connected_to_click: targets are the part connected to the click inside the patch.
     """
 
     def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, roi_size: Sequence[int],
                  pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
                  classes: Sequence[int] | None = None, target_mode: str = "label", train_samples: int = 32,
-                 val_clicks: int = 2, batch_size: int = 2, jitter: float = 0.25, min_size: int = 30) -> None:
+                 val_clicks: int = 2, batch_size: int = 2, jitter: float = 0.25, min_size: int = 30,
+                 connected_to_click: bool = True) -> None:
         super().__init__()
         self.manifest = load_manifest(manifest, dataset_dir)
         self.pixdim, self.intensity = pixdim, intensity
-        self.kwargs = dict(roi_size=roi_size, classes=classes, target_mode=target_mode, min_size=min_size)
+        self.kwargs = dict(roi_size=roi_size, classes=classes, target_mode=target_mode, min_size=min_size,
+                           connected_to_click=connected_to_click)
         self.train_samples, self.val_clicks = train_samples, val_clicks
         self.batch_size, self.jitter = batch_size, jitter
         self.train_set = self.val_set = None

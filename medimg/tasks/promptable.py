@@ -43,12 +43,13 @@ class PromptableTask(L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         nsd_tolerance_px: normalised surface Dice tolerance, in pixels of the model frame.
+        click_loss_weight: weight of the 3D click-neighbourhood BCE (0: off).
         seed: seed of the prompt simulation.
     """
 
     def __init__(self, network: nn.Module, click_rounds: int = 2, box_prob: float = 0.7,
                  box_jitter_frac: float = 0.1, loss: str = "dice_bce", lr: float = 1e-4, weight_decay: float = 1e-4,
-                 nsd_tolerance_px: float = 2.0, seed: int = 0) -> None:
+                 nsd_tolerance_px: float = 2.0, click_loss_weight: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
         self.network = network
@@ -111,25 +112,42 @@ class PromptableTask(L.LightningModule):
                 masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
         box_t = torch.tensor(boxes, device=dev, dtype=torch.float32) if boxes is not None else None
-        pts_t = None
-        if points is not None:
-            n = max(len(p[0]) for p in points)
-            coords = torch.zeros(len(points), n, self.spatial_dims, device=dev)
-            labels = torch.full((len(points), n), -1, device=dev, dtype=torch.int32)  # -1: padding point
-            for i, (c, lab) in enumerate(points):
-                coords[i, : len(c)] = torch.as_tensor(c.copy(), device=dev)
-                labels[i, : len(lab)] = torch.as_tensor(lab, device=dev, dtype=torch.int32)
-            pts_t = (coords, labels)
+        pts_t = self._points_tensor(points) if points is not None else None
         return self.network.decode(emb, points=pts_t, boxes=box_t, masks=masks)
 
-    def _loss(self, low: torch.Tensor, iou: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mask loss + the IoU head's MSE against the mask's actual IoU (as SAM trains it)."""
+    def _points_tensor(self, points: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-target click lists -> padded ``(coords (B, N, d), labels (B, N))`` (-1: padding)."""
+        n = max(len(p[0]) for p in points)
+        coords = torch.zeros(len(points), n, self.spatial_dims, device=self.device)
+        labels = torch.full((len(points), n), -1, device=self.device, dtype=torch.int32)
+        for i, (c, lab) in enumerate(points):
+            coords[i, : len(c)] = torch.as_tensor(c.copy(), device=self.device)
+            labels[i, : len(lab)] = torch.as_tensor(lab, device=self.device, dtype=torch.int32)
+        return coords, labels
+
+    def _loss(self, low: torch.Tensor, iou: torch.Tensor, target: torch.Tensor,
+              clicks: list | None = None) -> torch.Tensor:
+        """Mask loss + the IoU head's MSE against the mask's actual IoU (as SAM trains it).
+
+        In 3D, plus a click-neighbourhood BCE: voxels near a click (Gaussian weight, 2 voxels) are
+        weighted on their own, so the model gets the clicked structure right where the user
+        pointed. Without it a tissue-class model can be right on average and wrong at the click.
+        """
         with torch.no_grad():
             pred = low > 0
             inter = (pred & (target > 0.5)).flatten(1).sum(1)
             union = (pred | (target > 0.5)).flatten(1).sum(1)
             actual = inter / union.clamp(min=1)
-        return self.loss_fn(low, target) + F.mse_loss(iou[:, 0].float(), actual.float())
+        loss = self.loss_fn(low, target) + F.mse_loss(iou[:, 0].float(), actual.float())
+        if clicks and self.spatial_dims == 3 and self.hparams.click_loss_weight:
+            from medimg.models.sam3d.heads import prompt_guide
+
+            pts = self._points_tensor(clicks)
+            near = prompt_guide(torch.zeros_like(target), pts, None, None, sigma=2.0)[:, 1:3].amax(1, keepdim=True)
+            bce = F.binary_cross_entropy_with_logits(low, target, weight=near, reduction="sum")
+            bce = bce / near.sum().clamp(min=1)
+            loss = loss + self.hparams.click_loss_weight * bce
+        return loss
 
     # ------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -142,11 +160,11 @@ class PromptableTask(L.LightningModule):
         boxes = [self._box(m, jitter=True) for m in masks_np] if use_box else None
         clicks = None if use_box else self._first_clicks(batch, masks_np)
         low, iou = self._decode(emb, boxes, clicks, None)
-        losses = [self._loss(low, iou, low_t)]
+        losses = [self._loss(low, iou, low_t, clicks)]
         for _ in range(int(self.hparams.click_rounds)):
             clicks = self._correction_clicks(masks_np, low, clicks)
             low, iou = self._decode(emb, boxes, clicks, low.detach())
-            losses.append(self._loss(low, iou, low_t))
+            losses.append(self._loss(low, iou, low_t, clicks))
         loss = torch.stack(losses).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
