@@ -79,8 +79,13 @@ def main() -> None:
             took = time.perf_counter() - t
             seg = np.asarray(nib.load(str(Path(tmp) / "seg.nii.gz")).dataobj) > 0
             v = np.round(np.linalg.solve(aff, np.append(args.world, 1))[:3]).astype(int)
+            wm_in = np.asarray(nib.load(str(root / "labels.nii.gz")).dataobj) == 2
+            if name == "lps":
+                wm_in = wm_in[::-1, ::-1]
+            dice = 2 * (seg & wm_in).sum() / (seg.sum() + wm_in.sum())
             print(f"world click {args.world} on {name} copy: clicked voxel in mask {bool(seg[tuple(v)])}, "
-                  f"mask {int(seg.sum())} voxels, {took:.1f} s")
+                  f"mask {int(seg.sum())} voxels, whole-brain white-matter Dice {dice:.3f} "
+                  f"(precision {(seg & wm_in).sum() / max(seg.sum(), 1):.3f}), {took:.1f} s")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,9 @@ def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
         dm = PromptPatchDataModule(manifest, dataset_dir, list(d.roi_size), pixdim=d.pixdim, intensity=d.intensity,
                                    classes=classes, target_mode=d.target_mode, train_samples=d.train_samples,
                                    val_clicks=d.val_clicks, batch_size=d.batch_size, jitter=d.jitter,
-                                   connected_to_click=d.connected_to_click)
+                                   connected_to_click=d.connected_to_click,
+                                   region_split=OmegaConf.to_container(d.region_split, resolve=True)
+                                   if d.get("region_split") else None)
     else:
         dm = PromptSliceDataModule(manifest, dataset_dir, network.preprocess, network.img_size, axis=d.axis,
                                    classes=classes, target_mode=d.target_mode, train_slices=d.train_slices,

@@ -10,6 +10,13 @@ target is the part of the target that is connected, inside the patch, to the cli
 means "this structure", so the click carries information even for a tissue class that fills
 much of the patch (a whole-class target would make the click redundant, and the model learns to
 ignore it). Correction clicks are the task's job (they depend on the model's prediction).
+
+**Regions.** A volume may carry a boolean *region*: clicks are drawn only inside it, and each item
+carries a ``weight`` patch (1 inside the region, 0 elsewhere and outside the volume) that the task
+applies to its loss, its correction clicks and its metrics. Training and validation can then share
+one whole volume with disjoint regions (``region_split``): patches show real anatomy on every side,
+as inference windows on a whole scan do, instead of the zero-padded cut planes of separately cut
+slabs, which a model learns to rely on. Labels and clicks of the other split's region never count.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from medimg.data.manifest import load_manifest, validate_manifest
 from medimg.data.prompts import sample_clicks, split_targets
 from medimg.data.transforms import build_pipeline, segmentation_spec
+from medimg.errors import ConfigError
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -73,19 +81,24 @@ class PromptPatchDataset(Dataset):
     def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int],
                  classes: Sequence[int] | None = None, target_mode: str = "label", samples: int | None = None,
                  clicks_per_target: int = 1, jitter: float = 0.25, min_size: int = 30,
-                 connected_to_click: bool = True, seed: int = 0) -> None:
+                 connected_to_click: bool = True, regions: Sequence[np.ndarray | None] | None = None,
+                 seed: int = 0) -> None:
         self.roi = tuple(int(r) for r in roi_size)
         self.connected_to_click = connected_to_click
+        self.regions = list(regions) if regions is not None else [None] * len(volumes)
         self.samples, self.jitter = samples, jitter
         self.rng = np.random.default_rng(seed)
         self.images = [np.asarray(img, dtype=np.float32) for img, _ in volumes]
         self.targets: list[tuple[int, int, np.ndarray]] = []  # (volume, class value, largest component)
         self.masks: list[np.ndarray] = []
         for vi, (_, lab) in enumerate(volumes):
+            region = self.regions[vi]
             for value, mask in split_targets(np.asarray(lab), target_mode, list(classes) if classes else None,
                                              min_size):
-                self.targets.append((vi, value, largest_component(mask)))
-                self.masks.append(mask)
+                clickable = largest_component(mask if region is None else mask & region)
+                if clickable.sum() >= min_size:
+                    self.targets.append((vi, value, clickable))
+                    self.masks.append(mask)
         if not self.targets:
             raise ValueError("no target of at least min_size voxels in these volumes")
         self.fixed = None
@@ -103,11 +116,16 @@ class PromptPatchDataset(Dataset):
         image, origin = crop_centred(self.images[vi], centre, self.roi)
         target, _ = crop_centred(self.masks[t].astype(np.float32), centre, self.roi)
         local = click - origin
+        region = self.regions[vi]
+        weight = None if region is None else crop_centred(region.astype(np.float32), centre, self.roi)[0]
         if self.connected_to_click:
-            comp, _ = ndimage.label(target > 0)
+            comp, _ = ndimage.label((target > 0) if weight is None else (target > 0) & (weight > 0))
             target = (comp == comp[tuple(local)]).astype(np.float32)
-        return {"image": torch.from_numpy(image)[None], "target": torch.from_numpy(target)[None],
+        item = {"image": torch.from_numpy(image)[None], "target": torch.from_numpy(target)[None],
                 "click": torch.as_tensor(local, dtype=torch.float32), "label": value}
+        if weight is not None:
+            item["weight"] = torch.from_numpy(weight)[None]
+        return item
 
     def __len__(self) -> int:
         return len(self.fixed) if self.fixed is not None else int(self.samples)
@@ -118,15 +136,32 @@ class PromptPatchDataset(Dataset):
         return self._draw(int(self.rng.integers(len(self.targets))), jitter=True)
 
 
-def load_volumes(items: Sequence[dict], pixdim: Sequence[float] | None, intensity: str
-                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Image/label pairs through the bundle's geometry + intensity pipeline (no crops, no augmentation)."""
+def load_volumes(items: Sequence[dict], pixdim: Sequence[float] | None, intensity: str,
+                 with_affine: bool = False) -> list[tuple]:
+    """Image/label pairs through the bundle's geometry + intensity pipeline (no crops, no augmentation).
+
+    Returns ``(image, label)`` per item, or ``(image, label, affine)`` with ``with_affine``.
+    """
     pipeline = build_pipeline(segmentation_spec("val", pixdim=pixdim, intensity=intensity, crop_foreground=False))
     out = []
     for item in items:
         data = pipeline(dict(item))
-        out.append((np.asarray(data["image"][0], dtype=np.float32), np.asarray(data["label"][0]).astype(np.int64)))
+        pair = (np.asarray(data["image"][0], dtype=np.float32), np.asarray(data["label"][0]).astype(np.int64))
+        out.append(pair + (np.asarray(data["image"].affine, dtype=np.float64),) if with_affine else pair)
     return out
+
+
+def world_range_region(shape: Sequence[int], affine: np.ndarray, axis: int, lo: float | None,
+                       hi: float | None) -> np.ndarray:
+    """Voxels whose world coordinate along ``axis`` (RAS mm) lies in ``[lo, hi]`` (``None``: open)."""
+    idx = np.indices(tuple(shape), dtype=np.float64)
+    world = sum(affine[axis, a] * idx[a] for a in range(3)) + affine[axis, 3]
+    region = np.ones(tuple(shape), dtype=bool)
+    if lo is not None:
+        region &= world >= lo
+    if hi is not None:
+        region &= world <= hi
+    return region
 
 
 class PromptPatchDataModule(L.LightningDataModule):
@@ -146,14 +181,18 @@ class PromptPatchDataModule(L.LightningDataModule):
         jitter: training patch-centre shift, as a fraction of the patch.
         min_size: smallest target kept (voxels).
         connected_to_click: targets are the part connected to the click inside the patch.
+        region_split: ``{"split": manifest split of whole volumes, "axis": RAS axis, "train": [lo, hi],
+            "val": [lo, hi]}`` (mm; ``None`` ends are open): train and validate on the same whole
+            volumes with disjoint regions. ``None``: the manifest's training / validation volumes.
     """
 
     def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, roi_size: Sequence[int],
                  pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
                  classes: Sequence[int] | None = None, target_mode: str = "label", train_samples: int = 32,
                  val_clicks: int = 2, batch_size: int = 2, jitter: float = 0.25, min_size: int = 30,
-                 connected_to_click: bool = True) -> None:
+                 connected_to_click: bool = True, region_split: dict | None = None) -> None:
         super().__init__()
+        self.region_split = dict(region_split) if region_split else None
         self.manifest = load_manifest(manifest, dataset_dir)
         self.pixdim, self.intensity = pixdim, intensity
         self.kwargs = dict(roi_size=roi_size, classes=classes, target_mode=target_mode, min_size=min_size,
@@ -166,13 +205,28 @@ class PromptPatchDataModule(L.LightningDataModule):
         """Validate the manifest, load the volumes once and fix the validation clicks."""
         if self.train_set is None:
             validate_manifest(self.manifest)
-            val_split = "validation" if self.manifest.splits.get("validation") else "training"
-            train = load_volumes(self.manifest.splits["training"], self.pixdim, self.intensity)
-            val = load_volumes(self.manifest.splits[val_split], self.pixdim, self.intensity)
+            train_regions = val_regions = None
+            if self.region_split:
+                rs = self.region_split
+                items = self.manifest.splits.get(rs.get("split", "test")) or []
+                if not items:
+                    raise ConfigError("data.region_split.split", f"manifest has no {rs.get('split')!r} volumes")
+                loaded = load_volumes(items, self.pixdim, self.intensity, with_affine=True)
+                train = val = [(img, lab) for img, lab, _ in loaded]
+                train_regions = [world_range_region(img.shape, aff, int(rs["axis"]), *rs["train"])
+                                 for img, _, aff in loaded]
+                val_regions = [world_range_region(img.shape, aff, int(rs["axis"]), *rs["val"])
+                               for img, _, aff in loaded]
+                if any((a & b).any() for a, b in zip(train_regions, val_regions)):
+                    raise ConfigError("data.region_split", "the train and val ranges overlap")
+            else:
+                val_split = "validation" if self.manifest.splits.get("validation") else "training"
+                train = load_volumes(self.manifest.splits["training"], self.pixdim, self.intensity)
+                val = load_volumes(self.manifest.splits[val_split], self.pixdim, self.intensity)
             self.train_set = PromptPatchDataset(train, samples=self.train_samples, jitter=self.jitter, seed=0,
-                                                **self.kwargs)
+                                                regions=train_regions, **self.kwargs)
             self.val_set = PromptPatchDataset(val, samples=None, clicks_per_target=self.val_clicks, seed=1,
-                                              **self.kwargs)
+                                              regions=val_regions, **self.kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Fresh click-centred patches every epoch."""

@@ -150,21 +150,32 @@ class PromptableTask(L.LightningModule):
         return loss
 
     # ------------------------------------------------------------- training
+    def _region(self, batch: dict) -> torch.Tensor | None:
+        """The sample's supervision region (``weight``, 3D patches with a region split), if any."""
+        w = batch.get("weight")
+        return None if w is None else self._low_res(w)
+
+    @staticmethod
+    def _masked(logits: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+        """Logits outside the region pushed to certain background: they add nothing to any loss or metric."""
+        return logits if region is None else logits.masked_fill(region == 0, -1e4)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """First prompt, then ``click_rounds`` correction rounds; loss averaged over rounds."""
         x, target = batch["image"], batch["target"]
         emb = self.embed(batch, "train")
-        low_t = self._low_res(target)
+        region = self._region(batch)
+        low_t = self._low_res(target) if region is None else self._low_res(target) * region
         masks_np = (low_t[:, 0] > 0.5).cpu().numpy()
         use_box = self.rng.random() < self.hparams.box_prob
         boxes = [self._box(m, jitter=True) for m in masks_np] if use_box else None
         clicks = None if use_box else self._first_clicks(batch, masks_np)
         low, iou = self._decode(emb, boxes, clicks, None)
-        losses = [self._loss(low, iou, low_t, clicks)]
+        losses = [self._loss(self._masked(low, region), iou, low_t, clicks)]
         for _ in range(int(self.hparams.click_rounds)):
-            clicks = self._correction_clicks(masks_np, low, clicks)
+            clicks = self._correction_clicks(masks_np, self._masked(low, region), clicks)
             low, iou = self._decode(emb, boxes, clicks, low.detach())
-            losses.append(self._loss(low, iou, low_t, clicks))
+            losses.append(self._loss(self._masked(low, region), iou, low_t, clicks))
         loss = torch.stack(losses).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
@@ -174,20 +185,22 @@ class PromptableTask(L.LightningModule):
         """Dice and NSD for a tight box, 1, 3 and 5 clicks (deterministic prompts)."""
         x, target = batch["image"], batch["target"]
         emb = self.embed(batch, "val")
-        low_t = self._low_res(target)
+        region = self._region(batch)
+        low_t = self._low_res(target) if region is None else self._low_res(target) * region
         masks_np = (low_t[:, 0] > 0.5).cpu().numpy()
         rng_state = self.rng
         self.rng = np.random.default_rng(batch_idx)  # same clicks every epoch
         results: dict[str, torch.Tensor] = {}
-        results["box"] = self._decode(emb, [self._box(m, jitter=False) for m in masks_np], None, None)[0]
+        box_logits = self._decode(emb, [self._box(m, jitter=False) for m in masks_np], None, None)[0]
+        results["box"] = self._masked(box_logits, region)
         clicks = self._first_clicks(batch, masks_np)
         low = self._decode(emb, None, clicks, None)[0]
-        results["point1"] = low
+        results["point1"] = self._masked(low, region)
         for n in range(2, 6):
-            clicks = self._correction_clicks(masks_np, low, clicks)
+            clicks = self._correction_clicks(masks_np, self._masked(low, region), clicks)
             low = self._decode(emb, None, clicks, low)[0]
             if n in (3, 5):
-                results[f"point{n}"] = low
+                results[f"point{n}"] = self._masked(low, region)
         self.rng = rng_state
         for name, logits in results.items():
             pred = (logits > 0).float()
