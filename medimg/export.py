@@ -31,7 +31,8 @@ def find_checkpoint(run_dir: Path) -> Path:
 
 def network_spec(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """The bundle ``network_def`` for a run's model config (pretrained paths dropped)."""
-    kwargs = {k: v for k, v in model_cfg.items() if k not in ("name", "pretrained", "pretrained_format", "checkpoint")}
+    dropped = ("name", "pretrained", "pretrained_format", "checkpoint", "backbone_checkpoint", "backbone_format")
+    kwargs = {k: v for k, v in model_cfg.items() if k not in dropped}
     return {"_target_": "medimg.models.build_network", "name": model_cfg["name"], **kwargs}
 
 
@@ -79,7 +80,15 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         raise WeightsError(ckpt, f"weights do not fit the run's network ({str(exc).splitlines()[0]})") from exc
 
     labels = data_cfg["labels"]
-    if cfg["bundle"].get("task", "segmentation") == "promptable":
+    kind = cfg["bundle"].get("task", "segmentation")
+    meta_updates: dict[str, Any] = {}
+    if kind == "classification":  # the predictor preprocesses each image as training did
+        preprocessing = None
+        inference_vars = {"img_size": int(model_cfg["img_size"]), "in_chans": int(model_cfg["in_chans"]),
+                          "normalize": data_cfg["normalize"], "multilabel": bool(data_cfg.get("multilabel")),
+                          "class_names": [labels[k] for k in sorted(labels, key=int)]}
+        meta_updates["input_channels"] = int(model_cfg["in_chans"])
+    elif kind == "promptable":
         preprocessing, inference_vars = None, {}  # the network preprocesses each slice itself
         if getattr(network, "spatial_dims", 2) == 3:  # the 3D predictor reproduces the training frame
             inference_vars = {"roi_size": list(data_cfg["roi_size"]), "pixdim": data_cfg["pixdim"],
@@ -88,13 +97,15 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         preprocessing = segmentation_spec("infer", pixdim=data_cfg["pixdim"], intensity=data_cfg["intensity"],
                                           crop_foreground=data_cfg["crop_foreground"])
         inference_vars = {"roi_size": list(data_cfg["roi_size"])}
+        if data_cfg.get("slice_axis") is not None:  # a 2D network over the volume's slices
+            inference_vars["slice_axis"] = int(data_cfg["slice_axis"])
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    meta_updates: dict[str, Any] = {
+    meta_updates.update({
         "data_source": data_cfg.get("source", "user manifest"),
         "eval_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-    }
-    if hasattr(network, "img_size"):  # promptable: the input size is the network's, not the template's
+    })
+    if hasattr(network, "img_size") and getattr(network, "spatial_dims", 2) == 2:  # the network's input size
         meta_updates["input_spatial_shape"] = [int(network.img_size)] * 2
     return write_bundle(out, cfg["bundle"]["template"], network, spec, preprocessing,
                         inference_vars, labels, meta_updates,

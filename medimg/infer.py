@@ -3,6 +3,9 @@
 ``--input`` is an image file (NIfTI, NRRD, MHA), a DICOM series folder, or a folder of such
 inputs (then ``--output`` is a folder and each prediction is ``<name>_seg.nii.gz``). Predictions
 are written as NIfTI in exactly the input's geometry. GPU with AMP when available, else CPU.
+
+Classification bundles write one JSON file (``--output probs.json``) with the class
+probabilities of every input (images may also be PNG / JPEG).
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ def output_name(path: Path) -> str:
     return f"{name}_seg.nii.gz"
 
 
-def collect_inputs(path: Path) -> tuple[list[Path], bool]:
+def collect_inputs(path: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tuple[list[Path], bool]:
     """The inputs under ``path`` and whether ``path`` names a folder of several inputs."""
     if not path.exists():
         raise DataError(path, "no such file or folder")
     if path.is_file() or folder_has_dicom(path):
         return [path], False
     items = sorted(p for p in path.iterdir()
-                   if (p.is_file() and has_suffix(p)) or (p.is_dir() and folder_has_dicom(p)))
+                   if (p.is_file() and has_suffix(p, suffixes)) or (p.is_dir() and folder_has_dicom(p)))
     if not items:
         raise DataError(path, "folder holds no images (NIfTI, NRRD, MHA) and no DICOM series")
     return items, True
@@ -51,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from medimg.bundle.loader import BundlePredictor, is_promptable
+        from medimg.bundle.loader import BundlePredictor, bundle_task, is_promptable
 
-        inputs, many = collect_inputs(Path(args.input))
         out = Path(args.output)
+        if bundle_task(args.bundle) == "classification":
+            classify(args, out)
+            return
+        inputs, many = collect_inputs(Path(args.input))
         if not many and out.is_dir():
             raise ConfigError(out, "is a folder; give an output file name for a single input")
         if not many and not out.name.endswith((".nii", ".nii.gz")):
@@ -86,6 +92,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
 
     return run_cli(body)
+
+
+def classify(args: argparse.Namespace, out: Path) -> None:
+    """Class probabilities of every input, as one JSON file."""
+    from medimg.bundle.loader import load_bundle_predictor
+    from medimg.data.classification import PICTURE_SUFFIXES
+
+    if args.prompts:
+        raise ConfigError(args.prompts, "a classification bundle takes no prompts; drop --prompts")
+    if out.suffix.lower() != ".json" or out.is_dir():
+        raise ConfigError(out, "a classification bundle writes JSON: give an output file ending in .json")
+    inputs, _ = collect_inputs(Path(args.input), IMAGE_SUFFIXES + PICTURE_SUFFIXES)
+    predictor = load_bundle_predictor(args.bundle, args.device)
+    predictor.write_json([str(p) for p in inputs], out)
+    print(f"{len(inputs)} input(s) -> {out}")
 
 
 if __name__ == "__main__":

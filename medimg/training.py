@@ -94,14 +94,26 @@ def resolve_data_source(cfg: DictConfig) -> tuple[Path, Path | str | None]:
     raise ConfigError("data", "give data.dataset (mni152, phantom) or data.manifest (+ data.dataset_dir)")
 
 
+def slice_crop(roi_size: list[int], slice_axis: int | None) -> list[int]:
+    """The training crop: ``roi_size`` itself, or a one-slice crop around a 2D tile along ``slice_axis``."""
+    roi = [int(r) for r in roi_size]
+    if slice_axis is None:
+        return roi
+    if len(roi) != 2 or slice_axis not in (0, 1, 2):
+        raise ConfigError("data.roi_size", "a 2D network takes a 2D tile (roi_size [H, W]) and slice_axis 0, 1 or 2")
+    return roi[:slice_axis] + [1] + roi[slice_axis:]
+
+
 def build_datamodule(cfg: DictConfig, run_dir: Path) -> ManifestDataModule:
     """Materialise the embedded dataset (if any), then the data module with its pipelines."""
     d = cfg.data
     manifest, dataset_dir = resolve_data_source(cfg)
     num_classes = load_manifest(manifest, dataset_dir).num_classes
     common = dict(pixdim=d.pixdim, intensity=d.intensity, crop_foreground=d.crop_foreground)
-    train_tf = build_pipeline(segmentation_spec("train", roi_size=d.roi_size, num_samples=d.num_samples,
-                                                num_classes=num_classes, augment=d.augment, **common))
+    axis = d.get("slice_axis")
+    train_tf = build_pipeline(segmentation_spec("train", roi_size=slice_crop(d.roi_size, axis),
+                                                num_samples=d.num_samples, num_classes=num_classes,
+                                                augment=d.augment, slice_axis=axis, **common))
     val_tf = build_pipeline(segmentation_spec("val", **common))
     cache_dir = d.cache_dir or (run_dir / "cache")
     return ManifestDataModule(manifest, dataset_dir, train_tf, val_tf, batch_size=d.batch_size,
@@ -118,6 +130,8 @@ class TaskParts:
     monitor: str
     report: Callable[[dict[str, float]], None]
     zero_shot: bool = False
+    export: bool = True  # write a MONAI bundle at the end
+    finish: Callable[[str | None], None] | None = None  # called with the best checkpoint (rank 0)
 
 
 def _segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:
@@ -128,12 +142,17 @@ def _segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:
     cfg.data.source = str(manifest.meta.get("description", manifest.path.name))
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_kwargs, dict)
+    if "backbone" in model_kwargs:  # ViT segmenter
+        from medimg.training_vit import warn_random_backbone
+
+        warn_random_backbone(cfg)
     t = cfg.task
     task = SegmentationTask(build_network(**model_kwargs), num_classes=manifest.num_classes,
                             class_names=manifest.class_names or None, roi_size=list(cfg.data.roi_size),
                             sw_batch_size=t.sw_batch_size, overlap=t.overlap, lr=t.lr, weight_decay=t.weight_decay,
                             optimizer=t.optimizer, warmup_epochs=t.warmup_epochs,
-                            surface_tolerance_mm=t.surface_tolerance_mm, overlay_dir=str(run_dir / "overlays"))
+                            surface_tolerance_mm=t.surface_tolerance_mm, overlay_dir=str(run_dir / "overlays"),
+                            slice_axis=cfg.data.get("slice_axis"))
     return TaskParts(task, dm, "val/dice", lambda m: _report(m, manifest.class_names[1:]))
 
 
@@ -187,9 +206,23 @@ def _report_prompts(metrics: dict[str, float]) -> None:
     print("held-out validation:\n" + "\n".join(rows))
 
 
+def _classification(cfg: DictConfig, run_dir: Path) -> TaskParts:
+    from medimg.training_vit import build_classification
+
+    return build_classification(cfg, run_dir)
+
+
+def _mae(cfg: DictConfig, run_dir: Path) -> TaskParts:
+    from medimg.training_vit import build_mae
+
+    return build_mae(cfg, run_dir)
+
+
 TASKS: dict[str, Callable[[DictConfig, Path], TaskParts]] = {
     "segmentation": _segmentation,
     "promptable": _promptable,
+    "classification": _classification,
+    "mae": _mae,
 }
 
 
@@ -252,7 +285,9 @@ def run_training(cfg: DictConfig) -> Path:
         metrics["checkpoint"] = str(best or ckpt_dir / "last.ckpt")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         parts.report(metrics)
-        if cfg.export.enabled:
+        if parts.finish is not None:
+            parts.finish(best)
+        if cfg.export.enabled and parts.export:
             from medimg.export import export_run
 
             bundle = export_run(run_dir, run_dir / "bundle", schema=cfg.export.schema, overwrite=True)

@@ -39,12 +39,17 @@ def _parser(bundle_dir: Path) -> ConfigParser:
     return parser
 
 
-def is_promptable(bundle_dir: str | Path) -> bool:
-    """True for bundles whose metadata says ``"medimg_task": "promptable"``."""
+def bundle_task(bundle_dir: str | Path) -> str:
+    """The bundle's ``medimg_task`` (``segmentation`` when the metadata does not say)."""
     meta = Path(bundle_dir) / "configs" / "metadata.json"
     if not meta.is_file():
         raise BundleError(meta, "missing from the bundle")
-    return _parser(Path(bundle_dir)).get("_meta_", {}).get("medimg_task") == "promptable"
+    return str(_parser(Path(bundle_dir)).get("_meta_", {}).get("medimg_task", "segmentation"))
+
+
+def is_promptable(bundle_dir: str | Path) -> bool:
+    """True for bundles whose metadata says ``"medimg_task": "promptable"``."""
+    return bundle_task(bundle_dir) == "promptable"
 
 
 def load_bundle_network(bundle_dir: str | Path, device: str | None = None) -> torch.nn.Module:

@@ -107,10 +107,15 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
             "python_version": sys.version.split()[0],
         })
         input_shape = metadata_updates.pop("input_spatial_shape", None)
+        input_channels = metadata_updates.pop("input_channels", None)
         meta.update(metadata_updates)
         if input_shape is not None:
             meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = input_shape
+        if input_channels is not None:
+            meta["network_data_format"]["inputs"]["image"]["num_channels"] = int(input_channels)
         out_fmt = meta["network_data_format"]["outputs"]["pred"]
+        if meta.get("medimg_task") == "classification":
+            out_fmt["spatial_shape"] = [1, len(names)]
         if meta.get("medimg_task") != "promptable":  # promptable nets output one mask per prompt
             out_fmt["num_channels"] = len(names)
         out_fmt["channel_def"] = {str(i): n for i, n in enumerate(names)}

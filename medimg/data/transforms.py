@@ -80,7 +80,8 @@ def geometry_spec(keys: Sequence[str], pixdim: Sequence[float] | None, label_key
 
 def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
                       roi_size: Sequence[int] = (64, 64, 64), num_samples: int = 2, num_classes: int = 3,
-                      crop_foreground: bool = True, augment: bool = True, spatial_dims: int = 3) -> Spec:
+                      crop_foreground: bool = True, augment: bool = True, spatial_dims: int = 3,
+                      slice_axis: int | None = None) -> Spec:
     """The segmentation pipeline for one stage, as a bundle-config list.
 
     Args:
@@ -95,6 +96,9 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
         augment: random crops, flips and intensity jitter in ``train``; when False a deterministic
             centre crop (used to compare DDP with a single process exactly).
         spatial_dims: 2 or 3.
+        slice_axis: for 2D networks on volumes: training crops are one slice thick along this
+            spatial axis (give ``roi_size`` with 1 there) and lose that axis; ``val``/``infer`` keep
+            whole volumes (a slice inferer runs the network slice by slice).
     """
     if stage not in ("train", "val", "infer"):
         raise ConfigError("stage", f"unknown stage {stage!r}; choose train, val or infer")
@@ -115,6 +119,8 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
             ]
         else:
             spec.append({"_target_": "CenterSpatialCropd", "keys": keys, "roi_size": roi})
+        if slice_axis is not None:
+            spec.append({"_target_": "SqueezeDimd", "keys": keys, "dim": int(slice_axis) + 1})
     spec.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": stage != "train"})
     return spec
 

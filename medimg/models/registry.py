@@ -47,3 +47,4 @@ def _import_builders() -> None:
     from medimg.models import swin_unetr  # noqa: F401 - registers its builders
     from medimg.models.sam import builders  # noqa: F401
     from medimg.models.sam3d import network  # noqa: F401
+    from medimg.models.vit import mae  # noqa: F401

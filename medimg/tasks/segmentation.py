@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+from monai.inferers import SliceInferer, sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from monai.networks.utils import one_hot
@@ -17,6 +17,7 @@ from torch import nn
 
 from medimg.errors import ConfigError
 from medimg.tasks.overlay import save_overlay
+from medimg.tasks.schedule import warmup_cosine
 
 
 class SegmentationTask(L.LightningModule):
@@ -35,12 +36,15 @@ class SegmentationTask(L.LightningModule):
         warmup_epochs: linear warm-up before the cosine decay.
         surface_tolerance_mm: tolerance of the normalised surface Dice.
         overlay_dir: where the per-epoch PNG overlays go (``None``: none).
+        slice_axis: for a 2D network: validate slice by slice along this spatial axis of the
+            volume (MONAI ``SliceInferer``; ``roi_size`` is then the 2D tile).
     """
 
     def __init__(self, network: nn.Module, num_classes: int, class_names: Sequence[str] | None = None,
                  roi_size: Sequence[int] = (64, 64, 64), sw_batch_size: int = 2, overlap: float = 0.25,
                  lr: float = 1e-3, weight_decay: float = 1e-5, optimizer: str = "adamw", warmup_epochs: int = 0,
-                 surface_tolerance_mm: float = 2.0, overlay_dir: str | Path | None = None) -> None:
+                 surface_tolerance_mm: float = 2.0, overlay_dir: str | Path | None = None,
+                 slice_axis: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
         self.network = network
@@ -59,7 +63,12 @@ class SegmentationTask(L.LightningModule):
         return loss
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits for whole volumes."""
+        """Sliding-window logits for whole volumes (slice by slice for a 2D network)."""
+        if self.hparams.slice_axis is not None:
+            inferer = SliceInferer(roi_size=list(self.hparams.roi_size), sw_batch_size=self.hparams.sw_batch_size,
+                                   spatial_dim=int(self.hparams.slice_axis), overlap=self.hparams.overlap,
+                                   mode="gaussian", progress=False)
+            return inferer(image, self.network)
         return sliding_window_inference(image, list(self.hparams.roi_size), self.hparams.sw_batch_size,
                                         self.network, overlap=self.hparams.overlap, mode="gaussian")
 
@@ -100,16 +109,8 @@ class SegmentationTask(L.LightningModule):
             opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         else:
             raise ConfigError("task.optimizer", f"unknown optimizer {self.hparams.optimizer!r}; choose adamw or sgd")
-        total = max(int(self.trainer.max_epochs or 1), 1)
-        warm = min(int(self.hparams.warmup_epochs), total - 1)
-
-        def factor(epoch: int) -> float:
-            if epoch < warm:
-                return (epoch + 1) / (warm + 1)
-            return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / max(total - warm, 1)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return {"optimizer": opt,
+                "lr_scheduler": warmup_cosine(opt, int(self.trainer.max_epochs or 1), int(self.hparams.warmup_epochs))}
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,16 @@ from medimg.errors import WeightsError
 from medimg.models.weights.report import KeyReport, load_with_report
 from medimg.models.weights.sam import remap_litemedsam, remap_medsam, remap_sam
 from medimg.models.weights.swin_ssl import remap_swin_ssl
+from medimg.models.weights.vit import remap_dinov2, remap_mae, remap_timm
 
 REMAPS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
     "swin_ssl": remap_swin_ssl,
     "sam": remap_sam,
     "medsam": remap_medsam,
     "litemedsam": remap_litemedsam,
+    "mae": remap_mae,
+    "dinov2": remap_dinov2,
+    "timm": remap_timm,
 }
 
 

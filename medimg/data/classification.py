@@ -1,0 +1,291 @@
+"""2D / 2.5D classification data: CSV manifests, MedMNIST ``.npz`` files, and their preprocessing.
+
+**CSV manifest** (one row per image)::
+
+    image,split,label                 # multi-class: one label column (integers or names)
+    scans/a.nii.gz,training,2
+    image,split,effusion,nodule,...   # multi-label: several 0/1 columns
+
+``image`` paths are relative to the CSV's folder (or ``dataset_dir``). ``split`` is
+``training`` / ``validation`` / ``test``; without it, every 5th row validates. A CSV with only
+``image`` (and ``split``) is unlabelled (MAE pre-training).
+
+**Images**: NIfTI / NRRD / MHA / DICOM files, PNG / JPEG, or arrays (MedMNIST). A 2D image is one
+channel; a 3D image with ``k`` slices is a slab whose centre ``in_chans`` slices become the
+channels (2.5D: neighbouring slices as channels); an RGB picture has 3 channels. Channels are
+repeated (1 -> 3) or reduced to the centre slice / the mean (3 -> 1) to fit the network.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medimg.errors import ConfigError, DataError
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("training", "validation", "test")
+IMAGENET_GREY = (0.449, 0.226)  # the mean of ImageNet's channel means / stds, for one channel
+IMAGENET_RGB = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass
+class LabelledImages:
+    """Images with labels.
+
+    Attributes:
+        images: paths, or arrays (H, W) / (H, W, C).
+        labels: (N,) class indices (multi-class), (N, K) 0/1 (multi-label), or ``None`` (unlabelled).
+        class_names: one name per class / label.
+        multilabel: several independent labels per image.
+    """
+
+    images: list
+    labels: np.ndarray | None
+    class_names: list[str] = field(default_factory=list)
+    multilabel: bool = False
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _to_channels(array: np.ndarray, in_chans: int, picture: bool, source: object) -> np.ndarray:
+    """(C, H, W) float32 from a 2D image, a slab (H, W, k) or a picture (H, W, 3)."""
+    a = np.asarray(array, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[None]
+    elif a.ndim == 3:
+        a = np.moveaxis(a, -1, 0)
+    else:
+        raise DataError(source, f"has shape {tuple(array.shape)}; expected a 2D image, a slab or an RGB picture")
+    k = a.shape[0]
+    if k == in_chans:
+        return a
+    if k == 1:
+        return np.repeat(a, in_chans, axis=0)
+    if picture and in_chans == 1:
+        return a[:3].mean(0, keepdims=True)
+    if k > in_chans:  # slab: the centre in_chans slices
+        lo = (k - in_chans) // 2
+        return a[lo:lo + in_chans]
+    raise DataError(source, f"has {k} channels/slices; the network takes {in_chans}")
+
+
+def load_image_array(path: str | Path) -> tuple[np.ndarray, bool]:
+    """An image file as an array in the file's index order, and whether it is a picture (PNG/JPEG)."""
+    path = Path(path)
+    if path.suffix.lower() in PICTURE_SUFFIXES:
+        from PIL import Image as PILImage
+
+        if not path.is_file():
+            raise DataError(path, "no such file")
+        try:
+            with PILImage.open(path) as pic:
+                return np.asarray(pic.convert("RGB" if pic.mode in ("RGB", "RGBA", "P") else "F")), True
+        except OSError as exc:
+            raise DataError(path, f"cannot read picture ({exc})") from exc
+    from medimg.data.io import read_image
+
+    return read_image(path, spatial_dims=None).array, False
+
+
+class ClassifyPreprocess:
+    """Image (path or array) -> normalised (C, S, S) tensor: the same at training and in bundles.
+
+    Steps: channels (see module doc); intensities to [0, 1] by the 0.5 / 99.5 percentiles of the
+    image; zero-padding to a square; bilinear resize to ``img_size``; ImageNet standardisation (the
+    statistics MAE and DINOv2 were trained with) unless ``normalize="none"``.
+
+    Args:
+        img_size: output side.
+        in_chans: output channels.
+        normalize: ``imagenet`` or ``none``.
+    """
+
+    def __init__(self, img_size: int, in_chans: int = 1, normalize: str = "imagenet") -> None:
+        if normalize not in ("imagenet", "none"):
+            raise ConfigError("data.normalize", f"unknown normalisation {normalize!r}; choose imagenet or none")
+        self.img_size, self.in_chans, self.normalize = int(img_size), int(in_chans), normalize
+
+    def __call__(self, image: str | Path | np.ndarray) -> torch.Tensor:
+        """Preprocess one image."""
+        if isinstance(image, (str, Path)):
+            array, picture = load_image_array(image)
+        else:
+            array, picture = np.asarray(image), np.asarray(image).ndim == 3 and np.asarray(image).shape[-1] == 3
+        x = _to_channels(array, self.in_chans, picture, image if isinstance(image, (str, Path)) else "array")
+        lo, hi = np.percentile(x, [0.5, 99.5])
+        x = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        h, w = t.shape[1:]
+        side = max(h, w)
+        t = F.pad(t, ((side - w) // 2, side - w - (side - w) // 2, (side - h) // 2, side - h - (side - h) // 2))
+        t = F.interpolate(t[None], size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
+                          align_corners=False)[0]
+        return self.standardise(t).float()
+
+    def standardise(self, t: torch.Tensor) -> torch.Tensor:
+        """ImageNet standardisation of a [0, 1] image (identity with ``normalize="none"``)."""
+        if self.normalize == "none":
+            return t
+        if self.in_chans == 3:
+            mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_RGB)
+        else:
+            mean, std = IMAGENET_GREY
+        return (t - mean) / std
+
+
+def read_csv_manifest(path: str | Path, dataset_dir: str | Path | None = None,
+                      label_columns: Sequence[str] | None = None,
+                      class_names: Sequence[str] | None = None) -> dict[str, LabelledImages]:
+    """Read a classification CSV into splits.
+
+    Args:
+        path: the CSV file.
+        dataset_dir: folder the image paths refer to (default: the CSV's folder).
+        label_columns: the label columns (default: every column but ``image`` and ``split``).
+        class_names: for one label column, the class order (default: sorted integers, else sorted names).
+
+    Returns:
+        ``{"training": ..., "validation": ...}`` (and ``test`` when present).
+
+    Raises:
+        DataError: missing file or column, missing image, bad label value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such CSV manifest")
+    root = Path(dataset_dir) if dataset_dir else path.parent
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        header = reader.fieldnames or []
+    if "image" not in header:
+        raise DataError(path, f"has no 'image' column (columns: {', '.join(header) or 'none'})")
+    if not rows:
+        raise DataError(path, "has no rows")
+    cols = list(label_columns) if label_columns else [c for c in header if c not in ("image", "split")]
+    for c in cols:
+        if c not in header:
+            raise DataError(path, f"has no label column {c!r}")
+    splits: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for i, row in enumerate(rows):
+        split = (row.get("split") or "").strip() or ("validation" if i % 5 == 4 else "training")
+        if split not in SPLITS:
+            raise DataError(path, f"row {i + 2}: unknown split {split!r}; use {', '.join(SPLITS)}")
+        image = root / row["image"].strip()
+        if not image.exists():
+            raise DataError(path, f"row {i + 2}: image {image} does not exist")
+        splits[split].append(i)
+    images = [root / r["image"].strip() for r in rows]
+    labels, names, multilabel = _csv_labels(path, rows, cols, class_names)
+    out = {}
+    for split, idx in splits.items():
+        if idx:
+            out[split] = LabelledImages([images[i] for i in idx], None if labels is None else labels[idx],
+                                        names, multilabel)
+    if "training" not in out:
+        raise DataError(path, "has no training rows")
+    return out
+
+
+def _csv_labels(path: Path, rows: list[dict], cols: list[str], class_names: Sequence[str] | None
+                ) -> tuple[np.ndarray | None, list[str], bool]:
+    if not cols:
+        return None, [], False
+    if len(cols) > 1:
+        try:
+            values = np.array([[float(r[c]) for c in cols] for r in rows], dtype=np.float32)
+        except ValueError as exc:
+            raise DataError(path, f"multi-label columns must hold 0/1 ({exc})") from exc
+        if not np.isin(values, (0.0, 1.0)).all():
+            raise DataError(path, "multi-label columns must hold 0/1")
+        return values, cols, True
+    raw = [r[cols[0]].strip() for r in rows]
+    if class_names:
+        names = [str(n) for n in class_names]
+    elif all(v.lstrip("-").isdigit() for v in raw):
+        return np.array([int(v) for v in raw], dtype=np.int64), [str(c) for c in range(max(map(int, raw)) + 1)], False
+    else:
+        names = sorted(set(raw))
+    bad = sorted(set(raw) - set(names))
+    if bad:
+        raise DataError(path, f"label {bad[0]!r} is not one of the classes {names}")
+    return np.array([names.index(v) for v in raw], dtype=np.int64), names, False
+
+
+def read_medmnist(path: str | Path, class_names: Sequence[str] | None = None) -> dict[str, LabelledImages]:
+    """A MedMNIST ``.npz`` (``{train,val,test}_images`` / ``_labels``) the user downloaded.
+
+    Labels of shape (N, 1) are multi-class; (N, K) with K > 1 multi-label (ChestMNIST).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such MedMNIST .npz file")
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(path, f"cannot read .npz ({exc})") from exc
+    out = {}
+    for split, key in (("training", "train"), ("validation", "val"), ("test", "test")):
+        if f"{key}_images" not in data.files:
+            continue
+        images, labels = data[f"{key}_images"], data[f"{key}_labels"]
+        if labels.ndim == 1:
+            labels = labels[:, None]
+        multilabel = labels.shape[1] > 1
+        labels = labels.astype(np.float32) if multilabel else labels[:, 0].astype(np.int64)
+        n = labels.shape[1] if multilabel else int(labels.max()) + 1
+        names = list(class_names) if class_names else [f"class{i}" for i in range(n)]
+        out[split] = LabelledImages(list(images), labels, names, multilabel)
+    if "training" not in out:
+        raise DataError(path, "holds no train_images / train_labels: not a MedMNIST file")
+    if "validation" not in out:
+        raise DataError(path, "holds no val_images / val_labels")
+    n = max(len(s.class_names) for s in out.values())
+    for s in out.values():
+        s.class_names = s.class_names if len(s.class_names) == n else [f"class{i}" for i in range(n)]
+    return out
+
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    """Preprocessed images (cached in memory) with the fine-tuning augmentations.
+
+    Training augmentation (the thorax-MAE recipe): random resized crop (scale 0.5-1.0), horizontal
+    flip and, with ``randaug > 0``, RandAugment of that magnitude.
+
+    Items: ``image`` (C, S, S) normalised, ``label`` (class index, or K floats; -1 when unlabelled),
+    ``index``.
+    """
+
+    def __init__(self, data: LabelledImages, preprocess: ClassifyPreprocess, augment: bool = False,
+                 crop_scale: tuple[float, float] = (0.5, 1.0), randaug: int = 0, hflip: bool = True) -> None:
+        from torchvision.transforms import v2
+
+        self.data, self.preprocess, self.augment = data, preprocess, augment
+        keep = ClassifyPreprocess(preprocess.img_size, preprocess.in_chans, normalize="none")
+        self.cache = [keep(item) for item in data.images]  # [0, 1]; normalised after augmentation
+        ops = [v2.RandomResizedCrop(preprocess.img_size, scale=tuple(crop_scale), antialias=True)]
+        if hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        self.spatial = v2.Compose(ops)
+        self.randaug = v2.RandAugment(num_ops=2, magnitude=int(randaug)) if randaug else None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        x = self.cache[i]
+        if self.augment:
+            x = self.spatial(x)
+            if self.randaug is not None:
+                x = self.randaug((x * 255).round().to(torch.uint8)).float() / 255
+        labels = self.data.labels
+        label = torch.tensor(-1) if labels is None else torch.as_tensor(labels[i])
+        return {"image": self.preprocess.standardise(x).float(), "label": label, "index": i}

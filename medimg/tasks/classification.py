@@ -1,0 +1,185 @@
+"""Multi-class / multi-label image classification as a LightningModule that receives its network.
+
+Validation reports macro AUROC, accuracy, macro F1 and (multi-class) quadratic-weighted Cohen's
+kappa through torchmetrics; a kNN classifier on the frozen pooled features (the DINOv2 protocol);
+and writes a confusion-matrix PNG each epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional import classification as tmf
+
+from medimg.tasks.schedule import warmup_cosine
+
+
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, feats: torch.Tensor, num_classes: int,
+                k: int = 20, temperature: float = 0.07, multilabel: bool = False) -> torch.Tensor:
+    """Weighted kNN on cosine similarity (the DINO evaluation): class scores (N, num_classes).
+
+    Args:
+        train_feats: memory-bank features (M, D).
+        train_labels: their labels: (M,) indices, or (M, K) 0/1 for multi-label.
+        feats: query features (N, D).
+        num_classes: classes (or labels).
+        k: neighbours.
+        temperature: softmax temperature of the similarity weights.
+        multilabel: labels are (M, K).
+    """
+    bank, query = F.normalize(train_feats.float(), dim=1), F.normalize(feats.float(), dim=1)
+    sim, idx = (query @ bank.T).topk(min(k, bank.shape[0]), dim=1)
+    weights = (sim / temperature).exp()
+    votes = train_labels[idx].float() if multilabel else F.one_hot(train_labels[idx], num_classes).float()
+    scores = (weights[..., None] * votes).sum(1)
+    return scores / weights.sum(1, keepdim=True)
+
+
+def save_confusion(matrix: torch.Tensor, names: Sequence[str], path: Path, title: str) -> None:
+    """A confusion matrix (rows: truth, columns: prediction) as an annotated PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = matrix.cpu().numpy()
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.7 * n))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(int(m[i, j])), ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+class ClassificationTask(L.LightningModule):
+    """Cross-entropy (multi-class) or BCE (multi-label) fine-tuning.
+
+    Args:
+        network: a classifier with ``features(x)`` (pooled) and ``head`` (e.g. ``ViTClassifier``).
+        num_classes: classes, or labels for multi-label.
+        multilabel: independent sigmoid labels.
+        class_names: names for logs and the confusion matrix.
+        lr: base learning rate (the head's; blocks get less with ``layer_decay``).
+        weight_decay: AdamW weight decay.
+        layer_decay: layer-wise LR decay for a trainable backbone (1.0: off).
+        warmup_epochs: linear warm-up before cosine decay.
+        label_smoothing: multi-class label smoothing.
+        knn_k: neighbours of the kNN evaluation (0: off).
+        out_dir: run folder (confusion matrices go to ``out_dir/confusion``).
+    """
+
+    def __init__(self, network: nn.Module, num_classes: int, multilabel: bool = False,
+                 class_names: Sequence[str] | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
+                 layer_decay: float = 1.0, warmup_epochs: int = 1, label_smoothing: float = 0.0, knn_k: int = 20,
+                 out_dir: str | Path | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["network"])
+        self.network = network
+        self.class_names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
+        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        return self.network(x)
+
+    def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.hparams.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, label.float())
+        return F.cross_entropy(logits, label.long(), label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One step."""
+        loss = self._loss(self.network(batch["image"]), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.sigmoid() if self.hparams.multilabel else logits.softmax(1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Collect probabilities, labels and pooled features."""
+        feats = self.network.features(batch["image"])
+        logits = self.network.head(feats)
+        self.log("val/loss", self._loss(logits, batch["label"]), batch_size=feats.shape[0], sync_dist=True)
+        self._val.append((self._probs(logits).float(), batch["label"], feats.float()))
+
+    @torch.no_grad()
+    def _knn(self, feats: torch.Tensor) -> torch.Tensor | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if not self.hparams.knn_k or dm is None or not hasattr(dm, "knn_dataloader") or self.trainer.sanity_checking:
+            return None
+        bank, labels = [], []
+        for batch in dm.knn_dataloader():
+            bank.append(self.network.features(batch["image"].to(self.device)).float())
+            labels.append(batch["label"].to(self.device))
+        return knn_predict(torch.cat(bank), torch.cat(labels), feats, self.hparams.num_classes, self.hparams.knn_k,
+                           multilabel=self.hparams.multilabel)
+
+    def on_validation_epoch_end(self) -> None:
+        """Epoch metrics, kNN metrics and the confusion-matrix PNG."""
+        if not self._val:
+            return
+        probs = torch.cat([p for p, _, _ in self._val])
+        local_target = target = torch.cat([t for _, t, _ in self._val])
+        feats = torch.cat([f for _, _, f in self._val])
+        self._val.clear()
+        if self.trainer.world_size > 1:  # every rank's share (the sampler may pad a few repeats)
+            probs, target = self.all_gather(probs).flatten(0, 1), self.all_gather(target).flatten(0, 1)
+        for name, value in self.metrics(probs, target).items():
+            self.log(f"val/{name}", value, prog_bar=name in ("auroc", "kappa"), rank_zero_only=True)
+        knn = self._knn(feats)
+        if knn is not None:
+            for name, value in self.metrics(knn, local_target).items():
+                if name in ("accuracy", "auroc"):
+                    self.log(f"val/knn_{name}", value, rank_zero_only=True)
+        if self.hparams.out_dir and self.trainer.is_global_zero and not self.hparams.multilabel \
+                and not self.trainer.sanity_checking:
+            matrix = tmf.multiclass_confusion_matrix(probs, target.long(), self.hparams.num_classes)
+            acc = float(matrix.diag().sum() / matrix.sum().clamp_min(1))
+            save_confusion(matrix, self.class_names,
+                           Path(self.hparams.out_dir) / "confusion" / f"epoch_{self.current_epoch:03d}.png",
+                           f"epoch {self.current_epoch}  accuracy {acc:.3f}")
+
+    def metrics(self, probs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """AUROC (macro), accuracy, F1 (macro) and, multi-class, quadratic-weighted kappa."""
+        n = self.hparams.num_classes
+        if self.hparams.multilabel:
+            t = target.long()
+            return {"auroc": tmf.multilabel_auroc(probs, t, n, average="macro"),
+                    "accuracy": tmf.multilabel_accuracy(probs, t, n),
+                    "f1": tmf.multilabel_f1_score(probs, t, n, average="macro")}
+        t = target.long()
+        return {"auroc": tmf.multiclass_auroc(probs, t, n, average="macro"),
+                "accuracy": tmf.multiclass_accuracy(probs, t, n, average="micro"),
+                "f1": tmf.multiclass_f1_score(probs, t, n, average="macro"),
+                "kappa": tmf.multiclass_cohen_kappa(probs, t, n, weights="quadratic")}
+
+    def configure_optimizers(self) -> dict:
+        """AdamW (layer-wise LR decay when the backbone trains and ``layer_decay < 1``), warm-up + cosine."""
+        from medimg.models.vit.network import layer_decay_groups
+
+        hp = self.hparams
+        backbone_trains = any(p.requires_grad for p in getattr(self.network, "backbone", nn.Module()).parameters())
+        if hp.layer_decay < 1.0 and backbone_trains:
+            groups = layer_decay_groups(self.network, hp.lr, hp.weight_decay, hp.layer_decay)
+        else:
+            groups = [{"params": [p for p in self.network.parameters() if p.requires_grad]}]
+        opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, int(self.trainer.max_epochs or 1),
+                                                                hp.warmup_epochs)}
+
