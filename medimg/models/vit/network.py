@@ -158,9 +158,9 @@ def apply_vit_peft(network: nn.Module, peft: str, lora_r: int = 8, lora_alpha: i
 def layer_decay_groups(network: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW parameter groups with layer-wise LR decay (timm's grouping of ViT blocks).
 
-    Block ``i`` of ``L`` gets ``lr * layer_decay ** (L - i)``, the patch embedding
-    ``layer_decay ** (L + 1)``; heads (outside the backbone) get ``lr``. Biases and norms have no
-    weight decay.
+    Block ``i`` (0-based) of ``L`` gets ``lr * layer_decay ** (L - 1 - i)``; the patch embedding,
+    class token and position embedding ``lr * layer_decay ** L``; the final norm and the heads
+    (outside the backbone) ``lr``. Biases and norms have no weight decay.
     """
     from timm.optim import param_groups_layer_decay
 

@@ -4,7 +4,7 @@ One pure key remap per official format:
 
 - MAE ``mae_pretrain_vit_base.pth`` (facebookresearch/mae): ``{"model": state}`` with timm-style
   encoder keys; the pre-training checkpoints with a decoder also hold ``decoder_*`` and
-  ``mask_token``, which are not part of the encoder.
+  ``mask_token`` (reported as unexpected: they are not part of the encoder).
 - DINOv2 torch-hub ``dinov2_vit{s,b,l}14[_reg4]_pretrain.pth``: a plain state dict whose keys
   match timm's except ``register_tokens`` (timm: ``reg_token``) and the training-only ``mask_token``.
 - timm checkpoints (``pytorch_model.bin`` / ``model.safetensors`` / timm ``train.py`` outputs with
@@ -40,9 +40,11 @@ def _strip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def remap_mae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """MAE ``mae_pretrain_vit_base.pth``: unwrap ``model``; drop the decoder and ``mask_token``."""
-    out = _strip(_unwrap(state, "model", "state_dict"))
-    return {k: v for k, v in out.items() if not k.startswith(("decoder_", "mask_token"))}
+    """MAE ``mae_pretrain_vit_base.pth``: unwrap ``model``; encoder keys are timm's already.
+
+    A decoder (``decoder_*``, ``mask_token``) is kept, so the key report lists it as unexpected.
+    """
+    return _strip(_unwrap(state, "model", "state_dict"))
 
 
 def remap_dinov2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
