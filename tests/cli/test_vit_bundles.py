@@ -1,0 +1,129 @@
+"""End to end: mae_pretrain -> vit_cls (with its encoder) -> verified bundle -> probabilities; vit_seg."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.cli.conftest import run_dir_of
+from tests.helpers import flip_to_lps, run_module
+
+QUICK = ["trainer=debug", "trainer.enable_progress_bar=false", "model.img_size=32", "data.batch_size=8"]
+
+
+def _train(runs: Path, *args: str):
+    proc = run_module("medimg.train", *QUICK, f"runs_dir={runs}", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory) -> Path:
+    proc = _train(tmp_path_factory.mktemp("runs"), "bundle=mae_pretrain")
+    match = re.search(r"MAE encoder written .*: (\S+encoder\.pt)", proc.stdout)
+    assert match, proc.stdout[-2000:]
+    assert "masked-patch MSE" in proc.stdout
+    return Path(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory, schema, mae_run) -> Path:
+    proc = _train(tmp_path_factory.mktemp("runs"), "bundle=vit_cls", f"model.backbone_checkpoint={mae_run}",
+                  "model.peft=dvpt")
+    assert "RANDOMLY INITIALISED" not in proc.stdout + proc.stderr
+    assert "validation (best checkpoint): auroc" in proc.stdout
+    return run_dir_of(proc)
+
+
+def test_mae_run_writes_an_official_layout_encoder(mae_run):
+    import torch
+
+    state = torch.load(mae_run, weights_only=True)
+    assert set(state) == {"model"} and "blocks.0.attn.qkv.weight" in state["model"]
+    assert list((mae_run.parent / "reconstructions").glob("epoch_*.png"))
+
+
+def test_vit_cls_bundle_metrics_and_probabilities(cls_run, tmp_path, _data_root):
+    metrics = json.loads((cls_run / "metrics.json").read_text())
+    for name in ("auroc", "accuracy", "f1", "kappa", "knn_accuracy"):
+        assert 0.0 <= metrics[f"val/{name}"] <= 1.0 or name == "kappa"
+    assert list((cls_run / "confusion").glob("epoch_*.png"))
+    inference = json.loads((cls_run / "bundle" / "configs" / "inference.json").read_text())
+    assert inference["class_names"] == ["skull_base", "basal_ganglia", "ventricle_roof", "vertex"]
+    assert "backbone_checkpoint" not in inference["network_def"] and inference["network_def"]["peft"] == "dvpt"
+    images = sorted((_data_root / "mni152_levels" / "images").glob("validation_*.nii.gz"))[:5]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in images:
+        (folder / p.name).symlink_to(p)
+    out = tmp_path / "probs.json"
+    proc = run_module("medimg.infer", "--bundle", str(cls_run / "bundle"), "--input", str(folder), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["predictions"]) == 5 and result["classes"] == inference["class_names"]
+    for row in result["predictions"]:
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+    # the MONAI bundle CLI runs the same predictor
+    out2 = tmp_path / "monai.json"
+    proc = run_module("monai.bundle", "run", "--config_file", str(cls_run / "bundle" / "configs" / "inference.json"),
+                      "--bundle_root", str(cls_run / "bundle"), "--datalist", f"['{images[0]}']",
+                      "--output_file", str(out2))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = json.loads(out2.read_text())["predictions"][0]["probabilities"]
+    assert first == pytest.approx(result["predictions"][0]["probabilities"], abs=1e-5)
+
+
+def test_classification_infer_bad_output_is_one_line(cls_run, tmp_path):
+    proc = run_module("medimg.infer", "--bundle", str(cls_run / "bundle"), "--input", str(tmp_path),
+                      "--output", str(tmp_path / "x.nii.gz"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "x.nii.gz" in proc.stderr and ".json" in proc.stderr
+
+
+def test_vit_cls_defaults_without_checkpoint_warn_loudly(tmp_path, schema):
+    proc = _train(tmp_path, "bundle=vit_cls", "model.peft=lora", "model.backbone=dinov2", "model.registers=true",
+                  "model.in_chans=1")
+    assert "RANDOMLY INITIALISED" in proc.stdout + proc.stderr
+    assert (run_dir_of(proc) / "bundle" / "models" / "model.pt").is_file()
+
+
+def test_vit_cls_on_a_multilabel_csv(tmp_path, schema):
+    rng = np.random.default_rng(0)
+    rows = ["image,split,bright,striped"]
+    for i in range(24):
+        bright, striped = i % 2, (i // 2) % 2
+        img = rng.normal(size=(24, 24)).astype(np.float32) * 0.1 + bright
+        if striped:
+            img[::4] += 2.0
+        nib.save(nib.Nifti1Image(img, np.eye(4)), str(tmp_path / f"i{i}.nii.gz"))
+        rows.append(f"i{i}.nii.gz,{'validation' if i >= 16 else 'training'},{bright},{striped}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    proc = _train(tmp_path / "runs", "bundle=vit_cls", "data.dataset=null", f"data.csv={tmp_path / 'labels.csv'}",
+                  "model.in_chans=1")
+    metrics = json.loads((run_dir_of(proc) / "metrics.json").read_text())
+    assert "val/auroc" in metrics and "val/kappa" not in metrics  # kappa is multi-class only
+
+
+def test_vit_seg_bundle_keeps_input_geometry(tmp_path, schema, mni_dir):
+    proc = run_module("medimg.train", "bundle=vit_seg", "trainer=debug", "trainer.enable_progress_bar=false",
+                      f"runs_dir={tmp_path}", f"data.dataset_dir={mni_dir}", "data.pixdim=[4.0,4.0,4.0]",
+                      "model.img_size=32", "data.roi_size=[32,32]", "data.num_samples=4", "model.peft=dvpt")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bundle = run_dir_of(proc) / "bundle"
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["inferer"]["_target_"] == "SliceInferer" and inference["slice_axis"] == 1
+    t1 = nib.load(str(mni_dir / "t1_posterior.nii.gz"))
+    vol, aff = flip_to_lps(np.asarray(t1.dataobj, dtype=np.float32), t1.affine)
+    nib.save(nib.Nifti1Image(vol, aff), str(tmp_path / "lps.nii.gz"))
+    proc = run_module("medimg.infer", "--bundle", str(bundle), "--input", str(tmp_path / "lps.nii.gz"),
+                      "--output", str(tmp_path / "seg.nii.gz"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seg = nib.load(str(tmp_path / "seg.nii.gz"))
+    assert seg.shape == vol.shape and np.allclose(seg.affine, aff)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2}
