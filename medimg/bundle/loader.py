@@ -71,7 +71,7 @@ def load_bundle_network(bundle_dir: str | Path, device: str | None = None) -> to
 
 
 def load_bundle_predictor(bundle_dir: str | Path, device: str | None = None) -> Any:
-    """A promptable bundle's ``predictor`` component, with the bundle's network and weights.
+    """A promptable or classification bundle's ``predictor`` component, with its network and weights.
 
     The component's other arguments (``roi_size``, ``pixdim``, ...) come from ``inference.json``.
     """
@@ -82,7 +82,7 @@ def load_bundle_predictor(bundle_dir: str | Path, device: str | None = None) -> 
     config = bundle_dir / "configs" / "inference.json"
     spec = parser.get("predictor")
     if not isinstance(spec, dict) or "_target_" not in spec:
-        raise BundleError(config, "a promptable bundle needs a 'predictor' component with a _target_")
+        raise BundleError(config, "this bundle needs a 'predictor' component with a _target_")
     network = load_bundle_network(bundle_dir, device)
     try:
         kwargs = {k: parser.get_parsed_content(f"predictor::{k}") for k in spec
