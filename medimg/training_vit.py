@@ -10,6 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 from medimg.errors import ConfigError, atomic_output
 
 log = logging.getLogger("medimg.train")
+# default learning rates by tuning method (task.lr: null): a frozen backbone's few new parameters
+# (head, LoRA, DVPT) want a larger step than full fine-tuning with layer-wise decay
+PEFT_LR = {"full": 1e-3, "lora": 1e-2, "dvpt": 1e-2, "linear": 3e-2}
 RANDOM_BACKBONE_WARNING = """
 ################################################################################
 #  WARNING: model.backbone_checkpoint is not set: the {backbone} ViT backbone is  #
@@ -71,7 +74,9 @@ def build_classification(cfg: DictConfig, run_dir: Path):
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     network = build_network(**kwargs)
     t = cfg.task
-    task = ClassificationTask(network, len(train.class_names), train.multilabel, train.class_names, lr=t.lr,
+    if t.lr is None:
+        cfg.task.lr = PEFT_LR[cfg.model.peft]
+    task = ClassificationTask(network, len(train.class_names), train.multilabel, train.class_names, lr=cfg.task.lr,
                               weight_decay=t.weight_decay, layer_decay=t.layer_decay, warmup_epochs=t.warmup_epochs,
                               label_smoothing=t.label_smoothing, knn_k=t.knn_k, out_dir=str(run_dir))
     return TaskParts(task, _datamodule(cfg, splits), "val/auroc", _report_classification)

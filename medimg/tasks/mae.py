@@ -14,15 +14,18 @@ from medimg.tasks.schedule import warmup_cosine
 
 def save_reconstruction(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, path: Path,
                         title: str) -> None:
-    """Original | visible patches | reconstruction, first channel, as a PNG."""
+    """Original | visible patches (hidden ones blue) | reconstruction, first channel, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
+    first = np.asarray(image[0].float().cpu())
+    lo, hi = float(first.min()), float(first.max())
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad="tab:blue")  # hidden patches in blue
     for ax, img, name in zip(axes, (image, masked, recon), ("image", "visible", "reconstruction"), strict=True):
-        ax.imshow(np.asarray(img[0].float().cpu()).T, cmap="gray", origin="lower")
+        ax.imshow(np.asarray(img[0].float().cpu()).T, cmap=cmap, origin="lower", vmin=lo, vmax=hi)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -65,14 +68,17 @@ class MAETask(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("val/score", -loss, batch_size=n, sync_dist=True)
         if batch_idx == 0 and self.hparams.out_dir and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            net, x = self.network, batch["image"][:1]
+            best = int(batch["image"].flatten(1).std(1).argmax())  # the most structured image of the batch
+            net, x = self.network, batch["image"][best:best + 1]
+            pred, mask = pred[best:best + 1], mask[best:best + 1]
             target = net.patchify(x)
             if net.norm_pix_loss:  # show the prediction in the image's intensities
                 mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-                pred = pred[:1] * (var + 1e-6) ** 0.5 + mean
+                pred = pred * (var + 1e-6) ** 0.5 + mean
             keep = (1 - mask[:1])[..., None]
-            recon = net.unpatchify(pred[:1] * (1 - keep) + target * keep)
-            save_reconstruction(x[0], net.unpatchify(target * keep)[0], recon[0],
+            recon = net.unpatchify(pred * (1 - keep) + target * keep)
+            visible = net.unpatchify(torch.where(keep.bool(), target, torch.nan))
+            save_reconstruction(x[0], visible[0], recon[0],
                                 Path(self.hparams.out_dir) / "reconstructions" / f"epoch_{self.current_epoch:03d}.png",
                                 f"epoch {self.current_epoch}  masked-patch MSE {float(loss):.3f}")
 
