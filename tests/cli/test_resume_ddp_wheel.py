@@ -19,7 +19,7 @@ def _global_step(ckpt: Path) -> int:
     return int(torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"])
 
 
-def test_resume_continues_from_last_checkpoint(tmp_path, phantom_manifest):
+def test_resume_continues_from_last_checkpoint(tmp_path, phantom_manifest, schema):
     data = [*PHANTOM, f"data.dataset_dir={phantom_manifest.parent}"]
     first = run_dir_of(train(tmp_path, *data, "trainer.max_epochs=1"))
     steps_one = _global_step(first / "checkpoints" / "last.ckpt")
@@ -30,7 +30,7 @@ def test_resume_continues_from_last_checkpoint(tmp_path, phantom_manifest):
     assert _global_step(first / "checkpoints" / "last.ckpt") == 2 * steps_one
 
 
-def test_resume_after_kill(tmp_path, phantom_manifest):
+def test_resume_after_kill(tmp_path, phantom_manifest, schema):
     args = [sys.executable, "-m", "medimg.train", "bundle=swin_unetr", "trainer=debug", f"runs_dir={tmp_path}", *TINY,
             *PHANTOM, f"data.dataset_dir={phantom_manifest.parent}", "trainer.max_epochs=50",
             "trainer.limit_train_batches=null"]
@@ -57,7 +57,7 @@ def test_resume_after_kill(tmp_path, phantom_manifest):
     assert (run_dir / "bundle" / "models" / "model.pt").is_file()
 
 
-def test_ddp_two_cpu_processes_match_single_process(tmp_path, phantom_manifest):
+def test_ddp_two_cpu_processes_match_single_process(tmp_path, phantom_manifest, schema):
     """DDP with 2 processes x batch 1 takes the same optimisation steps as 1 process x batch 2."""
     doc = json.loads(phantom_manifest.read_text())
     doc["training"] = doc["training"][:2]  # both sides see exactly these two volumes every step
@@ -84,7 +84,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, phantom_manifest):
     assert len(norms) > 50 and sum(n > 0 for n in norms) > 0.9 * len(norms)
 
 
-def test_installed_wheel_runs_from_another_directory(tmp_path, phantom_manifest):
+def test_installed_wheel_runs_from_another_directory(tmp_path, phantom_manifest, schema):
     dist, site = tmp_path / "dist", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
                     str(REPO)], check=True, capture_output=True)
