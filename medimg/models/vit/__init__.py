@@ -1,5 +1,7 @@
 """timm ViT backbones (MAE, DINOv2), DVPT, classifier / segmenter heads and MAE pre-training."""
 
+from __future__ import annotations
+
 from medimg.models.vit.backbone import BackboneSpec, create_backbone, load_backbone_weights
 from medimg.models.vit.dvpt import DVPT, attach_dvpt
 from medimg.models.vit.network import ViTClassifier, ViTSegmenter, apply_vit_peft, layer_decay_groups
