@@ -5,7 +5,8 @@ preset: the bundle's training pipeline). Inference starts with a window centred 
 positive click (or the box centre). Whenever the mask reaches a face of the current window, the
 neighbouring window on that side (stride ``roi_size / 2``) is queued; a window with no click of
 the user's inside gets a positive click at the most interior voxel of the mask found so far
-there, so the structure is followed across the volume. With a box, windows stay inside the box.
+there, so the structure is followed across the volume. With a box, windows stay inside the box
+and the mask is kept within the box plus a 10% margin.
 Window probabilities are blended with MONAI's Gaussian importance map. The result is resampled
 back to the input grid (``SpatialResample`` to the input's affine and shape) and thresholded, so
 the output has the input's exact geometry whatever its orientation.
@@ -24,6 +25,7 @@ from scipy import ndimage
 from torch import nn
 
 log = logging.getLogger(__name__)
+BOX_MARGIN = 0.1  # share of the box size a mask may extend beyond a box prompt
 
 
 class VolumePromptPredictor:
@@ -147,7 +149,16 @@ class VolumePromptPredictor:
                     queue.append(nxt)
         if queue:
             log.warning("stopped after %d windows (max_windows); the object may continue", self.max_windows)
-        return np.where(weight > 0, acc / np.maximum(weight, 1e-8), 0.0).astype(np.float32)
+        prob = np.where(weight > 0, acc / np.maximum(weight, 1e-8), 0.0).astype(np.float32)
+        if box is not None:  # a box bounds its object: keep the box plus a margin for loose boxes
+            margin = np.maximum(BOX_MARGIN * (box[3:] - box[:3]), 2.0)
+            lo = np.clip(np.floor(box[:3] - margin), 0, shape).astype(int)
+            hi = np.clip(np.ceil(box[3:] + margin) + 1, 0, shape).astype(int)
+            bounded = np.zeros_like(prob)
+            inner = tuple(slice(a, b) for a, b in zip(lo, hi))
+            bounded[inner] = prob[inner]
+            prob = bounded
+        return prob
 
     def _accumulate(self, acc: np.ndarray, weight: np.ndarray, prob: np.ndarray, origin: np.ndarray) -> None:
         src = tuple(slice(max(o, 0), min(o + r, n)) for o, r, n in zip(origin, self.roi, acc.shape))

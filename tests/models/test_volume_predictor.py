@@ -80,6 +80,8 @@ def test_a_box_keeps_windows_inside_it(tmp_path):
     mask = pred.predict(box=np.array([5.0, 8.0, 8.0, 40.0, 19.0, 19.0])) > 0.5
     assert mask[5:40, 8:20, 8:20].all()
     assert not mask[80:].any()  # windows never left the box's range (0..40 -> windows up to 64)
+    # the bar continues beyond the box; the mask stops at the box plus its 10% margin (3.5 voxels)
+    assert vol[41:60].any() and not mask[45:].any() and mask[40:43].any()
 
 
 @pytest.mark.parametrize("frame", ["lps", "oblique"])
