@@ -83,7 +83,8 @@ def build_classification(cfg: DictConfig, run_dir: Path):
 
 
 def _report_classification(metrics: dict[str, float]) -> None:
-    names = ("auroc", "accuracy", "f1", "kappa", "knn_accuracy", "knn_auroc")
+    names = ("auroc", "accuracy", "f1", "kappa", "knn_accuracy", "knn_auroc", "knn_frozen_accuracy",
+             "knn_frozen_auroc")
     print("validation (best checkpoint): " + "  ".join(f"{n} {metrics[f'val/{n}']:.3f}" for n in names
                                                        if f"val/{n}" in metrics))
 

@@ -1,8 +1,9 @@
 """Multi-class / multi-label image classification as a LightningModule that receives its network.
 
 Validation reports macro AUROC, accuracy, macro F1 and (multi-class) quadratic-weighted Cohen's
-kappa through torchmetrics; a kNN classifier on the frozen pooled features (the DINOv2 protocol);
-and writes a confusion-matrix PNG each epoch.
+kappa through torchmetrics; a kNN classifier (the DINOv2 protocol) on the pooled features of the
+backbone as it was before training (``knn_frozen_*``: the pretrained, frozen features) and as it is
+now (``knn_*``); and writes a confusion-matrix PNG each epoch.
 """
 
 from __future__ import annotations
@@ -119,16 +120,42 @@ class ClassificationTask(L.LightningModule):
         self._val.append((self._probs(logits).float(), batch["label"], feats.float()))
 
     @torch.no_grad()
-    def _knn(self, feats: torch.Tensor) -> torch.Tensor | None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if not self.hparams.knn_k or dm is None or not hasattr(dm, "knn_dataloader") or self.trainer.sanity_checking:
-            return None
-        bank, labels = [], []
-        for batch in dm.knn_dataloader():
-            bank.append(self.network.features(batch["image"].to(self.device)).float())
+    def _features(self, loader: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and labels over a loader, in eval mode (no dropout / drop-path)."""
+        was_training = self.network.training
+        self.network.eval()
+        feats, labels = [], []
+        for batch in loader:
+            feats.append(self.network.features(batch["image"].to(self.device)).float())
             labels.append(batch["label"].to(self.device))
-        return knn_predict(torch.cat(bank), torch.cat(labels), feats, self.hparams.num_classes, self.hparams.knn_k,
+        self.network.train(was_training)
+        return torch.cat(feats), torch.cat(labels)
+
+    def _knn_loader(self) -> object | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if not self.hparams.knn_k or dm is None or not hasattr(dm, "knn_dataloader"):
+            return None
+        return dm.knn_dataloader()
+
+    def _knn(self, feats: torch.Tensor) -> torch.Tensor | None:
+        loader = self._knn_loader()
+        if loader is None or self.trainer.sanity_checking:
+            return None
+        bank, labels = self._features(loader)
+        return knn_predict(bank, labels, feats, self.hparams.num_classes, self.hparams.knn_k,
                            multilabel=self.hparams.multilabel)
+
+    def on_train_start(self) -> None:
+        """Score a kNN on the backbone's features before any training (the pretrained, frozen ones)."""
+        self._frozen_knn: dict[str, float] = {}
+        loader = self._knn_loader()
+        if loader is None or self.trainer.global_step > 0:  # resumed runs have no untouched backbone
+            return
+        bank, bank_labels = self._features(loader)
+        feats, labels = self._features(self.trainer.datamodule.val_dataloader())
+        scores = knn_predict(bank, bank_labels, feats, self.hparams.num_classes, self.hparams.knn_k,
+                             multilabel=self.hparams.multilabel)
+        self._frozen_knn = {k: float(v) for k, v in self.metrics(scores, labels).items() if k in ("accuracy", "auroc")}
 
     def on_validation_epoch_end(self) -> None:
         """Epoch metrics, kNN metrics and the confusion-matrix PNG."""
@@ -147,6 +174,9 @@ class ClassificationTask(L.LightningModule):
             for name, value in self.metrics(knn, local_target).items():
                 if name in ("accuracy", "auroc"):
                     self.log(f"val/knn_{name}", value, rank_zero_only=True)
+        if not self.trainer.sanity_checking:
+            for name, value in getattr(self, "_frozen_knn", {}).items():
+                self.log(f"val/knn_frozen_{name}", value, rank_zero_only=True)
         if self.hparams.out_dir and self.trainer.is_global_zero and not self.hparams.multilabel \
                 and not self.trainer.sanity_checking:
             matrix = tmf.multiclass_confusion_matrix(probs, target.long(), self.hparams.num_classes)

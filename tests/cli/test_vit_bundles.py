@@ -50,7 +50,7 @@ def test_mae_run_writes_an_official_layout_encoder(mae_run):
 
 def test_vit_cls_bundle_metrics_and_probabilities(cls_run, tmp_path, _data_root):
     metrics = json.loads((cls_run / "metrics.json").read_text())
-    for name in ("auroc", "accuracy", "f1", "kappa", "knn_accuracy"):
+    for name in ("auroc", "accuracy", "f1", "kappa", "knn_accuracy", "knn_frozen_accuracy"):
         assert 0.0 <= metrics[f"val/{name}"] <= 1.0 or name == "kappa"
     assert list((cls_run / "confusion").glob("epoch_*.png"))
     inference = json.loads((cls_run / "bundle" / "configs" / "inference.json").read_text())
