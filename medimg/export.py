@@ -29,6 +29,20 @@ def find_checkpoint(run_dir: Path) -> Path:
     raise WeightsError(ckpts, "no checkpoint found in this run")
 
 
+def read_network_state(ckpt: str | Path) -> dict[str, Any]:
+    """The network's weights from a Lightning checkpoint of a medimg task (``network.`` keys, unprefixed).
+
+    Raises:
+        WeightsError: unreadable checkpoint, or one without network weights.
+    """
+    state = read_checkpoint(ckpt)
+    state = state.get("state_dict", state)
+    net_state = {k[len(NETWORK_PREFIX):]: v for k, v in state.items() if k.startswith(NETWORK_PREFIX)}
+    if not net_state:
+        raise WeightsError(ckpt, "checkpoint holds no network weights")
+    return net_state
+
+
 def network_spec(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """The bundle ``network_def`` for a run's model config (pretrained paths dropped)."""
     dropped = ("name", "pretrained", "pretrained_format", "checkpoint", "backbone_checkpoint", "backbone_format")
@@ -67,11 +81,7 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
     assert isinstance(cfg, dict)
     model_cfg, data_cfg = dict(cfg["model"]), dict(cfg["data"])
 
-    state = read_checkpoint(ckpt)
-    state = state.get("state_dict", state)
-    net_state = {k[len(NETWORK_PREFIX):]: v for k, v in state.items() if k.startswith(NETWORK_PREFIX)}
-    if not net_state:
-        raise WeightsError(ckpt, "checkpoint holds no network weights")
+    net_state = read_network_state(ckpt)
     spec = network_spec(model_cfg)
     network = build_network(**{k: v for k, v in spec.items() if k != "_target_"})
     try:

@@ -105,13 +105,10 @@ def build_mae(cfg: DictConfig, run_dir: Path):
     def finish(best: str | None) -> None:
         import torch
 
-        from medimg.export import NETWORK_PREFIX
-        from medimg.models.weights import read_checkpoint
+        from medimg.export import read_network_state
 
         if best:
-            state = read_checkpoint(best)["state_dict"]
-            network.load_state_dict({k[len(NETWORK_PREFIX):]: v for k, v in state.items()
-                                     if k.startswith(NETWORK_PREFIX)})
+            network.load_state_dict(read_network_state(best))
         out = run_dir / "encoder.pt"
         with atomic_output(out) as tmp:
             torch.save(network.encoder_state(), tmp)

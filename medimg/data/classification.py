@@ -115,20 +115,25 @@ class ClassifyPreprocess:
 
     def __call__(self, image: str | Path | np.ndarray) -> torch.Tensor:
         """Preprocess one image."""
+        return self.standardise(self.unit(image))
+
+    def unit(self, image: str | Path | np.ndarray) -> torch.Tensor:
+        """Every step but the standardisation: (C, S, S) in [0, 1] (augmentations work on this)."""
         if isinstance(image, (str, Path)):
             array, picture = load_image_array(image)
+            source: object = image
         else:
-            array, picture = np.asarray(image), np.asarray(image).ndim == 3 and np.asarray(image).shape[-1] == 3
-        x = _to_channels(array, self.in_chans, picture, image if isinstance(image, (str, Path)) else "array")
+            array, source = np.asarray(image), "array"
+            picture = array.ndim == 3 and array.shape[-1] == 3
+        x = _to_channels(array, self.in_chans, picture, source)
         lo, hi = np.percentile(x, [0.5, 99.5])
         x = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
         t = torch.from_numpy(np.ascontiguousarray(x))
         h, w = t.shape[1:]
         side = max(h, w)
         t = F.pad(t, ((side - w) // 2, side - w - (side - w) // 2, (side - h) // 2, side - h - (side - h) // 2))
-        t = F.interpolate(t[None], size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
-                          align_corners=False)[0]
-        return self.standardise(t).float()
+        return F.interpolate(t[None], size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
+                             align_corners=False)[0].float()
 
     def standardise(self, t: torch.Tensor) -> torch.Tensor:
         """ImageNet standardisation of a [0, 1] image (identity with ``normalize="none"``)."""
@@ -138,7 +143,7 @@ class ClassifyPreprocess:
             mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_RGB)
         else:
             mean, std = IMAGENET_GREY
-        return (t - mean) / std
+        return ((t - mean) / std).float()
 
 
 def read_csv_manifest(path: str | Path, dataset_dir: str | Path | None = None,
@@ -175,15 +180,14 @@ def read_csv_manifest(path: str | Path, dataset_dir: str | Path | None = None,
         if c not in header:
             raise DataError(path, f"has no label column {c!r}")
     splits: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for i, row in enumerate(rows):
+    images = [root / r["image"].strip() for r in rows]
+    for i, (row, image) in enumerate(zip(rows, images, strict=True)):
         split = (row.get("split") or "").strip() or ("validation" if i % 5 == 4 else "training")
         if split not in SPLITS:
             raise DataError(path, f"row {i + 2}: unknown split {split!r}; use {', '.join(SPLITS)}")
-        image = root / row["image"].strip()
         if not image.exists():
             raise DataError(path, f"row {i + 2}: image {image} does not exist")
         splits[split].append(i)
-    images = [root / r["image"].strip() for r in rows]
     labels, names, multilabel = _csv_labels(path, rows, cols, class_names)
     out = {}
     for split, idx in splits.items():
@@ -232,26 +236,21 @@ def read_medmnist(path: str | Path, class_names: Sequence[str] | None = None) ->
         data = np.load(path)
     except (OSError, ValueError) as exc:
         raise DataError(path, f"cannot read .npz ({exc})") from exc
-    out = {}
+    found = {}
     for split, key in (("training", "train"), ("validation", "val"), ("test", "test")):
-        if f"{key}_images" not in data.files:
-            continue
-        images, labels = data[f"{key}_images"], data[f"{key}_labels"]
-        if labels.ndim == 1:
-            labels = labels[:, None]
-        multilabel = labels.shape[1] > 1
-        labels = labels.astype(np.float32) if multilabel else labels[:, 0].astype(np.int64)
-        n = labels.shape[1] if multilabel else int(labels.max()) + 1
-        names = list(class_names) if class_names else [f"class{i}" for i in range(n)]
-        out[split] = LabelledImages(list(images), labels, names, multilabel)
-    if "training" not in out:
+        if f"{key}_images" in data.files:
+            labels = data[f"{key}_labels"]
+            found[split] = (data[f"{key}_images"], labels[:, None] if labels.ndim == 1 else labels)
+    if "training" not in found:
         raise DataError(path, "holds no train_images / train_labels: not a MedMNIST file")
-    if "validation" not in out:
+    if "validation" not in found:
         raise DataError(path, "holds no val_images / val_labels")
-    n = max(len(s.class_names) for s in out.values())
-    for s in out.values():
-        s.class_names = s.class_names if len(s.class_names) == n else [f"class{i}" for i in range(n)]
-    return out
+    multilabel = found["training"][1].shape[1] > 1
+    n = found["training"][1].shape[1] if multilabel else max(int(lab.max()) for _, lab in found.values()) + 1
+    names = list(class_names) if class_names else [f"class{i}" for i in range(n)]
+    return {split: LabelledImages(list(images), labels.astype(np.float32) if multilabel
+                                  else labels[:, 0].astype(np.int64), names, multilabel)
+            for split, (images, labels) in found.items()}
 
 
 class ClassificationDataset(torch.utils.data.Dataset):
@@ -261,16 +260,18 @@ class ClassificationDataset(torch.utils.data.Dataset):
     flip and, with ``randaug > 0``, RandAugment of that magnitude.
 
     Items: ``image`` (C, S, S) normalised, ``label`` (class index, or K floats; -1 when unlabelled),
-    ``index``.
+    ``index``. ``cache`` passes another dataset's preprocessed images (same ``data``) instead of
+    reading them again.
     """
 
     def __init__(self, data: LabelledImages, preprocess: ClassifyPreprocess, augment: bool = False,
-                 crop_scale: tuple[float, float] = (0.5, 1.0), randaug: int = 0, hflip: bool = True) -> None:
+                 crop_scale: tuple[float, float] = (0.5, 1.0), randaug: int = 0, hflip: bool = True,
+                 cache: list[torch.Tensor] | None = None) -> None:
         from torchvision.transforms import v2
 
         self.data, self.preprocess, self.augment = data, preprocess, augment
-        keep = ClassifyPreprocess(preprocess.img_size, preprocess.in_chans, normalize="none")
-        self.cache = [keep(item) for item in data.images]  # [0, 1]; normalised after augmentation
+        # [0, 1] images (standardised after augmentation); another dataset over the same images can share them
+        self.cache = cache if cache is not None else [preprocess.unit(item) for item in data.images]
         ops = [v2.RandomResizedCrop(preprocess.img_size, scale=tuple(crop_scale), antialias=True)]
         if hflip:
             ops.append(v2.RandomHorizontalFlip())
@@ -288,4 +289,4 @@ class ClassificationDataset(torch.utils.data.Dataset):
                 x = self.randaug((x * 255).round().to(torch.uint8)).float() / 255
         labels = self.data.labels
         label = torch.tensor(-1) if labels is None else torch.as_tensor(labels[i])
-        return {"image": self.preprocess.standardise(x).float(), "label": label, "index": i}
+        return {"image": self.preprocess.standardise(x), "label": label, "index": i}

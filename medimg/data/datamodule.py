@@ -161,16 +161,6 @@ class ClassificationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_set = self.val_set = self.feature_set = None
 
-    @property
-    def class_names(self) -> list[str]:
-        """Class (or label) names."""
-        return self.splits["training"].class_names
-
-    @property
-    def multilabel(self) -> bool:
-        """Several independent labels per image."""
-        return self.splits["training"].multilabel
-
     def setup(self, stage: str | None = None) -> None:
         """Load and preprocess the images once."""
         from medimg.data.classification import ClassificationDataset
@@ -179,7 +169,8 @@ class ClassificationDataModule(L.LightningDataModule):
             train = self.splits["training"]
             self.train_set = ClassificationDataset(train, self.preprocess, augment=True, crop_scale=self.crop_scale,
                                                    randaug=self.randaug)
-            self.feature_set = ClassificationDataset(train, self.preprocess, augment=False)
+            self.feature_set = ClassificationDataset(train, self.preprocess, augment=False,
+                                                     cache=self.train_set.cache)
             self.val_set = ClassificationDataset(self.splits["validation"], self.preprocess, augment=False)
 
     def _loader(self, dataset: Any, shuffle: bool, batch_size: int) -> DataLoader:

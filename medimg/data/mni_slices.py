@@ -20,6 +20,7 @@ pre-training. They overlap the level task's *training* images only.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -59,15 +60,6 @@ def _rows(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[tuple[int, int], 
                                                                                            side="right")))
 
 
-def _write(root: Path, name: str, rows: list[dict], header: list[str]) -> Path:
-    manifest = root / name
-    with atomic_output(manifest) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
-
-
 def level_of(z_mm: float) -> int:
     """The level class of an axial position (mm), -1 outside the four bands."""
     for i in range(len(LEVELS) - 1, -1, -1):
@@ -76,22 +68,41 @@ def level_of(z_mm: float) -> int:
     return -1
 
 
-def prepare_mni152_levels(root: str | Path | None = None) -> Path:
-    """Materialise the level task once; returns its CSV manifest (``image,split,label``)."""
-    root = Path(root) if root is not None else default_data_root() / "mni152_levels"
-    manifest = root / "levels.csv"
+def _materialise(root: str | Path | None, default_name: str, csv_name: str, header: list[str],
+                 slabs: Callable[[tuple[int, int], tuple[int, int]], Iterator[tuple[str, float, tuple[int, int], dict]]]
+                 ) -> Path:
+    """Write the slab images and their CSV manifest once; return the manifest.
+
+    ``slabs(front_rows, back_rows)`` yields ``(file stem, z mm, (y_lo, y_hi), extra CSV columns)``.
+    """
+    root = Path(root) if root is not None else default_data_root() / default_name
+    manifest = root / csv_name
     if manifest.is_file():
         return manifest
     t1, affine = _t1()
-    front, back = _rows(affine, t1.shape)
-    rows = []
     (root / "images").mkdir(parents=True, exist_ok=True)
-    for z in np.arange(LEVELS[0][1], LEVEL_TOP_MM, 1.0):
-        for split, (lo, hi) in (("training", front), ("validation", back)):
-            name = f"images/{split}_z{int(z):+04d}.nii.gz"
-            nib.save(_slab(t1, affine, float(z), lo, hi), str(root / name))
-            rows.append({"image": name, "split": split, "label": LEVELS[level_of(float(z))][0]})
-    return _write(root, "levels.csv", rows, ["image", "split", "label"])
+    rows = []
+    for stem, z, (lo, hi), extra in slabs(*_rows(affine, t1.shape)):
+        name = f"images/{stem}_z{int(z):+04d}.nii.gz"
+        nib.save(_slab(t1, affine, z, lo, hi), str(root / name))
+        rows.append({"image": name, **extra})
+    with atomic_output(manifest) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def prepare_mni152_levels(root: str | Path | None = None) -> Path:
+    """Materialise the level task once; returns its CSV manifest (``image,split,label``)."""
+
+    def slabs(front: tuple[int, int], back: tuple[int, int]) -> Iterator:
+        for z in np.arange(LEVELS[0][1], LEVEL_TOP_MM, 1.0):
+            label = LEVELS[level_of(float(z))][0]
+            for split, rows in (("training", front), ("validation", back)):
+                yield split, float(z), rows, {"split": split, "label": label}
+
+    return _materialise(root, "mni152_levels", "levels.csv", ["image", "split", "label"], slabs)
 
 
 def prepare_mni152_slices(root: str | Path | None = None) -> Path:
@@ -99,19 +110,12 @@ def prepare_mni152_slices(root: str | Path | None = None) -> Path:
 
     Every 10th slab validates the reconstruction loss.
     """
-    root = Path(root) if root is not None else default_data_root() / "mni152_slices"
-    manifest = root / "slices.csv"
-    if manifest.is_file():
-        return manifest
-    t1, affine = _t1()
-    front, _ = _rows(affine, t1.shape)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, z in enumerate(np.arange(-70.0, 80.0 + 1e-6, 1.0)):
-        name = f"images/anterior_z{int(z):+04d}.nii.gz"
-        nib.save(_slab(t1, affine, float(z), *front), str(root / name))
-        rows.append({"image": name, "split": "validation" if i % 10 == 9 else "training"})
-    return _write(root, "slices.csv", rows, ["image", "split"])
+
+    def slabs(front: tuple[int, int], back: tuple[int, int]) -> Iterator:
+        for i, z in enumerate(np.arange(-70.0, 80.0 + 1e-6, 1.0)):
+            yield "anterior", float(z), front, {"split": "validation" if i % 10 == 9 else "training"}
+
+    return _materialise(root, "mni152_slices", "slices.csv", ["image", "split"], slabs)
 
 
 EMBEDDED = {"mni152_levels": prepare_mni152_levels, "mni152_slices": prepare_mni152_slices}

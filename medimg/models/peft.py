@@ -100,8 +100,13 @@ def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "imag
         param.requires_grad_(train)
 
 
+def trainable_share(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def trainable_summary(model: nn.Module) -> str:
     """``trainable N of M parameters (p%)``, logged at the start of training."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = trainable_share(model)
     return f"trainable {trainable:,} of {total:,} parameters ({100.0 * trainable / max(total, 1):.2f}%)"

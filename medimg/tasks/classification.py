@@ -93,6 +93,7 @@ class ClassificationTask(L.LightningModule):
         self.network = network
         self.class_names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._frozen_knn: dict[str, float] = {}  # kNN scores of the backbone before training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits."""
@@ -141,19 +142,18 @@ class ClassificationTask(L.LightningModule):
         loader = self._knn_loader()
         if loader is None or self.trainer.sanity_checking:
             return None
-        bank, labels = self._features(loader)
-        return knn_predict(bank, labels, feats, self.hparams.num_classes, self.hparams.knn_k,
+        return knn_predict(*self._features(loader), feats, self.hparams.num_classes, self.hparams.knn_k,
                            multilabel=self.hparams.multilabel)
 
     def on_train_start(self) -> None:
         """Score a kNN on the backbone's features before any training (the pretrained, frozen ones)."""
-        self._frozen_knn: dict[str, float] = {}
+        self._frozen_knn = {}
         loader = self._knn_loader()
         if loader is None or self.trainer.global_step > 0:  # resumed runs have no untouched backbone
             return
-        bank, bank_labels = self._features(loader)
+        bank = self._features(loader)
         feats, labels = self._features(self.trainer.datamodule.val_dataloader())
-        scores = knn_predict(bank, bank_labels, feats, self.hparams.num_classes, self.hparams.knn_k,
+        scores = knn_predict(*bank, feats, self.hparams.num_classes, self.hparams.knn_k,
                              multilabel=self.hparams.multilabel)
         self._frozen_knn = {k: float(v) for k, v in self.metrics(scores, labels).items() if k in ("accuracy", "auroc")}
 
@@ -175,7 +175,7 @@ class ClassificationTask(L.LightningModule):
                 if name in ("accuracy", "auroc"):
                     self.log(f"val/knn_{name}", value, rank_zero_only=True)
         if not self.trainer.sanity_checking:
-            for name, value in getattr(self, "_frozen_knn", {}).items():
+            for name, value in self._frozen_knn.items():
                 self.log(f"val/knn_frozen_{name}", value, rank_zero_only=True)
         if self.hparams.out_dir and self.trainer.is_global_zero and not self.hparams.multilabel \
                 and not self.trainer.sanity_checking:

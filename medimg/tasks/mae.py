@@ -73,8 +73,8 @@ class MAETask(L.LightningModule):
             pred, mask = pred[best:best + 1], mask[best:best + 1]
             target = net.patchify(x)
             if net.norm_pix_loss:  # show the prediction in the image's intensities
-                mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-                pred = pred * (var + 1e-6) ** 0.5 + mean
+                mean, std = net.patch_stats(target)
+                pred = pred * std + mean
             keep = (1 - mask[:1])[..., None]
             recon = net.unpatchify(pred * (1 - keep) + target * keep)
             visible = net.unpatchify(torch.where(keep.bool(), target, torch.nan))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from medimg.models import build_network
+from medimg.models.peft import trainable_share
 from medimg.models.vit import DVPT, layer_decay_groups
-from medimg.models.vit.network import trainable_share
 
 TINY = dict(backbone="mae", size="tiny", img_size=64, in_chans=1, num_classes=3)
 

@@ -26,9 +26,6 @@ ARCHS: dict[str, dict[str, str]] = {
                "vit_l": "vit_large_patch14_dinov2"},
 }
 FORMATS = {"mae": remap_mae, "dinov2": remap_dinov2, "timm": remap_timm}
-# the official checkpoints' normalisation: both MAE and DINOv2 were trained on ImageNet statistics
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -63,8 +60,7 @@ def create_backbone(spec: BackboneSpec) -> VisionTransformer:
     common = dict(img_size=spec.img_size, in_chans=spec.in_chans, num_classes=0, global_pool=spec.pool,
                   drop_path_rate=spec.drop_path)
     if spec.size == "tiny":
-        patch = 8
-        model = VisionTransformer(patch_size=patch, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0,
+        model = VisionTransformer(patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0,
                                   reg_tokens=4 if spec.registers else 0, no_embed_class=spec.registers,
                                   init_values=1e-5 if spec.backbone == "dinov2" else None, **common)
     else:
@@ -76,11 +72,9 @@ def create_backbone(spec: BackboneSpec) -> VisionTransformer:
             if spec.backbone != "dinov2":
                 raise ConfigError("model.registers", "register tokens exist only for dinov2 backbones")
             name = name.replace("_dinov2", "_reg4_dinov2")
-        patch = 14 if "patch14" in name else 16
-        if spec.img_size % patch:
-            raise ConfigError("model.img_size", f"{spec.img_size} is not a multiple of the patch size {patch}")
         model = timm.create_model(name, pretrained=False, **common)
-    if spec.img_size % model.patch_embed.patch_size[0]:
+    patch = model.patch_embed.patch_size[0]
+    if spec.img_size % patch:
         raise ConfigError("model.img_size", f"{spec.img_size} is not a multiple of the patch size {patch}")
     return model
 
@@ -108,14 +102,25 @@ def load_backbone_weights(model: VisionTransformer, path: str | Path, fmt: str) 
     return report
 
 
-def embed_dim(model: VisionTransformer) -> int:
-    """Token width."""
-    return int(model.embed_dim)
-
-
 def feature_indices(depth: int, n: int = 4) -> list[int]:
     """``n`` evenly spaced block indices ending at the last block (UNETR's 3, 6, 9, 12 for depth 12).
 
     Shallow backbones repeat indices (depth 2, n 3: ``[0, 0, 1]``).
     """
     return [max(round(depth * (i + 1) / n) - 1, 0) for i in range(n)]
+
+
+class ViTGeometry:
+    """``in_chans`` and ``img_size`` of a network built around a timm ViT held as ``self.<vit_attr>``."""
+
+    vit_attr = "backbone"
+
+    @property
+    def in_chans(self) -> int:
+        """Input channels."""
+        return int(getattr(self, self.vit_attr).patch_embed.proj.in_channels)
+
+    @property
+    def img_size(self) -> int:
+        """Input side in pixels (the training tile for segmenters)."""
+        return int(getattr(self, self.vit_attr).patch_embed.img_size[0])

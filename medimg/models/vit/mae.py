@@ -15,13 +15,13 @@ from torch import nn
 
 from medimg.errors import ConfigError
 from medimg.models.registry import register_network
-from medimg.models.vit.backbone import BackboneSpec, create_backbone, load_backbone_weights
+from medimg.models.vit.backbone import BackboneSpec, ViTGeometry, create_backbone, load_backbone_weights
 
 DECODERS = {"tiny": (32, 1, 2), "vit_s": (256, 4, 8), "vit_b": (512, 8, 16), "vit_l": (512, 8, 16),
             "vit_h": (512, 8, 16)}
 
 
-class MAEPretrainer(nn.Module):
+class MAEPretrainer(ViTGeometry, nn.Module):
     """MAE: mask patches, encode the visible ones, reconstruct the masked pixels.
 
     Args:
@@ -34,6 +34,7 @@ class MAEPretrainer(nn.Module):
     """
 
     spatial_dims = 2
+    vit_attr = "encoder"
 
     def __init__(self, encoder: VisionTransformer, decoder_dim: int = 512, decoder_depth: int = 8,
                  decoder_heads: int = 16, mask_ratio: float = 0.9, norm_pix_loss: bool = True) -> None:
@@ -50,19 +51,9 @@ class MAEPretrainer(nn.Module):
         self.blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True)
                                     for _ in range(decoder_depth))
         self.norm = nn.LayerNorm(decoder_dim)
-        self.pred = nn.Linear(decoder_dim, self.patch ** 2 * encoder.patch_embed.proj.in_channels)
+        self.pred = nn.Linear(decoder_dim, self.patch ** 2 * self.in_chans)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.decoder_pos, std=0.02)
-
-    @property
-    def in_chans(self) -> int:
-        """Input channels."""
-        return int(self.encoder.patch_embed.proj.in_channels)
-
-    @property
-    def img_size(self) -> int:
-        """Input side in pixels."""
-        return int(self.encoder.patch_embed.img_size[0])
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, p*p*C), row-major patches."""
@@ -70,6 +61,11 @@ class MAEPretrainer(nn.Module):
         p = self.patch
         x = x.reshape(b, c, h // p, p, w // p, p)
         return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+    @staticmethod
+    def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-patch mean and standard deviation of (B, N, P) patches (the norm-pix-loss target scale)."""
+        return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`patchify` for square images."""
@@ -123,8 +119,8 @@ class MAEPretrainer(nn.Module):
         pred = self.pred(self.norm(h))
         target = self.patchify(x)
         if self.norm_pix_loss:
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            mean, std = self.patch_stats(target)
+            target = (target - mean) / std
         per_patch = ((pred - target) ** 2).mean(-1)
         loss = (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
         return loss, pred, mask

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,14 +18,20 @@ from torch import nn
 
 from medimg.errors import ConfigError
 from medimg.models.registry import register_network
-from medimg.models.vit.backbone import BackboneSpec, create_backbone, feature_indices, load_backbone_weights
+from medimg.models.vit.backbone import (
+    BackboneSpec,
+    ViTGeometry,
+    create_backbone,
+    feature_indices,
+    load_backbone_weights,
+)
 from medimg.models.vit.dvpt import attach_dvpt
 
 log = logging.getLogger(__name__)
 PEFT_CHOICES = ("linear", "full", "lora", "dvpt")
 
 
-class ViTClassifier(nn.Module):
+class ViTClassifier(ViTGeometry, nn.Module):
     """Backbone -> pooled feature -> linear head.
 
     Args:
@@ -45,16 +50,6 @@ class ViTClassifier(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    @property
-    def in_chans(self) -> int:
-        """Input channels."""
-        return int(self.backbone.patch_embed.proj.in_channels)
-
-    @property
-    def img_size(self) -> int:
-        """Input side in pixels."""
-        return int(self.backbone.patch_embed.img_size[0])
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, D) (kNN evaluation, linear probes)."""
         return self.backbone(x)
@@ -64,7 +59,7 @@ class ViTClassifier(nn.Module):
         return self.head(self.head_drop(self.backbone(x)))
 
 
-class ViTSegmenter(nn.Module):
+class ViTSegmenter(ViTGeometry, nn.Module):
     """UNETR-style progressive upsampling decoder over intermediate ViT features (2D).
 
     Token grids of evenly spaced blocks are upsampled by transposed convolutions to successive
@@ -101,16 +96,6 @@ class ViTSegmenter(nn.Module):
             UnetrUpBlock(2, chans[j + 1], chans[j], kernel_size=3, upsample_kernel_size=2, norm_name=norm,
                          res_block=True) for j in range(n - 1, -1, -1))
         self.out = UnetOutBlock(2, f, out_channels)
-
-    @property
-    def in_chans(self) -> int:
-        """Input channels."""
-        return int(self.backbone.patch_embed.proj.in_channels)
-
-    @property
-    def img_size(self) -> int:
-        """Training tile side in pixels."""
-        return int(self.backbone.patch_embed.img_size[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, out_channels, H, W) for images (B, C, H, W)."""
@@ -206,8 +191,3 @@ def build_vit_seg(backbone: str = "mae", size: str = "vit_b", img_size: int = 22
     apply_vit_peft(net, peft, lora_r, lora_alpha, dvpt_shared, dvpt_bottleneck, dvpt_prompts)
     return net
 
-
-def trainable_share(network: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
-    params: Sequence[torch.nn.Parameter] = list(network.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

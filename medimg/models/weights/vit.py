@@ -25,18 +25,9 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 
+from medimg.models.weights.containers import strip_prefixes, unwrap
+
 log = logging.getLogger(__name__)
-
-
-def _unwrap(state: Mapping, *keys: str) -> Mapping[str, torch.Tensor]:
-    for key in keys:
-        if key in state and isinstance(state[key], Mapping):
-            return state[key]
-    return state
-
-
-def _strip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
 
 
 def remap_mae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,13 +35,13 @@ def remap_mae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     A decoder (``decoder_*``, ``mask_token``) is kept, so the key report lists it as unexpected.
     """
-    return _strip(_unwrap(state, "model", "state_dict"))
+    return strip_prefixes(unwrap(state, "model", "state_dict"))
 
 
 def remap_dinov2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """DINOv2 hub checkpoint: ``register_tokens`` -> ``reg_token``; drop ``mask_token``."""
     out = {}
-    for key, value in _strip(_unwrap(state, "teacher", "model")).items():
+    for key, value in strip_prefixes(unwrap(state, "teacher", "model")).items():
         key = re.sub(r"^backbone\.", "", key)
         if key == "mask_token" or key.startswith(("dino_head.", "ibot_head.")):
             continue
@@ -60,7 +51,7 @@ def remap_dinov2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def remap_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Timm checkpoint (``state_dict``/``model`` wrappers, ``module.`` prefixes removed)."""
-    return _strip(_unwrap(state, "state_dict", "state_dict_ema", "model"))
+    return strip_prefixes(unwrap(state, "state_dict", "state_dict_ema", "model"))
 
 
 def fit_vit_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
