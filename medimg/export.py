@@ -98,11 +98,15 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
                           "normalize": data_cfg["normalize"], "multilabel": bool(data_cfg.get("multilabel")),
                           "class_names": [labels[k] for k in sorted(labels, key=int)]}
         meta_updates["input_channels"] = int(model_cfg["in_chans"])
-    elif kind == "promptable":
-        preprocessing, inference_vars = None, {}  # the network preprocesses each slice itself
-        if getattr(network, "spatial_dims", 2) == 3:  # the 3D predictor reproduces the training frame
+    elif kind == "promptable":  # the predictor prepares volumes as training did
+        preprocessing = None
+        if getattr(network, "spatial_dims", 2) == 3:
             inference_vars = {"roi_size": list(data_cfg["roi_size"]), "pixdim": data_cfg["pixdim"],
                               "intensity": data_cfg["intensity"]}
+        else:
+            if "plane" not in data_cfg:
+                raise ConfigError(cfg_path, "a 2D promptable run must record data.plane (its slicing plane)")
+            inference_vars = {"plane": data_cfg["plane"], "intensity": data_cfg.get("intensity", "mr")}
     else:
         preprocessing = segmentation_spec("infer", pixdim=data_cfg["pixdim"], intensity=data_cfg["intensity"],
                                           crop_foreground=data_cfg["crop_foreground"])
@@ -113,7 +117,8 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     meta_updates.update({
         "data_source": data_cfg.get("source", "user manifest"),
-        "eval_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "eval_metrics": {**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                         "validation_split": str(metrics.get("validation_split", "unknown"))},
     })
     if hasattr(network, "img_size") and getattr(network, "spatial_dims", 2) == 2:  # the network's input size
         meta_updates["input_spatial_shape"] = [int(network.img_size)] * 2

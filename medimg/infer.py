@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="image file, DICOM series folder, or folder of inputs")
     parser.add_argument("--output", required=True, help="output .nii.gz (or folder for several inputs)")
     parser.add_argument("--prompts", default=None, help="prompts JSON (promptable bundles): boxes / points")
+    parser.add_argument("--intensity", default=None,
+                        help="promptable bundles: intensity window (ct_abdomen, ct_lung, ct_bone, ct_brain, mr, none); "
+                             "default: the bundle's own")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
 
@@ -73,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             from medimg.bundle.loader import load_bundle_predictor
             from medimg.predictors.promptable import segment_file
 
-            segment_file(load_bundle_predictor(args.bundle, args.device), str(inputs[0]), args.prompts, str(out))
+            if args.intensity is not None:
+                from medimg.data.slicing import check_intensity
+
+                check_intensity(args.intensity)
+            segment_file(load_bundle_predictor(args.bundle, args.device), str(inputs[0]), args.prompts, str(out),
+                         intensity=args.intensity)
             print(f"{inputs[0]} -> {out}")
             return
         if args.prompts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medimg.data.datamodule import ManifestDataModule
 from medimg.data.datasets import embedded_manifest
-from medimg.data.manifest import load_manifest
+from medimg.data.manifest import Manifest, load_manifest
 from medimg.data.transforms import build_pipeline, segmentation_spec
 from medimg.errors import ConfigError
 from medimg.models import build_network
@@ -108,17 +109,31 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> ManifestDataModule:
     """Materialise the embedded dataset (if any), then the data module with its pipelines."""
     d = cfg.data
     manifest, dataset_dir = resolve_data_source(cfg)
-    num_classes = load_manifest(manifest, dataset_dir).num_classes
+    loaded = load_manifest(manifest, dataset_dir)
     common = dict(pixdim=d.pixdim, intensity=d.intensity, crop_foreground=d.crop_foreground)
     axis = d.get("slice_axis")
-    train_tf = build_pipeline(segmentation_spec("train", roi_size=slice_crop(d.roi_size, axis),
-                                                num_samples=d.num_samples, num_classes=num_classes,
-                                                augment=d.augment, slice_axis=axis, **common))
-    val_tf = build_pipeline(segmentation_spec("val", **common))
+    train_spec = segmentation_spec("train", roi_size=slice_crop(d.roi_size, axis), num_samples=d.num_samples,
+                                   num_classes=loaded.num_classes, augment=d.augment, slice_axis=axis,
+                                   lr_swap=lr_swap_pairs(loaded), **common)
+    val_spec = segmentation_spec("val", **common)
+    cache_key = hashlib.sha256(json.dumps([train_spec, val_spec], sort_keys=True, default=str).encode()).hexdigest()
     cache_dir = d.cache_dir or (run_dir / "cache")
-    return ManifestDataModule(manifest, dataset_dir, train_tf, val_tf, batch_size=d.batch_size,
-                              num_workers=d.num_workers, cache=d.cache, cache_dir=cache_dir, validate=d.validate,
-                              repeats=d.repeats)
+    return ManifestDataModule(manifest, dataset_dir, build_pipeline(train_spec), build_pipeline(val_spec),
+                              batch_size=d.batch_size, num_workers=d.num_workers, cache=d.cache, cache_dir=cache_dir,
+                              validate=d.validate, repeats=d.repeats, cache_key=cache_key[:16],
+                              val_fraction=d.get("val_fraction"), seed=int(cfg.seed))
+
+
+def lr_swap_pairs(manifest: Manifest) -> list[list[int]] | None:
+    """The manifest's ``lr_swap`` (pairs of sided label values), ``None`` when it declares none."""
+    swap = manifest.meta.get("lr_swap")
+    if swap is None:
+        return None
+    ok = isinstance(swap, list) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p)
+                                        for p in swap)
+    if not ok:
+        raise ConfigError(manifest.path, "lr_swap must be a list of [left, right] label-value pairs, e.g. [[2, 3]]")
+    return swap
 
 
 @dataclass
@@ -132,6 +147,7 @@ class TaskParts:
     zero_shot: bool = False
     export: bool = True  # write a MONAI bundle at the end
     finish: Callable[[str | None], None] | None = None  # called with the best checkpoint (rank 0)
+    val_split: str = ""  # which data produced the validation metrics (metrics.json, bundle eval_metrics)
 
 
 def _segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:
@@ -153,7 +169,7 @@ def _segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:
                             optimizer=t.optimizer, warmup_epochs=t.warmup_epochs,
                             surface_tolerance_mm=t.surface_tolerance_mm, overlay_dir=str(run_dir / "overlays"),
                             slice_axis=cfg.data.get("slice_axis"))
-    return TaskParts(task, dm, "val/dice", lambda m: _report(m, manifest.class_names[1:]))
+    return TaskParts(task, dm, "val/dice", lambda m: _report(m, manifest.class_names[1:]), val_split=dm.val_split)
 
 
 def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
@@ -182,11 +198,13 @@ def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
                                    val_clicks=d.val_clicks, batch_size=d.batch_size, jitter=d.jitter,
                                    connected_to_click=d.connected_to_click,
                                    region_split=OmegaConf.to_container(d.region_split, resolve=True)
-                                   if d.get("region_split") else None)
+                                   if d.get("region_split") else None,
+                                   val_fraction=d.get("val_fraction"), seed=int(cfg.seed))
     else:
-        dm = PromptSliceDataModule(manifest, dataset_dir, network.preprocess, network.img_size, axis=d.axis,
-                                   classes=classes, target_mode=d.target_mode, train_slices=d.train_slices,
-                                   val_slices=d.val_slices, batch_size=d.batch_size)
+        dm = PromptSliceDataModule(manifest, dataset_dir, network.preprocess, network.img_size, plane=d.plane,
+                                   intensity=d.intensity, classes=classes, target_mode=d.target_mode,
+                                   train_slices=d.train_slices, val_slices=d.val_slices, batch_size=d.batch_size,
+                                   val_fraction=d.get("val_fraction"), seed=int(cfg.seed))
     names = dm.manifest.labels or {}
     cfg.data.labels = {"0": "background", "1": "+".join(names.get(str(c), f"class{c}") for c in classes or [])
                        or "foreground"}
@@ -194,7 +212,8 @@ def _promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
     task = PromptableTask(network, click_rounds=t.click_rounds, box_prob=t.box_prob,
                           box_jitter_frac=t.box_jitter_frac, loss=t.loss, lr=t.lr, weight_decay=t.weight_decay,
                           click_loss_weight=float(t.get("click_loss_weight", 0.0)), seed=int(cfg.seed))
-    return TaskParts(task, dm, "val/dice_box", _report_prompts, zero_shot=bool(t.zero_shot_eval))
+    return TaskParts(task, dm, "val/dice_box", _report_prompts, zero_shot=bool(t.zero_shot_eval),
+                     val_split=dm.val_split)
 
 
 def _report_prompts(metrics: dict[str, float]) -> None:
@@ -282,6 +301,7 @@ def run_training(cfg: DictConfig) -> Path:
     metrics.update(zero_shot)
     if trainer.is_global_zero:
         metrics["epochs"] = trainer.current_epoch
+        metrics["validation_split"] = parts.val_split or "validation split"
         metrics["checkpoint"] = str(best or ckpt_dir / "last.ckpt")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         parts.report(metrics)

@@ -9,7 +9,7 @@ import lightning as L
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
 from monai.transforms import Compose
 
-from medimg.data.manifest import Manifest, load_manifest, validate_manifest
+from medimg.data.manifest import Manifest, load_manifest, train_val_split, validate_manifest
 from medimg.errors import ConfigError
 
 CACHE_MODES = ("none", "memory", "disk")
@@ -29,18 +29,27 @@ class ManifestDataModule(L.LightningDataModule):
         cache_dir: folder for the disk cache.
         validate: check every file before training (shapes, affines, NaNs, empty labels).
         repeats: list each training volume this many times per epoch (small datasets).
+        cache_key: identifies the transforms (a hash of their spec): the disk cache lives in a
+            folder of that name, so changed preprocessing (``pixdim``, intensity) never serves stale data.
+        val_fraction: share of training subjects held out when the manifest has no validation split
+            (see :func:`~medimg.data.manifest.train_val_split`).
+        seed: seed of that hold-out.
     """
 
     def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, train_transforms: Compose,
                  val_transforms: Compose, batch_size: int = 1, num_workers: int = 0, cache: str = "none",
                  cache_dir: str | Path | None = None, validate: bool = True,
-                 repeats: int = 1) -> None:
+                 repeats: int = 1, cache_key: str = "default", val_fraction: float | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         if cache not in CACHE_MODES:
             raise ConfigError("data.cache", f"unknown cache mode {cache!r}; choose from {', '.join(CACHE_MODES)}")
         if cache == "disk" and cache_dir is None:
             raise ConfigError("data.cache_dir", "cache=disk needs a cache_dir")
         self.manifest: Manifest = load_manifest(manifest, dataset_dir)
+        train, val, self.val_split = train_val_split(self.manifest, val_fraction, seed)
+        self.items = {"training": train, "validation": val}
+        self.cache_key = cache_key
         self.train_transforms = train_transforms
         self.val_transforms = val_transforms
         self.batch_size = batch_size
@@ -58,13 +67,13 @@ class ManifestDataModule(L.LightningDataModule):
             self._validated = True
 
     def _dataset(self, split: str, transforms: Compose) -> Dataset:
-        data = self.manifest.splits[split]
+        data = self.items[split]
         if split == "training":
             data = data * self.repeats
         if self.cache == "memory":
             return CacheDataset(data, transforms, cache_rate=1.0, num_workers=None, progress=False)
         if self.cache == "disk":
-            return PersistentDataset(data, transforms, cache_dir=self.cache_dir / split)
+            return PersistentDataset(data, transforms, cache_dir=self.cache_dir / self.cache_key / split)
         return Dataset(data, transforms)
 
     def train_dataloader(self) -> DataLoader:
@@ -75,8 +84,7 @@ class ManifestDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Whole-volume validation loader (batch size 1: volumes differ in shape)."""
-        split = "validation" if self.manifest.splits.get("validation") else "training"
-        return DataLoader(self._dataset(split, self.val_transforms), batch_size=1, shuffle=False,
+        return DataLoader(self._dataset("validation", self.val_transforms), batch_size=1, shuffle=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def state_dict(self) -> dict[str, Any]:
@@ -92,23 +100,27 @@ class PromptSliceDataModule(L.LightningDataModule):
         dataset_dir: folder its relative paths refer to.
         preprocess: the network's ``preprocess``.
         img_size: the network's input size.
-        axis: slicing axis.
+        plane: anatomical slicing plane (``sagittal``, ``coronal``, ``axial``), resolved through each affine.
+        intensity: intensity preset of the volumes.
         classes: label values to segment (``None``: all).
         target_mode: ``label`` or ``component``.
         train_slices: slices drawn per training volume (``None``: all with foreground).
         val_slices: slices drawn per validation volume.
         batch_size: training batch size.
         min_size: smallest target kept (pixels).
+        val_fraction: share of subjects held out when the manifest has no validation split.
+        seed: seed of that hold-out.
     """
 
     def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, preprocess: Any, img_size: int,
-                 axis: int = 1, classes: list[int] | None = None, target_mode: str = "component",
-                 train_slices: int | None = 40, val_slices: int | None = 12, batch_size: int = 4,
-                 min_size: int = 30) -> None:
+                 plane: str = "coronal", intensity: str = "mr", classes: list[int] | None = None,
+                 target_mode: str = "component", train_slices: int | None = 40, val_slices: int | None = 12,
+                 batch_size: int = 4, min_size: int = 30, val_fraction: float | None = None, seed: int = 0) -> None:
         super().__init__()
         self.manifest = load_manifest(manifest, dataset_dir)
-        self.kwargs = dict(preprocess=preprocess, img_size=img_size, axis=axis, classes=classes,
-                           target_mode=target_mode, min_size=min_size)
+        self.train_items, self.val_items, self.val_split = train_val_split(self.manifest, val_fraction, seed)
+        self.kwargs = dict(preprocess=preprocess, img_size=img_size, plane=plane, intensity=intensity,
+                           classes=classes, target_mode=target_mode, min_size=min_size)
         self.train_slices, self.val_slices, self.batch_size = train_slices, val_slices, batch_size
         self.train_set = self.val_set = None
 
@@ -118,10 +130,9 @@ class PromptSliceDataModule(L.LightningDataModule):
 
         if self.train_set is None:
             validate_manifest(self.manifest)
-            val_split = "validation" if self.manifest.splits.get("validation") else "training"
-            self.train_set = PromptSliceDataset(self.manifest.splits["training"], slices_per_volume=self.train_slices,
+            self.train_set = PromptSliceDataset(self.train_items, slices_per_volume=self.train_slices,
                                                 seed=0, **self.kwargs)
-            self.val_set = PromptSliceDataset(self.manifest.splits[val_split], slices_per_volume=self.val_slices,
+            self.val_set = PromptSliceDataset(self.val_items, slices_per_volume=self.val_slices,
                                               seed=1, **self.kwargs)
 
     def train_dataloader(self) -> DataLoader:

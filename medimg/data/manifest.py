@@ -158,3 +158,44 @@ def validate_manifest(manifest: Manifest, splits: tuple[str, ...] = ("training",
                 if len(bad):
                     raise DataError(item["label"], f"label values {bad.tolist()} exceed the {manifest.num_classes} "
                                                    "classes the manifest declares")
+
+
+def train_val_split(manifest: Manifest, val_fraction: float | None = None,
+                    seed: int = 0) -> tuple[list[dict], list[dict], str]:
+    """The training and validation items, and which split validates.
+
+    The manifest's own ``validation`` list is used when it has one. Otherwise ``val_fraction`` of
+    the training *subjects* are held out (entries sharing a ``subject`` field stay together; without
+    one, each image is its own subject). Training never silently validates on its own data.
+
+    Args:
+        manifest: the loaded manifest.
+        val_fraction: share of subjects to hold out when the manifest has no validation split.
+        seed: seed of that draw.
+
+    Returns:
+        ``(training, validation, split)``; ``split`` names the validation source for metrics.json.
+
+    Raises:
+        ConfigError: no validation split and no (usable) ``val_fraction``.
+    """
+    from medimg.errors import ConfigError
+
+    if manifest.splits.get("validation"):
+        return manifest.splits["training"], manifest.splits["validation"], "manifest validation split"
+    if not val_fraction:
+        raise ConfigError(manifest.path, "has no 'validation' split; add one, or set data.val_fraction "
+                                         "(e.g. 0.2) to hold out a share of the training subjects")
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise ConfigError("data.val_fraction", f"must lie between 0 and 1, not {val_fraction}")
+    items = manifest.splits["training"]
+    subjects = sorted({str(item.get("subject", item["image"])) for item in items})
+    if len(subjects) < 2:
+        raise ConfigError(manifest.path, "has one training subject and no 'validation' split: "
+                                         "nothing can be held out for validation")
+    rng = np.random.default_rng(seed)
+    n_val = min(max(1, round(len(subjects) * float(val_fraction))), len(subjects) - 1)
+    held = {subjects[i] for i in rng.permutation(len(subjects))[:n_val]}
+    train = [it for it in items if str(it.get("subject", it["image"])) not in held]
+    val = [it for it in items if str(it.get("subject", it["image"])) in held]
+    return train, val, f"held-out subjects (val_fraction={val_fraction}, seed={seed}): {n_val} of {len(subjects)}"

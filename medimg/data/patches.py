@@ -30,7 +30,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
-from medimg.data.manifest import load_manifest, validate_manifest
+from medimg.data.manifest import load_manifest, train_val_split, validate_manifest
 from medimg.data.prompts import sample_clicks, split_targets
 from medimg.data.transforms import build_pipeline, segmentation_spec
 from medimg.errors import ConfigError
@@ -190,10 +190,17 @@ class PromptPatchDataModule(L.LightningDataModule):
                  pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
                  classes: Sequence[int] | None = None, target_mode: str = "label", train_samples: int = 32,
                  val_clicks: int = 2, batch_size: int = 2, jitter: float = 0.25, min_size: int = 30,
-                 connected_to_click: bool = True, region_split: dict | None = None) -> None:
+                 connected_to_click: bool = True, region_split: dict | None = None,
+                 val_fraction: float | None = None, seed: int = 0) -> None:
         super().__init__()
         self.region_split = dict(region_split) if region_split else None
         self.manifest = load_manifest(manifest, dataset_dir)
+        if self.region_split:
+            rs = self.region_split
+            self.val_split = (f"region split of the {rs.get('split', 'test')!r} volumes: RAS axis {rs['axis']} "
+                              f"range {rs['val']} mm (training range {rs['train']} mm)")
+        else:
+            self.train_items, self.val_items, self.val_split = train_val_split(self.manifest, val_fraction, seed)
         self.pixdim, self.intensity = pixdim, intensity
         self.kwargs = dict(roi_size=roi_size, classes=classes, target_mode=target_mode, min_size=min_size,
                            connected_to_click=connected_to_click)
@@ -220,9 +227,8 @@ class PromptPatchDataModule(L.LightningDataModule):
                 if any((a & b).any() for a, b in zip(train_regions, val_regions)):
                     raise ConfigError("data.region_split", "the train and val ranges overlap")
             else:
-                val_split = "validation" if self.manifest.splits.get("validation") else "training"
-                train = load_volumes(self.manifest.splits["training"], self.pixdim, self.intensity)
-                val = load_volumes(self.manifest.splits[val_split], self.pixdim, self.intensity)
+                train = load_volumes(self.train_items, self.pixdim, self.intensity)
+                val = load_volumes(self.val_items, self.pixdim, self.intensity)
             self.train_set = PromptPatchDataset(train, samples=self.train_samples, jitter=self.jitter, seed=0,
                                                 regions=train_regions, **self.kwargs)
             self.val_set = PromptPatchDataset(val, samples=None, clicks_per_target=self.val_clicks, seed=1,

@@ -1,8 +1,13 @@
 """Prompts JSON (the DESIGN contract) -> voxel-space boxes and points, validated against the image.
 
 ``{"space": "voxel"|"world", "boxes": [[x0,y0,z0,x1,y1,z1], ...], "points": [[x,y,z], ...],
-"point_labels": [1|0, ...]}``; 2D images omit z. Voxel coordinates are array indices of the file
-as stored; world coordinates are RAS+ mm (DICOM's LPS is already converted by the reader).
+"point_labels": [1|0, ...], "intensity": "ct_lung", "propagate": true}``; 2D images omit z in voxel
+space. Voxel coordinates are array indices of the file as stored; world coordinates are RAS+ mm
+(DICOM's LPS is already converted by the reader), mapped through the image's full affine: every
+corner of a world box is transformed (an oblique image turns a world box into a rotated one, whose
+voxel bounding box is what the model gets). A 2D image lies in 3D space (a coronal slice has a 3D
+affine), so its world prompts take three coordinates; two are accepted when the image plane is
+axial (world z constant).
 """
 
 from __future__ import annotations
@@ -29,11 +34,34 @@ class Prompts:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     point_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+    intensity: str | None = None
+    propagate: bool = True
 
 
-def _to_voxel(coords: np.ndarray, affine: np.ndarray, nd: int) -> np.ndarray:
-    inv = np.linalg.inv(affine[:nd, :nd])
-    return (coords - affine[:nd, 3]) @ inv.T
+def _world_to_voxel(path: Path, coords: np.ndarray, affine: np.ndarray, nd: int) -> np.ndarray:
+    """World points ``(N, 2|3)`` -> voxel indices ``(N, nd)`` through the full 4x4 affine."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if coords.shape[1] == 2:  # 2D world coordinates: only for an image in an axial plane
+        if np.abs(affine[2, :2]).max() > 1e-6:
+            raise DataError(path, "this 2D image does not lie in an axial plane: give world prompts as [x, y, z] mm")
+        coords = np.concatenate([coords, np.full((len(coords), 1), affine[2, 3])], axis=1)
+    vox = (np.concatenate([coords, np.ones((len(coords), 1))], axis=1) @ np.linalg.inv(affine).T)[:, :3]
+    if nd == 2:
+        off = np.abs(vox[:, 2]).max(initial=0.0)
+        if off > 0.5 + 1e-6:
+            raise DataError(path, f"a world prompt lies {off:.2f} voxels off the plane of this 2D image")
+    return vox[:, :nd]
+
+
+def _world_boxes(path: Path, boxes: np.ndarray, affine: np.ndarray, nd: int, wd: int) -> np.ndarray:
+    """World boxes -> voxel bounding boxes of all 2^wd transformed corners."""
+    out = []
+    for b in boxes:
+        lo, hi = b[:wd], b[wd:]
+        corners = np.array([[hi[a] if (c >> a) & 1 else lo[a] for a in range(wd)] for c in range(2 ** wd)])
+        vox = _world_to_voxel(path, corners, affine, nd)
+        out.append(np.concatenate([vox.min(0), vox.max(0)]))
+    return np.asarray(out, dtype=np.float64).reshape(-1, 2 * nd)
 
 
 def load_prompts(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -> Prompts:
@@ -49,29 +77,43 @@ def load_prompts(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -
     if space not in ("voxel", "world"):
         raise DataError(path, f"space must be 'voxel' or 'world', not {space!r}")
     nd = len(shape)
+    # world prompts on a 2D image may carry z: the image lies in 3D space
+    wd = 3 if (space == "world" and nd == 2 and _lengths(doc) == {3}) else nd
     raw_boxes = doc.get("boxes") or []
-    if not isinstance(raw_boxes, list) or any(not isinstance(b, list) or len(b) != 2 * nd for b in raw_boxes):
-        raise DataError(path, f"each box needs {2 * nd} numbers for a {nd}D image")
+    if not isinstance(raw_boxes, list) or any(not isinstance(b, list) or len(b) != 2 * wd for b in raw_boxes):
+        raise DataError(path, f"each box needs {2 * wd} numbers for a {nd}D image")
     try:
-        boxes = np.asarray(raw_boxes, dtype=np.float64).reshape(-1, 2 * nd)
+        boxes = np.asarray(raw_boxes, dtype=np.float64).reshape(-1, 2 * wd)
     except (TypeError, ValueError) as exc:
         raise DataError(path, f"boxes must be numbers ({exc})") from exc
     raw_points = doc.get("points") or []
-    if not isinstance(raw_points, list) or any(not isinstance(p, list) or len(p) != nd for p in raw_points):
-        raise DataError(path, f"each point needs {nd} numbers for a {nd}D image")
+    if not isinstance(raw_points, list) or any(not isinstance(p, list) or len(p) != wd for p in raw_points):
+        raise DataError(path, f"each point needs {wd} numbers for a {nd}D image")
     try:
         points = np.asarray(raw_points, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise DataError(path, f"points must be numbers ({exc})") from exc
-    points = points.reshape(-1, nd)
+    points = points.reshape(-1, wd)
+    intensity = doc.get("intensity")
+    if intensity is not None:
+        from medimg.data.slicing import INTENSITY_PRESETS
+
+        if intensity not in INTENSITY_PRESETS:
+            raise DataError(path, f"unknown intensity {intensity!r}; choose from {', '.join(INTENSITY_PRESETS)}")
+    propagate = doc.get("propagate", True)
+    if not isinstance(propagate, bool):
+        raise DataError(path, "propagate must be true or false")
+    unknown = sorted(set(doc) - {"space", "boxes", "points", "point_labels", "intensity", "propagate"})
+    if unknown:
+        raise DataError(path, f"unknown key(s) {', '.join(unknown)}")
     labels = np.asarray(doc.get("point_labels", [1] * len(points)), dtype=np.int64)
     if len(labels) != len(points) or not np.isin(labels, (0, 1)).all():
         raise DataError(path, "point_labels needs one 1 or 0 per point")
     if not len(boxes) and not len(points):
         raise DataError(path, "no boxes and no points")
     if space == "world":
-        boxes = np.concatenate([_to_voxel(boxes[:, :nd], affine, nd), _to_voxel(boxes[:, nd:], affine, nd)], axis=1)
-        points = _to_voxel(points, affine, nd)
+        boxes = _world_boxes(path, boxes, affine, nd, wd)
+        points = _world_to_voxel(path, points, affine, nd) if len(points) else np.zeros((0, nd))
     # corners in either order (a flipped axis swaps them in voxel space)
     lo, hi = np.minimum(boxes[:, :nd], boxes[:, nd:]), np.maximum(boxes[:, :nd], boxes[:, nd:])
     upper = np.asarray(shape) - 1
@@ -84,4 +126,10 @@ def load_prompts(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -
         if (p < -tol).any() or (p > upper + tol).any():
             raise DataError(path, f"point {np.round(p, 2).tolist()} lies outside the image (shape {tuple(shape)})")
     boxes = np.concatenate([np.clip(lo, 0, upper), np.clip(hi, 0, upper)], axis=1)
-    return Prompts(boxes, np.clip(points, 0, upper), labels)
+    return Prompts(boxes, np.clip(points, 0, upper), labels, intensity, propagate)
+
+
+def _lengths(doc: dict) -> set[int]:
+    """The coordinate counts of a prompts document (box lengths halved)."""
+    out = {len(p) for p in doc.get("points") or [] if isinstance(p, list)}
+    return out | {len(b) // 2 for b in doc.get("boxes") or [] if isinstance(b, list)}

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from medimg.data.io import read_image
 from medimg.data.prompts import sample_slices, split_targets
+from medimg.data.slicing import prepare_volume
 
 Preprocess = Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]
 
@@ -25,15 +26,20 @@ def mask_to_model_frame(mask: np.ndarray, resized: tuple[int, int], size: int) -
 class PromptSliceDataset(Dataset):
     """Slices of labelled volumes with one binary target each, preprocessed for a SAM-family model.
 
+    Volumes are prepared by :func:`medimg.data.slicing.prepare_volume` (the anatomical ``plane``
+    resolved through the affine, the ``intensity`` window), the same function every predictor uses.
+
     Each item: ``image`` (3, S, S) model input, ``target`` (1, S, S) binary mask in the same frame,
-    ``label`` (the class value), ``volume``/``slice`` (provenance). The slice shown to the model is
-    ``volume.take(k, axis)`` transposed, so image columns follow the first remaining array axis.
+    ``mask`` the target at the slice's own resolution (zero-padded to the dataset's largest slice),
+    ``size`` its (rows, cols), ``label`` (the class value), ``volume``/``slice`` (provenance: the
+    slice index of the working frame). Validation measures on ``mask``, where users get results.
 
     Args:
         items: manifest entries ``{"image": path, "label": path}``.
         preprocess: the network's ``preprocess`` (image -> (input, resized size)).
         img_size: the network's input size S.
-        axis: slicing axis (1: coronal for RAS volumes).
+        plane: ``sagittal``, ``coronal`` or ``axial``.
+        intensity: intensity preset (:data:`medimg.data.slicing.INTENSITY_PRESETS`).
         classes: label values to make targets from (``None``: all).
         target_mode: ``label`` or ``component``.
         slices_per_volume: slices drawn per volume (``None``: every slice holding foreground).
@@ -41,31 +47,38 @@ class PromptSliceDataset(Dataset):
         seed: sampling seed.
     """
 
-    def __init__(self, items: Sequence[dict], preprocess: Preprocess, img_size: int, axis: int = 1,
-                 classes: Sequence[int] | None = None, target_mode: str = "component",
+    def __init__(self, items: Sequence[dict], preprocess: Preprocess, img_size: int, plane: str = "coronal",
+                 intensity: str = "mr", classes: Sequence[int] | None = None, target_mode: str = "component",
                  slices_per_volume: int | None = None, min_size: int = 30, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
-        self.samples: list[tuple[torch.Tensor, torch.Tensor, int, int, int]] = []
+        samples: list[tuple[torch.Tensor, torch.Tensor, np.ndarray, int, int, int]] = []
         for vi, item in enumerate(items):
-            image = read_image(item["image"]).array
-            label = read_image(item["label"]).array.astype(np.int64)
+            image = read_image(item["image"])
+            volume, frame = prepare_volume(image.array, image.affine, plane, intensity)
+            label = frame.to_working(read_image(item["label"]).array.astype(np.int64))
             if slices_per_volume is None:
-                other = tuple(a for a in range(3) if a != axis)
-                ks = np.nonzero((label > 0).any(axis=other))[0]
+                ks = np.nonzero((label > 0).any(axis=(0, 1)))[0]
             else:
-                ks = np.unique(sample_slices(label, slices_per_volume, axis=axis, rng=rng))
+                ks = np.unique(sample_slices(label, slices_per_volume, axis=2, rng=rng))
             for k in ks:
-                lab2d = np.take(label, int(k), axis=axis).T
+                lab2d = label[:, :, int(k)].T
                 targets = split_targets(lab2d, target_mode, list(classes) if classes else None, min_size)
                 if not targets:
                     continue
-                x, resized = preprocess(np.take(image, int(k), axis=axis).T)
+                x, resized = preprocess(volume[:, :, int(k)].T)
                 for value, mask in targets:
-                    self.samples.append((x[0], mask_to_model_frame(mask, resized, img_size), value, vi, int(k)))
+                    samples.append((x[0], mask_to_model_frame(mask, resized, img_size), mask, value, vi, int(k)))
+        rows = max((s[2].shape[0] for s in samples), default=1)
+        cols = max((s[2].shape[1] for s in samples), default=1)
+        self.samples = []
+        for x, target, mask, value, vi, k in samples:
+            canvas = torch.zeros(1, rows, cols)
+            canvas[0, : mask.shape[0], : mask.shape[1]] = torch.as_tensor(mask, dtype=torch.float32)
+            self.samples.append((x, target, canvas, torch.tensor(mask.shape), value, vi, k))
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        x, target, value, vi, k = self.samples[i]
-        return {"image": x, "target": target, "label": value, "volume": vi, "slice": k}
+        x, target, mask, size, value, vi, k = self.samples[i]
+        return {"image": x, "target": target, "mask": mask, "size": size, "label": value, "volume": vi, "slice": k}

@@ -16,19 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from monai.bundle import ConfigParser
-from monai.transforms import Compose
+from monai.transforms import Compose, MapTransform, RandomizableTransform
 
+from medimg.data.slicing import CT_WINDOWS, INTENSITY_PRESETS
 from medimg.errors import ConfigError
 
-# (level, width) in HU
-CT_WINDOWS = {
-    "ct_abdomen": (40.0, 400.0),
-    "ct_lung": (-600.0, 1500.0),
-    "ct_bone": (400.0, 1800.0),
-    "ct_brain": (40.0, 80.0),
-}
-INTENSITY_PRESETS = (*CT_WINDOWS, "mr", "none")
 ORIENTATION_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
 
 Spec = list[dict[str, Any]]
@@ -81,7 +76,7 @@ def geometry_spec(keys: Sequence[str], pixdim: Sequence[float] | None, label_key
 def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
                       roi_size: Sequence[int] = (64, 64, 64), num_samples: int = 2, num_classes: int = 3,
                       crop_foreground: bool = True, augment: bool = True, spatial_dims: int = 3,
-                      slice_axis: int | None = None) -> Spec:
+                      slice_axis: int | None = None, lr_swap: Sequence[Sequence[int]] | None = None) -> Spec:
     """The segmentation pipeline for one stage, as a bundle-config list.
 
     Args:
@@ -99,6 +94,9 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
         slice_axis: for 2D networks on volumes: training crops are one slice thick along this
             spatial axis (give ``roi_size`` with 1 there) and lose that axis; ``val``/``infer`` keep
             whole volumes (a slice inferer runs the network slice by slice).
+        lr_swap: the manifest's declaration of sided labels: pairs ``[left, right]`` of label values
+            that trade places under a left-right flip (``[]``: no label has a side). ``None`` (not
+            declared): no left-right flips at all, since a flip would corrupt a sided label.
     """
     if stage not in ("train", "val", "infer"):
         raise ConfigError("stage", f"unknown stage {stage!r}; choose train, val or infer")
@@ -113,7 +111,11 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
             spec += [
                 {"_target_": "RandCropByLabelClassesd", "keys": keys, "label_key": "label", "spatial_size": roi,
                  "num_classes": int(num_classes), "num_samples": int(num_samples)},
-                {"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": 0},
+            ]
+            if lr_swap is not None:  # RAS axis 0 is left-right
+                spec.append({"_target_": "medimg.data.transforms.RandLeftRightFlipd", "keys": keys,
+                             "label_key": "label", "swap": [[int(a), int(b)] for a, b in lr_swap], "prob": 0.5})
+            spec += [
                 {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
                 {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
             ]
@@ -129,3 +131,45 @@ def build_pipeline(spec: Spec) -> Compose:
     """Instantiate a spec list into a MONAI ``Compose`` (the same way a bundle does)."""
     parser = ConfigParser({"pipeline": {"_target_": "Compose", "transforms": spec}})
     return parser.get_parsed_content("pipeline", instantiate=True)
+
+
+class RandLeftRightFlipd(RandomizableTransform, MapTransform):
+    """Flip along the left-right axis (axis 0 of RAS data) and swap sided labels with it.
+
+    ``kidney_left`` seen in a mirrored image is a right kidney: each pair in ``swap`` trades label
+    values in the same random draw that flips the image, so labels stay anatomically true.
+
+    Args:
+        keys: image and label keys (channel-first arrays).
+        label_key: which key holds labels.
+        swap: pairs ``[a, b]`` of label values to exchange when flipped.
+        prob: flip probability.
+    """
+
+    def __init__(self, keys: Sequence[str] | str, label_key: str = "label",
+                 swap: Sequence[Sequence[int]] = (), prob: float = 0.5) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.label_key = label_key
+        self.swap = [(int(a), int(b)) for a, b in swap]
+
+    def __call__(self, data: dict) -> dict:
+        """Flip every key (and swap the label pairs) with probability ``prob``."""
+        self.randomize(None)
+        d = dict(data)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            flipped = torch.flip(torch.as_tensor(d[key]), dims=[1]) if isinstance(d[key], torch.Tensor) \
+                else np.flip(d[key], axis=1).copy()
+            if key == self.label_key and self.swap:
+                original = flipped.clone() if isinstance(flipped, torch.Tensor) else flipped.copy()
+                for a, b in self.swap:
+                    flipped[original == a] = b
+                    flipped[original == b] = a
+            if hasattr(d[key], "copy_meta_from") and not hasattr(flipped, "meta"):
+                from monai.data import MetaTensor
+
+                flipped = MetaTensor(flipped, meta=d[key].meta)
+            d[key] = flipped
+        return d

@@ -3,9 +3,11 @@
 Set an image or volume once; image embeddings are computed per slice on first use and kept in a
 bounded LRU cache, so each new prompt runs only the prompt encoder and mask decoder.
 
-Coordinates are array indices (the prompts-JSON contract): a slice ``volume[:, :, k]`` is shown to
-the network transposed (rows = j, columns = i), so a box ``[i0, j0, i1, j1]`` is SAM's
-``[x0, y0, x1, y1]`` unchanged. 3D prompts are segmented slice by slice: the box for slice k+1
+A volume is prepared exactly as training prepared it (:func:`medimg.data.slicing.prepare_volume`:
+the bundle's anatomical ``plane`` resolved through the affine, its ``intensity`` window). Prompts
+are array indices of the file as stored (the prompts-JSON contract); they are mapped into the
+working frame, where a slice ``working[:, :, k]`` is shown to the network transposed (rows = J,
+columns = I), and masks are mapped back. 3D prompts are segmented slice by slice: the box for slice k+1
 is the bounding box of the mask on slice k. Given a box, SAM outputs *something* even on a slice
 the object has left, so propagation stops where the mask vanishes, where the decoder's predicted
 IoU drops below ``min_iou``, or where the mean (windowed) intensity inside the mask departs from
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medimg.data.slicing import SliceFrame, check_intensity, check_plane, prepare_volume, window_to_uint8
 from medimg.models.sam.network import PromptableSAM
 
 
@@ -30,6 +33,8 @@ class PromptablePredictor:
     Args:
         network: the promptable network.
         device: ``cpu``/``cuda`` (default: CUDA when available).
+        plane: the anatomical slicing plane training used (``sagittal``, ``coronal``, ``axial``).
+        intensity: the intensity preset training used (a CT window, ``mr`` or ``none``).
         cache_size: how many slice embeddings to keep (LRU).
         min_area: a propagated slice mask smaller than this (pixels) ends propagation.
         box_margin: pixels added around a mask's bounding box when it becomes the next slice's box.
@@ -38,9 +43,14 @@ class PromptablePredictor:
             than this fraction of the windowed range from the starting slice's.
     """
 
-    def __init__(self, network: PromptableSAM, device: str | None = None, cache_size: int = 64,
-                 min_area: int = 10, box_margin: int = 2, min_iou: float = 0.5,
-                 intensity_tolerance: float = 0.25) -> None:
+    spatial_dims = 2
+
+    def __init__(self, network: PromptableSAM, device: str | None = None, plane: str = "axial",
+                 intensity: str = "mr", cache_size: int = 64, min_area: int = 10, box_margin: int = 2,
+                 min_iou: float = 0.5, intensity_tolerance: float = 0.25) -> None:
+        self.plane = check_plane(plane)
+        self.intensity = check_intensity(intensity)
+        self.frame: SliceFrame | None = None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.network = network.to(self.device).eval()
         self.cache_size = int(cache_size)
@@ -54,29 +64,32 @@ class PromptablePredictor:
         self.encoder_calls = 0
 
     # -------------------------------------------------------------- setting data
-    def set_image(self, image: np.ndarray) -> None:
-        """Set a 2D image (array index order ``(i, j)``)."""
+    def set_image(self, image: np.ndarray, intensity: str | None = None) -> None:
+        """Set a 2D image (array index order ``(i, j)``), windowed by ``intensity`` (default: the bundle's)."""
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2:
             raise ValueError(f"set_image expects a 2D array, got shape {image.shape}")
-        self.set_volume(image[..., None])
+        self.frame = None
+        self._volume = window_to_uint8(image, check_intensity(intensity or self.intensity))[..., None]
+        self._cache.clear()
 
-    def set_volume(self, volume: np.ndarray, window: tuple[float, float] | None = None) -> None:
-        """Set a 3D volume ``(i, j, k)``; slices are along the last axis.
+    def set_volume(self, volume: np.ndarray, affine: np.ndarray | None = None, intensity: str | None = None) -> None:
+        """Set a 3D volume as stored on disk, with its RAS+ ``affine`` (identity: already RAS).
 
-        Intensities are windowed once for the whole volume (``window`` or the 0.5-99.5 percentiles)
-        so every slice sees the same mapping; the network's own per-image normalisation follows.
+        The volume is reoriented to the bundle's slicing plane and windowed by ``intensity``
+        (default: the bundle's) with the very function training used.
         """
         volume = np.asarray(volume, dtype=np.float32)
         if volume.ndim != 3:
             raise ValueError(f"set_volume expects a 3D array, got shape {volume.shape}")
-        lo, hi = window if window is not None else np.percentile(volume, [0.5, 99.5])
-        self._volume = np.clip((volume - lo) / max(float(hi - lo), 1e-8), 0.0, 1.0) * 255.0
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        self._volume, self.frame = prepare_volume(volume, affine, self.plane,
+                                                  check_intensity(intensity or self.intensity))
         self._cache.clear()
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of the current volume."""
+        """Shape of the current volume in the working frame (slices along the last axis)."""
         if self._volume is None:
             raise RuntimeError("call set_image or set_volume first")
         return self._volume.shape
@@ -101,7 +114,9 @@ class PromptablePredictor:
     def predict_slice(self, k: int = 0, box: Sequence[float] | None = None,
                       points: Sequence[Sequence[float]] | None = None, point_labels: Sequence[int] | None = None,
                       mask_input: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
-        """Segment slice ``k`` from a box ``[i0, j0, i1, j1]`` and/or points ``[[i, j], ...]``.
+        """Segment working slice ``k`` from a box ``[i0, j0, i1, j1]`` and/or points ``[[i, j], ...]``.
+
+        Coordinates are those of the working frame (for a 2D image: its own array indices).
 
         Returns:
             ``(mask (I, J) bool, low_res_logits (1, 1, 256, 256))``; pass the logits back as
@@ -134,77 +149,96 @@ class PromptablePredictor:
         hi = np.minimum(idx.max(0) + self.box_margin, np.asarray(mask.shape) - 1)
         return np.concatenate([lo, hi]).astype(np.float32)
 
-    def _propagate(self, out: np.ndarray, start: int, mask: np.ndarray, stop: int, step: int) -> None:
+    def _propagate(self, out: np.ndarray, start: int, mask: np.ndarray, stop: int, step: int,
+                   clicks: dict[int, tuple[list, list]]) -> None:
         box = self._box_of(mask)
         seed_mean = float(self._volume[:, :, start][mask].mean()) if mask.any() else 0.0
         k = start + step
         while box is not None and (k <= stop if step > 0 else k >= stop):
-            mask, _ = self.predict_slice(k, box=box)
+            pts, labels = clicks.get(k, (None, None))
+            mask, _ = self.predict_slice(k, box=box, points=pts, point_labels=labels)
             if mask.sum() < self.min_area or self.last_iou < self.min_iou:
                 break
             if abs(float(self._volume[:, :, k][mask].mean()) - seed_mean) > self.intensity_tolerance * 255.0:
                 break
-            out[:, :, k] = mask
+            out[:, :, k] |= mask
             box = self._box_of(mask)
             k += step
 
     def predict_volume(self, box: Sequence[float] | None = None, points: Sequence[Sequence[float]] | None = None,
-                       point_labels: Sequence[int] | None = None, slice_index: int | None = None) -> np.ndarray:
-        """Segment a 3D structure by slice propagation.
+                       point_labels: Sequence[int] | None = None, propagate: bool = True) -> np.ndarray:
+        """Segment a 3D structure by slice propagation along the bundle's plane.
 
         Args:
-            box: a 3D box ``[i0, j0, k0, i1, j1, k1]`` (propagation stays inside ``k0..k1``), or a
-                2D box ``[i0, j0, i1, j1]`` on ``slice_index`` (propagation runs until the mask vanishes).
-            points: 3D points ``[[i, j, k], ...]``; the slice of the first positive point starts.
+            box: a 3D box ``[i0, j0, k0, i1, j1, k1]`` in stored voxel indices. Propagation stays
+                inside the box's extent along the slicing plane's normal; a box that is flat along
+                it (one slice) propagates until the structure ends.
+            points: 3D points ``[[i, j, k], ...]`` in stored voxel indices. Every slice holding a
+                positive click starts a propagation, which honours the clicks of each slice it
+                reaches; the results are merged.
             point_labels: 1 positive, 0 negative per point.
-            slice_index: the slice of a 2D box.
+            propagate: ``False`` segments only the prompted slices.
 
         Returns:
-            ``(I, J, K)`` bool mask in the volume's own index order.
+            The mask in the volume's stored index order and shape.
         """
+        if self.frame is None:
+            raise RuntimeError("call set_volume first")
         ni, nj, nk = self.shape
         out = np.zeros((ni, nj, nk), dtype=bool)
-        k_lo, k_hi = 0, nk - 1
-        box2d = None
-        pts = np.asarray(points if points else np.zeros((0, 3)), dtype=np.float32)
-        labels = np.asarray(point_labels if point_labels is not None else [1] * len(pts))
+        pts = np.asarray(points if points is not None and len(points) else np.zeros((0, 3)), dtype=np.float64)
+        labels = np.asarray(point_labels if point_labels is not None else [1] * len(pts), dtype=np.int64)
         if len(pts) and pts.shape[1] != 3:
             raise ValueError("points on a volume are [i, j, k]")
+        pts = self.frame.points_to_working(pts) if len(pts) else pts
+        ks = np.clip(np.round(pts[:, 2]), 0, nk - 1).astype(int) if len(pts) else np.zeros(0, dtype=int)
+        clicks = {int(k): (pts[ks == k, :2].tolist(), labels[ks == k].tolist()) for k in np.unique(ks)}
         if box is not None:
-            box = np.asarray(box, dtype=np.float32)
-            if box.size == 6:
-                k_lo, k_hi = int(round(box[2])), int(round(box[5]))
-                start = (k_lo + k_hi) // 2 if slice_index is None else int(slice_index)
-                box2d = box[[0, 1, 3, 4]]
-            elif box.size == 4:
-                if slice_index is None:
-                    raise ValueError("a 2D box on a volume needs slice_index")
-                start, box2d = int(slice_index), box
-            else:
-                raise ValueError(f"a box has 4 (2D) or 6 (3D) numbers, got {box.size}")
+            box = np.asarray(box, dtype=np.float64)
+            if box.size != 6:
+                raise ValueError(f"a box on a volume has 6 numbers [i0, j0, k0, i1, j1, k1], got {box.size}")
+            wbox = self.frame.boxes_to_working(box)[0]
+            k_lo, k_hi = int(round(wbox[2])), int(round(wbox[5]))
+            starts = [(k_lo + k_hi) // 2]
+            if k_lo == k_hi:
+                k_lo, k_hi = 0, nk - 1
+            box2d = wbox[[0, 1, 3, 4]]
         elif len(pts):
-            start = int(round(pts[labels == 1][0, 2])) if (labels == 1).any() else int(round(pts[0, 2]))
+            if not (labels == 1).any():
+                raise ValueError("give at least one positive point")
+            starts = sorted({int(k) for k in ks[labels == 1]})
+            k_lo, k_hi, box2d = 0, nk - 1, None
         else:
             raise ValueError("give a box or points")
-        here = np.abs(pts[:, 2] - start) < 0.5  # the clicks on the starting slice
-        mask, _ = self.predict_slice(start, box=box2d, points=pts[here, :2].tolist() or None,
-                                     point_labels=labels[here].tolist() or None)
-        out[:, :, start] = mask
-        self._propagate(out, start, mask, k_hi, +1)
-        self._propagate(out, start, mask, k_lo, -1)
-        return out
+        for start in starts:
+            here_pts, here_labels = clicks.get(start, (None, None))
+            mask, _ = self.predict_slice(start, box=box2d, points=here_pts, point_labels=here_labels)
+            out[:, :, start] |= mask
+            if propagate:
+                self._propagate(out, start, mask, k_hi, +1, clicks)
+                self._propagate(out, start, mask, k_lo, -1, clicks)
+        return self.frame.from_working(out)
 
 
-def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path: str) -> str:
+def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path: str,
+                 intensity: str | None = None) -> str:
     """Segment one 2D image or 3D volume from a prompts file; write labels in the input's geometry.
 
     Each box becomes label 1, 2, ... in order; the points (if any) form one more object. On a
-    volume, a 3D box limits propagation to its slice range; a box with ``z0 == z1`` is a box on
-    that one slice and propagates until the object ends.
+    volume, a 3D box limits propagation to its extent along the bundle's slicing plane; a box flat
+    along it is a box on that one slice and propagates until the object ends. The prompts file may
+    set ``"intensity"`` (a CT window such as ``ct_lung``) and ``"propagate": false``.
 
     Used by ``medimg.infer --prompts`` and by the bundle's ``inference.json`` (``monai.bundle run``).
     A 3D network's predictor (:class:`~medimg.predictors.volumetric.VolumePromptPredictor`) hands
     over to :func:`~medimg.predictors.volumetric.segment_volume_file`.
+
+    Args:
+        predictor: the bundle's predictor.
+        input_path: image file or DICOM folder.
+        prompts_path: prompts JSON.
+        output_path: the NIfTI to write.
+        intensity: intensity preset overriding the bundle's (and the prompts file's).
     """
     if getattr(predictor, "spatial_dims", 2) == 3:
         from medimg.predictors.volumetric import segment_volume_file
@@ -218,10 +252,10 @@ def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path
     flat = array.ndim == 3 and array.shape[2] == 1
     shape = array.shape[:2] if flat else array.shape
     prompts = load_prompts(prompts_path, shape, image.affine)
-    nd = len(shape)
+    window = intensity or prompts.intensity
     labels = np.zeros(shape, dtype=np.uint8)
-    if nd == 2:
-        predictor.set_image(array[..., 0] if flat else array)
+    if len(shape) == 2:
+        predictor.set_image(array[..., 0] if flat else array, intensity=window)
         objects = [dict(box=b) for b in prompts.boxes]
         if len(prompts.points):
             objects.append(dict(points=prompts.points.tolist(), point_labels=prompts.point_labels.tolist()))
@@ -229,17 +263,17 @@ def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path
             mask, _ = predictor.predict_slice(0, **obj)
             labels[mask & (labels == 0)] = value
     else:
-        predictor.set_volume(array)
-        objects = []
-        for b in prompts.boxes:
-            if round(b[2]) == round(b[5]):
-                objects.append(dict(box=b[[0, 1, 3, 4]], slice_index=int(round(b[2]))))
-            else:
-                objects.append(dict(box=b))
+        predictor.set_volume(array, image.affine, intensity=window)
+        objects = [dict(box=b) for b in prompts.boxes]
         if len(prompts.points):
             objects.append(dict(points=prompts.points.tolist(), point_labels=prompts.point_labels.tolist()))
         for value, obj in enumerate(objects, start=1):
-            mask = predictor.predict_volume(**obj)
+            try:
+                mask = predictor.predict_volume(propagate=prompts.propagate, **obj)
+            except ValueError as exc:
+                from medimg.errors import DataError
+
+                raise DataError(prompts_path, str(exc)) from exc
             labels[mask & (labels == 0)] = value
     write_like(labels[..., None] if flat else labels, image, output_path)
     return output_path

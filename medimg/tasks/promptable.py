@@ -64,11 +64,24 @@ class PromptableTask(L.LightningModule):
         self._emb_cache: dict[tuple, torch.Tensor] = {}
         self.spatial_dims = int(getattr(network, "spatial_dims", 2))
 
+    def _encoder_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.network.image_encoder.parameters())
+
+    def on_train_epoch_start(self) -> None:
+        """A frozen 2D image encoder stays in eval mode: its BatchNorm statistics must not drift.
+
+        Otherwise the exported encoder would differ from the one whose (cached) embeddings were
+        validated, and the bundle would not reproduce the validation metrics.
+        """
+        if self.spatial_dims == 2 and self._encoder_frozen():
+            self.network.image_encoder.eval()
+
     def embed(self, batch: dict, split: str) -> Any:
         """Image features; 2D embeddings are cached per slice while the image encoder is frozen."""
         x = batch["image"]
-        if self.spatial_dims == 3 or any(p.requires_grad for p in self.network.image_encoder.parameters()):
+        if self.spatial_dims == 3 or not self._encoder_frozen():
             return self.network.encode(x)
+        self.network.image_encoder.eval()
         keys = [(split, int(v), int(k)) for v, k in zip(batch["volume"], batch["slice"])]
         missing = [i for i, key in enumerate(keys) if key not in self._emb_cache]
         if missing:
@@ -182,9 +195,17 @@ class PromptableTask(L.LightningModule):
 
     # ------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Dice and NSD for a tight box, 1, 3 and 5 clicks (deterministic prompts)."""
+        """Dice and NSD for a tight box, 1, 3 and 5 clicks (deterministic prompts).
+
+        2D slices are measured at their own resolution, with prompts in their own pixels, exactly
+        as a predictor answers a user (``medimg.infer`` reproduces these numbers); 3D patches in the
+        network's frame, as the 3D predictor's windows are.
+        """
         x, target = batch["image"], batch["target"]
         emb = self.embed(batch, "val")
+        if self.spatial_dims == 2 and "mask" in batch:
+            self._validate_native(batch, emb, batch_idx)
+            return
         region = self._region(batch)
         low_t = self._low_res(target) if region is None else self._low_res(target) * region
         masks_np = (low_t[:, 0] > 0.5).cpu().numpy()
@@ -208,6 +229,50 @@ class PromptableTask(L.LightningModule):
             nsd = compute_surface_dice(_two_class(pred), _two_class(low_t), [self.hparams.nsd_tolerance_px])
             self.log(f"val/dice_{name}", dice.nanmean(), batch_size=x.shape[0], prog_bar=name == "box")
             self.log(f"val/nsd_{name}", torch.nan_to_num(nsd).mean(), batch_size=x.shape[0])
+
+    def _validate_native(self, batch: dict, emb: torch.Tensor, batch_idx: int) -> None:
+        """2D validation at each slice's own resolution (box tight on the slice's mask; error-region clicks)."""
+        net = self.network
+        scores: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for i in range(emb.shape[0]):
+            rows, cols = (int(v) for v in batch["size"][i])
+            truth = batch["mask"][i : i + 1, :, :rows, :cols]
+            truth_np = truth[0, 0].cpu().numpy() > 0.5
+            rng = np.random.default_rng((batch_idx, i))
+
+            def decode(box=None, clicks=None, mask_in=None, e=emb[i : i + 1], size=(rows, cols)):
+                b = p = None
+                if box is not None:
+                    b = net.scale_coords(torch.tensor(box, device=self.device).view(2, 2), size).view(1, 4)
+                if clicks is not None:
+                    coords = net.scale_coords(torch.as_tensor(clicks[0], device=self.device), size)
+                    p = (coords[None], torch.as_tensor(clicks[1], device=self.device)[None].int())
+                low = net.decode(e, points=p, boxes=b, masks=mask_in)[0]
+                return low, net.postprocess(low, net.resized_size(*size), size)
+
+            def clicks_from(pred, so_far):
+                pts, labels = sample_clicks(truth_np, pred, num=1, rng=rng)
+                new = (pts[:, ::-1].astype(np.float32), labels)  # (row, col) -> (x, y)
+                return new if so_far is None else (np.concatenate([so_far[0], new[0]]),
+                                                   np.concatenate([so_far[1], new[1]]))
+
+            box = [float(v) for v in box_from_mask(truth_np.T)]
+            scores.setdefault("box", []).append((decode(box=box)[1] > 0, truth))
+            clicks = clicks_from(None, None)
+            low, full = decode(clicks=clicks)
+            scores.setdefault("point1", []).append((full > 0, truth))
+            for n in range(2, 6):
+                clicks = clicks_from((full[0, 0] > 0).cpu().numpy(), clicks)
+                low, full = decode(clicks=clicks, mask_in=low)
+                if n in (3, 5):
+                    scores.setdefault(f"point{n}", []).append((full > 0, truth))
+        for name, pairs in scores.items():
+            dice = torch.stack([compute_dice(p.float(), t, include_background=True, ignore_empty=False)[0, 0]
+                                for p, t in pairs])
+            nsd = torch.stack([torch.nan_to_num(compute_surface_dice(
+                _two_class(p.float()), _two_class(t), [self.hparams.nsd_tolerance_px]))[0, 0] for p, t in pairs])
+            self.log(f"val/dice_{name}", dice.mean(), batch_size=len(pairs), prog_bar=name == "box")
+            self.log(f"val/nsd_{name}", nsd.mean(), batch_size=len(pairs))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters only."""

@@ -86,9 +86,44 @@ def test_propagation_stops_where_the_object_ends(lite):
     pred = PromptablePredictor(lite)
     pred.set_volume(vol.astype(np.float32))
     idx = np.argwhere(inside[:, :, 12])
-    out = pred.predict_volume(box=[*idx.min(0), *idx.max(0)], slice_index=12)
+    lo, hi = idx.min(0), idx.max(0)
+    out = pred.predict_volume(box=[lo[0], lo[1], 12, hi[0], hi[1], 12])  # flat box: propagate until the end
     covered = np.nonzero(out.any(axis=(0, 1)))[0]
     truth = np.nonzero(inside.any(axis=(0, 1)))[0]
     assert abs(int(covered.min()) - int(truth.min())) <= 1 and abs(int(covered.max()) - int(truth.max())) <= 1
     dice = 2 * np.logical_and(out, inside).sum() / (out.sum() + inside.sum())
     assert dice > 0.85, dice
+
+
+def test_clicks_on_several_slices_are_all_honoured(lite):
+    """Every slice holding a positive click starts a propagation; clicks on slices it reaches are used.
+
+    (The old predictor used the clicks of the first positive click's slice and silently dropped the rest.)
+    """
+    vol = np.random.default_rng(3).random((32, 32, 20)).astype(np.float32)
+    pred = PromptablePredictor(lite, min_area=1)
+    pred.set_volume(vol)
+    calls = []
+
+    def fake_slice(k, box=None, points=None, point_labels=None, mask_input=None):
+        calls.append((k, None if points is None else [list(map(float, p)) for p in points], point_labels))
+        pred.last_iou = 1.0
+        mask = np.zeros((32, 32), dtype=bool)
+        if k in (3, 4, 15):  # two objects: slices 3-4 and slice 15
+            mask[10:20, 10:20] = True
+        return mask, None
+
+    pred.predict_slice = fake_slice
+    out = pred.predict_volume(points=[[12, 12, 3], [15, 15, 15], [5, 5, 4]], point_labels=[1, 1, 0])
+    started = [c for c in calls if c[1] is not None and c[2] is not None and 1 in c[2]]
+    assert {c[0] for c in started} == {3, 15}
+    on_4 = [c for c in calls if c[0] == 4]
+    assert on_4 and on_4[0][1] == [[5.0, 5.0]] and on_4[0][2] == [0]  # the negative click on slice 4 was used
+    assert set(np.nonzero(out.any(axis=(0, 1)))[0]) == {3, 4, 15}
+
+
+def test_only_negative_clicks_are_refused(lite):
+    pred = PromptablePredictor(lite)
+    pred.set_volume(np.zeros((16, 16, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="positive"):
+        pred.predict_volume(points=[[3, 3, 1]], point_labels=[0])

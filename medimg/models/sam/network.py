@@ -7,7 +7,10 @@ for key), and owns each family's exact preprocessing:
 
 - ``sam``: resize the longest side to ``img_size`` (segment-anything's ``ResizeLongestSide``, on
   uint8 like ``SamPredictor``), ImageNet mean/std normalisation, zero-pad to a square.
-- ``medsam`` / ``litemedsam``: min-max to [0, 1], resize the longest side (bilinear), zero-pad.
+- ``medsam``: the whole slice resized to ``img_size x img_size`` (skimage, bicubic), min-max to
+  [0, 1], as ``MedSAM_Inference.py`` does.
+- ``litemedsam``: longest side to ``img_size`` (OpenCV ``INTER_AREA``), min-max to [0, 1], zero-pad,
+  as ``CVPR24_LiteMedSAM_infer.py`` does.
 """
 
 from __future__ import annotations
@@ -54,12 +57,27 @@ class PromptableSAM(nn.Module):
 
     # ----------------------------------------------------------------- preprocessing
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """Size after resizing the longest side to ``img_size`` (segment-anything's rounding)."""
+        """The image's size in the model input frame, before padding.
+
+        MedSAM squashes the whole slice to ``img_size x img_size``; SAM and LiteMedSAM resize the
+        longest side to ``img_size`` (segment-anything's rounding) and pad.
+        """
+        if self.family == "medsam":
+            return self.img_size, self.img_size
         scale = self.img_size / max(height, width)
         return int(height * scale + 0.5), int(width * scale + 0.5)
 
     def preprocess(self, image: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One 2D image (``H x W`` or ``H x W x C``, any intensity range) -> model input.
+        """One 2D image (``H x W`` or ``H x W x C``) -> model input, as each family's official inference does.
+
+        - ``sam``: ``SamPredictor`` (uint8, ``ResizeLongestSide``, ImageNet mean/std, zero padding).
+        - ``medsam``: ``MedSAM_Inference.py`` (skimage bicubic resize of the whole slice to
+          ``img_size x img_size`` with anti-aliasing, then min-max to [0, 1]; no padding).
+        - ``litemedsam``: ``CVPR24_LiteMedSAM_infer.py`` (OpenCV ``INTER_AREA`` resize of the longest
+          side, min-max to [0, 1], zero padding).
+
+        Images outside 0..255 (or not integer) are first min-max scaled to 0..255, the range the
+        official scripts take; :func:`medimg.data.slicing.window_to_uint8` prepares volumes so.
 
         Returns:
             ``(x, (h, w))``: the ``(1, 3, S, S)`` input and the resized (unpadded) size.
@@ -73,23 +91,39 @@ class PromptableSAM(nn.Module):
         h, w = self.resized_size(*arr.shape[:2])
         device = self.pixel_mean.device
         lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 255 or not np.allclose(arr, np.round(arr)):
+            arr = np.round((arr - lo) / max(hi - lo, 1e-8) * 255.0)
+        arr = np.clip(arr, 0, 255)
         if self.family == "sam":
             from segment_anything.utils.transforms import ResizeLongestSide
 
-            if lo < 0 or hi > 255 or not np.allclose(arr, np.round(arr)):
-                arr = (arr - lo) / max(hi - lo, 1e-8) * 255.0  # SAM expects uint8 RGB
-            resized = ResizeLongestSide(self.img_size).apply_image(np.clip(arr, 0, 255).astype(np.uint8))
+            resized = ResizeLongestSide(self.img_size).apply_image(arr.astype(np.uint8))
             x = torch.as_tensor(resized, device=device).permute(2, 0, 1)[None].float()
             x = (x - self.pixel_mean) / self.pixel_std
         else:
-            arr = (arr - lo) / max(hi - lo, 1e-8)
-            x = torch.as_tensor(arr, device=device).permute(2, 0, 1)[None]
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            if self.family == "medsam":
+                from skimage.transform import resize
+
+                resized = resize(arr.astype(np.uint8), (h, w), order=3, preserve_range=True,
+                                 anti_aliasing=True).astype(np.uint8)  # MedSAM_Inference.py casts back to uint8
+            else:
+                import cv2
+
+                resized = cv2.resize(arr.astype(np.uint8), (w, h), interpolation=cv2.INTER_AREA)
+            resized = resized.astype(np.float64)
+            resized = (resized - resized.min()) / np.clip(resized.max() - resized.min(), 1e-8, None)
+            x = torch.as_tensor(resized, device=device, dtype=torch.float32).permute(2, 0, 1)[None]
         x = F.pad(x, (0, self.img_size - x.shape[-1], 0, self.img_size - x.shape[-2]))
         return x, (h, w)
 
     def scale_coords(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
-        """Map ``(x, y)`` pixel coordinates of the original image into the model input frame."""
+        """Map ``(x, y)`` pixel coordinates of the original image into the model input frame.
+
+        LiteMedSAM scales by ``img_size / max(H, W)`` (its ``resize_box_to_256``); SAM and MedSAM by
+        the resized size over the original size per axis.
+        """
+        if self.family == "litemedsam":
+            return coords * (self.img_size / max(original_size))
         h, w = self.resized_size(*original_size)
         scale = torch.tensor([w / original_size[1], h / original_size[0]], device=coords.device, dtype=coords.dtype)
         return coords * scale
@@ -137,7 +171,21 @@ class PromptableSAM(nn.Module):
 
     def postprocess(self, low_res: torch.Tensor, resized: tuple[int, int],
                     original_size: tuple[int, int]) -> torch.Tensor:
-        """Low-res logits -> logits at the original image size (crop the padding, upsample)."""
-        masks = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        masks = masks[..., : resized[0], : resized[1]]
+        """Low-res logits -> logits at the original image size.
+
+        SAM: up to the input size, crop the padding, resize (``SamPredictor``). LiteMedSAM: crop the
+        padding at low resolution, resize (its official ``postprocess_masks``). MedSAM: resize the
+        low-res logits straight to the original size (its official inference).
+        """
+        if self.family == "medsam":  # MedSAM resizes the probabilities, then thresholds at 0.5
+            prob = F.interpolate(torch.sigmoid(low_res), original_size, mode="bilinear", align_corners=False)
+            return torch.logit(prob, eps=1e-7)
+        if self.family == "litemedsam":
+            masks = low_res
+            if masks.shape[-1] != self.img_size:
+                masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+            masks = masks[..., : resized[0], : resized[1]]
+        else:
+            masks = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+            masks = masks[..., : resized[0], : resized[1]]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
