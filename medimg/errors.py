@@ -47,17 +47,19 @@ class BundleError(MedimgError):
 
 
 def find_medimg_error(exc: BaseException | None) -> MedimgError | None:
-    """Return the :class:`MedimgError` behind ``exc``, following ``__cause__``/``__context__``.
+    """Return the :class:`MedimgError` that ``exc`` wraps, following explicit ``raise ... from`` causes only.
 
-    MONAI wraps exceptions raised inside transforms (``applying transform ...``) and PyTorch wraps
-    those raised in data-loader workers; the user's mistake is the innermost MedimgError.
+    MONAI wraps exceptions raised inside transforms (``raise RuntimeError("applying transform ...")
+    from e``); the user's mistake is the MedimgError at the end of that chain. An exception merely
+    raised *while handling* a MedimgError (``__context__``) is a genuine bug, never a user error:
+    it keeps its traceback.
     """
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MedimgError):
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return None
 
 

@@ -110,7 +110,9 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
     else:
         preprocessing = segmentation_spec("infer", pixdim=data_cfg["pixdim"], intensity=data_cfg["intensity"],
                                           crop_foreground=data_cfg["crop_foreground"])
-        inference_vars = {"roi_size": list(data_cfg["roi_size"])}
+        task_cfg = dict(cfg.get("task", {}))  # the validation's sliding-window settings, exactly
+        inference_vars = {"roi_size": list(data_cfg["roi_size"]), "overlap": float(task_cfg.get("overlap", 0.25)),
+                          "sw_batch_size": int(task_cfg.get("sw_batch_size", 4))}
         if data_cfg.get("slice_axis") is not None:  # a 2D network over the volume's slices
             inference_vars["slice_axis"] = int(data_cfg["slice_axis"])
     metrics_file = run_dir / "metrics.json"

@@ -163,12 +163,16 @@ def _segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:
 
         warn_random_backbone(cfg)
     t = cfg.task
+    from monai.transforms import Invertd
+
+    invert = Invertd(keys="pred", transform=dm.val_transforms, orig_keys="image", nearest_interp=False,
+                     to_tensor=True)
     task = SegmentationTask(build_network(**model_kwargs), num_classes=manifest.num_classes,
                             class_names=manifest.class_names or None, roi_size=list(cfg.data.roi_size),
                             sw_batch_size=t.sw_batch_size, overlap=t.overlap, lr=t.lr, weight_decay=t.weight_decay,
                             optimizer=t.optimizer, warmup_epochs=t.warmup_epochs,
                             surface_tolerance_mm=t.surface_tolerance_mm, overlay_dir=str(run_dir / "overlays"),
-                            slice_axis=cfg.data.get("slice_axis"))
+                            slice_axis=cfg.data.get("slice_axis"), invert=invert)
     return TaskParts(task, dm, "val/dice", lambda m: _report(m, manifest.class_names[1:]), val_split=dm.val_split)
 
 

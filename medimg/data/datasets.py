@@ -144,7 +144,8 @@ def prepare_phantom(root: str | Path, num_images: int = 6, size: int = 32, num_c
         entries.append({"image": f"img{i:02d}.nii.gz", "label": f"seg{i:02d}.nii.gz"})
     n_val = max(1, num_images // 3)
     labels = {"0": "background", **{str(c): f"object{c}" for c in range(1, num_classes)}}
-    doc = {"name": "phantom", "labels": labels, "lr_swap": [], "training": entries[:-n_val], "validation": entries[-n_val:]}
+    doc = {"name": "phantom", "labels": labels, "lr_swap": [],  # no sided labels: left-right flips are safe
+           "training": entries[:-n_val], "validation": entries[-n_val:]}
     with atomic_output(manifest) as tmp:
         tmp.write_text(json.dumps(doc, indent=2))
     return manifest

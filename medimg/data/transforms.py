@@ -102,7 +102,10 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
         raise ConfigError("stage", f"unknown stage {stage!r}; choose train, val or infer")
     keys = ["image"] if stage == "infer" else ["image", "label"]
     roi = [int(r) for r in roi_size]
-    spec = geometry_spec(keys, pixdim, spatial_dims=spatial_dims) + intensity_spec(intensity)
+    spec = geometry_spec(keys, pixdim, spatial_dims=spatial_dims)
+    if stage == "val":  # the label as stored: validation measures on the input's own grid
+        spec.insert(2, {"_target_": "CopyItemsd", "keys": "label", "names": "native_label"})
+    spec += intensity_spec(intensity)
     if crop_foreground:
         spec.append({"_target_": "CropForegroundd", "keys": keys, "source_key": "image", "allow_smaller": True})
     if stage == "train":

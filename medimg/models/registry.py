@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +41,14 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
     _import_builders()
     if name not in _REGISTRY:
         raise ConfigError("model.name", f"unknown network {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)
+    builder = _REGISTRY[name]
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:  # a misspelt key must never be swallowed silently
+            raise ConfigError(f"model.{unknown[0]}", f"is not an option of network {name!r} "
+                                                     f"(its options: {', '.join(params)})")
+    return builder(**kwargs)
 
 
 def _import_builders() -> None:

@@ -168,15 +168,17 @@ class ClassificationTask(L.LightningModule):
         if self.trainer.world_size > 1:  # every rank's share (the sampler may pad a few repeats)
             probs, target = self.all_gather(probs).flatten(0, 1), self.all_gather(target).flatten(0, 1)
         for name, value in self.metrics(probs, target).items():
-            self.log(f"val/{name}", value, prog_bar=name in ("auroc", "kappa"), rank_zero_only=True)
+            # every rank holds the gathered predictions, so every rank logs the same value: the
+            # checkpoint callback monitors val/auroc on all ranks (rank_zero_only broke it under DDP)
+            self.log(f"val/{name}", value, prog_bar=name in ("auroc", "kappa"))
         knn = self._knn(feats)
         if knn is not None:
             for name, value in self.metrics(knn, local_target).items():
                 if name in ("accuracy", "auroc"):
-                    self.log(f"val/knn_{name}", value, rank_zero_only=True)
+                    self.log(f"val/knn_{name}", value, sync_dist=True)
         if not self.trainer.sanity_checking:
             for name, value in self._frozen_knn.items():
-                self.log(f"val/knn_frozen_{name}", value, rank_zero_only=True)
+                self.log(f"val/knn_frozen_{name}", value, sync_dist=True)
         if self.hparams.out_dir and self.trainer.is_global_zero and not self.hparams.multilabel \
                 and not self.trainer.sanity_checking:
             matrix = tmf.multiclass_confusion_matrix(probs, target.long(), self.hparams.num_classes)

@@ -250,7 +250,7 @@ class PromptableTask(L.LightningModule):
                 low = net.decode(e, points=p, boxes=b, masks=mask_in)[0]
                 return low, net.postprocess(low, net.resized_size(*size), size)
 
-            def clicks_from(pred, so_far):
+            def clicks_from(pred, so_far, truth_np=truth_np, rng=rng):
                 pts, labels = sample_clicks(truth_np, pred, num=1, rng=rng)
                 new = (pts[:, ::-1].astype(np.float32), labels)  # (row, col) -> (x, y)
                 return new if so_far is None else (np.concatenate([so_far[0], new[0]]),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -38,16 +38,22 @@ class SegmentationTask(L.LightningModule):
         overlay_dir: where the per-epoch PNG overlays go (``None``: none).
         slice_axis: for a 2D network: validate slice by slice along this spatial axis of the
             volume (MONAI ``SliceInferer``; ``roi_size`` is then the 2D tile).
+        invert: maps ``{"image", "pred"}`` (softmax probabilities in the model's space) back onto
+            the input's own grid, the way the bundle's postprocessing does (MONAI ``Invertd`` over the
+            validation pipeline). When given, and the batch holds ``native_label`` (the label as
+            stored), metrics are measured there: on the grid where users get predictions, so
+            ``medimg.infer`` on a validation volume reproduces them.
     """
 
     def __init__(self, network: nn.Module, num_classes: int, class_names: Sequence[str] | None = None,
                  roi_size: Sequence[int] = (64, 64, 64), sw_batch_size: int = 2, overlap: float = 0.25,
                  lr: float = 1e-3, weight_decay: float = 1e-5, optimizer: str = "adamw", warmup_epochs: int = 0,
                  surface_tolerance_mm: float = 2.0, overlay_dir: str | Path | None = None,
-                 slice_axis: int | None = None) -> None:
+                 slice_axis: int | None = None, invert: Callable[[dict], dict] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["network"])
+        self.save_hyperparameters(ignore=["network", "invert"])
         self.network = network
+        self.invert = invert
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.class_names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
 
@@ -74,12 +80,18 @@ class SegmentationTask(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Per-class Dice, HD95 (mm) and surface Dice (mm tolerance) on one volume."""
-        spacing = _spacing(batch["image"])
         # plain tensors from here: MetaTensors would leak into logged metrics and checkpoints
         image, label = _plain(batch["image"]), _plain(batch["label"])
         logits = self.predict_volume(image)
         nc = self.hparams.num_classes
         pred = logits.argmax(1, keepdim=True)
+        overlay = (image[0, 0], label[0, 0], pred[0, 0])
+        if self.invert is not None and "native_label" in batch:
+            spacing = _spacing(batch["native_label"])
+            label = _plain(batch["native_label"])
+            pred = self._native_prediction(batch["image"], logits)
+        else:
+            spacing = _spacing(batch["image"])
         pred_oh, label_oh = one_hot(pred, nc), one_hot(label.long(), nc)
         dice = compute_dice(pred_oh, label_oh, include_background=False, ignore_empty=False)[0]
         hd95 = compute_hausdorff_distance(pred_oh, label_oh, include_background=False, percentile=95,
@@ -95,9 +107,18 @@ class SegmentationTask(L.LightningModule):
             self.log(f"val/nsd_{name}", torch.nan_to_num(nsd[c].float(), nan=0.0), batch_size=1, sync_dist=True)
         self.log("val/dice", torch.nanmean(dice.float()), prog_bar=True, batch_size=1, sync_dist=True)
         if batch_idx == 0 and self.hparams.overlay_dir and self.trainer.is_global_zero:
-            save_overlay(image[0, 0].float().cpu().numpy(), label[0, 0].cpu().numpy(), pred[0, 0].cpu().numpy(),
+            save_overlay(overlay[0].float().cpu().numpy(), overlay[1].cpu().numpy(), overlay[2].cpu().numpy(),
                          Path(self.hparams.overlay_dir) / f"epoch_{self.current_epoch:03d}.png",
                          title=f"epoch {self.current_epoch}  Dice {float(torch.nanmean(dice.float())):.3f}")
+
+    def _native_prediction(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax, inverted onto the input's grid (bilinear), argmax: the bundle's postprocessing."""
+        from monai.data import MetaTensor, decollate_batch
+
+        probs = MetaTensor(torch.softmax(logits.float(), dim=1).cpu())
+        item = decollate_batch({"image": image.cpu() if hasattr(image, "cpu") else image, "pred": probs})[0]
+        pred = _plain(self.invert(item)["pred"])
+        return pred.argmax(0, keepdim=True)[None].to(logits.device)
 
     def configure_optimizers(self) -> dict:
         """AdamW (or SGD) with linear warm-up then cosine decay over ``max_epochs``."""

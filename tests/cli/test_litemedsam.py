@@ -41,8 +41,8 @@ def _validation_boxes(bundle, mni_dir):
     from medimg.bundle.loader import load_bundle_network
     from medimg.data.io import read_image
     from medimg.data.prompts import box_from_mask
-    from medimg.data.slicing import SliceFrame
     from medimg.data.slices import PromptSliceDataset
+    from medimg.data.slicing import SliceFrame
 
     net = load_bundle_network(bundle, "cpu")
     item = {"image": str(mni_dir / "t1_posterior.nii.gz"), "label": str(mni_dir / "labels_posterior.nii.gz")}

@@ -16,6 +16,10 @@ from tests.helpers import flip_to_lps, run_module
 QUICK = ["trainer=debug", "trainer.enable_progress_bar=false", "model.img_size=32", "data.batch_size=8"]
 
 
+def run_dir_of_bundle(bundle: Path) -> Path:
+    return bundle.parent
+
+
 def _train(runs: Path, *args: str):
     proc = run_module("medimg.train", *QUICK, f"runs_dir={runs}", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -127,3 +131,16 @@ def test_vit_seg_bundle_keeps_input_geometry(tmp_path, schema, mni_dir):
     seg = nib.load(str(tmp_path / "seg.nii.gz"))
     assert seg.shape == vol.shape and np.allclose(seg.affine, aff)
     assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2}
+    # the bundle reproduces what was validated: medimg.infer on the held-out volume reaches the
+    # validation Dice (measured on the input's grid), and the LPS copy gives the same labels
+    proc = run_module("medimg.infer", "--bundle", str(bundle), "--input", str(mni_dir / "t1_posterior.nii.gz"),
+                      "--output", str(tmp_path / "ras_seg.nii.gz"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pred = np.asarray(nib.load(str(tmp_path / "ras_seg.nii.gz")).dataobj)
+    truth = np.asarray(nib.load(str(mni_dir / "labels_posterior.nii.gz")).dataobj)
+    dice = np.mean([2 * ((pred == c) & (truth == c)).sum() / ((pred == c).sum() + (truth == c).sum()) for c in (1, 2)])
+    metrics = json.loads((run_dir_of_bundle(bundle) / "metrics.json").read_text())
+    print("vit_seg validation Dice", metrics["val/dice"], "medimg.infer Dice", dice)
+    assert abs(dice - metrics["val/dice"]) <= 0.01
+    lps_back, _ = flip_to_lps(np.asarray(seg.dataobj).astype(np.float32), aff)
+    assert (lps_back.astype(np.uint8)[truth > 0] == pred[truth > 0]).mean() >= 0.999

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
-from medimg.errors import ConfigError
+from medimg.errors import ConfigError, WeightsError
 from medimg.models.registry import register_network
 from medimg.models.sam.network import PromptableSAM
 from medimg.models.weights import KeyReport, load_pretrained
@@ -69,6 +69,13 @@ def _load(net: PromptableSAM, checkpoint: str | Path | None, fmt: str, name: str
     if checkpoint:
         report: KeyReport = load_pretrained(net, checkpoint, fmt)
         log.info("%s: loaded %s (%s)", name, checkpoint, report.summary())
+        if not report.loaded:
+            raise WeightsError(checkpoint, f"no tensor matched the {fmt} layout ({report.summary()}); "
+                                           "is this the right checkpoint or model.name?")
+        base = [k for k in report.missing if "adapter" not in k and "lora_" not in k]
+        if base:
+            raise WeightsError(checkpoint, f"{len(base)} {name} tensors missing from the checkpoint, e.g. "
+                                           f"{base[0]} ({report.summary()})")
         net.pretrained_report = report  # type: ignore[attr-defined]
     return net
 

@@ -134,8 +134,7 @@ class MAEPretrainer(ViTGeometry, nn.Module):
 def build_mae_vit(backbone: str = "mae", size: str = "vit_b", img_size: int = 224, in_chans: int = 1,
                   registers: bool = False, mask_ratio: float = 0.9, norm_pix_loss: bool = True,
                   decoder_dim: int | None = None, decoder_depth: int | None = None,
-                  backbone_checkpoint: str | None = None, backbone_format: str | None = None,
-                  **_: object) -> MAEPretrainer:
+                  backbone_checkpoint: str | None = None, backbone_format: str | None = None) -> MAEPretrainer:
     """An MAE pre-training model (optionally continuing from an official checkpoint)."""
     encoder = create_backbone(BackboneSpec(backbone, size, img_size, in_chans, registers, 0.0, "token"))
     if backbone_checkpoint:

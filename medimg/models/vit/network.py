@@ -170,8 +170,7 @@ def build_vit_cls(backbone: str = "mae", size: str = "vit_b", img_size: int = 22
                   num_classes: int = 2, registers: bool = False, drop_path: float = 0.0, pool: str = "token",
                   dropout: float = 0.0, peft: str = "full", lora_r: int = 8, lora_alpha: int = 16,
                   dvpt_shared: bool = False, dvpt_bottleneck: int = 16, dvpt_prompts: int = 8,
-                  backbone_checkpoint: str | None = None, backbone_format: str | None = None,
-                  **_: object) -> ViTClassifier:
+                  backbone_checkpoint: str | None = None, backbone_format: str | None = None) -> ViTClassifier:
     """A ViT classifier (``backbone_format`` defaults to the backbone family: mae / dinov2; or timm)."""
     net = ViTClassifier(_backbone(backbone, size, img_size, in_chans, registers, drop_path, pool,
                                   backbone_checkpoint, backbone_format), num_classes, dropout)
@@ -184,7 +183,7 @@ def build_vit_seg(backbone: str = "mae", size: str = "vit_b", img_size: int = 22
                   out_channels: int = 2, registers: bool = False, drop_path: float = 0.0, feature_size: int = 16,
                   peft: str = "full", lora_r: int = 8, lora_alpha: int = 16, dvpt_shared: bool = False,
                   dvpt_bottleneck: int = 16, dvpt_prompts: int = 8, backbone_checkpoint: str | None = None,
-                  backbone_format: str | None = None, **_: object) -> ViTSegmenter:
+                  backbone_format: str | None = None) -> ViTSegmenter:
     """A ViT segmenter with the UNETR-style decoder (``linear`` freezes the backbone, decoder trains)."""
     net = ViTSegmenter(_backbone(backbone, size, img_size, in_chans, registers, drop_path, "token",
                                  backbone_checkpoint, backbone_format), out_channels, feature_size)
