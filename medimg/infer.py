@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from medimg.data.dicom import folder_has_dicom
-from medimg.data.io import IMAGE_SUFFIXES, has_suffix, write_like
+from medimg.data.io import IMAGE_SUFFIXES, has_suffix, probe_image, read_image, write_like
 from medimg.errors import ConfigError, DataError, run_cli
 
 
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from medimg.bundle.loader import BundlePredictor, bundle_task, is_promptable
 
+        if args.intensity is not None and args.prompts is None:
+            raise ConfigError("--intensity", "applies to promptable bundles only (their volume window)")
+
         out = Path(args.output)
         if bundle_task(args.bundle) == "classification":
             classify(args, out)
@@ -68,18 +71,28 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(out, "is a folder; give an output file name for a single input")
         if not many and not out.name.endswith((".nii", ".nii.gz")):
             raise ConfigError(out, "output must end in .nii or .nii.gz")
-        if is_promptable(args.bundle):
+        promptable = is_promptable(args.bundle)
+        # every input mistake is reported before the bundle's network is built and loaded
+        if many:
+            for item in inputs:
+                probe_image(item)
+        else:
+            image = read_image(inputs[0], spatial_dims=None)
+        if promptable:
             if not args.prompts:
                 raise ConfigError(args.bundle, "is a promptable bundle; give --prompts prompts.json")
             if many:
                 raise ConfigError(args.input, "a promptable bundle takes one image (its prompts are per image)")
             from medimg.bundle.loader import load_bundle_predictor
+            from medimg.data.prompts_io import load_prompts
             from medimg.predictors.promptable import segment_file
 
             if args.intensity is not None:
                 from medimg.data.slicing import check_intensity
 
                 check_intensity(args.intensity)
+            flat = image.array.ndim == 3 and image.array.shape[2] == 1
+            load_prompts(args.prompts, image.array.shape[:2] if flat else image.array.shape, image.affine)
             segment_file(load_bundle_predictor(args.bundle, args.device), str(inputs[0]), args.prompts, str(out),
                          intensity=args.intensity)
             print(f"{inputs[0]} -> {out}")

@@ -226,6 +226,9 @@ def _report_prompts(metrics: dict[str, float]) -> None:
         rows.append(f"{name:<10}{metrics.get(f'zero_shot/val/dice_{name}', float('nan')):>16.3f}"
                     f"{metrics.get(f'val/dice_{name}', float('nan')):>17.3f}"
                     f"{metrics.get(f'val/nsd_{name}', float('nan')):>16.3f}")
+    if "val/volume_dice_box" in metrics:  # 3D: the bundle's predictor on whole validation volumes
+        rows.append("whole-volume predictor Dice: " + ", ".join(
+            f"{n} {metrics.get(f'val/volume_dice_{n}', float('nan')):.3f}" for n in ("box", "point1", "point3", "point5")))
     print("held-out validation:\n" + "\n".join(rows))
 
 
@@ -300,6 +303,8 @@ def run_training(cfg: DictConfig) -> Path:
     trainer.fit(task, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
 
     best = callbacks[0].best_model_path or None
+    if hasattr(task, "volume_eval"):  # the final validation also runs the bundle's whole-volume predictor
+        task.volume_eval = True
     results = trainer.validate(task, datamodule=dm, ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     metrics.update(zero_shot)

@@ -68,8 +68,8 @@ def _scan(folder: Path) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             raise DataError(path, f"unreadable DICOM file ({exc})") from exc
-        if "PixelData" not in ds and not hasattr(ds, "ImagePositionPatient"):
-            stray.append(path.name)  # DICOMDIR, structured reports, presentation states
+        if "Rows" not in ds:  # (pixels are not read here) DICOMDIR, structured reports, presentation states
+            stray.append(path.name)
             continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
     if stray:
@@ -113,6 +113,10 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Dico
     else:
         series_uid, items = next(iter(series.items()))
 
+    for path, ds in items:
+        _check_greyscale_slice(path, ds)
+    if len(items) == 1 and int(items[0][1].get("NumberOfFrames", 1) or 1) > 1:
+        return _read_multiframe(items[0][0], str(series_uid))
     first = items[0][1]
     try:
         iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
@@ -128,6 +132,8 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Dico
             raise DataError(path, "slice orientation differs from the rest of the series")
         if (int(ds.Rows), int(ds.Columns)) != shape:
             raise DataError(path, f"slice size {ds.Rows}x{ds.Columns} differs from {shape[0]}x{shape[1]}")
+        if "ImagePositionPatient" not in ds:
+            raise DataError(path, "slice has no ImagePositionPatient (0020,0032): it cannot be placed in the volume")
         positions.append(np.asarray(ds.ImagePositionPatient, dtype=np.float64))
     dist = np.array([float(p @ normal) for p in positions])
     order = np.argsort(dist, kind="stable")
@@ -149,22 +155,102 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Dico
         thickness = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
         slice_vec = normal * thickness
 
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_dir * spacing_rc[1]  # column index i walks along the row direction
-    affine_lps[:3, 1] = col_dir * spacing_rc[0]  # row index j walks along the column direction
-    affine_lps[:3, 2] = slice_vec
-    affine_lps[:3, 3] = positions[0]
-
+    affine_lps = _affine_lps(row_dir, col_dir, spacing_rc, slice_vec, positions[0])
     slices = []
     for path, _ in items:
         ds = pydicom.dcmread(path)
-        try:
-            pix = ds.pixel_array.astype(np.float32)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
-            raise DataError(path, f"cannot decode pixel data ({exc})") from exc
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        slices.append(pix * slope + intercept)
+        slices.append(_pixels(path, ds) * slope + intercept)
     volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
     return DicomSeries(np.ascontiguousarray(volume), LPS_TO_RAS @ affine_lps, str(series_uid),
                        [p for p, _ in items])
+
+
+def _affine_lps(row_dir: np.ndarray, col_dir: np.ndarray, spacing_rc: np.ndarray, slice_vec: np.ndarray,
+                origin: np.ndarray) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * spacing_rc[1]  # column index i walks along the row direction
+    affine[:3, 1] = col_dir * spacing_rc[0]  # row index j walks along the column direction
+    affine[:3, 2] = slice_vec
+    affine[:3, 3] = origin
+    return affine
+
+
+def _pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
+    """Decoded pixels (any transfer syntax pydicom's plugins handle: JPEG, JPEG-LS, JPEG 2000, RLE)."""
+    try:
+        return ds.pixel_array.astype(np.float32)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise DataError(path, f"cannot decode pixel data (transfer syntax {name}: {str(exc).splitlines()[0]})") from exc
+
+
+def _check_greyscale_slice(path: Path, ds: pydicom.Dataset) -> None:
+    """Refuse what cannot be a greyscale volume: colour / secondary-capture pictures, Siemens mosaics."""
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if samples != 1 or not photometric.startswith("MONOCHROME"):
+        raise DataError(path, f"is a colour image ({photometric}, {samples} samples per pixel); "
+                              "a greyscale CT/MR volume is expected")
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "MOSAIC" in image_type:
+        raise DataError(path, "is a Siemens mosaic (several slices tiled in one image); convert the series with "
+                              "dcm2niix first")
+
+
+def _frame_item(ds: pydicom.Dataset, i: int, name: str) -> pydicom.Dataset | None:
+    """Functional-group macro ``name`` of frame ``i`` (per-frame first, then shared)."""
+    for groups in (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")):
+        if groups is None:
+            continue
+        group = groups[i] if groups is ds.get("PerFrameFunctionalGroupsSequence") else groups[0]
+        seq = group.get(name)
+        if seq:
+            return seq[0]
+    return None
+
+
+def _read_multiframe(path: Path, series_uid: str) -> DicomSeries:
+    """One enhanced multi-frame CT/MR file: the geometry of each frame from its functional groups."""
+    ds = pydicom.dcmread(path)
+    n = int(ds.NumberOfFrames)
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        raise DataError(path, f"multi-frame image ({n} frames) without per-frame functional groups: "
+                              "its frames cannot be placed in space")
+    positions, orients, spacings, rescale = [], [], [], []
+    for i in range(n):
+        plane = _frame_item(ds, i, "PlanePositionSequence")
+        orient = _frame_item(ds, i, "PlaneOrientationSequence")
+        measures = _frame_item(ds, i, "PixelMeasuresSequence")
+        if plane is None or orient is None or measures is None or "PixelSpacing" not in measures:
+            raise DataError(path, f"frame {i + 1} lacks its position, orientation or pixel spacing")
+        positions.append(np.asarray(plane.ImagePositionPatient, dtype=np.float64))
+        orients.append(np.asarray(orient.ImageOrientationPatient, dtype=np.float64))
+        spacings.append(np.asarray(measures.PixelSpacing, dtype=np.float64))
+        value = _frame_item(ds, i, "PixelValueTransformationSequence")
+        rescale.append((float(value.get("RescaleSlope", 1.0)), float(value.get("RescaleIntercept", 0.0)))
+                       if value is not None else (1.0, 0.0))
+    if any(not np.allclose(o, orients[0], atol=1e-4) for o in orients):
+        raise DataError(path, "frames differ in orientation (several stacks in one file); not one volume")
+    if any(not np.allclose(sp, spacings[0], atol=1e-4) for sp in spacings):
+        raise DataError(path, "frames differ in pixel spacing; not one volume")
+    row_dir, col_dir = orients[0][:3], orients[0][3:]
+    normal = np.cross(row_dir, col_dir)
+    dist = np.array([p @ normal for p in positions])
+    order = np.argsort(dist, kind="stable")
+    if n > 1:
+        gaps = np.diff(dist[order])
+        if np.any(gaps < 1e-4):
+            raise DataError(path, "two frames share the same position (several stacks or time points in one file)")
+        step = float(np.median(gaps))
+        if np.max(np.abs(gaps - step)) > SPACING_RTOL * step:
+            raise DataError(path, "non-uniform frame spacing; resample before use")
+        slice_vec = (positions[order[-1]] - positions[order[0]]) / (n - 1)
+    else:
+        slice_vec = normal * float(_frame_item(ds, 0, "PixelMeasuresSequence").get("SliceThickness", 1.0) or 1.0)
+    frames = _pixels(path, ds).reshape(n, int(ds.Rows), int(ds.Columns))
+    volume = np.stack([frames[i] * rescale[i][0] + rescale[i][1] for i in order], axis=-1).transpose(1, 0, 2)
+    affine = _affine_lps(row_dir, col_dir, spacings[0], slice_vec, positions[order[0]])
+    return DicomSeries(np.ascontiguousarray(volume, dtype=np.float32), LPS_TO_RAS @ affine, series_uid, [path])

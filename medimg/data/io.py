@@ -26,6 +26,7 @@ from monai.data.image_reader import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
 from medimg.data.dicom import LPS_TO_RAS, folder_has_dicom, read_dicom_series
+from medimg.data.headers import check_declared_size
 from medimg.errors import DataError, atomic_output
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -102,6 +103,8 @@ def _inflate_nifti(path: Path) -> tuple[np.ndarray, Any]:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
     try:
+        if not str(path).lower().endswith(".gz"):
+            check_declared_size(path)
         if str(path).lower().endswith(".gz"):
             data, header = _inflate_nifti(path)
             return data, np.asarray(header.get_best_affine(), dtype=np.float64), header
@@ -121,6 +124,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
+    check_declared_size(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -204,6 +208,44 @@ def read_image(path: str | Path, spatial_dims: int | None = 3, series_uid: str |
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(path, "has a degenerate or non-finite affine")
     return Image(array, affine, path, kind, header)
+
+
+def probe_image(path: str | Path) -> None:
+    """Check an input cheaply (headers and sizes, no voxel data) so that a bad file fails before any model loads.
+
+    Raises:
+        DataError: missing, empty, unsupported, unreadable or truncated input.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file or folder")
+    if path.is_dir():
+        if not folder_has_dicom(path):
+            raise DataError(path, "folder holds no DICOM files")
+        from medimg.data.dicom import _scan
+
+        _scan(path)
+        return
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty")
+    if has_suffix(path, NIFTI_SUFFIXES):
+        check_declared_size(path)
+        try:
+            nib.load(str(path)).header  # noqa: B018 - parses the header
+        except Exception as exc:  # noqa: BLE001 - any header failure is a data error
+            raise DataError(path, f"not a readable NIfTI image ({str(exc).splitlines()[0]})") from exc
+    elif has_suffix(path, ITK_SUFFIXES):
+        import SimpleITK as sitk
+
+        check_declared_size(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise DataError(path, "not a readable NRRD/MHA image") from exc
+    else:
+        raise DataError(path, "unsupported file type; expected .nii, .nii.gz, .nrrd, .mha, .mhd or a DICOM folder")
 
 
 class MedimgReader(ImageReader):

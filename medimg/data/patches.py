@@ -122,13 +122,26 @@ class PromptPatchDataset(Dataset):
             comp, _ = ndimage.label((target > 0) if weight is None else (target > 0) & (weight > 0))
             target = (comp == comp[tuple(local)]).astype(np.float32)
         item = {"image": torch.from_numpy(image)[None], "target": torch.from_numpy(target)[None],
-                "click": torch.as_tensor(local, dtype=torch.float32), "label": value}
+                "click": torch.as_tensor(local, dtype=torch.float32), "label": value,
+                "volume": vi, "volume_click": torch.as_tensor(click, dtype=torch.float32), "target_index": t}
         if weight is not None:
             item["weight"] = torch.from_numpy(weight)[None]
         return item
 
     def __len__(self) -> int:
         return len(self.fixed) if self.fixed is not None else int(self.samples)
+
+    def volume_target(self, t: int, click: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The whole-volume target of a click: the part of target ``t`` (inside the region) connected to it.
+
+        Returns:
+            ``(target, region)`` over the whole model-frame volume (``region`` ``None`` without a split).
+        """
+        vi = self.targets[t][0]
+        region = self.regions[vi]
+        mask = self.masks[t] if region is None else self.masks[t] & region
+        comp, _ = ndimage.label(mask)
+        return comp == comp[tuple(int(c) for c in click)], region
 
     def __getitem__(self, i: int) -> dict:
         if self.fixed is not None:

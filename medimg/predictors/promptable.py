@@ -243,7 +243,7 @@ def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path
     if getattr(predictor, "spatial_dims", 2) == 3:
         from medimg.predictors.volumetric import segment_volume_file
 
-        return segment_volume_file(predictor, input_path, prompts_path, output_path)
+        return segment_volume_file(predictor, input_path, prompts_path, output_path, intensity=intensity)
     from medimg.data.io import read_image, write_like
     from medimg.data.prompts_io import load_prompts
 

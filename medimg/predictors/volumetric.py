@@ -179,10 +179,11 @@ def _overlaps(origin: np.ndarray, roi: np.ndarray, box: np.ndarray) -> bool:
 
 
 def segment_volume_file(predictor: VolumePromptPredictor, input_path: str, prompts_path: str,
-                        output_path: str) -> str:
+                        output_path: str, intensity: str | None = None) -> str:
     """Segment a 3D volume from a prompts file with a 3D network; labels in the input's geometry.
 
     Each box becomes label 1, 2, ... in order; the points (if any) form one more object.
+    ``intensity`` (or the prompts file's ``"intensity"``) replaces the bundle's preset for this image.
     """
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
@@ -195,7 +196,12 @@ def segment_volume_file(predictor: VolumePromptPredictor, input_path: str, promp
     if image.array.ndim != 3 or 1 in image.array.shape:
         raise DataError(input_path, f"a 3D promptable model needs a 3D volume, got shape {image.array.shape}")
     prompts = load_prompts(prompts_path, image.array.shape, image.affine)
-    predictor.set_volume(input_path)
+    bundle_preset = predictor.intensity
+    predictor.intensity = intensity or prompts.intensity or bundle_preset
+    try:
+        predictor.set_volume(input_path)
+    finally:
+        predictor.intensity = bundle_preset
     objects = []
     for b in prompts.boxes:
         corners = np.array(np.meshgrid(*[[b[a], b[a + 3]] for a in range(3)], indexing="ij")).reshape(3, -1).T

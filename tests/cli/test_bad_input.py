@@ -70,3 +70,38 @@ def test_folder_with_one_bad_file_leaves_no_outputs(phantom_run, phantom_manifes
     code = infer_main(["--bundle", str(phantom_run / "bundle"), "--input", str(inputs), "--output", str(out)])
     assert code == 2 and "b_bad.nii.gz: file is empty" in capsys.readouterr().err
     assert not list(out.glob("*.nii.gz"))
+
+
+@pytest.mark.parametrize("case", ["truncated", "nan", "empty"])
+def test_input_errors_come_before_the_network_loads(phantom_run, tmp_path, capsys, monkeypatch, case):
+    import medimg.bundle.loader as loader
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the bundle's network was loaded before the input was checked")
+
+    monkeypatch.setattr(loader, "load_bundle_network", forbidden)
+    bad = _make(tmp_path, case)
+    code = infer_main(["--bundle", str(phantom_run / "bundle"), "--input", str(bad), "--output",
+                       str(tmp_path / "o.nii.gz")])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {bad}")
+
+
+def test_a_bug_while_handling_a_user_error_keeps_its_traceback():
+    from medimg.errors import DataError, run_cli
+
+    def body():
+        try:
+            raise DataError("scan.nii.gz", "bad file")
+        except DataError:
+            return {}["missing"]  # a genuine bug in the error path: never printed as a user mistake
+
+    with pytest.raises(KeyError):
+        run_cli(body)
+
+    def wrapped():
+        try:
+            raise DataError("scan.nii.gz", "bad file")
+        except DataError as exc:
+            raise RuntimeError("applying transform") from exc  # MONAI's wrapping keeps the user error
+
+    assert run_cli(wrapped) == 2

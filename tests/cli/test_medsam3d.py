@@ -27,8 +27,10 @@ def run3d(tmp_path_factory, schema, mni_dir):
 
 def test_bundle_is_verified_and_records_the_3d_frame(run3d):
     metrics = json.loads((run3d / "metrics.json").read_text())
-    for prompt in ("box", "point1", "point3", "point5"):
-        assert 0.0 <= metrics[f"val/dice_{prompt}"] <= 1.0
+    for prompt in ("box", "point1", "point3", "point5"):  # a tiny 4 mm model after 50 steps: clearly learning
+        assert metrics[f"val/dice_{prompt}"] >= 0.4, metrics
+        assert metrics[f"val/volume_dice_{prompt}"] >= 0.3, metrics
+    assert metrics["validation_split"].startswith("region split")
     inference = json.loads((run3d / "bundle" / "configs" / "inference.json").read_text())
     assert inference["roi_size"] == [32, 32, 32] and inference["pixdim"] == [4.0, 4.0, 4.0]
     assert inference["network_def"]["name"] == "medsam3d" and "checkpoint" not in inference["network_def"]
@@ -82,3 +84,45 @@ def test_bad_3d_prompt_is_one_line_exit_2(run3d, mni_dir, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and "p.json" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_infer_reproduces_the_whole_volume_validation(run3d, mni_dir, tmp_path):
+    """The final validation runs the bundle's own predictor on the whole held-out region from fixed clicks;
+    medimg.infer with the same clicks and boxes (world mm) on that volume reaches the same Dice (within 0.01)."""
+    from nibabel.affines import apply_affine
+
+    from medimg.data.patches import PromptPatchDataset, load_volumes, world_range_region
+    from medimg.data.prompts import box_from_mask
+    from medimg.data.transforms import build_pipeline, geometry_spec
+
+    item = {"image": str(mni_dir / "t1.nii.gz"), "label": str(mni_dir / "labels.nii.gz")}
+    geom = build_pipeline(geometry_spec(["image"], [4.0, 4.0, 4.0], label_key=None))({"image": item["image"]})["image"]
+    affine = np.asarray(geom.affine, dtype=np.float64)
+    nib.save(nib.Nifti1Image(np.asarray(geom[0], dtype=np.float32), affine), str(tmp_path / "t1_4mm.nii.gz"))
+    image, label, aff = load_volumes([item], [4.0, 4.0, 4.0], "mr", with_affine=True)[0]
+    np.testing.assert_allclose(aff, affine)
+    region = world_range_region(image.shape, aff, 1, None, -28.0)
+    val = PromptPatchDataset([(image, label)], [32, 32, 32], classes=[2], target_mode="label", samples=None,
+                             clicks_per_target=2, regions=[region], seed=1)
+    metrics = json.loads((run3d / "metrics.json").read_text())
+    for prompt in ("point1", "box"):
+        dices = []
+        for sample in val.fixed:
+            click = sample["volume_click"].numpy()
+            truth, reg = val.volume_target(sample["target_index"], click.astype(int))
+            if prompt == "point1":
+                doc = {"space": "world", "points": [apply_affine(aff, click).tolist()], "point_labels": [1]}
+            else:
+                b = box_from_mask(truth)
+                corners = apply_affine(aff, np.array([b[:3], b[3:]]))
+                doc = {"space": "world", "boxes": [[*corners.min(0).tolist(), *corners.max(0).tolist()]]}
+            (tmp_path / "p.json").write_text(json.dumps(doc))
+            out = tmp_path / "seg.nii.gz"
+            proc = run_module("medimg.infer", "--bundle", str(run3d / "bundle"), "--input",
+                              str(tmp_path / "t1_4mm.nii.gz"), "--prompts", str(tmp_path / "p.json"),
+                              "--output", str(out))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            pred = (np.asarray(nib.load(str(out)).dataobj) > 0) & reg
+            dices.append(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+        print(prompt, "validation", metrics[f"val/volume_dice_{prompt}"], "medimg.infer", np.mean(dices))
+        assert abs(np.mean(dices) - metrics[f"val/volume_dice_{prompt}"]) <= 0.01
