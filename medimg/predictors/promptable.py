@@ -141,17 +141,22 @@ class PromptablePredictor:
         return (full[0, 0] > 0).cpu().numpy().T, low
 
     # -------------------------------------------------------------- 3D prompts
-    def _box_of(self, mask: np.ndarray) -> np.ndarray | None:
+    def _box_of(self, mask: np.ndarray, bound: np.ndarray | None = None) -> np.ndarray | None:
+        """The next slice's box: the mask's bounding box plus a margin (kept inside ``bound``, the user's box)."""
         if mask.sum() < self.min_area:
             return None
         idx = np.argwhere(mask)
         lo = np.maximum(idx.min(0) - self.box_margin, 0)
         hi = np.minimum(idx.max(0) + self.box_margin, np.asarray(mask.shape) - 1)
+        if bound is not None:
+            lo, hi = np.maximum(lo, bound[:2]), np.minimum(hi, bound[2:])
+            if (hi < lo).any():
+                return None
         return np.concatenate([lo, hi]).astype(np.float32)
 
     def _propagate(self, out: np.ndarray, start: int, mask: np.ndarray, stop: int, step: int,
-                   clicks: dict[int, tuple[list, list]]) -> None:
-        box = self._box_of(mask)
+                   clicks: dict[int, tuple[list, list]], bound: np.ndarray | None = None) -> None:
+        box = self._box_of(mask, bound)
         seed_mean = float(self._volume[:, :, start][mask].mean()) if mask.any() else 0.0
         k = start + step
         while box is not None and (k <= stop if step > 0 else k >= stop):
@@ -162,7 +167,7 @@ class PromptablePredictor:
             if abs(float(self._volume[:, :, k][mask].mean()) - seed_mean) > self.intensity_tolerance * 255.0:
                 break
             out[:, :, k] |= mask
-            box = self._box_of(mask)
+            box = self._box_of(mask, bound)
             k += step
 
     def predict_volume(self, box: Sequence[float] | None = None, points: Sequence[Sequence[float]] | None = None,
@@ -170,9 +175,10 @@ class PromptablePredictor:
         """Segment a 3D structure by slice propagation along the bundle's plane.
 
         Args:
-            box: a 3D box ``[i0, j0, k0, i1, j1, k1]`` in stored voxel indices. Propagation stays
-                inside the box's extent along the slicing plane's normal; a box that is flat along
-                it (one slice) propagates until the structure ends.
+            box: a 3D box ``[i0, j0, k0, i1, j1, k1]`` in stored voxel indices. It bounds its
+                object: propagation stays inside its extent along the slicing plane's normal, the
+                propagated in-plane boxes stay inside it, and the mask is kept within it. A box that
+                is flat along the normal (one slice) propagates until the structure ends.
             points: 3D points ``[[i, j, k], ...]`` in stored voxel indices. Every slice holding a
                 positive click starts a propagation, which honours the clicks of each slice it
                 reaches; the results are merged.
@@ -200,14 +206,16 @@ class PromptablePredictor:
             wbox = self.frame.boxes_to_working(box)[0]
             k_lo, k_hi = int(round(wbox[2])), int(round(wbox[5]))
             starts = [(k_lo + k_hi) // 2]
-            if k_lo == k_hi:
-                k_lo, k_hi = 0, nk - 1
             box2d = wbox[[0, 1, 3, 4]]
+            if k_lo == k_hi:  # a box on one slice: follow the structure wherever it goes
+                k_lo, k_hi, bound = 0, nk - 1, None
+            else:  # a 3D box bounds its object on every side
+                bound = box2d
         elif len(pts):
             if not (labels == 1).any():
                 raise ValueError("give at least one positive point")
             starts = sorted({int(k) for k in ks[labels == 1]})
-            k_lo, k_hi, box2d = 0, nk - 1, None
+            k_lo, k_hi, box2d, bound = 0, nk - 1, None, None
         else:
             raise ValueError("give a box or points")
         for start in starts:
@@ -215,8 +223,14 @@ class PromptablePredictor:
             mask, _ = self.predict_slice(start, box=box2d, points=here_pts, point_labels=here_labels)
             out[:, :, start] |= mask
             if propagate:
-                self._propagate(out, start, mask, k_hi, +1, clicks)
-                self._propagate(out, start, mask, k_lo, -1, clicks)
+                self._propagate(out, start, mask, k_hi, +1, clicks, bound)
+                self._propagate(out, start, mask, k_lo, -1, clicks, bound)
+        if bound is not None:  # nothing outside the user's 3D box
+            lo = np.floor(bound[:2]).astype(int)
+            hi = np.ceil(bound[2:]).astype(int) + 1
+            inside = np.zeros_like(out)
+            inside[lo[0]:hi[0], lo[1]:hi[1], k_lo:k_hi + 1] = True
+            out &= inside
         return self.frame.from_working(out)
 
 

@@ -50,11 +50,13 @@ def test_reoriented_copies_agree_with_original(predictions):
     lps = _pred(out, "lps")[::-1, ::-1]
     permuted = _pred(out, "permuted").transpose(1, 2, 0)
     for other in (lps, permuted):  # pure axis flips/permutations: the model sees the identical array
-        assert (other == orig).mean() >= 0.999
+        fg = (other > 0) | (orig > 0)  # on the foreground, not the background-dominated whole image
+        assert fg.sum() > 1000 and (other[fg] == orig[fg]).mean() >= 0.999
     # oblique frame: MONAI's Spacingd resamples the rotated grid with a sub-voxel offset, so the
     # (tiny, 4 mm) model sees slightly different input; labels must still agree closely
-    oblique = _pred(out, "oblique")
-    assert (oblique == orig).mean() >= 0.85
+    oblique = _pred(out, "oblique")  # the same voxel array under a rotated affine: voxel (i, j, k) is the same anatomy
+    fg = (oblique > 0) | (orig > 0)
+    assert (oblique[fg] == orig[fg]).mean() >= 0.8
     inter = np.logical_and(oblique > 0, orig > 0).sum()
     assert 2 * inter / ((oblique > 0).sum() + (orig > 0).sum()) >= 0.85
 
@@ -64,7 +66,9 @@ def test_dicom_series_prediction_matches_nifti(predictions):
     series = read_image(inputs / "dicom_series")
     pred = nib.load(str(out / "dicom_series_seg.nii.gz"))
     np.testing.assert_allclose(pred.affine, series.affine, atol=1e-4)
-    assert (np.asarray(pred.dataobj) == _pred(out, "orig")).mean() >= 0.999
+    got, orig = np.asarray(pred.dataobj), _pred(out, "orig")
+    fg = (got > 0) | (orig > 0)
+    assert (got[fg] == orig[fg]).mean() >= 0.999
 
 
 def test_monai_bundle_run_writes_input_geometry(mni_run, mni_dir, tmp_path):

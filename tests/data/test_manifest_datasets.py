@@ -88,7 +88,9 @@ def test_ct_window_presets_scale_the_window_to_unit_range():
 @pytest.mark.parametrize("geometry", ["lps", "oblique", "anisotropic"])
 def test_infer_pipeline_inverts_to_the_input_grid(tmp_path, geometry):
     rng = np.random.default_rng(0)
-    vol = rng.random((20, 18, 14)).astype(np.float32) + 1
+    from scipy import ndimage
+
+    vol = ndimage.gaussian_filter(rng.random((20, 18, 14)), 2.0).astype(np.float32) * 10 + 1  # smooth: values survive resampling
     aff = np.diag([1.0, 1.0, 1.0, 1.0])
     if geometry == "lps":
         vol, aff = flip_to_lps(vol, aff)
@@ -104,6 +106,16 @@ def test_infer_pipeline_inverts_to_the_input_grid(tmp_path, geometry):
     inv = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(data)
     assert tuple(inv["pred"].shape[1:]) == vol.shape
     np.testing.assert_allclose(inv["pred"].affine.numpy(), aff, atol=1e-4)
+    # values, not only geometry: the inverted (scaled) image is the input's own scaled voxels again
+    lo, hi = np.percentile(vol, [0.5, 99.5])
+    expected = np.clip((vol - lo) / (hi - lo), 0, 1)
+    got = np.asarray(inv["pred"][0])
+    inner = (slice(3, -3),) * 3  # away from the borders, where resampling pads
+    err = np.abs(got - expected)[inner]
+    if geometry == "lps":  # flips and an exact 1.5 mm grid: interpolation only
+        assert err.mean() < 0.02 and err.max() < 0.2, (err.mean(), err.max())
+    else:
+        assert err.mean() < 0.03, err.mean()
 
 
 def test_datamodule_cache_modes(tmp_path, phantom_manifest):
@@ -120,6 +132,62 @@ def test_datamodule_cache_modes(tmp_path, phantom_manifest):
         vb = next(iter(dm.val_dataloader()))
         assert tuple(vb["label"].shape) == (1, 1, 32, 32, 32)
     assert set(shapes.values()) == {(4, 1, 16, 16, 16)}  # 2 volumes x 2 crops each
-    assert any((tmp_path / "cache" / "training").iterdir())
+    assert any((tmp_path / "cache" / "default" / "training").iterdir())  # cache_key names the folder
     with pytest.raises(ConfigError, match="unknown cache mode"):
         ManifestDataModule(phantom_manifest, None, train, val, cache="redis")
+
+
+def test_disk_cache_is_keyed_on_the_transforms(tmp_path, phantom_manifest):
+    """Changing pixdim changes the cache key: a second run never reads the first run's preprocessed data."""
+    import hashlib
+    import json
+
+    def key(pixdim):
+        specs = [segmentation_spec("val", pixdim=pixdim, intensity="none", crop_foreground=False)]
+        return hashlib.sha256(json.dumps(specs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    shapes = {}
+    for pixdim in ((1.0, 1.0, 1.0), (2.0, 2.0, 2.0)):
+        val = build_pipeline(segmentation_spec("val", pixdim=pixdim, intensity="none", crop_foreground=False))
+        dm = ManifestDataModule(phantom_manifest, None, val, val, cache="disk", cache_dir=tmp_path / "cache",
+                                cache_key=key(pixdim))
+        shapes[pixdim] = tuple(next(iter(dm.val_dataloader()))["image"].shape)
+    assert shapes[(1.0, 1.0, 1.0)] == (1, 1, 32, 32, 32) and shapes[(2.0, 2.0, 2.0)] == (1, 1, 16, 16, 16)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_no_validation_split_is_an_error_or_a_subject_split(tmp_path, phantom_manifest):
+    import json
+
+    from medimg.data.manifest import load_manifest, train_val_split
+
+    doc = json.loads(phantom_manifest.read_text())
+    doc["training"] += doc.pop("validation")
+    for i, item in enumerate(doc["training"]):
+        item["subject"] = f"s{i // 2}"  # two scans per subject
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(doc))
+    manifest = load_manifest(path, phantom_manifest.parent)
+    with pytest.raises(ConfigError, match="no 'validation' split"):
+        train_val_split(manifest)
+    train, val, split = train_val_split(manifest, 0.34, seed=0)
+    assert val and train and "held-out subjects" in split
+    assert not {i["subject"] for i in train} & {i["subject"] for i in val}  # no subject on both sides
+    assert len(train) + len(val) == len(doc["training"])
+
+
+def test_left_right_flip_swaps_sided_labels():
+    """kidney_left (1) / kidney_right (2): a mirrored image carries the swapped labels; flips are off undeclared."""
+    from medimg.data.transforms import RandLeftRightFlipd
+
+    label = torch.zeros(1, 6, 4, 4)
+    label[0, :2] = 2  # voxels at low x (patient right in RAS) are the right kidney
+    label[0, 4:] = 1
+    image = torch.arange(6.0)[None, :, None, None].expand(1, 6, 4, 4).clone()
+    t = RandLeftRightFlipd(["image", "label"], swap=[[1, 2]], prob=1.0)
+    out = t({"image": image, "label": label})
+    assert torch.equal(out["image"][0, :, 0, 0], torch.arange(5.0, -1.0, -1.0))
+    assert (out["label"][0, :2] == 2).all() and (out["label"][0, 4:] == 1).all()  # sides stay anatomically true
+    kinds = [s["_target_"] for s in segmentation_spec("train", lr_swap=None)]
+    assert not any("Flip" in k for k in kinds)
+    assert any("LeftRightFlip" in s["_target_"] for s in segmentation_spec("train", lr_swap=[[1, 2]]))

@@ -187,3 +187,25 @@ def test_medsam_matches_its_official_inference_on_a_non_square_slice(mni_dir):
         prob = torch.sigmoid(net.postprocess(low_ours, net.resized_size(H, W), (H, W)))
     torch.testing.assert_close(prob, ref_prob, atol=1e-5, rtol=1e-4)  # sigmoid, then upsampled, as MedSAM does
     np.testing.assert_array_equal(ours.T, ref_mask)
+
+
+def test_a_checkpoint_that_matches_nothing_is_an_error(tmp_path):
+    """A wrong file must never leave a silently random network behind."""
+    from medimg.errors import WeightsError
+
+    torch.save({"encoder.layer1.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
+    with pytest.raises(WeightsError, match="no tensor matched"):
+        build_network("medsam", size="tiny", img_size=256, checkpoint=tmp_path / "wrong.pth")
+    partial = {k: v for k, v in build_network("sam", size="tiny", img_size=256).state_dict().items()
+               if not k.startswith("mask_decoder")}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(WeightsError, match="tensors missing"):
+        build_network("sam", size="tiny", img_size=256, checkpoint=tmp_path / "partial.pth")
+
+
+def test_misspelt_network_option_is_an_error():
+    from medimg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.lora_rr") as err:
+        build_network("vit_cls", size="tiny", img_size=32, lora_rr=4)
+    assert "lora_r" in str(err.value)
