@@ -90,7 +90,8 @@ def test_infer_pipeline_inverts_to_the_input_grid(tmp_path, geometry):
     rng = np.random.default_rng(0)
     from scipy import ndimage
 
-    vol = ndimage.gaussian_filter(rng.random((20, 18, 14)), 2.0).astype(np.float32) * 10 + 1  # smooth: values survive resampling
+    # smooth, so that values survive resampling
+    vol = ndimage.gaussian_filter(rng.random((20, 18, 14)), 2.0).astype(np.float32) * 10 + 1
     aff = np.diag([1.0, 1.0, 1.0, 1.0])
     if geometry == "lps":
         vol, aff = flip_to_lps(vol, aff)
