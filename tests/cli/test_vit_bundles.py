@@ -157,3 +157,15 @@ def test_vit_seg_bundle_keeps_input_geometry(tmp_path, schema, mni_dir):
     assert abs(dice - metrics["val/dice"]) <= 0.01
     lps_back, _ = flip_to_lps(np.asarray(seg.dataobj).astype(np.float32), aff)
     assert (lps_back.astype(np.uint8)[truth > 0] == pred[truth > 0]).mean() >= 0.999
+
+
+def test_vit_cls_under_ddp_checkpoints_on_the_monitored_auroc(tmp_path, schema):
+    """Two CPU processes: val/auroc is logged on every rank, so the best-AUROC checkpoint is written and exported."""
+    proc = _train(tmp_path, "bundle=vit_cls", "model.in_chans=1", "trainer.devices=2", "trainer.strategy=ddp",
+                  "trainer.accelerator=cpu")
+    run = run_dir_of(proc)
+    best = list((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(best[0]) and 0.0 < metrics["val/auroc"] <= 1.0
+    assert (run / "bundle" / "models" / "model.pt").is_file()
