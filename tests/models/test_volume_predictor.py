@@ -69,7 +69,7 @@ def test_windows_follow_the_structure_from_one_click(tmp_path):
     first = net.calls[0]["points"]
     assert first[1].tolist() == [[1]]
     grown = [c for c in net.calls[1:] if c["points"] is not None]
-    assert len(grown) >= 2 and all(c["points"][1][0, -1] == 1 for c in grown)  # grown windows get a seed click from the mask
+    assert len(grown) >= 2 and all(c["points"][1][0, -1] == 1 for c in grown)  # grown windows: a seed click
 
 
 def test_a_box_keeps_windows_inside_it(tmp_path):
