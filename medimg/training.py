@@ -227,7 +227,7 @@ def _report_prompts(metrics: dict[str, float]) -> None:
                     f"{metrics.get(f'val/dice_{name}', float('nan')):>17.3f}"
                     f"{metrics.get(f'val/nsd_{name}', float('nan')):>16.3f}")
     if "val/volume_dice_box" in metrics:  # 3D: the bundle's predictor on whole validation volumes
-        names = ("box", "point1", "point3", "point5")
+        names = ("box", "point1")
         rows.append("whole-volume predictor Dice: " + ", ".join(
             f"{n} {metrics.get(f'val/volume_dice_{n}', float('nan')):.3f}" for n in names))
     print("held-out validation:\n" + "\n".join(rows))

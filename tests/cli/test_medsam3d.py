@@ -29,6 +29,7 @@ def test_bundle_is_verified_and_records_the_3d_frame(run3d):
     metrics = json.loads((run3d / "metrics.json").read_text())
     for prompt in ("box", "point1", "point3", "point5"):  # a tiny 4 mm model after 50 steps: clearly learning
         assert metrics[f"val/dice_{prompt}"] >= 0.4, metrics
+    for prompt in ("box", "point1"):  # the bundle's whole-volume predictor
         assert metrics[f"val/volume_dice_{prompt}"] >= 0.3, metrics
     assert metrics["validation_split"].startswith("region split")
     inference = json.loads((run3d / "bundle" / "configs" / "inference.json").read_text())
