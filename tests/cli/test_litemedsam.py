@@ -199,3 +199,17 @@ def test_medsam2d_without_checkpoint_warns_loudly(caplog):
     assert "RANDOM INITIALISATION" in caplog.text
     assert not warn_if_random({"name": "medsam", "checkpoint": "/w/medsam_vit_b.pth"})
     assert not warn_if_random({"name": "litemedsam", "pretrained": True})
+
+
+def test_ct_window_on_the_command_line(lite_run, mni_dir, tmp_path, capsys):
+    from medimg.infer import main
+
+    t1 = nib.load(str(mni_dir / "t1.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32)[:, :, 70], t1.affine),
+             str(tmp_path / "axial.nii.gz"))
+    (tmp_path / "p.json").write_text(json.dumps({"boxes": [[30, 40, 170, 200]]}))
+    args = ["--bundle", str(lite_run / "bundle"), "--input", str(tmp_path / "axial.nii.gz"),
+            "--prompts", str(tmp_path / "p.json"), "--output", str(tmp_path / "o.nii.gz")]
+    assert main([*args, "--intensity", "lung"]) == 2
+    assert "unknown intensity preset 'lung'" in capsys.readouterr().err
+    assert main([*args, "--intensity", "ct_brain"]) == 0 and (tmp_path / "o.nii.gz").is_file()

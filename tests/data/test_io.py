@@ -66,6 +66,21 @@ def test_shuffled_dicom_series_reads_back_source(tmp_path, oblique):
     assert img.kind == "dicom"
     np.testing.assert_array_equal(img.array, vol)
     np.testing.assert_allclose(img.affine, aff, atol=1e-4)
+    # and against an independent reader, not only the files our own writer made: SimpleITK (GDCM)
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
+    ref = reader.Execute()
+    ref_array = sitk.GetArrayFromImage(ref).transpose(2, 1, 0)  # (z, y, x) -> (i, j, k)
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(ref.GetDirection()).reshape(3, 3) * np.asarray(ref.GetSpacing())
+    lps[:3, 3] = ref.GetOrigin()
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    a = nib.as_closest_canonical(nib.Nifti1Image(img.array, img.affine))
+    b = nib.as_closest_canonical(nib.Nifti1Image(ref_array.astype(np.float32), ras))
+    np.testing.assert_allclose(a.get_fdata(), b.get_fdata(), atol=1e-3)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-3)
 
 
 def test_dicom_matches_dcm2niix_reference(tmp_path):
