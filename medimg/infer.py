@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             flat = image.array.ndim == 3 and image.array.shape[2] == 1
             load_prompts(args.prompts, image.array.shape[:2] if flat else image.array.shape, image.affine)
             segment_file(load_bundle_predictor(args.bundle, args.device), str(inputs[0]), args.prompts, str(out),
-                         intensity=args.intensity)
+                         intensity=args.intensity, image=image)
             print(f"{inputs[0]} -> {out}")
             return
         if args.prompts:

@@ -37,7 +37,7 @@ def _data_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def schema() -> Path:
-    if not SCHEMA.is_file():  # bundle verification is part of the contract: never skipped silently
+    if not SCHEMA.is_file():  # bundle verification is part of the contract: a missing schema fails
         pytest.fail(f"MONAI metadata schema not found at {SCHEMA}; set MEDIMG_MONAI_SCHEMA to a local copy")
     return SCHEMA
 

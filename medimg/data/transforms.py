@@ -163,16 +163,12 @@ class RandLeftRightFlipd(RandomizableTransform, MapTransform):
         if not self._do_transform:
             return d
         for key in self.key_iterator(d):
-            flipped = torch.flip(torch.as_tensor(d[key]), dims=[1]) if isinstance(d[key], torch.Tensor) \
-                else np.flip(d[key], axis=1).copy()
+            img = d[key]  # channel-first: spatial axis 0 is array axis 1 (a MetaTensor keeps its meta)
+            flipped = torch.flip(img, dims=[1]) if isinstance(img, torch.Tensor) else np.flip(img, axis=1).copy()
             if key == self.label_key and self.swap:
                 original = flipped.clone() if isinstance(flipped, torch.Tensor) else flipped.copy()
                 for a, b in self.swap:
                     flipped[original == a] = b
                     flipped[original == b] = a
-            if hasattr(d[key], "copy_meta_from") and not hasattr(flipped, "meta"):
-                from monai.data import MetaTensor
-
-                flipped = MetaTensor(flipped, meta=d[key].meta)
             d[key] = flipped
         return d

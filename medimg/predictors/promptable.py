@@ -235,7 +235,7 @@ class PromptablePredictor:
 
 
 def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path: str,
-                 intensity: str | None = None) -> str:
+                 intensity: str | None = None, image: Any = None) -> str:
     """Segment one 2D image or 3D volume from a prompts file; write labels in the input's geometry.
 
     Each box becomes label 1, 2, ... in order; the points (if any) form one more object. On a
@@ -253,6 +253,7 @@ def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path
         prompts_path: prompts JSON.
         output_path: the NIfTI to write.
         intensity: intensity preset overriding the bundle's (and the prompts file's).
+        image: the input already read by :func:`~medimg.data.io.read_image` (it is not read again).
     """
     if getattr(predictor, "spatial_dims", 2) == 3:
         from medimg.predictors.volumetric import segment_volume_file
@@ -261,7 +262,7 @@ def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path
     from medimg.data.io import read_image, write_like
     from medimg.data.prompts_io import load_prompts
 
-    image = read_image(input_path, spatial_dims=None)
+    image = image if image is not None else read_image(input_path, spatial_dims=None)
     array = image.array
     flat = array.ndim == 3 and array.shape[2] == 1
     shape = array.shape[:2] if flat else array.shape
