@@ -113,11 +113,6 @@ class SliceFrame:
         """The stored array axis that the plane slices along."""
         return self._order[2]
 
-    @property
-    def working_shape(self) -> tuple[int, int, int]:
-        """Shape of the working volume."""
-        return tuple(self.shape[a] for a in self._order)
-
     def to_working(self, array: np.ndarray) -> np.ndarray:
         """Stored volume -> working volume (a view where possible)."""
         if tuple(array.shape) != self.shape:

@@ -68,8 +68,6 @@ def test_infer_reproduces_validation_dice_coronal_ras_and_lps(lite_run, mni_dir,
     The volume is given as stored (RAS) and as an LPS copy; the predictor slices coronally in both
     (world boxes one coronal slice thick segment only that slice) and the masks are identical.
     """
-    from medimg.data.slicing import window_to_uint8  # noqa: F401 - the shared contract under test
-
     bundle = lite_run / "bundle"
     boxes, truths, image, frame = _validation_boxes(bundle, mni_dir)
     assert len(boxes) >= 2
