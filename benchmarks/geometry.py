@@ -19,9 +19,8 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medimg.bundle.loader import BundlePredictor  # noqa: E402
-from medimg.data.datasets import MNI_FILES, mni152_source_dir  # noqa: E402
-from medimg.data.io import write_like  # noqa: E402
+from medimg.bundle.loader import load_bundle  # noqa: E402
+from medimg.data.embedded.mni152 import MNI_FILES, mni152_source_dir  # noqa: E402
 from tests.helpers import flip_to_lps, oblique_affine  # noqa: E402
 
 
@@ -37,7 +36,7 @@ def main() -> None:
         "oblique": (vol, oblique_affine(oblique_affine(aff, 25.0, axis=2), 10.0, axis=0), lambda p: p),
         "permuted": (vol.transpose(2, 0, 1).copy(), aff[:, [2, 0, 1, 3]], lambda p: p.transpose(1, 2, 0)),
     }
-    predictor = BundlePredictor(args.bundle)
+    predictor = load_bundle(args.bundle)
     preds = {}
     print(f"{'input':<10}{'shape ok':>9}{'max |affine diff| mm':>22}{'agreement':>11}{'fg Dice':>9}{'time s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,8 +44,7 @@ def main() -> None:
             path = Path(tmp) / f"{name}.nii.gz"
             nib.save(nib.Nifti1Image(v, a), str(path))
             t = time.perf_counter()
-            labels, ref = predictor.predict(path)
-            out = write_like(labels, ref, Path(tmp) / f"{name}_seg.nii.gz")
+            out = predictor.predict(path).save(Path(tmp) / f"{name}_seg.nii.gz")
             elapsed = time.perf_counter() - t
             written = nib.load(str(out))
             preds[name] = back(np.asarray(written.dataobj))

@@ -21,8 +21,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medimg.data.datasets import MNI_FILES, mni152_source_dir
-from medimg.data.io import read_image
+from medimg.data.embedded.mni152 import MNI_FILES, mni152_source_dir
+from medimg.io.image import read_image
 
 
 def _sitk(path: Path) -> np.ndarray:

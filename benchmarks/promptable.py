@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from medimg.data.datasets import MNI_FILES, mni152_source_dir
+from medimg.data.embedded.mni152 import MNI_FILES, mni152_source_dir
 from medimg.models import build_network
 from medimg.predictors import PromptablePredictor
 

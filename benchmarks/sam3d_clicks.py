@@ -21,10 +21,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medimg.bundle.loader import load_bundle_predictor
-from medimg.data.datasets import prepare_mni152
-from medimg.data.patches import load_volumes
-from medimg.predictors.volumetric import segment_volume_file
+from medimg.bundle.loader import load_bundle
+from medimg.data.embedded.mni152 import prepare_mni152
+from medimg.data.promptable.patches import load_volumes
+from medimg.predictors.prompting import segment_file
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--world", type=float, nargs=3, default=[-26.0, -10.0, 26.0])
     args = parser.parse_args()
-    pred = load_bundle_predictor(args.bundle, args.device)
+    pred = load_bundle(args.bundle, args.device)
     root = prepare_mni152()
     image, label = load_volumes([{"image": str(root / "t1.nii.gz"), "label": str(root / "labels.nii.gz")}],
                                 pred.pixdim, pred.intensity)[0]
@@ -75,7 +75,7 @@ def main() -> None:
             prompts = Path(tmp) / "p.json"
             prompts.write_text(f'{{"space": "world", "points": [{list(args.world)}], "point_labels": [1]}}')
             t = time.perf_counter()
-            segment_volume_file(pred, str(src), str(prompts), str(Path(tmp) / "seg.nii.gz"))
+            segment_file(pred, str(src), str(prompts), str(Path(tmp) / "seg.nii.gz"))
             took = time.perf_counter() - t
             seg = np.asarray(nib.load(str(Path(tmp) / "seg.nii.gz")).dataobj) > 0
             v = np.round(np.linalg.solve(aff, np.append(args.world, 1))[:3]).astype(int)

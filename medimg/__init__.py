@@ -1,5 +1,46 @@
-"""medimg: adapt medical-imaging foundation models and ship them as MONAI bundles."""
+"""medimg: adapt medical-imaging foundation models and ship them as MONAI bundles.
+
+The library API::
+
+    import medimg
+
+    predictor = medimg.load_bundle("runs/swin_unetr/.../bundle")
+    labels = predictor.predict(nibabel_image)          # a nibabel image back, same geometry
+
+Names are imported on first use, so ``import medimg`` (and each CLI's start) stays fast.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import Any
+
 __version__ = "0.1.0"
+
+_API = {
+    "load_bundle": "medimg.bundle.loader",
+    "bundle_task": "medimg.bundle.loader",
+    "read_image": "medimg.io.image",
+    "Image": "medimg.io.image",
+    "Segmenter": "medimg.predictors.protocols",
+    "PromptSegmenter": "medimg.predictors.protocols",
+    "Classifier": "medimg.predictors.protocols",
+    "PromptableNetwork2D": "medimg.predictors.protocols",
+    "PromptableNetwork3D": "medimg.predictors.protocols",
+    "MedimgError": "medimg.errors",
+    "DataError": "medimg.errors",
+    "BundleError": "medimg.errors",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'medimg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from medimg.data.dicom import folder_has_dicom
-from medimg.data.io import IMAGE_SUFFIXES, has_suffix, probe_image, read_image, write_like
 from medimg.errors import ConfigError, DataError, run_cli
+from medimg.io.dicom import folder_has_dicom
+from medimg.io.image import IMAGE_SUFFIXES, has_suffix, probe_image, read_image
 
 
 def output_name(path: Path) -> str:
@@ -57,13 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from medimg.bundle.loader import BundlePredictor, bundle_task, is_promptable
+        from medimg.bundle.loader import bundle_task
 
         if args.intensity is not None and args.prompts is None:
             raise ConfigError("--intensity", "applies to promptable bundles only (their volume window)")
 
         out = Path(args.output)
-        if bundle_task(args.bundle) == "classification":
+        kind = bundle_task(args.bundle)
+        if kind == "classification":
             classify(args, out)
             return
         inputs, many = collect_inputs(Path(args.input))
@@ -71,41 +72,40 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(out, "is a folder; give an output file name for a single input")
         if not many and not out.name.endswith((".nii", ".nii.gz")):
             raise ConfigError(out, "output must end in .nii or .nii.gz")
-        promptable = is_promptable(args.bundle)
         # every input mistake is reported before the bundle's network is built and loaded
         if many:
             for item in inputs:
                 probe_image(item)
         else:
             image = read_image(inputs[0], spatial_dims=None)
-        if promptable:
+        if kind == "promptable":
             if not args.prompts:
                 raise ConfigError(args.bundle, "is a promptable bundle; give --prompts prompts.json")
             if many:
                 raise ConfigError(args.input, "a promptable bundle takes one image (its prompts are per image)")
-            from medimg.bundle.loader import load_bundle_predictor
-            from medimg.data.prompts_io import load_prompts
-            from medimg.predictors.promptable import segment_file
+            from medimg.bundle.loader import load_bundle
+            from medimg.io.prompts import load_prompts
+            from medimg.predictors.prompting import prompt_shape, segment_file
 
             if args.intensity is not None:
                 from medimg.data.slicing import check_intensity
 
                 check_intensity(args.intensity)
-            flat = image.array.ndim == 3 and image.array.shape[2] == 1
-            load_prompts(args.prompts, image.array.shape[:2] if flat else image.array.shape, image.affine)
-            segment_file(load_bundle_predictor(args.bundle, args.device), str(inputs[0]), args.prompts, str(out),
+            load_prompts(args.prompts, prompt_shape(image.array), image.affine)
+            segment_file(load_bundle(args.bundle, args.device), str(inputs[0]), args.prompts, str(out),
                          intensity=args.intensity, image=image)
             print(f"{inputs[0]} -> {out}")
             return
         if args.prompts:
             raise ConfigError(args.prompts, "this bundle is not promptable; drop --prompts")
-        predictor = BundlePredictor(args.bundle, device=args.device)
+        from medimg.bundle.loader import load_bundle
+
+        predictor = load_bundle(args.bundle, device=args.device)
         written: list[Path] = []
         try:
             for item in inputs:
-                labels, reference = predictor.predict(item)
                 target = out / output_name(item) if many else out
-                written.append(write_like(labels, reference, target))
+                written.append(predictor.predict(item if many else image).save(target))
                 print(f"{item} -> {target}")
         except BaseException:
             for path in written:  # all or nothing: no partial set of outputs
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def classify(args: argparse.Namespace, out: Path) -> None:
     """Class probabilities of every input, as one JSON file."""
-    from medimg.bundle.loader import load_bundle_predictor
+    from medimg.bundle.loader import load_bundle
     from medimg.data.classification import PICTURE_SUFFIXES
 
     if args.prompts:
@@ -125,7 +125,7 @@ def classify(args: argparse.Namespace, out: Path) -> None:
     if out.suffix.lower() != ".json" or out.is_dir():
         raise ConfigError(out, "a classification bundle writes JSON: give an output file ending in .json")
     inputs, _ = collect_inputs(Path(args.input), IMAGE_SUFFIXES + PICTURE_SUFFIXES)
-    predictor = load_bundle_predictor(args.bundle, args.device)
+    predictor = load_bundle(args.bundle, args.device)
     predictor.write_json([str(p) for p in inputs], out)
     print(f"{len(inputs)} input(s) -> {out}")
 

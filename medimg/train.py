@@ -17,7 +17,7 @@ CONFIG_DIR = str(resource_dir("configs"))
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
-    from medimg.training import run_training
+    from medimg.runs.run import run_training
 
     logging.getLogger("medimg").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

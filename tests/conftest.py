@@ -44,13 +44,13 @@ def schema() -> Path:
 
 @pytest.fixture(scope="session")
 def mni_dir(_data_root) -> Path:
-    from medimg.data.datasets import prepare_mni152
+    from medimg.data.embedded.mni152 import prepare_mni152
 
     return prepare_mni152(_data_root / "mni152")
 
 
 @pytest.fixture(scope="session")
 def phantom_manifest(_data_root) -> Path:
-    from medimg.data.datasets import prepare_phantom
+    from medimg.data.embedded.phantom import prepare_phantom
 
     return prepare_phantom(_data_root / "phantom")

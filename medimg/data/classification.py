@@ -22,10 +22,13 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import DataLoader
 
 from medimg.errors import ConfigError, DataError
 
@@ -90,7 +93,7 @@ def load_image_array(path: str | Path) -> tuple[np.ndarray, bool]:
                 return np.asarray(pic.convert("RGB" if pic.mode in ("RGB", "RGBA", "P") else "F")), True
         except OSError as exc:
             raise DataError(path, f"cannot read picture ({exc})") from exc
-    from medimg.data.io import read_image
+    from medimg.io.image import read_image
 
     return read_image(path, spatial_dims=None).array, False
 
@@ -290,3 +293,60 @@ class ClassificationDataset(torch.utils.data.Dataset):
         labels = self.data.labels
         label = torch.tensor(-1) if labels is None else torch.as_tensor(labels[i])
         return {"image": self.preprocess.standardise(x), "label": label, "index": i}
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """2D / 2.5D images with class labels (or none, for MAE) from an embedded set, a CSV or a MedMNIST npz.
+
+    Args:
+        splits: ``{"training": LabelledImages, "validation": ...}``.
+        img_size: network input side.
+        in_chans: network input channels.
+        normalize: ``imagenet`` or ``none``.
+        batch_size: training batch size.
+        crop_scale: random-resized-crop scale range.
+        randaug: RandAugment magnitude (0: off).
+        num_workers: loader workers.
+    """
+
+    def __init__(self, splits: dict, img_size: int, in_chans: int = 1, normalize: str = "imagenet",
+                 batch_size: int = 16, crop_scale: tuple[float, float] = (0.5, 1.0), randaug: int = 0,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        from medimg.data.classification import ClassifyPreprocess
+
+        if "validation" not in splits:
+            raise ConfigError("data", "the classification data has no validation split")
+        self.splits = splits
+        self.preprocess = ClassifyPreprocess(img_size, in_chans, normalize)
+        self.batch_size, self.crop_scale, self.randaug = batch_size, tuple(crop_scale), randaug
+        self.num_workers = num_workers
+        self.train_set = self.val_set = self.feature_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and preprocess the images once."""
+        from medimg.data.classification import ClassificationDataset
+
+        if self.train_set is None:
+            train = self.splits["training"]
+            self.train_set = ClassificationDataset(train, self.preprocess, augment=True, crop_scale=self.crop_scale,
+                                                   randaug=self.randaug)
+            self.feature_set = ClassificationDataset(train, self.preprocess, augment=False,
+                                                     cache=self.train_set.cache)
+            self.val_set = ClassificationDataset(self.splits["validation"], self.preprocess, augment=False)
+
+    def _loader(self, dataset: Any, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=shuffle and len(dataset) > batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        """Augmented, shuffled training images."""
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation images in a fixed order."""
+        return self._loader(self.val_set, False, 64)
+
+    def knn_dataloader(self) -> DataLoader:
+        """Training images without augmentation (the kNN memory bank)."""
+        return self._loader(self.feature_set, False, 64)

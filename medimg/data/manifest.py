@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.data import load_decathlon_datalist
 
-from medimg.data.io import NIFTI_SUFFIXES, has_suffix, read_image
 from medimg.errors import DataError
+from medimg.io.image import NIFTI_SUFFIXES, has_suffix, read_image
+from medimg.io.jsonfile import read_json_object
 
 SPLITS = ("training", "validation", "test")
 
@@ -45,27 +46,8 @@ class Manifest:
         return [self.labels[k] for k in sorted(self.labels, key=int)]
 
 
-def read_json_object(path: str | Path, what: str) -> dict:
-    """Read a JSON object from ``path``; a missing file, bad JSON or a non-object is a :class:`DataError`.
-
-    Args:
-        path: the JSON file.
-        what: what the file is, for the error line (``manifest``, ``prompts``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, f"{what} not found")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"{what} is not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise DataError(path, f"{what} must be a JSON object")
-    return doc
-
-
 def load_manifest(path: str | Path, dataset_dir: str | Path | None = None) -> Manifest:
-    """Read a datalist JSON and resolve its paths against ``dataset_dir``.
+    """Read a datalist JSON (MONAI's ``load_decathlon_datalist``) and check what it lists.
 
     Args:
         path: the manifest JSON.
@@ -84,21 +66,23 @@ def load_manifest(path: str | Path, dataset_dir: str | Path | None = None) -> Ma
     base = Path(dataset_dir) if dataset_dir is not None else path.parent
     splits: dict[str, list[dict]] = {}
     for split in SPLITS:
-        items = raw.get(split, [])
-        resolved = []
-        for i, item in enumerate(items):
-            if isinstance(item, str):
-                item = {"image": item}
-            if not isinstance(item, dict) or "image" not in item:
+        items = raw.get(split) or []
+        if not isinstance(items, list):
+            raise DataError(path, f"'{split}' must be a list of entries")
+        for i, item in enumerate(items):  # a test list may name bare images, as in the Decathlon
+            if not (isinstance(item, dict) and "image" in item) and not (split == "test" and isinstance(item, str)):
                 raise DataError(path, f"{split}[{i}] needs an 'image' entry")
-            entry = dict(item)
+        if not items:
+            splits[split] = []
+            continue
+        try:  # MONAI's reader joins the paths with the base folder
+            resolved = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=base)
+        except (TypeError, ValueError) as exc:
+            raise DataError(path, f"{split}: {exc}") from exc
+        for i, entry in enumerate(resolved):
             for key in ("image", "label"):
-                if key in entry:
-                    p = Path(entry[key])
-                    entry[key] = str(p if p.is_absolute() else base / p)
-                    if not Path(entry[key]).exists():
-                        raise DataError(entry[key], f"listed in {path.name} ({split}[{i}].{key}) but missing")
-            resolved.append(entry)
+                if key in entry and not Path(entry[key]).exists():
+                    raise DataError(entry[key], f"listed in {path.name} ({split}[{i}].{key}) but missing")
         splits[split] = resolved
     meta = {k: v for k, v in raw.items() if k not in SPLITS and k != "labels"}
     labels = {str(k): str(v) for k, v in raw.get("labels", {}).items()}

@@ -1,6 +1,6 @@
 """The 2D promptable preprocessing contract: anatomical slicing plane and volume intensity window.
 
-Training (:class:`~medimg.data.slices.PromptSliceDataset`), validation and every predictor
+Training (:class:`~medimg.data.promptable.slices.PromptSliceDataset`), validation and every predictor
 (:class:`~medimg.predictors.promptable.PromptablePredictor`, ``medimg.infer``, ``monai.bundle
 run``) prepare a volume with the functions here, and a bundle records the two choices they take
 (``plane`` and ``intensity``), so inference sees exactly what training and validation saw.

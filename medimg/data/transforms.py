@@ -62,7 +62,7 @@ def geometry_spec(keys: Sequence[str], pixdim: Sequence[float] | None, label_key
     keys = list(keys)
     spec: Spec = [
         {"_target_": "LoadImaged", "keys": keys, "image_only": True,
-         "reader": {"_target_": "medimg.data.io.MedimgReader", "spatial_dims": spatial_dims}},
+         "reader": {"_target_": "medimg.io.reader.MedimgReader", "spatial_dims": spatial_dims}},
         {"_target_": "EnsureChannelFirstd", "keys": keys, "channel_dim": "no_channel"},
         {"_target_": "Orientationd", "keys": keys, "axcodes": axcodes[:spatial_dims],
          "labels": ORIENTATION_LABELS},

@@ -1,4 +1,8 @@
-"""A name -> builder registry (timm-style) so configs and bundles name networks, not classes."""
+"""A name -> builder registry (timm-style) so configs and bundles name networks, not classes.
+
+A leaf: it imports no builder. ``medimg.models`` imports the builder modules, which register
+themselves here, so ``from medimg.models import build_network`` always sees every network.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,6 @@ def register_network(name: str) -> Callable[[Callable[..., nn.Module]], Callable
 
 def list_networks() -> list[str]:
     """Registered network names."""
-    _import_builders()
     return sorted(_REGISTRY)
 
 
@@ -38,7 +41,6 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
         name: registry name (see :func:`list_networks`).
         **kwargs: builder arguments (e.g. ``pretrained``: a local weight file).
     """
-    _import_builders()
     if name not in _REGISTRY:
         raise ConfigError("model.name", f"unknown network {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     builder = _REGISTRY[name]
@@ -49,10 +51,3 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
             raise ConfigError(f"model.{unknown[0]}", f"is not an option of network {name!r} "
                                                      f"(its options: {', '.join(params)})")
     return builder(**kwargs)
-
-
-def _import_builders() -> None:
-    from medimg.models import swin_unetr  # noqa: F401 - registers its builders
-    from medimg.models.sam import builders  # noqa: F401
-    from medimg.models.sam3d import network  # noqa: F401
-    from medimg.models.vit import mae  # noqa: F401

@@ -6,12 +6,15 @@ import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from medimg.data.classification import ClassifyPreprocess
 from medimg.errors import atomic_output
+from medimg.io.memory import as_image
 
 
 class ClassificationPredictor:
@@ -35,23 +38,40 @@ class ClassificationPredictor:
         self.multilabel, self.batch_size = bool(multilabel), int(batch_size)
 
     @torch.no_grad()
-    def predict(self, images: Sequence[str | Path]) -> list[dict[str, float]]:
-        """``[{class: probability}]`` per image (softmax sums to 1; multi-label: independent sigmoids)."""
+    def predict(self, images: Any, affine: np.ndarray | None = None) -> dict[str, float] | list[dict[str, float]]:
+        """Class probabilities (softmax sums to 1; multi-label: independent sigmoids).
+
+        Args:
+            images: one image or a list / tuple of images: file paths (NIfTI, NRRD, MHA, DICOM
+                folders, PNG / JPEG), nibabel or SimpleITK images, ``MetaTensor``s or arrays.
+            affine: the affine of a single array input (classification ignores geometry).
+
+        Returns:
+            ``{class: probability}`` for one image, a list of them for a list.
+        """
+        one = not isinstance(images, (list, tuple))
+        items = [self._array_or_path(x, affine) for x in ([images] if one else images)]
         out: list[dict[str, float]] = []
         amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                else contextlib.nullcontext())
-        for i in range(0, len(images), self.batch_size):
-            x = torch.stack([self.preprocess(p) for p in images[i:i + self.batch_size]]).to(self.device)
+        for i in range(0, len(items), self.batch_size):
+            x = torch.stack([self.preprocess(p) for p in items[i:i + self.batch_size]]).to(self.device)
             with amp:
                 logits = self.network(x).float()
             probs = logits.sigmoid() if self.multilabel else logits.softmax(1)
             out += [dict(zip(self.class_names, map(float, row), strict=True)) for row in probs.cpu()]
-        return out
+        return out[0] if one else out
+
+    @staticmethod
+    def _array_or_path(image: Any, affine: np.ndarray | None) -> str | Path | np.ndarray:
+        if isinstance(image, (str, Path)):  # files keep their own reader (pictures included)
+            return image
+        return as_image(image, affine).image.array
 
     def write_json(self, images: Sequence[str | Path], path: str | Path) -> Path:
         """Write ``{"classes": [...], "multilabel": bool, "predictions": [{"input", "probabilities", "label"}]}``."""
         rows = []
-        for image, probs in zip(images, self.predict(images), strict=True):
+        for image, probs in zip(images, self.predict(list(images)), strict=True):
             row = {"input": str(image), "probabilities": probs}
             if self.multilabel:
                 row["labels"] = [k for k, v in probs.items() if v >= 0.5]

@@ -18,20 +18,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
 from medimg.data.slicing import SliceFrame, check_intensity, check_plane, prepare_volume, window_to_uint8
-from medimg.models.sam.network import PromptableSAM
+from medimg.io.image import Image
+from medimg.predictors.prompting import PromptPredictorBase
+from medimg.predictors.protocols import PromptableNetwork2D
 
 
-class PromptablePredictor:
-    """Prompt a :class:`PromptableSAM` on an image or a volume.
+class PromptablePredictor(PromptPredictorBase):
+    """Prompt a 2D promptable network (SAM, MedSAM, LiteMedSAM) on an image or a volume.
+
+    :meth:`predict` takes any input type and prompts in voxel or world coordinates (see
+    :class:`~medimg.predictors.prompting.PromptPredictorBase`); :meth:`set_volume`,
+    :meth:`predict_slice` and :meth:`predict_volume` are the interactive, step-by-step interface.
 
     Args:
-        network: the promptable network.
+        network: the promptable network (:class:`~medimg.predictors.protocols.PromptableNetwork2D`).
         device: ``cpu``/``cuda`` (default: CUDA when available).
         plane: the anatomical slicing plane training used (``sagittal``, ``coronal``, ``axial``).
         intensity: the intensity preset training used (a CT window, ``mr`` or ``none``).
@@ -43,9 +48,7 @@ class PromptablePredictor:
             than this fraction of the windowed range from the starting slice's.
     """
 
-    spatial_dims = 2
-
-    def __init__(self, network: PromptableSAM, device: str | None = None, plane: str = "axial",
+    def __init__(self, network: PromptableNetwork2D, device: str | None = None, plane: str = "axial",
                  intensity: str = "mr", cache_size: int = 64, min_area: int = 10, box_margin: int = 2,
                  min_iou: float = 0.5, intensity_tolerance: float = 0.25) -> None:
         self.plane = check_plane(plane)
@@ -62,6 +65,24 @@ class PromptablePredictor:
         self._cache: OrderedDict[int, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
         self._volume: np.ndarray | None = None
         self.encoder_calls = 0
+
+    # -------------------------------------------------------------- prompts API
+    def prepare(self, image: Image, intensity: str | None) -> None:
+        """Set a 2D image or a 3D volume as read (a one-slice file is a 2D image)."""
+        array = image.array
+        if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
+            self.set_image(array.reshape(array.shape[:2]), intensity=intensity)
+        else:
+            self.set_volume(array, image.affine, intensity=intensity)
+
+    def segment_object(self, image: Image, box: np.ndarray | None = None, points: np.ndarray | None = None,
+                       point_labels: np.ndarray | None = None, propagate: bool = True) -> np.ndarray:
+        """One object's mask: the slice itself for a 2D image, slice propagation on a volume."""
+        pts = None if points is None else np.asarray(points).tolist()
+        lab = None if point_labels is None else np.asarray(point_labels).tolist()
+        if self.frame is None:
+            return self.predict_slice(0, box=box, points=pts, point_labels=lab)[0]
+        return self.predict_volume(box=box, points=pts, point_labels=lab, propagate=propagate)
 
     # -------------------------------------------------------------- setting data
     def set_image(self, image: np.ndarray, intensity: str | None = None) -> None:
@@ -232,63 +253,3 @@ class PromptablePredictor:
             inside[lo[0]:hi[0], lo[1]:hi[1], k_lo:k_hi + 1] = True
             out &= inside
         return self.frame.from_working(out)
-
-
-def segment_file(predictor: Any, input_path: str, prompts_path: str, output_path: str,
-                 intensity: str | None = None, image: Any = None) -> str:
-    """Segment one 2D image or 3D volume from a prompts file; write labels in the input's geometry.
-
-    Each box becomes label 1, 2, ... in order; the points (if any) form one more object. On a
-    volume, a 3D box limits propagation to its extent along the bundle's slicing plane; a box flat
-    along it is a box on that one slice and propagates until the object ends. The prompts file may
-    set ``"intensity"`` (a CT window such as ``ct_lung``) and ``"propagate": false``.
-
-    Used by ``medimg.infer --prompts`` and by the bundle's ``inference.json`` (``monai.bundle run``).
-    A 3D network's predictor (:class:`~medimg.predictors.volumetric.VolumePromptPredictor`) hands
-    over to :func:`~medimg.predictors.volumetric.segment_volume_file`.
-
-    Args:
-        predictor: the bundle's predictor.
-        input_path: image file or DICOM folder.
-        prompts_path: prompts JSON.
-        output_path: the NIfTI to write.
-        intensity: intensity preset overriding the bundle's (and the prompts file's).
-        image: the input already read by :func:`~medimg.data.io.read_image` (it is not read again).
-    """
-    if getattr(predictor, "spatial_dims", 2) == 3:
-        from medimg.predictors.volumetric import segment_volume_file
-
-        return segment_volume_file(predictor, input_path, prompts_path, output_path, intensity=intensity)
-    from medimg.data.io import read_image, write_like
-    from medimg.data.prompts_io import load_prompts
-
-    image = image if image is not None else read_image(input_path, spatial_dims=None)
-    array = image.array
-    flat = array.ndim == 3 and array.shape[2] == 1
-    shape = array.shape[:2] if flat else array.shape
-    prompts = load_prompts(prompts_path, shape, image.affine)
-    window = intensity or prompts.intensity
-    labels = np.zeros(shape, dtype=np.uint8)
-    if len(shape) == 2:
-        predictor.set_image(array[..., 0] if flat else array, intensity=window)
-        objects = [dict(box=b) for b in prompts.boxes]
-        if len(prompts.points):
-            objects.append(dict(points=prompts.points.tolist(), point_labels=prompts.point_labels.tolist()))
-        for value, obj in enumerate(objects, start=1):
-            mask, _ = predictor.predict_slice(0, **obj)
-            labels[mask & (labels == 0)] = value
-    else:
-        predictor.set_volume(array, image.affine, intensity=window)
-        objects = [dict(box=b) for b in prompts.boxes]
-        if len(prompts.points):
-            objects.append(dict(points=prompts.points.tolist(), point_labels=prompts.point_labels.tolist()))
-        for value, obj in enumerate(objects, start=1):
-            try:
-                mask = predictor.predict_volume(propagate=prompts.propagate, **obj)
-            except ValueError as exc:
-                from medimg.errors import DataError
-
-                raise DataError(prompts_path, str(exc)) from exc
-            labels[mask & (labels == 0)] = value
-    write_like(labels[..., None] if flat else labels, image, output_path)
-    return output_path

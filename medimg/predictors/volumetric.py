@@ -10,6 +10,11 @@ and the mask is kept within the box plus a 10% margin.
 Window probabilities are blended with MONAI's Gaussian importance map. The result is resampled
 back to the input grid (``SpatialResample`` to the input's affine and shape) and thresholded, so
 the output has the input's exact geometry whatever its orientation.
+
+Why not MONAI's ``monai.apps.vista3d.inferer.point_based_window_inferer``: it runs one window
+centred on each click (VISTA3D's model signature) and stitches those. It neither follows a
+structure beyond the clicked windows, nor takes a box prompt that bounds the object; both are what
+this predictor adds. MONAI's Gaussian importance map (``compute_importance_map``) is shared.
 """
 
 from __future__ import annotations
@@ -22,17 +27,26 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
 from scipy import ndimage
-from torch import nn
+
+from medimg.errors import DataError
+from medimg.io.image import Image
+from medimg.io.memory import memory_key
+from medimg.predictors.prompting import PromptPredictorBase
+from medimg.predictors.protocols import PromptableNetwork3D
 
 log = logging.getLogger(__name__)
 BOX_MARGIN = 0.1  # share of the box size a mask may extend beyond a box prompt
 
 
-class VolumePromptPredictor:
+class VolumePromptPredictor(PromptPredictorBase):
     """Segment 3D structures from 3D clicks and boxes on whole volumes.
 
+    :meth:`predict` takes any input type and prompts in voxel or world coordinates of the input
+    (see :class:`~medimg.predictors.prompting.PromptPredictorBase`); the label map comes back on
+    the input's own grid. :meth:`set_volume` + :meth:`predict_probability` work in the model frame.
+
     Args:
-        network: a :class:`~medimg.models.sam3d.network.PromptableSAM3D` (weights loaded).
+        network: a 3D promptable network (:class:`~medimg.predictors.protocols.PromptableNetwork3D`).
         device: torch device.
         roi_size: window size (the training patch size).
         pixdim: the model's voxel size in mm (``None``: native spacing).
@@ -41,9 +55,7 @@ class VolumePromptPredictor:
         amp: bf16 autocast on CUDA.
     """
 
-    spatial_dims = 3
-
-    def __init__(self, network: nn.Module, device: str | torch.device = "cpu",
+    def __init__(self, network: PromptableNetwork3D, device: str | torch.device = "cpu",
                  roi_size: Sequence[int] = (64, 64, 64), pixdim: Sequence[float] | None = (2.0, 2.0, 2.0),
                  intensity: str = "mr", max_windows: int = 64, amp: bool = True) -> None:
         self.device = torch.device(device)
@@ -58,12 +70,16 @@ class VolumePromptPredictor:
         self.volume = None
 
     # ------------------------------------------------------------------ volume
-    def set_volume(self, path: str) -> None:
-        """Load ``path`` through the bundle's geometry + intensity pipeline (the model frame)."""
+    def set_volume(self, path: str, intensity: str | None = None) -> None:
+        """Load ``path`` into the model frame through the bundle's geometry and intensity pipeline.
+
+        ``path`` is a file or a :func:`~medimg.io.memory.memory_key`; ``intensity`` replaces the
+        bundle's preset.
+        """
         from medimg.data.transforms import build_pipeline, geometry_spec, intensity_spec
 
         pipeline = build_pipeline(geometry_spec(["image"], self.pixdim, label_key=None)
-                                  + intensity_spec(self.intensity))
+                                  + intensity_spec(intensity or self.intensity))
         image = pipeline({"image": str(path)})["image"]
         self.volume = np.asarray(image[0], dtype=np.float32)
         self.model_affine = np.asarray(image.affine, dtype=np.float64)
@@ -96,8 +112,32 @@ class VolumePromptPredictor:
             logits, _ = self.network.decode(self.network.encode(x), points=pts, boxes=box_t)
         return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
-    def predict(self, points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
-                box: np.ndarray | None = None) -> np.ndarray:
+    def prepare(self, image: Image, intensity: str | None) -> None:
+        """Bring a 3D volume as read into the model frame."""
+        if image.array.ndim != 3 or 1 in image.array.shape:
+            raise DataError(image.path, f"a 3D promptable model needs a 3D volume, got shape {image.array.shape}")
+        with memory_key(image) as key:
+            self.set_volume(key, intensity)
+
+    def segment_object(self, image: Image, box: np.ndarray | None = None, points: np.ndarray | None = None,
+                       point_labels: np.ndarray | None = None, propagate: bool = True) -> np.ndarray:
+        """One object's mask on the input grid (voxel prompts of the input; windows always grow)."""
+        from monai.data import MetaTensor
+        from monai.transforms import SpatialResample
+
+        if box is not None:  # all 8 corners into the model frame: an oblique input gives a rotated box
+            corners = np.array(np.meshgrid(*[[box[a], box[a + 3]] for a in range(3)], indexing="ij")).reshape(3, -1).T
+            c = self.to_model(corners, image.affine)
+            prob = self.predict_probability(box=np.concatenate([c.min(0), c.max(0)]))
+        else:
+            prob = self.predict_probability(points=self.to_model(points, image.affine), point_labels=point_labels)
+        back = SpatialResample(mode="bilinear", padding_mode="zeros")(
+            MetaTensor(torch.from_numpy(prob)[None], affine=torch.as_tensor(self.model_affine)),
+            dst_affine=torch.as_tensor(image.affine), spatial_size=image.array.shape)
+        return np.asarray(back[0]) > 0.5
+
+    def predict_probability(self, points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+                            box: np.ndarray | None = None) -> np.ndarray:
         """Foreground probability over the model-frame volume for one object.
 
         Args:
@@ -176,46 +216,3 @@ class VolumePromptPredictor:
 
 def _overlaps(origin: np.ndarray, roi: np.ndarray, box: np.ndarray) -> bool:
     return bool(((origin <= box[3:]) & (origin + roi - 1 >= box[:3])).all())
-
-
-def segment_volume_file(predictor: VolumePromptPredictor, input_path: str, prompts_path: str,
-                        output_path: str, intensity: str | None = None) -> str:
-    """Segment a 3D volume from a prompts file with a 3D network; labels in the input's geometry.
-
-    Each box becomes label 1, 2, ... in order; the points (if any) form one more object.
-    ``intensity`` (or the prompts file's ``"intensity"``) replaces the bundle's preset for this image.
-    """
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
-
-    from medimg.data.io import read_image, write_like
-    from medimg.data.prompts_io import load_prompts
-    from medimg.errors import DataError
-
-    image = read_image(input_path, spatial_dims=None)
-    if image.array.ndim != 3 or 1 in image.array.shape:
-        raise DataError(input_path, f"a 3D promptable model needs a 3D volume, got shape {image.array.shape}")
-    prompts = load_prompts(prompts_path, image.array.shape, image.affine)
-    bundle_preset = predictor.intensity
-    predictor.intensity = intensity or prompts.intensity or bundle_preset
-    try:
-        predictor.set_volume(input_path)
-    finally:
-        predictor.intensity = bundle_preset
-    objects = []
-    for b in prompts.boxes:
-        corners = np.array(np.meshgrid(*[[b[a], b[a + 3]] for a in range(3)], indexing="ij")).reshape(3, -1).T
-        c = predictor.to_model(corners, image.affine)
-        objects.append(dict(box=np.concatenate([c.min(0), c.max(0)])))
-    if len(prompts.points):
-        objects.append(dict(points=predictor.to_model(prompts.points, image.affine), point_labels=prompts.point_labels))
-    resample = SpatialResample(mode="bilinear", padding_mode="zeros")
-    labels = np.zeros(image.array.shape, dtype=np.uint8)
-    for value, obj in enumerate(objects, start=1):
-        prob = MetaTensor(torch.from_numpy(predictor.predict(**obj))[None],
-                          affine=torch.as_tensor(predictor.model_affine))
-        back = resample(prob, dst_affine=torch.as_tensor(image.affine), spatial_size=image.array.shape)
-        mask = np.asarray(back[0]) > 0.5
-        labels[mask & (labels == 0)] = value
-    write_like(labels, image, output_path)
-    return output_path

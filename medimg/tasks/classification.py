@@ -15,9 +15,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional import classification as tmf
+from torchmetrics import MetricCollection
+from torchmetrics import classification as tm
 
-from medimg.tasks.schedule import warmup_cosine
+from medimg.tasks.schedule import epoch_schedule
 
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, feats: torch.Tensor, num_classes: int,
@@ -41,30 +42,21 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, feats: to
     return scores / weights.sum(1, keepdim=True)
 
 
-def save_confusion(matrix: torch.Tensor, names: Sequence[str], path: Path, title: str) -> None:
-    """A confusion matrix (rows: truth, columns: prediction) as an annotated PNG."""
-    import matplotlib
+def metric_collection(num_classes: int, multilabel: bool, prefix: str) -> MetricCollection:
+    """AUROC (macro), accuracy, F1 (macro) and, multi-class, quadratic-weighted Cohen's kappa.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = matrix.cpu().numpy()
-    n = len(names)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.7 * n))
-    ax.imshow(m, cmap="Blues")
-    ax.set_xticks(range(n), names, rotation=45, ha="right")
-    ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(int(m[i, j])), ha="center", va="center",
-                    color="white" if m[i, j] > m.max() / 2 else "black")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    torchmetrics keeps the states and syncs them across DDP processes on ``compute()``.
+    """
+    n = num_classes
+    if multilabel:
+        metrics = {"auroc": tm.MultilabelAUROC(n, average="macro"), "accuracy": tm.MultilabelAccuracy(n),
+                   "f1": tm.MultilabelF1Score(n, average="macro")}
+    else:
+        metrics = {"auroc": tm.MulticlassAUROC(n, average="macro"),
+                   "accuracy": tm.MulticlassAccuracy(n, average="micro"),
+                   "f1": tm.MulticlassF1Score(n, average="macro"),
+                   "kappa": tm.MulticlassCohenKappa(n, weights="quadratic")}
+    return MetricCollection(metrics, prefix=prefix)
 
 
 class ClassificationTask(L.LightningModule):
@@ -92,7 +84,10 @@ class ClassificationTask(L.LightningModule):
         self.save_hyperparameters(ignore=["network"])
         self.network = network
         self.class_names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
-        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.val_metrics = metric_collection(num_classes, multilabel, "val/")
+        self.knn_metrics = metric_collection(num_classes, multilabel, "val/knn_")
+        self.confusion = None if multilabel else tm.MulticlassConfusionMatrix(num_classes)
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []  # features and labels, for the kNN
         self._frozen_knn: dict[str, float] = {}  # kNN scores of the backbone before training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +113,11 @@ class ClassificationTask(L.LightningModule):
         feats = self.network.features(batch["image"])
         logits = self.network.head(feats)
         self.log("val/loss", self._loss(logits, batch["label"]), batch_size=feats.shape[0], sync_dist=True)
-        self._val.append((self._probs(logits).float(), batch["label"], feats.float()))
+        probs, target = self._probs(logits).float(), batch["label"].long()
+        self.val_metrics.update(probs, target)
+        if self.confusion is not None:
+            self.confusion.update(probs, target)
+        self._val.append((feats.float(), batch["label"]))
 
     @torch.no_grad()
     def _features(self, loader: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,51 +154,53 @@ class ClassificationTask(L.LightningModule):
         feats, labels = self._features(self.trainer.datamodule.val_dataloader())
         scores = knn_predict(*bank, feats, self.hparams.num_classes, self.hparams.knn_k,
                              multilabel=self.hparams.multilabel)
-        self._frozen_knn = {k: float(v) for k, v in self.metrics(scores, labels).items() if k in ("accuracy", "auroc")}
+        frozen = metric_collection(self.hparams.num_classes, self.hparams.multilabel, "").to(self.device)
+        frozen.update(scores, labels.long())
+        self._frozen_knn = {k: float(v) for k, v in frozen.compute().items() if k in ("accuracy", "auroc")}
 
     def on_validation_epoch_end(self) -> None:
-        """Epoch metrics, kNN metrics and the confusion-matrix PNG."""
+        """Epoch metrics (synced across DDP processes by torchmetrics), kNN metrics, the confusion-matrix PNG."""
         if not self._val:
             return
-        probs = torch.cat([p for p, _, _ in self._val])
-        local_target = target = torch.cat([t for _, t, _ in self._val])
-        feats = torch.cat([f for _, _, f in self._val])
+        # every rank computes the same synced values and logs them: the checkpoint callback monitors
+        # val/auroc on all ranks (rank_zero_only broke it under DDP)
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name in ("val/auroc", "val/kappa"))
+        feats = torch.cat([f for f, _ in self._val])
+        target = torch.cat([t for _, t in self._val]).long()
         self._val.clear()
-        if self.trainer.world_size > 1:  # every rank's share (the sampler may pad a few repeats)
-            probs, target = self.all_gather(probs).flatten(0, 1), self.all_gather(target).flatten(0, 1)
-        for name, value in self.metrics(probs, target).items():
-            # every rank holds the gathered predictions, so every rank logs the same value: the
-            # checkpoint callback monitors val/auroc on all ranks (rank_zero_only broke it under DDP)
-            self.log(f"val/{name}", value, prog_bar=name in ("auroc", "kappa"))
         knn = self._knn(feats)
         if knn is not None:
-            for name, value in self.metrics(knn, local_target).items():
-                if name in ("accuracy", "auroc"):
-                    self.log(f"val/knn_{name}", value, sync_dist=True)
+            self.knn_metrics.update(knn, target)
+            for name, value in self.knn_metrics.compute().items():
+                if name in ("val/knn_accuracy", "val/knn_auroc"):
+                    self.log(name, value)
+        self.knn_metrics.reset()
         if not self.trainer.sanity_checking:
             for name, value in self._frozen_knn.items():
                 self.log(f"val/knn_frozen_{name}", value, sync_dist=True)
-        if self.hparams.out_dir and self.trainer.is_global_zero and not self.hparams.multilabel \
-                and not self.trainer.sanity_checking:
-            matrix = tmf.multiclass_confusion_matrix(probs, target.long(), self.hparams.num_classes)
-            acc = float(matrix.diag().sum() / matrix.sum().clamp_min(1))
-            save_confusion(matrix, self.class_names,
-                           Path(self.hparams.out_dir) / "confusion" / f"epoch_{self.current_epoch:03d}.png",
-                           f"epoch {self.current_epoch}  accuracy {acc:.3f}")
+        if self.confusion is not None:
+            matrix = self.confusion.compute()
+            if self.hparams.out_dir and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+                self._save_confusion(matrix)
+            self.confusion.reset()
 
-    def metrics(self, probs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """AUROC (macro), accuracy, F1 (macro) and, multi-class, quadratic-weighted kappa."""
-        n = self.hparams.num_classes
-        if self.hparams.multilabel:
-            t = target.long()
-            return {"auroc": tmf.multilabel_auroc(probs, t, n, average="macro"),
-                    "accuracy": tmf.multilabel_accuracy(probs, t, n),
-                    "f1": tmf.multilabel_f1_score(probs, t, n, average="macro")}
-        t = target.long()
-        return {"auroc": tmf.multiclass_auroc(probs, t, n, average="macro"),
-                "accuracy": tmf.multiclass_accuracy(probs, t, n, average="micro"),
-                "f1": tmf.multiclass_f1_score(probs, t, n, average="macro"),
-                "kappa": tmf.multiclass_cohen_kappa(probs, t, n, weights="quadratic")}
+    def _save_confusion(self, matrix: torch.Tensor) -> None:
+        """Save torchmetrics' own confusion-matrix plot as a PNG (one per epoch)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = self.confusion.plot(matrix, labels=self.class_names)
+        acc = float(matrix.diag().sum() / matrix.sum().clamp_min(1))
+        ax.set_title(f"epoch {self.current_epoch}  accuracy {acc:.3f}", fontsize=9)
+        path = Path(self.hparams.out_dir) / "confusion" / f"epoch_{self.current_epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
 
     def configure_optimizers(self) -> dict:
         """AdamW (layer-wise LR decay when the backbone trains and ``layer_decay < 1``), warm-up + cosine."""
@@ -212,6 +213,6 @@ class ClassificationTask(L.LightningModule):
         else:
             groups = [{"params": [p for p in self.network.parameters() if p.requires_grad]}]
         opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, int(self.trainer.max_epochs or 1),
+        return {"optimizer": opt, "lr_scheduler": epoch_schedule(opt, int(self.trainer.max_epochs or 1),
                                                                 hp.warmup_epochs)}
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medimg.tasks.schedule import warmup_cosine
+from medimg.tasks.schedule import epoch_schedule
 
 
 def save_reconstruction(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, path: Path,
@@ -86,5 +86,5 @@ class MAETask(L.LightningModule):
         """AdamW (betas 0.9, 0.95 as in MAE), warm-up + cosine."""
         params = [p for p in self.network.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.95))
-        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, int(self.trainer.max_epochs or 1),
+        return {"optimizer": opt, "lr_scheduler": epoch_schedule(opt, int(self.trainer.max_epochs or 1),
                                                                 self.hparams.warmup_epochs)}

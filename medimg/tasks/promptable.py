@@ -17,8 +17,9 @@ from monai.losses import DiceFocalLoss, DiceLoss
 from monai.metrics import compute_dice, compute_surface_dice
 from torch import nn
 
-from medimg.data.prompts import box_from_mask, sample_clicks
+from medimg.data.promptable.simulation import box_from_mask, sample_clicks
 from medimg.errors import ConfigError
+from medimg.predictors.protocols import PromptableNetwork3D
 
 
 class PromptableTask(L.LightningModule):
@@ -63,7 +64,7 @@ class PromptableTask(L.LightningModule):
         self.rng = np.random.default_rng(seed)
         self.volume_eval = False  # 3D: also measure the bundle's predictor on whole volumes (final validation)
         self._emb_cache: dict[tuple, torch.Tensor] = {}
-        self.spatial_dims = int(getattr(network, "spatial_dims", 2))
+        self.spatial_dims = 3 if isinstance(network, PromptableNetwork3D) else 2
 
     def _encoder_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.network.image_encoder.parameters())
@@ -302,8 +303,9 @@ class PromptableTask(L.LightningModule):
                 pred = prob > 0.5 if region is None else (prob > 0.5) & region
                 return float(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1))
 
-            scores.setdefault("box", []).append(dice(predictor.predict(box=box_from_mask(truth))))
-            prob = predictor.predict(points=click[None].astype(np.float64), point_labels=np.ones(1, dtype=np.int64))
+            scores.setdefault("box", []).append(dice(predictor.predict_probability(box=box_from_mask(truth))))
+            prob = predictor.predict_probability(points=click[None].astype(np.float64),
+                                                 point_labels=np.ones(1, dtype=np.int64))
             scores.setdefault("point1", []).append(dice(prob))
         for name, values in scores.items():
             self.log(f"val/volume_dice_{name}", float(np.mean(values)), batch_size=len(values))

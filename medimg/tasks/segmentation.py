@@ -17,7 +17,7 @@ from torch import nn
 
 from medimg.errors import ConfigError
 from medimg.tasks.overlay import save_overlay
-from medimg.tasks.schedule import warmup_cosine
+from medimg.tasks.schedule import epoch_schedule
 
 
 class SegmentationTask(L.LightningModule):
@@ -131,7 +131,7 @@ class SegmentationTask(L.LightningModule):
         else:
             raise ConfigError("task.optimizer", f"unknown optimizer {self.hparams.optimizer!r}; choose adamw or sgd")
         return {"optimizer": opt,
-                "lr_scheduler": warmup_cosine(opt, int(self.trainer.max_epochs or 1), int(self.hparams.warmup_epochs))}
+                "lr_scheduler": epoch_schedule(opt, int(self.trainer.max_epochs or 1), int(self.hparams.warmup_epochs))}
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:

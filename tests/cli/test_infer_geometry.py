@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medimg.data.io import read_image
+from medimg.io.image import read_image
 from tests.helpers import flip_to_lps, oblique_affine, run_module, write_dicom_series
 
 

@@ -6,21 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.cli.conftest import run_dir_of
 from tests.helpers import flip_to_lps, run_module
-
-TINY_LITE = ["bundle=litemedsam", "trainer=debug", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-             "trainer.max_epochs=1", "data.train_slices=3", "data.val_slices=3", "data.batch_size=2",
-             "data.target_mode=label"]
-
-
-@pytest.fixture(scope="module")
-def lite_run(tmp_path_factory, schema, mni_dir):
-    runs = tmp_path_factory.mktemp("runs")
-    proc = run_module("medimg.train", *TINY_LITE, f"runs_dir={runs}", f"data.dataset_dir={mni_dir}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "zero-shot Dice" in proc.stdout and "trainable" in proc.stdout + proc.stderr
-    return run_dir_of(proc)
 
 
 def test_litemedsam_bundle_metrics(lite_run):
@@ -39,10 +25,10 @@ def test_litemedsam_bundle_metrics(lite_run):
 def _validation_boxes(bundle, mni_dir):
     """The held-out slices and tight boxes that training validated on, as world boxes on the volume."""
     from medimg.bundle.loader import load_bundle_network
-    from medimg.data.io import read_image
-    from medimg.data.prompts import box_from_mask
-    from medimg.data.slices import PromptSliceDataset
+    from medimg.data.promptable.simulation import box_from_mask
+    from medimg.data.promptable.slices import PromptSliceDataset
     from medimg.data.slicing import SliceFrame
+    from medimg.io.image import read_image
 
     net = load_bundle_network(bundle, "cpu")
     item = {"image": str(mni_dir / "t1_posterior.nii.gz"), "label": str(mni_dir / "labels_posterior.nii.gz")}
@@ -161,21 +147,11 @@ def test_bad_prompts_exit_2(lite_run, mni_dir, tmp_path, doc, problem):
     assert code == 2 and not out.exists()
 
 
-def test_medsam2d_trains_exports_and_infers_with_a_checkpoint(tmp_path, schema, mni_dir):
+def test_medsam2d_trains_exports_and_infers_with_a_checkpoint(medsam2d_run, tmp_path, mni_dir):
     """medsam2d with a tiny ViT and MedSAM-format weights from a file (random values, official layout)."""
     import torch
 
-    from medimg.models import build_network
-
-    src = build_network("medsam", size="tiny", img_size=256)
-    torch.save({k: v.clone() for k, v in src.state_dict().items()}, tmp_path / "medsam_tiny.pth")
-    tiny = [a.replace("bundle=litemedsam", "bundle=medsam2d") for a in TINY_LITE]
-    proc = run_module("medimg.train", *tiny, f"runs_dir={tmp_path / 'runs'}", f"data.dataset_dir={mni_dir}",
-                      "model.size=tiny", "model.img_size=256", f"model.checkpoint={tmp_path / 'medsam_tiny.pth'}",
-                      "model.adapters=true", "task.freeze=adapters_only", "task.zero_shot_eval=false")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "loaded" in proc.stdout + proc.stderr and "RANDOM INITIALISATION" not in proc.stdout + proc.stderr
-    run = run_dir_of(proc)
+    run = medsam2d_run
     meta = json.loads((run / "bundle" / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [256, 256]
     state = torch.load(run / "bundle" / "models" / "model.pt", weights_only=True)

@@ -6,23 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.cli.conftest import run_dir_of
+from tests.cli.conftest import WM_CLICK_RAS
 from tests.helpers import flip_to_lps, run_module
-
-# tiny ViT, 4 mm voxels, 32^3 patches: about a minute of CPU training
-TINY_3D = ["bundle=medsam3d", "trainer=debug", "trainer.limit_train_batches=null", "trainer.max_epochs=5",
-           "trainer.check_val_every_n_epoch=5", "data.pixdim=[4.0,4.0,4.0]", "data.roi_size=[32,32,32]",
-           "data.train_samples=40", "data.val_clicks=2", "data.batch_size=4", "checkpoint.every_n_train_steps=5"]
-WM_CLICK_RAS = [-26.0, -10.0, 26.0]  # deep white matter (left corona radiata), in RAS mm
-
-
-@pytest.fixture(scope="module")
-def run3d(tmp_path_factory, schema, mni_dir):
-    runs = tmp_path_factory.mktemp("runs")
-    proc = run_module("medimg.train", *TINY_3D, f"runs_dir={runs}", f"data.dataset_dir={mni_dir}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "point3" in proc.stdout and "trainable" in proc.stdout + proc.stderr
-    return run_dir_of(proc)
 
 
 def test_bundle_is_verified_and_records_the_3d_frame(run3d):
@@ -92,8 +77,8 @@ def test_infer_reproduces_the_whole_volume_validation(run3d, mni_dir, tmp_path):
     medimg.infer with the same clicks and boxes (world mm) on that volume reaches the same Dice (within 0.01)."""
     from nibabel.affines import apply_affine
 
-    from medimg.data.patches import PromptPatchDataset, load_volumes, world_range_region
-    from medimg.data.prompts import box_from_mask
+    from medimg.data.promptable.patches import PromptPatchDataset, load_volumes, world_range_region
+    from medimg.data.promptable.simulation import box_from_mask
     from medimg.data.transforms import build_pipeline, geometry_spec
 
     item = {"image": str(mni_dir / "t1.nii.gz"), "label": str(mni_dir / "labels.nii.gz")}

@@ -14,16 +14,16 @@ def test_train_reports_per_class_metrics_and_artifacts(phantom_run, phantom_mani
     import nibabel as nib
     import numpy as np
 
-    from medimg.bundle import BundlePredictor
+    from medimg import load_bundle
 
     metrics = json.loads((phantom_run / "metrics.json").read_text())
     assert metrics["validation_split"] == "manifest validation split"
-    predictor = BundlePredictor(phantom_run / "bundle", device="cpu")
+    predictor = load_bundle(phantom_run / "bundle", device="cpu")
     items = json.loads(phantom_manifest.read_text())["validation"][:1]  # trainer=debug validates one volume
     for c, name in ((1, "object1"), (2, "object2")):
         dices = []
         for item in items:
-            pred, _ = predictor.predict(phantom_manifest.parent / item["image"])
+            pred = predictor.predict(phantom_manifest.parent / item["image"]).array
             truth = np.asarray(nib.load(str(phantom_manifest.parent / item["label"])).dataobj)
             p, t = pred == c, truth == c
             dices.append(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))

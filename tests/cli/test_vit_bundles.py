@@ -3,45 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.cli.conftest import run_dir_of
+from tests.cli.conftest import run_dir_of, train_vit
 from tests.helpers import flip_to_lps, run_module
-
-QUICK = ["trainer=debug", "trainer.enable_progress_bar=false", "model.img_size=32", "data.batch_size=8"]
-
-
-def run_dir_of_bundle(bundle: Path) -> Path:
-    return bundle.parent
-
-
-def _train(runs: Path, *args: str):
-    proc = run_module("medimg.train", *QUICK, f"runs_dir={runs}", *args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def mae_run(tmp_path_factory) -> Path:
-    proc = _train(tmp_path_factory.mktemp("runs"), "bundle=mae_pretrain")
-    match = re.search(r"MAE encoder written .*: (\S+encoder\.pt)", proc.stdout)
-    assert match, proc.stdout[-2000:]
-    assert "masked-patch MSE" in proc.stdout
-    return Path(match.group(1))
-
-
-@pytest.fixture(scope="module")
-def cls_run(tmp_path_factory, schema, mae_run) -> Path:
-    proc = _train(tmp_path_factory.mktemp("runs"), "bundle=vit_cls", f"model.backbone_checkpoint={mae_run}",
-                  "model.peft=dvpt")
-    assert "RANDOMLY INITIALISED" not in proc.stdout + proc.stderr
-    assert "validation (best checkpoint): auroc" in proc.stdout
-    return run_dir_of(proc)
 
 
 def test_mae_run_writes_an_official_layout_encoder(mae_run):
@@ -105,7 +74,7 @@ def test_classification_infer_bad_output_is_one_line(cls_run, tmp_path):
 
 
 def test_vit_cls_defaults_without_checkpoint_warn_loudly(tmp_path, schema):
-    proc = _train(tmp_path, "bundle=vit_cls", "model.peft=lora", "model.backbone=dinov2", "model.registers=true",
+    proc = train_vit(tmp_path, "bundle=vit_cls", "model.peft=lora", "model.backbone=dinov2", "model.registers=true",
                   "model.in_chans=1")
     assert "RANDOMLY INITIALISED" in proc.stdout + proc.stderr
     assert (run_dir_of(proc) / "bundle" / "models" / "model.pt").is_file()
@@ -122,18 +91,14 @@ def test_vit_cls_on_a_multilabel_csv(tmp_path, schema):
         nib.save(nib.Nifti1Image(img, np.eye(4)), str(tmp_path / f"i{i}.nii.gz"))
         rows.append(f"i{i}.nii.gz,{'validation' if i >= 16 else 'training'},{bright},{striped}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    proc = _train(tmp_path / "runs", "bundle=vit_cls", "data.dataset=null", f"data.csv={tmp_path / 'labels.csv'}",
+    proc = train_vit(tmp_path / "runs", "bundle=vit_cls", "data.dataset=null", f"data.csv={tmp_path / 'labels.csv'}",
                   "model.in_chans=1")
     metrics = json.loads((run_dir_of(proc) / "metrics.json").read_text())
     assert "val/auroc" in metrics and "val/kappa" not in metrics  # kappa is multi-class only
 
 
-def test_vit_seg_bundle_keeps_input_geometry(tmp_path, schema, mni_dir):
-    proc = run_module("medimg.train", "bundle=vit_seg", "trainer=debug", "trainer.enable_progress_bar=false",
-                      f"runs_dir={tmp_path}", f"data.dataset_dir={mni_dir}", "data.pixdim=[4.0,4.0,4.0]",
-                      "model.img_size=32", "data.roi_size=[32,32]", "data.num_samples=4", "model.peft=dvpt")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    bundle = run_dir_of(proc) / "bundle"
+def test_vit_seg_bundle_keeps_input_geometry(vit_seg_run, tmp_path, mni_dir):
+    bundle = vit_seg_run / "bundle"
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
     assert inference["inferer"]["_target_"] == "SliceInferer" and inference["slice_axis"] == 1
     t1 = nib.load(str(mni_dir / "t1_posterior.nii.gz"))
@@ -153,7 +118,7 @@ def test_vit_seg_bundle_keeps_input_geometry(tmp_path, schema, mni_dir):
     pred = np.asarray(nib.load(str(tmp_path / "ras_seg.nii.gz")).dataobj)
     truth = np.asarray(nib.load(str(mni_dir / "labels_posterior.nii.gz")).dataobj)
     dice = np.mean([2 * ((pred == c) & (truth == c)).sum() / ((pred == c).sum() + (truth == c).sum()) for c in (1, 2)])
-    metrics = json.loads((run_dir_of_bundle(bundle) / "metrics.json").read_text())
+    metrics = json.loads((vit_seg_run / "metrics.json").read_text())
     print("vit_seg validation Dice", metrics["val/dice"], "medimg.infer Dice", dice)
     assert abs(dice - metrics["val/dice"]) <= 0.01
     lps_back, _ = flip_to_lps(np.asarray(seg.dataobj).astype(np.float32), aff)
@@ -162,7 +127,7 @@ def test_vit_seg_bundle_keeps_input_geometry(tmp_path, schema, mni_dir):
 
 def test_vit_cls_under_ddp_checkpoints_on_the_monitored_auroc(tmp_path, schema):
     """Two CPU processes: val/auroc is logged on every rank, so the best-AUROC checkpoint is written and exported."""
-    proc = _train(tmp_path, "bundle=vit_cls", "model.in_chans=1", "trainer.devices=2", "trainer.strategy=ddp",
+    proc = train_vit(tmp_path, "bundle=vit_cls", "model.in_chans=1", "trainer.devices=2", "trainer.strategy=ddp",
                   "trainer.accelerator=cpu")
     run = run_dir_of(proc)
     best = list((run / "checkpoints").glob("best-*.ckpt"))

@@ -101,7 +101,7 @@ def test_augmented_dataset_keeps_labels_and_range(tmp_path):
 
 
 def test_mni_level_task_is_real_and_split_by_brain_half(_data_root):
-    from medimg.data.mni_slices import CLASS_ORDER, prepare_mni152_levels
+    from medimg.data.embedded.mni_slices import CLASS_ORDER, prepare_mni152_levels
 
     csv = prepare_mni152_levels(_data_root / "levels")
     splits = read_csv_manifest(csv, class_names=CLASS_ORDER["mni152_levels"])
@@ -124,8 +124,22 @@ def test_knn_and_metrics():
     net = build_network("vit_cls", backbone="mae", size="tiny", img_size=32, num_classes=3)
     task = ClassificationTask(net, 3)
     target = torch.tensor([0, 1, 2, 2, 1, 0])
-    perfect = task.metrics(torch.nn.functional.one_hot(target, 3).float(), target)
-    assert all(float(v) == pytest.approx(1.0) for v in perfect.values())
-    off_by_one = task.metrics(torch.nn.functional.one_hot((target + 1).clamp(max=2), 3).float(), target)
-    off_by_two = task.metrics(torch.nn.functional.one_hot(2 - target, 3).float(), target)
-    assert float(off_by_two["kappa"]) < float(off_by_one["kappa"]) < 1.0  # quadratic weights: far misses cost more
+
+    def score(probs: torch.Tensor) -> dict:
+        task.val_metrics.reset()
+        task.val_metrics.update(probs, target)
+        return {k.removeprefix("val/"): float(v) for k, v in task.val_metrics.compute().items()}
+
+    perfect = score(torch.nn.functional.one_hot(target, 3).float())
+    assert set(perfect) == {"auroc", "accuracy", "f1", "kappa"}
+    assert all(v == pytest.approx(1.0) for v in perfect.values())
+    off_by_one = score(torch.nn.functional.one_hot((target + 1).clamp(max=2), 3).float())
+    off_by_two = score(torch.nn.functional.one_hot(2 - target, 3).float())
+    assert off_by_two["kappa"] < off_by_one["kappa"] < 1.0  # quadratic weights: far misses cost more
+    assert off_by_one["accuracy"] == pytest.approx(2 / 6)
+    # two batches accumulate like one (the states torchmetrics syncs across DDP processes)
+    task.val_metrics.reset()
+    onehot = torch.nn.functional.one_hot((target + 1).clamp(max=2), 3).float()
+    task.val_metrics.update(onehot[:3], target[:3])
+    task.val_metrics.update(onehot[3:], target[3:])
+    assert float(task.val_metrics.compute()["val/kappa"]) == pytest.approx(off_by_one["kappa"])

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medimg.data.dicom import read_dicom_series
-from medimg.data.io import MedimgReader, read_image, write_like
 from medimg.errors import DataError
+from medimg.io.dicom import read_dicom_series
+from medimg.io.image import read_image, write_like
+from medimg.io.reader import MedimgReader
 from tests.helpers import flip_to_lps, oblique_affine, write_dicom_series
 
 

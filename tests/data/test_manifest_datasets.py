@@ -8,9 +8,9 @@ import pytest
 import torch
 from monai.transforms import Invertd
 
-from medimg.data.datamodule import ManifestDataModule
-from medimg.data.datasets import TRAIN_Y_MIN_MM, VAL_Y_MAX_MM, mni152_tissue_labels
+from medimg.data.embedded.mni152 import TRAIN_Y_MIN_MM, VAL_Y_MAX_MM, mni152_tissue_labels
 from medimg.data.manifest import load_manifest, validate_manifest
+from medimg.data.segmentation import ManifestDataModule
 from medimg.data.transforms import CT_WINDOWS, build_pipeline, intensity_spec, segmentation_spec
 from medimg.errors import ConfigError, DataError
 from medimg.resources import resource_dir

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medimg.data.prompts import box_from_mask, sample_clicks, sample_slices, split_targets
+from medimg.data.promptable.simulation import box_from_mask, sample_clicks, sample_slices, split_targets
 
 
 def _blob(shape=(40, 50), seed=0):

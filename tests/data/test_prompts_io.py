@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from nibabel.affines import apply_affine
 
-from medimg.data.prompts_io import load_prompts
 from medimg.errors import DataError
+from medimg.io.prompts import load_prompts
 from tests.helpers import flip_to_lps
 
 

@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
-from medimg.data.io import read_image
 from medimg.errors import DataError
+from medimg.io.image import read_image
 from tests.helpers import write_dicom_series
 
 

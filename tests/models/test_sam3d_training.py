@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medimg.data.patches import PromptPatchDataset, crop_centred, largest_component
+from medimg.data.promptable.patches import PromptPatchDataset, crop_centred, largest_component
 from medimg.models import build_network
 from medimg.models.peft import apply_freeze_policy
 from medimg.tasks.promptable import PromptableTask

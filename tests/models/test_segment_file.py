@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 
 from medimg.models import build_network
-from medimg.predictors.promptable import PromptablePredictor, segment_file
+from medimg.predictors.promptable import PromptablePredictor
+from medimg.predictors.prompting import segment_file
 
 
 def test_box_on_one_slice_propagates_through_the_object(tmp_path):

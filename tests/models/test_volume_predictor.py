@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from medimg.predictors.volumetric import VolumePromptPredictor, segment_volume_file
+from medimg.predictors.prompting import segment_file
+from medimg.predictors.volumetric import VolumePromptPredictor
 from tests.helpers import flip_to_lps, oblique_affine
 
 
@@ -60,7 +61,7 @@ def test_windows_follow_the_structure_from_one_click(tmp_path):
     net = BrightNet()
     pred = VolumePromptPredictor(net, roi_size=(32, 32, 32), pixdim=None, intensity="none")
     pred.set_volume(str(path))
-    prob = pred.predict(points=np.array([[10.0, 14.0, 14.0]]))
+    prob = pred.predict_probability(points=np.array([[10.0, 14.0, 14.0]]))
     mask = prob > 0.5
     bar = np.zeros_like(mask)
     bar[5:91, 8:20, 8:20] = True
@@ -77,7 +78,7 @@ def test_a_box_keeps_windows_inside_it(tmp_path):
     path = _write(tmp_path, vol, np.eye(4))
     pred = VolumePromptPredictor(BrightNet(), roi_size=(32, 32, 32), pixdim=None, intensity="none")
     pred.set_volume(str(path))
-    mask = pred.predict(box=np.array([5.0, 8.0, 8.0, 40.0, 19.0, 19.0])) > 0.5
+    mask = pred.predict_probability(box=np.array([5.0, 8.0, 8.0, 40.0, 19.0, 19.0])) > 0.5
     assert mask[5:40, 8:20, 8:20].all()
     assert not mask[80:].any()  # windows never left the box's range (0..40 -> windows up to 64)
     # the bar continues beyond the box; the mask stops at the box plus its 10% margin (3.5 voxels)
@@ -102,7 +103,7 @@ def test_world_click_on_non_ras_input_comes_back_in_its_geometry(tmp_path, frame
     prompts.write_text(json.dumps({"space": "world", "points": [world.tolist()], "point_labels": [1]}))
     out = tmp_path / "seg.nii.gz"
     pred = VolumePromptPredictor(BrightNet(), roi_size=(32, 32, 32), pixdim=(1.5, 1.5, 1.5), intensity="none")
-    segment_volume_file(pred, str(path), str(prompts), str(out))
+    segment_file(pred, str(path), str(prompts), str(out))
     seg = nib.load(str(out))
     assert seg.shape == vol.shape
     np.testing.assert_allclose(seg.affine, affine, atol=1e-5)

@@ -26,6 +26,7 @@ ARCHS: dict[str, dict[str, str]] = {
                "vit_l": "vit_large_patch14_dinov2"},
 }
 FORMATS = {"mae": remap_mae, "dinov2": remap_dinov2, "timm": remap_timm}
+TIMM_CONVERTED = {"dinov2": ("mask_token", "register_tokens")}
 
 
 @dataclass
@@ -90,8 +91,12 @@ def load_backbone_weights(model: VisionTransformer, path: str | Path, fmt: str) 
     """
     if fmt not in FORMATS:
         raise WeightsError(path, f"unknown backbone weight format {fmt!r}; choose {', '.join(FORMATS)}")
-    state = fit_vit_state(FORMATS[fmt](read_checkpoint(path)), model)
+    remapped = FORMATS[fmt](read_checkpoint(path))
+    state = fit_vit_state(remapped, model)
     report = load_with_report(model, state, source=str(path))
+    # keys timm's filter consumed without a place in the model are unexpected too (MAE's decoder
+    # mask_token), except what it converts by design (DINOv2's register tokens, training-only mask)
+    report.unexpected += [k for k in remapped if k not in state and k not in TIMM_CONVERTED.get(fmt, ())]
     log.info("backbone weights %s (%s): %s", path, fmt, report.summary())
     missing = [k for k in report.missing if not k.startswith("fc_norm.")]  # avg pooling's fresh norm (MAE)
     if missing:

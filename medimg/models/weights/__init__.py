@@ -63,3 +63,20 @@ def load_pretrained(module: nn.Module, path: str | Path, fmt: str) -> KeyReport:
 
 
 __all__ = ["KeyReport", "REMAPS", "load_pretrained", "load_with_report", "read_checkpoint"]
+
+
+NETWORK_PREFIX = "network."
+
+
+def read_network_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The network's weights from a Lightning checkpoint of a medimg task (``network.`` keys, unprefixed).
+
+    Raises:
+        WeightsError: unreadable checkpoint, or one without network weights.
+    """
+    state = read_checkpoint(ckpt)
+    state = state.get("state_dict", state)
+    net_state = {k[len(NETWORK_PREFIX):]: v for k, v in state.items() if k.startswith(NETWORK_PREFIX)}
+    if not net_state:
+        raise WeightsError(ckpt, "checkpoint holds no network weights")
+    return net_state

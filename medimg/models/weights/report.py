@@ -39,7 +39,7 @@ class KeyReport:
 
 def load_with_report(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint",
                      strict_shapes: bool = True) -> KeyReport:
-    """Copy matching tensors from ``state`` into ``module`` and report every key.
+    """Copy matching tensors from ``state`` into ``module`` (MONAI's ``copy_model_state``) and report every key.
 
     Args:
         module: the target network.
@@ -50,21 +50,17 @@ def load_with_report(module: nn.Module, state: Mapping[str, torch.Tensor], sourc
     Raises:
         WeightsError: on a shape mismatch when ``strict_shapes``.
     """
+    from monai.networks.utils import copy_model_state
+
     target = module.state_dict()
-    report = KeyReport()
-    new_state = {}
-    for key, value in state.items():
-        if key not in target:
-            report.unexpected.append(key)
-        elif tuple(value.shape) != tuple(target[key].shape):
-            report.mismatched[key] = (tuple(value.shape), tuple(target[key].shape))
-        else:
-            new_state[key] = value
-            report.loaded.append(key)
-    if report.mismatched and strict_shapes:
-        key, (got, want) = next(iter(report.mismatched.items()))
-        raise WeightsError(source, f"{len(report.mismatched)} tensors have the wrong shape, e.g. {key}: "
+    mismatched = {k: (tuple(v.shape), tuple(target[k].shape)) for k, v in state.items()
+                  if k in target and tuple(v.shape) != tuple(target[k].shape)}
+    if mismatched and strict_shapes:
+        key, (got, want) = next(iter(mismatched.items()))
+        raise WeightsError(source, f"{len(mismatched)} tensors have the wrong shape, e.g. {key}: "
                                    f"checkpoint {got} vs network {want}")
-    report.missing = [k for k in target if k not in new_state]
-    module.load_state_dict(new_state, strict=False)
-    return report
+    # copy_model_state copies the keys whose names and shapes match, and says which it updated
+    _, updated, unchanged = copy_model_state(module, dict(state), inplace=True)
+    kept = set(unchanged)
+    return KeyReport(loaded=list(updated), missing=[k for k in target if k in kept],
+                     unexpected=[k for k in state if k not in target], mismatched=mismatched)

@@ -6,13 +6,14 @@ One pure key remap per official format:
   encoder keys; the pre-training checkpoints with a decoder also hold ``decoder_*`` and
   ``mask_token`` (reported as unexpected: they are not part of the encoder).
 - DINOv2 torch-hub ``dinov2_vit{s,b,l}14[_reg4]_pretrain.pth``: a plain state dict whose keys
-  match timm's except ``register_tokens`` (timm: ``reg_token``) and the training-only ``mask_token``.
+  match timm's except ``register_tokens`` (timm: ``reg_token``) and the training-only ``mask_token``;
+  timm's ``checkpoint_filter_fn`` converts them.
 - timm checkpoints (``pytorch_model.bin`` / ``model.safetensors`` / timm ``train.py`` outputs with
   ``state_dict`` and ``module.`` prefixes).
 
-:func:`fit_vit_state` then adapts shapes that legitimately differ: the position embedding grid
-(input size), the class-token position (timm's ``no_embed_class`` DINOv2-register models) and the
-patch-embedding input channels.
+:func:`fit_vit_state` then adapts shapes that legitimately differ, with timm's own functions: the
+position embedding grid (input size), the class-token position (timm's ``no_embed_class``
+DINOv2-register models) and the patch-embedding input channels.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import re
 from collections.abc import Mapping
 
 import torch
-from timm.layers import resample_abs_pos_embed
-from timm.models._manipulate import adapt_input_conv
+from timm.models import adapt_input_conv
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 from medimg.models.weights.containers import strip_prefixes, unwrap
 
@@ -39,13 +40,16 @@ def remap_mae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def remap_dinov2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DINOv2 hub checkpoint: ``register_tokens`` -> ``reg_token``; drop ``mask_token``."""
+    """DINOv2 hub or training checkpoint: unwrap ``teacher``/``model``, drop ``backbone.`` and the heads.
+
+    The hub keys stay as they are (``mask_token``, ``register_tokens``): :func:`fit_vit_state`
+    hands them to timm's DINOv2 conversion.
+    """
     out = {}
     for key, value in strip_prefixes(unwrap(state, "teacher", "model")).items():
         key = re.sub(r"^backbone\.", "", key)
-        if key == "mask_token" or key.startswith(("dino_head.", "ibot_head.")):
-            continue
-        out["reg_token" if key == "register_tokens" else key] = value
+        if not key.startswith(("dino_head.", "ibot_head.")):
+            out[key] = value
     return out
 
 
@@ -57,35 +61,25 @@ def remap_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def fit_vit_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Adapt a remapped ViT state to ``model``'s input size, class-token layout and input channels.
 
+    timm's own ``checkpoint_filter_fn`` resamples the position embedding to the model's grid and
+    converts DINOv2 files (``register_tokens`` -> ``reg_token``, the class position folded into
+    the class token for timm's ``no_embed_class`` register models, ``mask_token`` dropped);
+    ``timm.models.adapt_input_conv`` fits an RGB patch embedding to the model's input channels.
+
     Args:
         state: output of one of the remaps.
         model: the target timm ``VisionTransformer``.
 
     Returns:
-        The state with ``pos_embed``, ``cls_token`` and ``patch_embed.proj.weight`` reshaped to fit.
+        The state with ``pos_embed``, ``cls_token`` and ``patch_embed.proj.weight`` fitted.
     """
-    state = dict(state)
-    target = model.state_dict()
-    if "pos_embed" in state and "pos_embed" in target:
-        pos = state["pos_embed"]
-        grid = list(model.patch_embed.grid_size)
-        n_target_prefix = 0 if model.no_embed_class else model.num_prefix_tokens - model.num_reg_tokens
-        n_patches_src = pos.shape[1]
-        src_side = int(round(max(n_patches_src - 1, 1) ** 0.5))
-        src_prefix = n_patches_src - src_side * src_side
-        if src_prefix == 1 and n_target_prefix == 0 and "cls_token" in state:
-            # DINOv2 adds the class position to the class token; timm register models keep it in the token
-            state["cls_token"] = state["cls_token"] + pos[:, :1]
-            pos, src_prefix = pos[:, 1:], 0
-        if tuple(pos.shape) != tuple(target["pos_embed"].shape):
-            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=[src_side, src_side],
-                                         num_prefix_tokens=src_prefix)
-            log.info("position embedding resampled from %dx%d to %dx%d", src_side, src_side, *grid)
-        state["pos_embed"] = pos
+    state = checkpoint_filter_fn(dict(state), model)
     key = "patch_embed.proj.weight"
+    target = model.state_dict()
     if key in state and key in target and state[key].shape[1] != target[key].shape[1]:
         want, have = target[key].shape[1], state[key].shape[1]
-        state[key] = adapt_input_conv(want, state[key], base_chans=have) if have == 3 else state[key].mean(
+        # timm adapts RGB weights; other channel counts (a 1-channel MAE encoder) are averaged and repeated
+        state[key] = adapt_input_conv(want, state[key]) if have == 3 else state[key].mean(
             1, keepdim=True).repeat(1, want, 1, 1)
         log.info("patch embedding adapted from %d to %d input channels", have, want)
     return state

@@ -4,8 +4,8 @@
 I/O) and DICOM series folders into a float32 array indexed as stored on disk plus a RAS+ affine.
 Every problem a user can cause becomes a :class:`~medimg.errors.DataError` naming the file.
 
-:class:`MedimgReader` plugs the same reader into MONAI's ``LoadImage``/``LoadImaged`` so the
-transform pipelines, ``Invertd`` and exported bundles all see identical geometry.
+:class:`~medimg.io.reader.MedimgReader` plugs the same reader into MONAI's ``LoadImage``/``LoadImaged``
+so the transform pipelines, ``Invertd`` and exported bundles all see identical geometry.
 
 :func:`write_like` writes a prediction with exactly the geometry of the image it came from.
 """
@@ -22,12 +22,10 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from monai.data.image_reader import ImageReader
-from monai.utils import MetaKeys, SpaceKeys
 
-from medimg.data.dicom import LPS_TO_RAS, folder_has_dicom, read_dicom_series
-from medimg.data.headers import check_declared_size
 from medimg.errors import DataError, atomic_output
+from medimg.io.dicom import LPS_TO_RAS, folder_has_dicom, read_dicom_series
+from medimg.io.headers import check_declared_size
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -37,6 +35,9 @@ IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 @dataclass
 class Image:
     """An image as read from disk.
+
+    Predictors return their label maps for file inputs as an ``Image`` too (uint8 labels, the
+    input's affine and header): ``.save(path)`` writes them as NIfTI.
 
     Attributes:
         array: voxels in the file's own index order, float32.
@@ -51,6 +52,14 @@ class Image:
     path: Path
     kind: str
     header: Any = field(default=None, repr=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write this image (a prediction) as NIfTI with its exact geometry, atomically."""
+        return write_like(self.array, self, path)
+
+    def to_nibabel(self) -> nib.Nifti1Image:
+        """The image as a ``nibabel.Nifti1Image`` (uint8, its exact affine)."""
+        return nifti_like(self.array, self.affine, self.header)
 
     @property
     def spacing(self) -> np.ndarray:
@@ -142,7 +151,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(arr), LPS_TO_RAS @ lps
 
 
-def _check_dims(path: Path, array: np.ndarray, spatial_dims: int | None) -> np.ndarray:
+def fit_dims(path: Path, array: np.ndarray, spatial_dims: int | None) -> np.ndarray:
     """Drop trailing singleton axes; reject data with more (or fewer) axes than expected."""
     want = spatial_dims or (2 if array.ndim == 2 else 3)
     while array.ndim > want and array.shape[-1] == 1:
@@ -202,7 +211,7 @@ def read_image(path: str | Path, spatial_dims: int | None = 3, series_uid: str |
             kind = "itk"
         else:
             raise DataError(path, "unsupported file type; expected .nii, .nii.gz, .nrrd, .mha, .mhd or a DICOM folder")
-    array = _check_dims(path, array, spatial_dims)
+    array = fit_dims(path, array, spatial_dims)
     if not allow_nan and _has_nan(array, header):
         raise DataError(path, f"contains {int(np.isnan(array).sum())} NaN intensities")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
@@ -222,7 +231,7 @@ def probe_image(path: str | Path) -> None:
     if path.is_dir():
         if not folder_has_dicom(path):
             raise DataError(path, "folder holds no DICOM files")
-        from medimg.data.dicom import _scan
+        from medimg.io.dicom import _scan
 
         _scan(path)
         return
@@ -248,56 +257,21 @@ def probe_image(path: str | Path) -> None:
         raise DataError(path, "unsupported file type; expected .nii, .nii.gz, .nrrd, .mha, .mhd or a DICOM folder")
 
 
-class MedimgReader(ImageReader):
-    """MONAI ``ImageReader`` over :func:`read_image` (NIfTI, NRRD, MHA and DICOM series folders).
-
-    Args:
-        spatial_dims: 3 for volumes, 2 for images, ``None`` to accept either.
-        series_uid: SeriesInstanceUID to read from folders that mix series.
-    """
-
-    def __init__(self, spatial_dims: int | None = 3, series_uid: str | None = None) -> None:
-        super().__init__()
-        self.spatial_dims = spatial_dims
-        self.series_uid = series_uid
-
-    def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
-        """True for supported image files and for folders (DICOM series)."""
-        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
-        return all(Path(n).is_dir() or has_suffix(n) for n in names)
-
-    def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any) -> Image | list[Image] | DataError:
-        """Read one path (or several, stacked as channels by :meth:`get_data`).
-
-        A :class:`DataError` is returned, not raised: ``LoadImage`` swallows exceptions from
-        ``read`` and silently tries its other readers; :meth:`get_data` raises it instead.
-        """
-        try:
-            if isinstance(data, (str, Path)):
-                return read_image(data, self.spatial_dims, self.series_uid)
-            return [read_image(d, self.spatial_dims, self.series_uid) for d in data]
-        except DataError as exc:
-            return exc
-
-    def get_data(self, img: Image | list[Image] | DataError) -> tuple[np.ndarray, dict]:
-        """Return the array and the MONAI metadata (affine, spatial shape, RAS space)."""
-        if isinstance(img, DataError):
-            raise img
-        imgs = [img] if isinstance(img, Image) else img
-        first = imgs[0]
-        for other in imgs[1:]:
-            if other.array.shape != first.array.shape or not np.allclose(other.affine, first.affine, atol=1e-4):
-                raise DataError(other.path, f"geometry differs from {first.path}")
-        meta = {
-            MetaKeys.AFFINE: first.affine.copy(),
-            MetaKeys.ORIGINAL_AFFINE: first.affine.copy(),
-            MetaKeys.SPATIAL_SHAPE: np.asarray(first.array.shape),
-            MetaKeys.SPACE: SpaceKeys.RAS,
-            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan") if len(imgs) == 1 else 0,
-            "source_kind": first.kind,
-        }
-        data = first.array if len(imgs) == 1 else np.stack([i.array for i in imgs], axis=0)
-        return data, meta
+def nifti_like(array: np.ndarray, affine: np.ndarray, header: Any = None, dtype: Any = np.uint8) -> nib.Nifti1Image:
+    """A NIfTI image of ``array`` with exactly ``affine``; a NIfTI ``header``'s qform/sform codes are kept."""
+    data = np.asarray(array).astype(dtype)
+    if header is not None and isinstance(header, nib.Nifti1Header):
+        out = header.copy()
+        out.set_data_dtype(dtype)
+        out.set_slope_inter(1.0, 0.0)
+        img = nib.Nifti1Image(data, affine, header=out)
+        img.set_qform(header.get_qform(), code=int(header["qform_code"]))
+        img.set_sform(header.get_sform(), code=int(header["sform_code"]))
+    else:
+        img = nib.Nifti1Image(data, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    return img
 
 
 def write_like(array: np.ndarray, reference: Image, out_path: str | Path, dtype: Any = np.uint8) -> Path:
@@ -319,18 +293,7 @@ def write_like(array: np.ndarray, reference: Image, out_path: str | Path, dtype:
     if tuple(array.shape) != tuple(reference.array.shape):
         raise DataError(out_path, f"prediction shape {tuple(array.shape)} differs from input shape "
                                   f"{tuple(reference.array.shape)}")
-    data = np.asarray(array).astype(dtype)
-    if reference.header is not None and isinstance(reference.header, nib.Nifti1Header):
-        header = reference.header.copy()
-        header.set_data_dtype(dtype)
-        header.set_slope_inter(1.0, 0.0)
-        img = nib.Nifti1Image(data, reference.affine, header=header)
-        img.set_qform(reference.header.get_qform(), code=int(reference.header["qform_code"]))
-        img.set_sform(reference.header.get_sform(), code=int(reference.header["sform_code"]))
-    else:
-        img = nib.Nifti1Image(data, reference.affine)
-        img.set_qform(reference.affine, code=1)
-        img.set_sform(reference.affine, code=1)
+    img = nifti_like(array, reference.affine, reference.header, dtype)
     with atomic_output(out_path) as tmp:
         nib.save(img, str(tmp))
     return out_path

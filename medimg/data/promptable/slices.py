@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from medimg.data.io import read_image
-from medimg.data.prompts import sample_slices, split_targets
+from medimg.data.manifest import load_manifest, train_val_split, validate_manifest
+from medimg.data.promptable.simulation import sample_slices, split_targets
 from medimg.data.slicing import prepare_volume
+from medimg.io.image import read_image
 
 Preprocess = Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]
 
@@ -82,3 +86,55 @@ class PromptSliceDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         x, target, mask, size, value, vi, k = self.samples[i]
         return {"image": x, "target": target, "mask": mask, "size": size, "label": value, "volume": vi, "slice": k}
+
+
+class PromptSliceDataModule(L.LightningDataModule):
+    """2D slices of a manifest's volumes with binary targets, for promptable models.
+
+    Args:
+        manifest: datalist JSON.
+        dataset_dir: folder its relative paths refer to.
+        preprocess: the network's ``preprocess``.
+        img_size: the network's input size.
+        plane: anatomical slicing plane (``sagittal``, ``coronal``, ``axial``), resolved through each affine.
+        intensity: intensity preset of the volumes.
+        classes: label values to segment (``None``: all).
+        target_mode: ``label`` or ``component``.
+        train_slices: slices drawn per training volume (``None``: all with foreground).
+        val_slices: slices drawn per validation volume.
+        batch_size: training batch size.
+        min_size: smallest target kept (pixels).
+        val_fraction: share of subjects held out when the manifest has no validation split.
+        seed: seed of that hold-out.
+    """
+
+    def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, preprocess: Any, img_size: int,
+                 plane: str = "coronal", intensity: str = "mr", classes: list[int] | None = None,
+                 target_mode: str = "component", train_slices: int | None = 40, val_slices: int | None = 12,
+                 batch_size: int = 4, min_size: int = 30, val_fraction: float | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.manifest = load_manifest(manifest, dataset_dir)
+        self.train_items, self.val_items, self.val_split = train_val_split(self.manifest, val_fraction, seed)
+        self.kwargs = dict(preprocess=preprocess, img_size=img_size, plane=plane, intensity=intensity,
+                           classes=classes, target_mode=target_mode, min_size=min_size)
+        self.train_slices, self.val_slices, self.batch_size = train_slices, val_slices, batch_size
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Validate the manifest and cut the slices once."""
+        from medimg.data.promptable.slices import PromptSliceDataset
+
+        if self.train_set is None:
+            validate_manifest(self.manifest)
+            self.train_set = PromptSliceDataset(self.train_items, slices_per_volume=self.train_slices,
+                                                seed=0, **self.kwargs)
+            self.val_set = PromptSliceDataset(self.val_items, slices_per_volume=self.val_slices,
+                                              seed=1, **self.kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training slices."""
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation slices in a fixed order."""
+        return DataLoader(self.val_set, batch_size=8, shuffle=False)

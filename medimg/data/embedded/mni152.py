@@ -15,7 +15,6 @@ never saw.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import nibabel as nib
 import numpy as np
 
 from medimg.errors import DataError, atomic_output
-from medimg.resources import resource_dir
 
 MNI_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -66,7 +64,8 @@ def mni152_tissue_labels(gm: np.ndarray, wm: np.ndarray, threshold: float = 0.5)
     return np.where(np.maximum(gm, wm) >= threshold, tissue, 0).astype(np.uint8)
 
 
-def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write an embedded-dataset volume (qform and sform set, atomically)."""
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=4)  # MNI152 space
     img.set_sform(affine, code=4)
@@ -106,62 +105,6 @@ def prepare_mni152(root: str | Path | None = None) -> Path:
     for suffix, (lo, hi) in pieces.items():
         img, aff = _crop_y(t1, affine, lo, hi)
         lab, _ = _crop_y(labels, affine, lo, hi)
-        _save(img, aff, root / f"t1{suffix}.nii.gz")
-        _save(lab, aff, root / f"labels{suffix}.nii.gz")
+        save_nifti(img, aff, root / f"t1{suffix}.nii.gz")
+        save_nifti(lab, aff, root / f"labels{suffix}.nii.gz")
     return root
-
-
-def prepare_phantom(root: str | Path, num_images: int = 6, size: int = 32, num_classes: int = 3,
-                    seed: int = 0) -> Path:
-    """Write a synthetic 3D phantom dataset (MONAI ``create_test_image_3d``) and its manifest.
-
-    Args:
-        root: output folder; ``dataset.json`` is written there.
-        num_images: number of volumes; the last third is the validation split.
-        size: edge length of the cubic volumes.
-        num_classes: label classes including background.
-        seed: random seed (the same seed gives the same files).
-
-    Returns:
-        The manifest path.
-    """
-    from monai.data import create_test_image_3d
-
-    root = Path(root)
-    manifest = root / "dataset.json"
-    if manifest.is_file():
-        return manifest
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    entries = []
-    for i in range(num_images):
-        img, lab = create_test_image_3d(size, size, size, num_objs=6, rad_max=max(size // 5, 3),
-                                        rad_min=max(size // 12, 2), noise_max=0.3,
-                                        num_seg_classes=num_classes - 1, random_state=rng)
-        affine = np.diag([1.0, 1.0, 1.0, 1.0])
-        _save(img.astype(np.float32), affine, root / f"img{i:02d}.nii.gz")
-        _save(lab.astype(np.uint8), affine, root / f"seg{i:02d}.nii.gz")
-        entries.append({"image": f"img{i:02d}.nii.gz", "label": f"seg{i:02d}.nii.gz"})
-    n_val = max(1, num_images // 3)
-    labels = {"0": "background", **{str(c): f"object{c}" for c in range(1, num_classes)}}
-    doc = {"name": "phantom", "labels": labels, "lr_swap": [],  # no sided labels: left-right flips are safe
-           "training": entries[:-n_val], "validation": entries[-n_val:]}
-    with atomic_output(manifest) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2))
-    return manifest
-
-
-def embedded_manifest(name: str, dataset_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """Materialise an embedded dataset and return ``(manifest_path, dataset_dir)``.
-
-    Args:
-        name: ``mni152`` or ``phantom``.
-        dataset_dir: where to write its files (default under :func:`default_data_root`).
-    """
-    if name == "mni152":
-        folder = prepare_mni152(dataset_dir)
-        return resource_dir("data_manifests") / "mni152.json", folder
-    if name == "phantom":
-        folder = Path(dataset_dir) if dataset_dir else default_data_root() / "phantom"
-        return prepare_phantom(folder), folder
-    raise DataError(name, "unknown embedded dataset; choose mni152 or phantom")

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from medimg.data.manifest import read_json_object
 from medimg.errors import DataError
+from medimg.io.jsonfile import read_json_object
 
 
 @dataclass
@@ -71,8 +72,25 @@ def load_prompts(path: str | Path, shape: tuple[int, ...], affine: np.ndarray) -
         DataError: naming the prompts file: bad JSON, wrong lengths, labels that do not match the
             points, or prompts outside the image.
     """
-    path = Path(path)
-    doc = read_json_object(path, "prompts")
+    return parse_prompts(read_json_object(path, "prompts"), shape, affine, Path(path))
+
+
+def prompts_document(boxes: Any = (), points: Any = (), point_labels: Any = None, space: str = "voxel",
+                     intensity: str | None = None, propagate: bool = True) -> dict[str, Any]:
+    """In-memory prompts (sequences or arrays) as a prompts-JSON document."""
+    doc: dict[str, Any] = {"space": space, "propagate": propagate,
+                           "boxes": np.asarray(boxes, dtype=np.float64).tolist() if len(boxes) else [],
+                           "points": np.asarray(points, dtype=np.float64).tolist() if len(points) else []}
+    if point_labels is not None:
+        doc["point_labels"] = np.asarray(point_labels).astype(int).tolist()
+    if intensity is not None:
+        doc["intensity"] = intensity
+    return doc
+
+
+def parse_prompts(doc: dict[str, Any], shape: tuple[int, ...], affine: np.ndarray,
+                  path: str | Path = "prompts") -> Prompts:
+    """Validate a prompts document for an image of ``shape`` and ``affine``; ``path`` names it in errors."""
     space = doc.get("space", "voxel")
     if space not in ("voxel", "world"):
         raise DataError(path, f"space must be 'voxel' or 'world', not {space!r}")

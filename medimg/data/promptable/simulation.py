@@ -3,6 +3,12 @@
 Coordinates follow the prompts-JSON contract: array indices in axis order, so a 2D box is
 ``[x0, y0, x1, y1]`` = ``[i0, j0, i1, j1]`` and a 3D box ``[i0, j0, k0, i1, j1, k1]`` (inclusive),
 a point is ``[i, j(, k)]``. Works for 2D and 3D masks alike.
+
+Why not MONAI's ``monai.apps.vista3d.sampler.sample_prompt_pairs``: it draws class prompts plus
+random positive / negative points from a label map, for VISTA3D's class-and-point training. The
+SAM-style training here needs *correction* clicks placed in the error region of the model's current
+prediction, away from the region's edge, round after round, and boxes with jitter; that sampler has
+neither.
 """
 
 from __future__ import annotations

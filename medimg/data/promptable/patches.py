@@ -31,7 +31,7 @@ from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 from medimg.data.manifest import load_manifest, train_val_split, validate_manifest
-from medimg.data.prompts import sample_clicks, split_targets
+from medimg.data.promptable.simulation import sample_clicks, split_targets
 from medimg.data.transforms import build_pipeline, segmentation_spec
 from medimg.errors import ConfigError
 

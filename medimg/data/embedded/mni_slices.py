@@ -26,7 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medimg.data.datasets import MNI_FILES, TRAIN_Y_MIN_MM, VAL_Y_MAX_MM, default_data_root, mni152_source_dir
+from medimg.data.embedded.mni152 import MNI_FILES, TRAIN_Y_MIN_MM, VAL_Y_MAX_MM, default_data_root, mni152_source_dir
 from medimg.errors import DataError, atomic_output
 
 LEVELS = (("skull_base", -45.0), ("basal_ganglia", -15.0), ("ventricle_roof", 15.0), ("vertex", 45.0))

@@ -1,0 +1,173 @@
+"""One training run: assemble the task kind's parts, train with Lightning, validate, export.
+
+The run folder holds ``config.yaml`` (the composed config, as given), ``run.json`` (the
+:class:`~medimg.runs.parts.RunRecord` export reads), ``metrics.json``, ``checkpoints/``, logs, and
+``bundle/`` (the verified MONAI bundle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from medimg.errors import ConfigError
+from medimg.models.peft import trainable_summary
+from medimg.runs.parts import TaskParts
+
+log = logging.getLogger("medimg.train")
+RUN_DIR_ENV = "MEDIMG_RUN_DIR"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file and rename: a killed run never leaves a torn file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` to ``path`` atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+class SaveLastOnTrainEnd(L.Callback):
+    """Refresh ``last.ckpt`` when training ends (the step-based saver may be a few steps behind)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save the final state."""
+        trainer.save_checkpoint(self.path)
+
+
+def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """Decide the run folder and the checkpoint to resume from.
+
+    DDP worker processes inherit the folder chosen by rank 0 through ``$MEDIMG_RUN_DIR``.
+
+    Returns:
+        ``(run_dir, resume_checkpoint_or_None)``.
+    """
+    inherited = os.environ.get(RUN_DIR_ENV)
+    resume = cfg.resume
+    if inherited:
+        run_dir = Path(inherited)
+    elif resume not in (False, None, "false", "False"):
+        if resume in (True, "true", "True"):
+            parent = Path(cfg.runs_dir) / cfg.bundle.name
+            runs = sorted(p for p in parent.glob("*") if (p / "checkpoints" / "last.ckpt").is_file())
+            if not runs:
+                raise ConfigError("resume", f"no run of {cfg.bundle.name} with a last.ckpt under {parent}")
+            run_dir = runs[-1]
+        else:
+            run_dir = Path(str(resume))
+            if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+                raise ConfigError(run_dir, "resume: no checkpoints/last.ckpt in this run folder")
+    else:
+        run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    resuming = resume not in (False, None, "false", "False")
+    return run_dir.resolve(), (ckpt if resuming and ckpt.is_file() else None)
+
+
+def _builder(kind: str) -> Callable[[DictConfig, Path], TaskParts]:
+    """The assembly function of a task kind (imported on demand: each pulls in its own stack)."""
+    if kind == "segmentation":
+        from medimg.runs.segmentation import build_segmentation as build
+    elif kind == "promptable":
+        from medimg.runs.promptable import build_promptable as build
+    elif kind == "classification":
+        from medimg.runs.classification import build_classification as build
+    elif kind == "mae":
+        from medimg.runs.mae import build_mae as build
+    else:
+        raise ConfigError("bundle.task", f"unknown task {kind!r}; choose from {', '.join(TASK_KINDS)}")
+    return build
+
+
+TASK_KINDS = ("segmentation", "promptable", "classification", "mae")
+
+
+def run_training(cfg: DictConfig) -> Path:
+    """Train the configured bundle, then export and verify its MONAI bundle.
+
+    Args:
+        cfg: the composed Hydra config (``configs/train.yaml`` + ``configs/bundle/NAME.yaml``).
+
+    Returns:
+        The run folder.
+    """
+    run_dir, resume_ckpt = resolve_run_dir(cfg)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers started by Lightning land in the same run
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    parts = _builder(cfg.bundle.get("task", "segmentation"))(cfg, run_dir)
+    task, dm = parts.task, parts.datamodule
+    log.info("network %s: %s", cfg.model.name, trainable_summary(task.network))
+
+    is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    if is_rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        given = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(given, dict)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**given, "run_dir": str(run_dir)}))
+        parts.record.save(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor=parts.monitor, mode="max",
+                        save_top_k=1, save_last=False),
+        ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, enable_version_counter=False,
+                        every_n_train_steps=int(cfg.checkpoint.every_n_train_steps)),
+        SaveLastOnTrainEnd(ckpt_dir / "last.ckpt"),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    loggers = [CSVLogger(str(run_dir), name="logs", version=""),
+               TensorBoardLogger(str(run_dir), name="tensorboard", version="", default_hp_metric=False)]
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_kwargs, dict)
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
+                        plugins=[AtomicCheckpointIO()])
+    zero_shot: dict[str, float] = {}
+    if parts.zero_shot and resume_ckpt is None:  # the pretrained model before any fine-tuning
+        before = trainer.validate(task, datamodule=dm, verbose=False)[0]
+        zero_shot = {f"zero_shot/{k}": float(v) for k, v in before.items()}
+    if resume_ckpt is not None:
+        log.info("resuming from %s", resume_ckpt)
+    trainer.fit(task, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+
+    best = callbacks[0].best_model_path or None
+    if hasattr(task, "volume_eval"):  # the final validation also runs the bundle's whole-volume predictor
+        task.volume_eval = True
+    results = trainer.validate(task, datamodule=dm, ckpt_path=best, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    metrics.update(zero_shot)
+    if trainer.is_global_zero:
+        metrics["epochs"] = trainer.current_epoch
+        metrics["validation_split"] = parts.record.validation_split or "validation split"
+        metrics["checkpoint"] = str(best or ckpt_dir / "last.ckpt")
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        parts.record.metrics = metrics
+        parts.record.save(run_dir)
+        parts.report(metrics)
+        if parts.finish is not None:
+            parts.finish(best)
+        if cfg.export.enabled and parts.export:
+            from medimg.export import export_run
+
+            bundle = export_run(run_dir, run_dir / "bundle", schema=cfg.export.schema, overwrite=True)
+            print(f"bundle written and verified: {bundle}")
+    return run_dir

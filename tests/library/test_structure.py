@@ -1,0 +1,111 @@
+"""The package's shape: no import cycles, small files, the public API where the README says."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import medimg
+
+PACKAGE = Path(medimg.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """medimg module -> the medimg modules it imports (anywhere in it, lazy imports included).
+
+    ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``. The
+    implicit import of a parent package is not an edge (that is how ``medimg.models`` imports its
+    builders, which import the leaf ``medimg.models.registry``).
+    """
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name.split(".")[0] == "medimg"}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                if base.split(".")[0] != "medimg":
+                    continue
+                for alias in node.names:
+                    edges.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = import_graph()
+    assert "medimg.runs.run" in graph and "medimg.models.registry" in graph
+    assert cycles(graph) == []
+
+
+def test_leaves_import_nothing_from_medimg_but_errors():
+    graph = import_graph()
+    for leaf in ("medimg.models.registry", "medimg.runs.parts", "medimg.predictors.protocols"):
+        assert graph[leaf] <= {"medimg.errors"}, (leaf, graph[leaf])
+
+
+def test_no_file_over_400_lines():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
+def test_the_public_api_is_lazy_and_complete():
+    import subprocess
+    import sys
+
+    code = ("import sys, medimg; assert 'torch' not in sys.modules, 'import medimg pulled in torch'; "
+            "from medimg import load_bundle, Segmenter, PromptSegmenter, Classifier, read_image; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert set(medimg.__all__) >= {"load_bundle", "Segmenter", "PromptSegmenter", "Classifier"}
