@@ -4,6 +4,9 @@
 inputs (then ``--output`` is a folder and each prediction is ``<name>_seg.nii.gz``). Predictions
 are written as NIfTI in exactly the input's geometry. GPU with AMP when available, else CPU.
 
+``--format dicom-seg`` writes a DICOM Segmentation instead (``.dcm``; one per DICOM series input),
+referencing the input series, with one segment per label named from the bundle's metadata.
+
 Classification bundles write one JSON file (``--output probs.json``) with the class
 probabilities of every input (images may also be PNG / JPEG).
 """
@@ -11,22 +14,48 @@ probabilities of every input (images may also be PNG / JPEG).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from medimg.errors import ConfigError, DataError, run_cli
 from medimg.io.dicom import folder_has_dicom
-from medimg.io.image import IMAGE_SUFFIXES, has_suffix, probe_image, read_image
+from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, write_like
+
+FORMATS = {"nifti": (".nii.gz", ".nii"), "dicom-seg": (".dcm",)}
 
 
-def output_name(path: Path) -> str:
-    """``scan.nii.gz`` -> ``scan_seg.nii.gz``; a DICOM folder ``series/`` -> ``series_seg.nii.gz``."""
+def output_name(path: Path, fmt: str = "nifti") -> str:
+    """``scan.nii.gz`` -> ``scan_seg.nii.gz``; a DICOM folder ``series/`` -> ``series_seg.nii.gz`` (or ``.dcm``)."""
     name = path.name
     for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    return f"{name}_seg.nii.gz"
+    return f"{name}_seg{FORMATS[fmt][0]}"
+
+
+def segment_names(bundle: str | Path, promptable: bool) -> tuple[dict[int, str], str, str]:
+    """``({label value: segment name}, algorithm name, version)`` from the bundle's metadata."""
+    meta = json.loads((Path(bundle) / "configs" / "metadata.json").read_text())
+    channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+    names = {int(k): str(v) for k, v in channels.items() if int(k) > 0}
+    if promptable:  # label n is the n-th prompted object of the bundle's target
+        target = names.get(1, "object")
+        names = {v: f"{target} {v}" for v in range(1, 256)}
+    return names, str(meta.get("name") or f"medimg {Path(bundle).name}"), str(meta.get("version", "0"))
+
+
+def write_labels(labels: np.ndarray, image: Image, target: Path, fmt: str, seg_info: tuple | None) -> Path:
+    """Write a label map as NIfTI in the image's geometry, or as a DICOM SEG referencing its series."""
+    if fmt == "dicom-seg":
+        from medimg.io.dicomseg import write_dicom_seg
+
+        names, algorithm, version = seg_info
+        return write_dicom_seg(labels, image.path, target, names, algorithm, version)
+    return write_like(labels, image, target)
 
 
 def collect_inputs(path: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tuple[list[Path], bool]:
@@ -54,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="promptable bundles: intensity window (ct_abdomen, ct_lung, ct_bone, ct_brain, mr, none); "
                              "default: the bundle's own")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--format", default="nifti", choices=tuple(FORMATS),
+                        help="nifti (default) or dicom-seg: a DICOM Segmentation referencing the input DICOM series")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -70,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         inputs, many = collect_inputs(Path(args.input))
         if not many and out.is_dir():
             raise ConfigError(out, "is a folder; give an output file name for a single input")
-        if not many and not out.name.endswith((".nii", ".nii.gz")):
-            raise ConfigError(out, "output must end in .nii or .nii.gz")
+        if not many and not out.name.lower().endswith(FORMATS[args.format]):
+            raise ConfigError(out, f"{args.format} output must end in {' or '.join(FORMATS[args.format])}")
+        if args.format == "dicom-seg":
+            for item in inputs:
+                if not (item.is_dir() and folder_has_dicom(item)):
+                    raise ConfigError(item, "--format dicom-seg needs DICOM series inputs (it references them)")
         # every input mistake is reported before the bundle's network is built and loaded
         if many:
             for item in inputs:
@@ -85,27 +120,31 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(args.input, "a promptable bundle takes one image (its prompts are per image)")
             from medimg.bundle.loader import load_bundle
             from medimg.io.prompts import load_prompts
-            from medimg.predictors.prompting import prompt_shape, segment_file
+            from medimg.predictors.prompting import prompt_shape
 
             if args.intensity is not None:
                 from medimg.data.slicing import check_intensity
 
                 check_intensity(args.intensity)
-            load_prompts(args.prompts, prompt_shape(image.array), image.affine)
-            segment_file(load_bundle(args.bundle, args.device), str(inputs[0]), args.prompts, str(out),
-                         intensity=args.intensity, image=image)
+            prompts = load_prompts(args.prompts, prompt_shape(image.array), image.affine)
+            seg_info = segment_names(args.bundle, True) if args.format == "dicom-seg" else None
+            labels = load_bundle(args.bundle, args.device).segment_prompts(image, prompts, args.intensity,
+                                                                           args.prompts)
+            write_labels(labels, image, out, args.format, seg_info)
             print(f"{inputs[0]} -> {out}")
             return
         if args.prompts:
             raise ConfigError(args.prompts, "this bundle is not promptable; drop --prompts")
         from medimg.bundle.loader import load_bundle
 
+        seg_info = segment_names(args.bundle, False) if args.format == "dicom-seg" else None
         predictor = load_bundle(args.bundle, device=args.device)
         written: list[Path] = []
         try:
             for item in inputs:
-                target = out / output_name(item) if many else out
-                written.append(predictor.predict(item if many else image).save(target))
+                target = out / output_name(item, args.format) if many else out
+                result = predictor.predict(item if many else image)
+                written.append(write_labels(result.array, result, target, args.format, seg_info))
                 print(f"{item} -> {target}")
         except BaseException:
             for path in written:  # all or nothing: no partial set of outputs

@@ -105,6 +105,7 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
             "pred_classes": ", ".join(f"{i}: {n}" for i, n in enumerate(names)),
             "labels": {n: int(k) for k, n in labels.items()},
             "python_version": sys.version.split()[0],
+            "name": meta.get("name") or f"medimg {template}",
         })
         input_shape = metadata_updates.pop("input_spatial_shape", None)
         input_channels = metadata_updates.pop("input_channels", None)

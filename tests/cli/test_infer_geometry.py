@@ -85,3 +85,34 @@ def test_monai_bundle_run_writes_input_geometry(mni_run, mni_dir, tmp_path):
     out = nib.load(str(tmp_path / "o" / "lps_seg.nii.gz"))
     assert out.shape == v.shape
     assert np.abs(out.affine - a).max() <= 1e-4
+
+
+def test_dicom_seg_output_references_the_series_and_holds_the_prediction(predictions, mni_run, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    from medimg.io.dicom import read_dicom_series
+
+    inputs, out = predictions
+    seg_path = tmp_path / "seg.dcm"
+    proc = run_module("medimg.infer", "--bundle", str(mni_run / "bundle"), "--input", str(inputs / "dicom_series"),
+                      "--output", str(seg_path), "--format", "dicom-seg")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seg = hd.seg.segread(seg_path)
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["grey_matter", "white_matter"]
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "medimg swin_unetr"
+    series = read_dicom_series(inputs / "dicom_series")
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in series.files]
+    source_series = pydicom.dcmread(series.files[0]).SeriesInstanceUID
+    assert {r.SeriesInstanceUID for r in seg.ReferencedSeriesSequence} == {source_series}
+    labels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
+                                               skip_overlap_checks=True).transpose(2, 1, 0)
+    np.testing.assert_array_equal(labels, np.asarray(nib.load(str(out / "dicom_series_seg.nii.gz")).dataobj))
+
+
+def test_dicom_seg_needs_a_dicom_input(mni_run, predictions, tmp_path):
+    inputs, _ = predictions
+    proc = run_module("medimg.infer", "--bundle", str(mni_run / "bundle"), "--input", str(inputs / "orig.nii.gz"),
+                      "--output", str(tmp_path / "seg.dcm"), "--format", "dicom-seg")
+    assert proc.returncode == 2 and "needs DICOM series inputs" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "seg.dcm").exists()
