@@ -79,6 +79,8 @@ class TaskParts:
         zero_shot: validate once before training (pretrained models).
         export: write a MONAI bundle at the end.
         finish: called on rank 0 with the best checkpoint (e.g. MAE writes its encoder).
+        before_final_validation: called before the final validation (the 3D promptable task then
+            also runs the bundle's whole-volume predictor).
     """
 
     task: L.LightningModule
@@ -89,3 +91,4 @@ class TaskParts:
     zero_shot: bool = False
     export: bool = True
     finish: Callable[[str | None], None] | None = None
+    before_final_validation: Callable[[], None] | None = None

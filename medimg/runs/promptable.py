@@ -64,7 +64,12 @@ def build_promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
     record = RunRecord("promptable", cfg.bundle.template, network_spec(kwargs), contract,
                        target_labels(dm.manifest, classes), data_source(dm.manifest), meta=meta,
                        validation_split=dm.val_split)
-    return TaskParts(task, dm, "val/dice_box", report_prompts, record, zero_shot=bool(t.zero_shot_eval))
+    volume_eval = None
+    if isinstance(network, PromptableNetwork3D):  # the final validation also runs the whole-volume predictor
+        def volume_eval() -> None:
+            task.volume_eval = True
+    return TaskParts(task, dm, "val/dice_box", report_prompts, record, zero_shot=bool(t.zero_shot_eval),
+                     before_final_validation=volume_eval)
 
 
 def report_prompts(metrics: dict[str, float]) -> None:

@@ -150,8 +150,8 @@ def run_training(cfg: DictConfig) -> Path:
     trainer.fit(task, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
 
     best = callbacks[0].best_model_path or None
-    if hasattr(task, "volume_eval"):  # the final validation also runs the bundle's whole-volume predictor
-        task.volume_eval = True
+    if parts.before_final_validation is not None:
+        parts.before_final_validation()
     results = trainer.validate(task, datamodule=dm, ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     metrics.update(zero_shot)
