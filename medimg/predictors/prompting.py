@@ -8,6 +8,7 @@ and the bundles' ``inference.json``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,17 +34,17 @@ def prompt_objects(prompts: Prompts) -> list[dict[str, Any]]:
     return objects
 
 
-class PromptPredictorBase:
+class PromptPredictorBase(ABC):
     """The prompt handling of a promptable predictor; subclasses set the image and segment one object."""
 
+    @abstractmethod
     def prepare(self, image: Image, intensity: str | None) -> None:
         """Set ``image`` (its stored voxels and affine) windowed by ``intensity`` (``None``: the bundle's)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def segment_object(self, image: Image, box: np.ndarray | None = None, points: np.ndarray | None = None,
                        point_labels: np.ndarray | None = None, propagate: bool = True) -> np.ndarray:
         """One object's mask over the prompt shape of ``image``, from voxel prompts."""
-        raise NotImplementedError
 
     def segment_prompts(self, image: Image, prompts: Prompts, intensity: str | None = None,
                         source: str | Path = "prompts") -> np.ndarray:
