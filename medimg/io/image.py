@@ -138,9 +138,20 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise DataError(path, "not a readable NRRD/MHA image") from exc
+    return sitk_array_affine(img, path)
+
+
+def sitk_array_affine(img: Any, source: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A SimpleITK image as a float32 array in (x, y, z) index order and its RAS+ affine.
+
+    Raises:
+        DataError: naming ``source``, for a vector (multi-component) image.
+    """
+    import SimpleITK as sitk
+
     if img.GetNumberOfComponentsPerPixel() != 1:
         n = img.GetNumberOfComponentsPerPixel()
-        raise DataError(path, f"has {n} components per voxel; expected a scalar image")
+        raise DataError(source, f"has {n} components per voxel; expected a scalar image")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
     arr = arr.transpose(tuple(range(arr.ndim - 1, -1, -1)))  # (z, y, x) -> (x, y, z)
     nd = img.GetDimension()

@@ -32,7 +32,7 @@ import numpy as np
 
 from medimg.errors import DataError
 from medimg.io.dicom import LPS_TO_RAS
-from medimg.io.image import Image, read_image
+from medimg.io.image import Image, read_image, sitk_array_affine
 
 MEMORY_PREFIX = "<medimg-memory:"
 _REGISTERED: dict[str, Image] = {}
@@ -112,16 +112,7 @@ def _nibabel(img: Any) -> ImageInput:
 def _simpleitk(img: Any) -> ImageInput:
     import SimpleITK as sitk
 
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError("SimpleITK image", "has several components per voxel; expected a scalar image")
-    nd = img.GetDimension()
-    array = sitk.GetArrayFromImage(img)
-    array = array.transpose(tuple(range(array.ndim - 1, -1, -1)))  # (z, y, x) -> (x, y, z)
-    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(nd, nd)
-    lps = np.eye(4)
-    lps[:nd, :nd] = direction * np.asarray(img.GetSpacing())[None, :]
-    lps[:nd, 3] = img.GetOrigin()
-    array, affine = _check("SimpleITK image", array, LPS_TO_RAS @ lps)
+    array, affine = _check("SimpleITK image", *sitk_array_affine(img, "SimpleITK image"))
 
     def restore(labels: np.ndarray) -> Any:
         out = sitk.GetImageFromArray(np.ascontiguousarray(labels.astype(np.uint8).transpose(
