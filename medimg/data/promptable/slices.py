@@ -10,7 +10,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from monai.data import DataLoader  # MONAI's loader seeds the dataset's random state, as before the move
+from torch.utils.data import Dataset
 
 from medimg.data.manifest import load_manifest, train_val_split, validate_manifest
 from medimg.data.promptable.simulation import sample_slices, split_targets
