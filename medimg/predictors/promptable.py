@@ -16,6 +16,7 @@ the starting slice's by more than ``intensity_tolerance`` of the intensity range
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -64,6 +65,7 @@ class PromptablePredictor(PromptPredictorBase):
         self.last_iou = float("nan")
         self._cache: OrderedDict[int, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
         self._volume: np.ndarray | None = None
+        self._key: str | None = None
         self.encoder_calls = 0
 
     # -------------------------------------------------------------- prompts API
@@ -90,23 +92,38 @@ class PromptablePredictor(PromptPredictorBase):
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2:
             raise ValueError(f"set_image expects a 2D array, got shape {image.shape}")
+        key = _fingerprint(image, None, intensity or self.intensity, self.plane)
+        if key == self._key:  # the same image again: keep its embeddings
+            return
         self.frame = None
         self._volume = window_to_uint8(image, check_intensity(intensity or self.intensity))[..., None]
         self._cache.clear()
+        self._key = key
 
     def set_volume(self, volume: np.ndarray, affine: np.ndarray | None = None, intensity: str | None = None) -> None:
         """Set a 3D volume as stored on disk, with its RAS+ ``affine`` (identity: already RAS).
 
         The volume is reoriented to the bundle's slicing plane and windowed by ``intensity``
-        (default: the bundle's) with the very function training used.
+        (default: the bundle's) with the very function training used. Setting the same voxels,
+        affine and intensity again keeps the cached slice embeddings, so a new prompt on an image
+        already seen runs no encoder.
         """
         volume = np.asarray(volume, dtype=np.float32)
         if volume.ndim != 3:
             raise ValueError(f"set_volume expects a 3D array, got shape {volume.shape}")
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        key = _fingerprint(volume, affine, intensity or self.intensity, self.plane)
+        if key == self._key:  # the same volume again (a new click on it): keep its slice embeddings
+            return
         self._volume, self.frame = prepare_volume(volume, affine, self.plane,
                                                   check_intensity(intensity or self.intensity))
         self._cache.clear()
+        self._key = key
+
+    def with_plane(self, plane: str) -> PromptablePredictor:
+        """A predictor sharing this one's network and settings that slices along another ``plane``."""
+        return PromptablePredictor(self.network, str(self.device), plane, self.intensity, self.cache_size,
+                                   self.min_area, self.box_margin, self.min_iou, self.intensity_tolerance)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -253,3 +270,13 @@ class PromptablePredictor(PromptPredictorBase):
             inside[lo[0]:hi[0], lo[1]:hi[1], k_lo:k_hi + 1] = True
             out &= inside
         return self.frame.from_working(out)
+
+
+def _fingerprint(array: np.ndarray, affine: np.ndarray | None, intensity: str, plane: str) -> str:
+    """A digest of what an embedding depends on: voxels, geometry, window and plane."""
+    h = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).reshape(-1), digest_size=16)
+    h.update(str(array.shape).encode())
+    if affine is not None:
+        h.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
+    h.update(f"{intensity}|{plane}".encode())
+    return h.hexdigest()

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from medimg.errors import ConfigError
+from medimg.errors import ConfigError, WeightsError
 from medimg.models.peft import trainable_summary
 from medimg.runs.parts import TaskParts
 
@@ -98,6 +98,31 @@ def _builder(kind: str) -> Callable[[DictConfig, Path], TaskParts]:
     return build
 
 
+def load_init_weights(network: torch.nn.Module, source: str | Path) -> None:
+    """Start from trained weights: a medimg bundle folder, its ``models/model.pt``, or a run checkpoint.
+
+    This is how an exported bundle is fine-tuned on new data (the MONAI Label train task does it).
+    The weights must fit the configured network exactly.
+
+    Raises:
+        WeightsError: no such file, or weights that do not fit the network.
+    """
+    from medimg.models.weights import read_checkpoint, read_network_state
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "models" / "model.pt"
+    if not path.is_file():
+        raise WeightsError(path, "init_weights: no such bundle or weight file")
+    state = read_network_state(path) if path.suffix == ".ckpt" else dict(read_checkpoint(path))
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise WeightsError(path, f"init_weights do not fit the configured network ({first})") from exc
+    log.info("initialised all %d tensors from %s", len(state), path)
+
+
 TASK_KINDS = ("segmentation", "promptable", "classification", "mae")
 
 
@@ -115,6 +140,8 @@ def run_training(cfg: DictConfig) -> Path:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     parts = _builder(cfg.bundle.get("task", "segmentation"))(cfg, run_dir)
     task, dm = parts.task, parts.datamodule
+    if cfg.get("init_weights") and resume_ckpt is None:
+        load_init_weights(task.network, cfg.init_weights)
     log.info("network %s: %s", cfg.model.name, trainable_summary(task.network))
 
     is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0

@@ -1,0 +1,268 @@
+"""medimg bundles as MONAI Label infer tasks.
+
+Each task implements ``InferTask.__call__`` itself (as MONAI Label's SAM2 task does) and runs the
+bundle's own predictor (:func:`medimg.load_bundle`), so the server returns exactly what the bundle
+validated. ``request["image"]`` is a local file or a DICOM series folder; the returned label has
+that image's exact shape and geometry (:mod:`medimg.label.results`).
+
+Prompts follow 3D Slicer's MONAI Label client: ``foreground`` / ``background`` clicks are voxel
+indices ``[i, j, k]`` of the image file as stored, ``roi`` is ``[i0, i1, j0, j1, k0, k1]`` (each
+pair in either order: Slicer converts RAS corners, which flips them on non-RAS images), and 2D
+models get ``slice``, the ``k`` the user is looking at.
+
+Models load on the first request, not at app start (MONAI Label re-creates the app in every train
+subprocess), and reload when the bundle's weights change (:mod:`medimg.label.publish`). One lock
+per task serialises its requests; other models and other endpoints are not blocked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from nibabel.orientations import io_orientation
+
+from medimg.bundle.loader import bundle_task, load_bundle
+from medimg.data.slicing import PLANES
+from medimg.errors import MedimgError
+from medimg.io.image import Image, read_image
+from medimg.label.publish import bundle_version, load_locked
+from medimg.label.results import write_result
+from medimg.predictors.prompting import prompt_shape
+
+log = logging.getLogger(__name__)
+
+
+def bundle_labels(bundle: Path) -> dict[str, int]:
+    """``{name: value}`` of the bundle's foreground labels (its metadata's ``channel_def``)."""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+    return {str(v): int(k) for k, v in channels.items() if int(k) > 0}
+
+
+class BundleInfer(InferTask):
+    """What every medimg infer task shares: lazy loading, reloading, errors and result files.
+
+    Args:
+        bundle: the bundle folder.
+        type: MONAI Label's infer type.
+        dimension: 2 or 3 (3D Slicer sends ``slice`` to 2D models).
+        description: shown by the clients.
+        device: torch device for the predictor (``None``: CUDA when available).
+    """
+
+    def __init__(self, bundle: Path, type: InferType, dimension: int, description: str,
+                 device: str | None = None) -> None:
+        self.bundle = Path(bundle)
+        self.meta = json.loads((self.bundle / "configs" / "metadata.json").read_text())
+        super().__init__(type=type, labels=bundle_labels(self.bundle), dimension=dimension, description=description,
+                         config={"bundle": str(self.bundle), "bundle_version": str(self.meta.get("version", ""))})
+        self.device = device
+        self.predictor: Any = None
+        self.loaded_version: tuple[int, int] | None = None
+        self.loads = 0
+        self._lock = threading.Lock()
+
+    def is_valid(self) -> bool:
+        """The bundle has weights."""
+        return bundle_version(self.bundle) is not None
+
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's model info plus the bundle's name and validated metrics."""
+        return {**super().info(), "bundle": self.meta.get("name"), "eval_metrics": self.meta.get("eval_metrics", {})}
+
+    def _ensure_loaded(self) -> None:
+        if self.predictor is not None and bundle_version(self.bundle) == self.loaded_version:
+            return
+        self.predictor, self.loaded_version = load_locked(self.bundle, lambda b: load_bundle(b, self.device))
+        self.meta = json.loads((self.bundle / "configs" / "metadata.json").read_text())
+        self.loads += 1
+        log.info("loaded %s (weights version %s)", self.bundle, self.loaded_version)
+        self.on_load()
+
+    def on_load(self) -> None:
+        """Called after every (re)load of the predictor."""
+
+    def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """The label map (``image.array``'s shape; ``None`` for no label file) and result fields."""
+        raise NotImplementedError
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """Run one request: ``(label file or None, result JSON)``; bad input answers HTTP 400."""
+        start = time.perf_counter()
+        with self._lock:
+            try:
+                self._ensure_loaded()
+                loaded = time.perf_counter()
+                image = read_image(request["image"], spatial_dims=None)
+                labels, fields = self.run(image, request)
+                path = None
+                if labels is not None:
+                    from medimg.infer import segment_names
+
+                    names, algorithm, version = segment_names(self.bundle, self.type == InferType.DEEPGROW)
+                    path = write_result(labels, image, request.get("result_extension"), request.get("result_dtype"),
+                                        names, algorithm, version)
+            except (MedimgError, ValueError) as exc:
+                raise HTTPException(status_code=400, detail=str(exc)) from exc
+        done = time.perf_counter()
+        fields.update({"label_names": self.labels, "weights_version": list(self.loaded_version or ()),
+                       "latencies": {"load": round(loaded - start, 4), "infer": round(done - loaded, 4),
+                                     "total": round(done - start, 4)}})
+        return path, fields
+
+
+class SegmentationInfer(BundleInfer):
+    """An automatic segmentation bundle (``swin_unetr``, ``vit_seg``)."""
+
+    def __init__(self, bundle: Path, device: str | None = None) -> None:
+        super().__init__(bundle, InferType.SEGMENTATION, 3, f"medimg automatic segmentation ({bundle.name})", device)
+
+    def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """The bundle's label map."""
+        return np.asarray(self.predictor.predict(image).array), {}
+
+
+class ClassificationInfer(BundleInfer):
+    """A classification bundle: class probabilities in the result JSON, no label file."""
+
+    def __init__(self, bundle: Path, device: str | None = None) -> None:
+        super().__init__(bundle, InferType.CLASSIFICATION, 3, f"medimg classification ({bundle.name})", device)
+        channels = self.meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+        self.labels = [str(channels[k]) for k in sorted(channels, key=int)]
+
+    def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """Class probabilities and the most probable class."""
+        probs = self.predictor.predict(image)
+        return None, {"probabilities": probs, "prediction": max(probs, key=probs.get)}
+
+
+def _clicks(request: dict[str, Any], image: Image) -> tuple[np.ndarray, np.ndarray]:
+    """``(points (N, D), labels (N,))`` from ``foreground`` / ``background``, checked against the image."""
+    shape = prompt_shape(image.array)
+    pts, labels = [], []
+    for key, value in (("foreground", 1), ("background", 0)):
+        for p in request.get(key) or []:
+            if not isinstance(p, (list, tuple)) or len(p) < len(shape):
+                raise ValueError(f"{image.path}: {key} click {p!r} needs {len(shape)} voxel indices")
+            q = [float(c) for c in p[:len(shape)]]
+            if any(not 0 <= c <= n - 1 for c, n in zip(q, shape)):
+                raise ValueError(f"{image.path}: {key} click {p!r} lies outside the image of shape {shape}")
+            pts.append(q)
+            labels.append(value)
+    return np.asarray(pts, dtype=np.float64).reshape(-1, len(shape)), np.asarray(labels, dtype=np.int64)
+
+
+def _roi(request: dict[str, Any], image: Image) -> np.ndarray | None:
+    """Slicer's ``roi`` ``[i0, i1, j0, j1(, k0, k1)]`` -> box ``[i0, j0, (k0,) i1, j1, (k1)]``, clipped to the image."""
+    roi = request.get("roi") or []
+    if not roi:
+        return None
+    shape = prompt_shape(image.array)
+    if len(roi) != 2 * len(shape):
+        raise ValueError(f"{image.path}: roi {roi!r} needs {2 * len(shape)} numbers [i0, i1, j0, j1, ...]")
+    pairs = np.asarray(roi, dtype=np.float64).reshape(len(shape), 2)
+    lo = np.clip(pairs.min(axis=1), 0, np.asarray(shape) - 1)
+    hi = np.clip(pairs.max(axis=1), 0, np.asarray(shape) - 1)
+    if (pairs.max(axis=1) < 0).any() or (pairs.min(axis=1) > np.asarray(shape) - 1).any():
+        raise ValueError(f"{image.path}: roi {roi!r} lies outside the image of shape {shape}")
+    return np.concatenate([lo, hi])
+
+
+def viewed_plane(affine: np.ndarray) -> str:
+    """The anatomical plane of the file's slices ``[:, :, k]`` (what 3D Slicer's ``slice`` indexes)."""
+    ras_axis = int(io_orientation(np.asarray(affine, dtype=np.float64))[2, 0])
+    return {v: k for k, v in PLANES.items()}[ras_axis]
+
+
+class PromptInfer2D(BundleInfer):
+    """An interactive 2D bundle (``litemedsam``, ``medsam2d``): clicks on a slice, or an ROI through the volume.
+
+    Clicks are segmented on the slice the user clicked (``slice``, a ``k`` of the file), whatever
+    plane the bundle was trained on. An ``roi`` (with any clicks inside it) is followed through the
+    volume along the bundle's own slicing plane. One predictor per plane keeps its slice
+    embeddings across requests, so a new click on the same image runs no image encoder.
+    """
+
+    def __init__(self, bundle: Path, device: str | None = None) -> None:
+        super().__init__(bundle, InferType.DEEPGROW, 2, f"medimg interactive 2D ({bundle.name}): clicks or ROI",
+                         device)
+        self._planes: dict[str, Any] = {}
+
+    def on_load(self) -> None:
+        """A new predictor: the bundle's plane first; other planes share its network."""
+        self._planes = {self.predictor.plane: self.predictor}
+
+    def _for_plane(self, plane: str) -> Any:
+        if plane not in self._planes:
+            self._planes[plane] = self.predictor.with_plane(plane)
+        return self._planes[plane]
+
+    @property
+    def encoder_calls(self) -> int:
+        """Image-encoder runs since the bundle was (re)loaded, over all planes."""
+        return sum(p.encoder_calls for p in self._planes.values())
+
+    def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """The mask of clicks on a slice, or of an ROI (plus clicks) followed through the volume."""
+        before = self.encoder_calls
+        pts, labels = _clicks(request, image)
+        box = _roi(request, image)
+        volume = len(prompt_shape(image.array)) == 3
+        if box is not None or not volume:  # an ROI propagates in the bundle's plane; a 2D image is one slice
+            predictor, propagate = self.predictor, True
+        else:
+            if not len(pts):
+                raise ValueError(f"{image.path}: give foreground clicks or an roi")
+            k = request.get("slice")
+            k = int(pts[labels == 1][0, 2] if k is None and (labels == 1).any() else pts[0, 2] if k is None else k)
+            on_slice = np.round(pts[:, 2]) == k
+            pts, labels = pts[on_slice], labels[on_slice]
+            if not (labels == 1).any():
+                raise ValueError(f"{image.path}: no foreground click on slice {k}")
+            predictor, propagate = self._for_plane(viewed_plane(image.affine)), False
+        predictor.prepare(image, None)
+        mask = predictor.segment_object(image, box=box, points=pts if len(pts) else None,
+                                        point_labels=labels if len(pts) else None, propagate=propagate)
+        return mask.astype(np.uint8).reshape(image.array.shape), {
+            "encoder_calls": self.encoder_calls - before, "encoder_calls_total": self.encoder_calls,
+            "plane": predictor.plane if volume else None}
+
+
+class PromptInfer3D(BundleInfer):
+    """An interactive 3D bundle (``medsam3d``): 3D clicks and/or the ROI box on the whole volume."""
+
+    def __init__(self, bundle: Path, device: str | None = None) -> None:
+        super().__init__(bundle, InferType.DEEPGROW, 3, f"medimg interactive 3D ({bundle.name}): clicks or ROI",
+                         device)
+
+    def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """The 3D mask of the clicks or the ROI box."""
+        pts, labels = _clicks(request, image)
+        box = _roi(request, image)
+        if box is None and not (labels == 1).any():
+            raise ValueError(f"{image.path}: give at least one foreground click or an roi")
+        self.predictor.prepare(image, None)
+        mask = self.predictor.segment_object(image, box=box, points=pts if len(pts) else None,
+                                             point_labels=labels if len(pts) else None)
+        return mask.astype(np.uint8), {}
+
+
+def infer_task(bundle: Path, device: str | None = None) -> BundleInfer:
+    """The infer task for a bundle folder, by its ``medimg_task`` and template."""
+    kind = bundle_task(bundle)
+    if kind == "classification":
+        return ClassificationInfer(bundle, device)
+    if kind == "promptable":
+        spec = json.loads((bundle / "configs" / "inference.json").read_text()).get("predictor", {})
+        if str(spec.get("_target_", "")).endswith("VolumePromptPredictor"):
+            return PromptInfer3D(bundle, device)
+        return PromptInfer2D(bundle, device)
+    return SegmentationInfer(bundle, device)

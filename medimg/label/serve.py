@@ -1,0 +1,135 @@
+"""``python -m medimg.label serve``: the real MONAI Label server with the medimg app.
+
+    python -m medimg.label serve --models MODELS --studies STUDIES [--host 127.0.0.1] [--port 8000]
+
+- It binds 127.0.0.1 unless ``--host`` says otherwise, and warns loudly when bound elsewhere
+  without MONAI Label's authentication (``MONAI_LABEL_AUTH_ENABLE``).
+- Cross-origin requests are allowed only from the server's own origin and the ``--cors`` origins
+  (MONAI Label's default is every origin).
+- It needs no network: nothing is downloaded (bundles load from ``--models``; no DICOMweb tools).
+- The app folder MONAI Label wants (``main.py`` plus its ``logs``/``model`` folders) is created
+  under ``--app-dir`` (default: a temporary folder removed at exit).
+
+MONAI Label itself comes from the ``[label]`` extra (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from medimg.errors import ConfigError, run_cli
+
+APP_MAIN = ('"""MONAI Label app folder written by python -m medimg.label serve."""\n'
+            "from medimg.label.main import MedimgApp  # noqa: F401\n")
+# MONAI Label's train subprocess imports monailabel before any app code: this runs first (see compat)
+SITE_CUSTOMIZE = "from medimg.label.compat import install\n\ninstall()\n"
+WARNING = """
+################################################################################
+#  WARNING: MONAI Label is listening on {host}:{port} WITHOUT AUTHENTICATION.
+#  Anyone who can reach this machine can read the studies, run the models and
+#  start training. Bind 127.0.0.1 (the default), or put the server behind an
+#  authenticating proxy / enable MONAI_LABEL_AUTH_ENABLE with Keycloak.
+################################################################################"""
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of ``python -m medimg.label``."""
+    parser = argparse.ArgumentParser(prog="python -m medimg.label", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the MONAI Label server with the medimg app")
+    serve.add_argument("--models", default="models", help="folder of medimg bundles (default: ./models)")
+    serve.add_argument("--studies", required=True, help="studies folder (NIfTI/NRRD files, DICOM series folders)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    serve.add_argument("--runs", default=None, help="folder for fine-tuning runs (default: <app-dir>/runs)")
+    serve.add_argument("--app-dir", default=None, help="MONAI Label app folder to create (default: temporary)")
+    serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                       help="an extra origin allowed to call the server from a browser (OHIF), repeatable")
+    serve.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                       help="more app conf values (see medimg.label.main)")
+    serve.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Fail with one line on a bad folder or a missing MONAI Label, before anything starts."""
+    from medimg.label.compat import install
+
+    models, studies = Path(args.models), Path(args.studies)
+    if not models.is_dir():
+        raise ConfigError(models, "--models: no such folder")
+    if not any((p / "configs" / "metadata.json").is_file() for p in models.iterdir() if p.is_dir()):
+        raise ConfigError(models, "--models: no medimg bundle (a folder with configs/metadata.json) in it")
+    if not studies.is_dir():
+        raise ConfigError(studies, "--studies: no such folder")
+    if not 0 < args.port < 65536:
+        raise ConfigError("--port", f"{args.port} is not a TCP port")
+    install()
+    try:
+        import monailabel  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("monailabel", "MONAI Label is not installed; see the README's MONAI Label section "
+                                        "(pip install -e '.[label]' and monailabel --no-deps)") from exc
+
+
+def prepare_app_dir(app_dir: Path) -> None:
+    """Write the app's ``main.py`` and the ``sitecustomize`` for MONAI Label's subprocesses."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "main.py").write_text(APP_MAIN)
+    (app_dir / "sitecustomize.py").write_text(SITE_CUSTOMIZE)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Check the folders, write the app folder, and run MONAI Label's server until it stops."""
+    check(args)
+    if not is_loopback(args.host) and os.environ.get("MONAI_LABEL_AUTH_ENABLE", "").lower() not in ("1", "true"):
+        print(WARNING.format(host=args.host, port=args.port), file=sys.stderr, flush=True)
+    temporary = args.app_dir is None
+    app_dir = Path(tempfile.mkdtemp(prefix="medimg-label-app-")) if temporary else Path(args.app_dir)
+    try:
+        prepare_app_dir(app_dir)
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        origins = [f"http://{shown}:{args.port}", f"http://localhost:{args.port}", *args.cors]
+        os.environ["MEDIMG_LABEL_CORS_ORIGINS"] = json.dumps(origins)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(app_dir), os.environ.get("PYTHONPATH")) if p)
+        conf = [["models", str(Path(args.models).resolve())], *args.conf]
+        if args.device:
+            conf.append(["device", args.device])
+        conf.append(["runs", str(Path(args.runs).resolve()) if args.runs else str(app_dir / "runs")])
+        argv = ["monailabel", "start_server", "--app", str(app_dir), "--studies", str(Path(args.studies).resolve()),
+                "--host", args.host, "--port", str(args.port), "--uvicorn_app", "medimg.label.asgi:app",
+                "--log_level", args.log_level]
+        for key, value in conf:
+            argv += ["--conf", key, value]
+        from monailabel.main import Main
+
+        sys.argv = argv
+        Main().run()
+        return 0
+    finally:
+        if temporary:
+            shutil.rmtree(app_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m medimg.label``."""
+    args = parse_args(argv)
+    return run_cli(lambda: serve(args))

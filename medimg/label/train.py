@@ -1,0 +1,120 @@
+"""Fine-tune a served bundle on the datastore's labels with ``medimg.train``, then publish it.
+
+MONAI Label runs a train request in a subprocess and streams that process's output to
+``GET /train/``. :class:`BundleTrain` writes the datastore's labelled images as a manifest, starts
+``python -m medimg.train`` on the bundle's own training config (``configs/train_config.yaml``)
+initialised from the served weights (``init_weights``), prints its log line by line, and, when the
+run has trained, validated, exported and verified its bundle, publishes it over the served one
+(:func:`medimg.label.publish.publish_bundle`). Infer tasks load it on their next request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from medimg.bundle.loader import bundle_task
+from medimg.label.publish import publish_bundle
+
+# request fields a client may set (MONAI Label shows these in its train options)
+DEFAULTS: dict[str, Any] = {"max_epochs": 5, "val_every": 1, "limit_train_batches": None, "val_images": 1,
+                            "classes": None}
+HYDRA = {"job": {"chdir": False}, "run": {"dir": "."}, "output_subdir": None}
+TRAINABLE = ("segmentation", "promptable")
+
+
+class TrainingFailed(RuntimeError):
+    """``medimg.train`` ended with an error (its log is in the train status)."""
+
+
+class BundleTrain(TrainTask):
+    """Fine-tune one bundle on the datastore's ``final`` labels.
+
+    Args:
+        bundle: the served bundle folder (replaced when a run succeeds).
+        runs_dir: where runs are kept (one folder per request).
+        schema: local MONAI metadata schema for the exported bundle's verification (offline).
+    """
+
+    def __init__(self, bundle: Path, runs_dir: Path, schema: str | None = None) -> None:
+        super().__init__(f"fine-tune {bundle.name} on the datastore's labels with medimg.train")
+        self.bundle, self.runs_dir, self.schema = Path(bundle), Path(runs_dir), schema
+
+    def config(self) -> dict[str, Any]:
+        """The options a client may change."""
+        return {k: v for k, v in DEFAULTS.items() if v is not None}
+
+    def stats(self) -> dict[str, Any]:
+        """The served bundle's validation metrics."""
+        meta = self.bundle / "configs" / "metadata.json"
+        return json.loads(meta.read_text()).get("eval_metrics", {}) if meta.is_file() else {}
+
+    def manifest(self, datastore: Datastore, work: Path, val_images: int) -> Path:
+        """Write the datastore's labelled images as a manifest, holding out the last ``val_images`` for validation."""
+        items = sorted(({"image": d["image"], "label": d["label"]} for d in datastore.datalist()),
+                       key=lambda d: d["image"])
+        if len(items) <= val_images:
+            raise TrainingFailed(f"the datastore has {len(items)} labelled image(s); training needs more than "
+                                 f"{val_images} (held out for validation)")
+        meta = json.loads((self.bundle / "configs" / "metadata.json").read_text())
+        labels = {str(v): str(k) for k, v in meta.get("labels", {}).items()} or {"0": "background", "1": "foreground"}
+        doc = {"name": f"MONAI Label datastore ({len(items)} labelled images)", "labels": labels,
+               "training": items[:-val_images], "validation": items[-val_images:]}
+        path = work / "manifest.json"
+        path.write_text(json.dumps(doc, indent=2))
+        return path
+
+    def training_config(self, request: dict[str, Any], manifest: Path, run_dir: Path) -> dict[str, Any]:
+        """The bundle's own training config, pointed at the datastore and the served weights."""
+        source = self.bundle / "configs" / "train_config.yaml"
+        if not source.is_file():
+            raise TrainingFailed(f"{source}: missing; this bundle cannot be fine-tuned (export it again)")
+        cfg = yaml.safe_load(source.read_text())
+        opts = {**DEFAULTS, **{k: request[k] for k in DEFAULTS if k in request}}
+        cfg["data"].update(dataset=None, manifest=str(manifest), dataset_dir=str(manifest.parent), val_fraction=None)
+        if cfg.get("bundle", {}).get("task") == "promptable":
+            cfg["data"]["classes"] = opts["classes"]
+        cfg["bundle"].update(max_epochs=int(opts["max_epochs"]), val_every=int(opts["val_every"]))
+        cfg["trainer"].update(max_epochs=int(opts["max_epochs"]), check_val_every_n_epoch=int(opts["val_every"]),
+                              enable_progress_bar=False)
+        if opts["limit_train_batches"] is not None:
+            cfg["trainer"]["limit_train_batches"] = opts["limit_train_batches"]
+        cfg.update(init_weights=str(self.bundle), run_dir=str(run_dir), runs_dir=str(run_dir.parent), resume=False)
+        cfg["export"] = {"enabled": True, "schema": self.schema}
+        cfg["defaults"] = ["_self_", {"override hydra/job_logging": "stdout"}]
+        cfg["hydra"] = HYDRA
+        return cfg
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        """Train, stream the log, publish; raise on failure (MONAI Label then reports ERROR)."""
+        task = bundle_task(self.bundle)
+        if task not in TRAINABLE:
+            raise TrainingFailed(f"{self.bundle}: {task} bundles are not trained from the datastore")
+        run_dir = self.runs_dir / self.bundle.name / time.strftime("%Y%m%d-%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.manifest(datastore, run_dir, int(request.get("val_images", DEFAULTS["val_images"])))
+        cfg = self.training_config(request, manifest, run_dir)
+        (run_dir / "finetune.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        cmd = [sys.executable, "-m", "medimg.train", "--config-path", str(run_dir), "--config-name", "finetune"]
+        print(f"medimg: fine-tuning {self.bundle.name}: {' '.join(cmd)}", flush=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                print(line.rstrip(), flush=True)
+            code = proc.wait()
+        if code != 0 or not (run_dir / "bundle" / "models" / "model.pt").is_file():
+            raise TrainingFailed(f"medimg.train failed (exit code {code}); see {run_dir}")
+        publish_bundle(run_dir / "bundle", self.bundle)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        print(f"medimg: published {self.bundle} (validation: {metrics})", flush=True)
+        return {"run_dir": str(run_dir), "bundle": str(self.bundle), "metrics": metrics}
