@@ -1,0 +1,228 @@
+"""The medimg app on a real MONAI Label server, started here on 127.0.0.1 and stopped without leftovers.
+
+Studies: the MNI152 T1 (RAS), an LPS copy of it, and a DICOM series. Models: the session's tiny
+Swin-UNETR, LiteMedSAM, medsam3d and ViT classifier bundles.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from medimg.io.image import read_image
+from tests.cli.label_client import LabelServer
+from tests.helpers import write_dicom_series
+
+try:
+    import monailabel  # noqa: F401 - the server under test: required, never skipped
+except ImportError:
+    pytest.fail("MONAI Label is required: pip install -e '.[label]' && pip install --no-deps monailabel==0.8.5 "
+                "pydicom-seg==0.4.1 (see .ci/run)", pytrace=False)
+LPS = np.array([[0, -1], [1, -1], [2, 1]])  # flip the first two axes: RAS-stored -> LPS-stored
+WM_CLICK_RAS = [-26.0, -10.0, 26.0]  # deep white matter, RAS mm
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory, mni_dir) -> Path:
+    folder = tmp_path_factory.mktemp("studies")
+    t1 = nib.load(mni_dir / "t1.nii.gz")
+    nib.save(t1, folder / "mni_t1.nii.gz")
+    nib.save(t1.as_reoriented(LPS), folder / "mni_t1_lps.nii.gz")
+    image = read_image(mni_dir / "t1.nii.gz")
+    affine = image.affine.copy()
+    affine[:3, :3] *= 3
+    write_dicom_series(np.round(image.array[::3, ::3, ::3]), affine, folder / "mni_series")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, studies, mni_run, lite_run, run3d, cls_run):
+    models = tmp_path_factory.mktemp("models")
+    for name, run in (("swin_unetr", mni_run), ("litemedsam", lite_run), ("medsam3d", run3d), ("vit_cls", cls_run)):
+        shutil.copytree(run / "bundle", models / name)
+    srv = LabelServer(models, studies, tmp_path_factory.mktemp("label"))
+    yield srv
+    srv.stop()
+
+
+def same_geometry(path: Path, reference: Path) -> np.ndarray:
+    out, ref = read_image(path, spatial_dims=None), read_image(reference, spatial_dims=None)
+    assert out.array.shape == ref.array.shape
+    np.testing.assert_allclose(out.affine, ref.affine, atol=1e-5)
+    return out.array
+
+
+def test_info_lists_every_bundle_and_the_datastore_its_images(server):
+    info = server.get("/info/")
+    models = info["models"]
+    assert sorted(models) == ["litemedsam", "medsam3d", "swin_unetr", "vit_cls"]
+    assert (models["swin_unetr"]["type"], models["swin_unetr"]["dimension"]) == ("segmentation", 3)
+    assert (models["litemedsam"]["type"], models["litemedsam"]["dimension"]) == ("deepgrow", 2)
+    assert (models["medsam3d"]["type"], models["medsam3d"]["dimension"]) == ("deepgrow", 3)
+    assert models["vit_cls"]["type"] == "classification"
+    assert models["swin_unetr"]["labels"] == {"grey_matter": 1, "white_matter": 2}
+    assert "val/dice" in models["swin_unetr"]["eval_metrics"]
+    assert sorted(info["trainers"]) == ["litemedsam", "medsam3d", "swin_unetr"]
+    objects = server.get("/datastore/", params={"output": "all"})["objects"]
+    assert sorted(objects) == ["mni_series", "mni_t1", "mni_t1_lps"]
+
+
+def test_automatic_model_answers_in_the_input_geometry(server, studies, tmp_path):
+    code, res, ras = server.infer("swin_unetr", "mni_t1", {}, tmp_path)
+    assert code == 200, res
+    ras_labels = same_geometry(ras, studies / "mni_t1.nii.gz")
+    assert set(np.unique(ras_labels)) == {0, 1, 2} and res["label_names"] == {"grey_matter": 1, "white_matter": 2}
+    code, res, lps = server.infer("swin_unetr", "mni_t1_lps", {"result_extension": ".nrrd"}, tmp_path)
+    assert code == 200, res
+    assert lps.suffix == ".nrrd"
+    lps_labels = same_geometry(lps, studies / "mni_t1_lps.nii.gz")
+    # the same brain stored the other way round: the same labels, flipped back
+    assert (lps_labels[::-1, ::-1, :] == ras_labels).mean() > 0.99
+
+
+def test_dicom_series_gets_a_dicom_seg_referencing_it(server, studies, tmp_path):
+    import highdicom as hd
+
+    code, res, path = server.infer("swin_unetr", "mni_series", {}, tmp_path)
+    assert code == 200, res
+    assert path.suffix == ".dcm"
+    seg = hd.seg.segread(path)
+    source = pydicom.dcmread(next((studies / "mni_series").iterdir()))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["grey_matter", "white_matter"]
+    tool = shutil.which("dciodvfy")
+    assert tool, "dciodvfy (Debian dicom3tools) is required: apt-get install dicom3tools"
+    report = subprocess.run([tool, str(path)], capture_output=True, text=True)
+    errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+    assert errors == []
+
+
+def wm_prompts(mni_dir: Path) -> tuple[list[int], list[int], list[int]]:
+    """A positive click in deep white matter, an ROI around its white matter on 5 coronal slices
+    (``[i0, i1, j0, j1, k0, k1]``, as Slicer sends it) and a negative click at the darkest voxel of
+    the ROI away from white matter."""
+    t1 = nib.load(mni_dir / "t1.nii.gz")
+    labels = np.asarray(nib.load(mni_dir / "labels.nii.gz").dataobj)
+    pos = [int(c) for c in np.round(np.linalg.inv(t1.affine) @ [*WM_CLICK_RAS, 1.0])[:3]]
+    wm = labels == 2
+    slab = np.zeros_like(wm)
+    slab[:, pos[1] - 2:pos[1] + 3, :] = True
+    comp, _ = ndimage.label(wm & slab)
+    idx = np.argwhere(comp == comp[tuple(pos)])
+    lo, hi = idx.min(0), idx.max(0)
+    roi = [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])]
+    inside = np.zeros_like(wm)
+    inside[lo[0]:hi[0] + 1, pos[1], lo[2]:hi[2] + 1] = True
+    cand = np.argwhere(inside & ~ndimage.binary_dilation(wm, iterations=3))
+    neg = [int(c) for c in cand[np.argmin(np.asarray(t1.dataobj)[tuple(cand.T)])]]
+    return pos, neg, roi
+
+
+def test_litemedsam_clicks_and_roi_and_no_second_encoding(server, studies, mni_dir, tmp_path):
+    pos, neg, roi = wm_prompts(mni_dir)
+    params = {"foreground": [pos], "background": [neg], "roi": roi, "slice": pos[2], "label": "white matter",
+              "result_extension": ".nrrd", "result_dtype": "uint8"}
+    code, first, path = server.infer("litemedsam", "mni_t1", params, tmp_path)
+    assert code == 200, first
+    mask = same_geometry(path, studies / "mni_t1.nii.gz")
+    assert mask[tuple(pos)] == 1 and mask[tuple(neg)] == 0
+    assert first["plane"] == "coronal" and first["encoder_calls"] > 0  # the ROI follows the bundle's plane
+    code, second, path = server.infer("litemedsam", "mni_t1", {**params, "foreground": [pos, [pos[0] + 2, *pos[1:]]]},
+                                      tmp_path)
+    assert code == 200, second
+    assert second["encoder_calls"] == 0 and second["encoder_calls_total"] == first["encoder_calls_total"]
+    assert same_geometry(path, studies / "mni_t1.nii.gz")[tuple(pos)] == 1
+
+
+def test_litemedsam_clicks_alone_segment_the_viewed_slice(server, studies, tmp_path):
+    t1 = nib.load(studies / "mni_t1_lps.nii.gz")
+    pos = [int(c) for c in np.round(np.linalg.inv(t1.affine) @ [*WM_CLICK_RAS, 1.0])[:3]]
+    code, res, path = server.infer("litemedsam", "mni_t1_lps", {"foreground": [pos], "slice": pos[2]}, tmp_path)
+    assert code == 200, res
+    mask = same_geometry(path, studies / "mni_t1_lps.nii.gz")
+    assert res["plane"] == "axial"  # Slicer's slice k of this file is axial, whatever the bundle trained on
+    assert mask.sum() == mask[:, :, pos[2]].sum()
+
+
+def test_medsam3d_click_in_the_input_geometry(server, studies, tmp_path):
+    t1 = nib.load(studies / "mni_t1_lps.nii.gz")
+    click = [int(c) for c in np.round(np.linalg.inv(t1.affine) @ [*WM_CLICK_RAS, 1.0])[:3]]
+    code, res, path = server.infer("medsam3d", "mni_t1_lps", {"foreground": [click]}, tmp_path)
+    assert code == 200, res
+    mask = same_geometry(path, studies / "mni_t1_lps.nii.gz")
+    assert mask[tuple(click)] == 1 and 0 < mask.mean() < 0.5
+
+
+def test_bad_prompt_is_a_400_naming_the_file(server, tmp_path):
+    code, text, path = server.infer("litemedsam", "mni_t1", {"foreground": [[700, 10, 10]]}, tmp_path)
+    assert code == 400 and path is None
+    assert "mni_t1.nii.gz" in text and "outside the image" in text
+
+
+def test_classification_answers_probabilities(server, tmp_path):
+    code, res, path = server.infer("vit_cls", "mni_t1", {}, tmp_path)
+    assert code == 200 and path is None
+    assert sorted(res["probabilities"]) == sorted(res["label_names"])
+    assert res["prediction"] == max(res["probabilities"], key=res["probabilities"].get)
+
+
+def test_a_running_inference_does_not_block_the_server(server, tmp_path):
+    done: dict[str, float] = {}
+
+    def slow() -> None:
+        server.infer("medsam3d", "mni_t1", {"foreground": [[60, 120, 100]]}, tmp_path)
+        done["infer"] = time.monotonic()
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    time.sleep(0.5)
+    server.get("/info/")
+    done["info"] = time.monotonic()
+    worker.join(300)
+    assert done["info"] < done["infer"]
+
+
+def test_training_publishes_weights_the_next_inference_uses(server, studies, mni_dir, tmp_path):
+    import requests
+
+    labels = nib.load(mni_dir / "labels.nii.gz")
+    nib.save(labels, tmp_path / "ras.nii.gz")
+    nib.save(labels.as_reoriented(LPS), tmp_path / "lps.nii.gz")
+    for image, name in (("mni_t1", "ras.nii.gz"), ("mni_t1_lps", "lps.nii.gz")):
+        with open(tmp_path / name, "rb") as fh:
+            r = requests.put(f"{server.url}/datastore/label", params={"image": image, "tag": "final"},
+                             files={"label": (name, fh)}, data={"params": "{}"}, timeout=60)
+        assert r.ok, r.text
+    weights = Path(server.get("/info/")["models"]["swin_unetr"]["config"]["bundle"]) / "models" / "model.pt"
+    mtime = weights.stat().st_mtime_ns
+    _, before, before_path = server.infer("swin_unetr", "mni_t1", {}, tmp_path)
+    r = requests.post(f"{server.url}/train/swin_unetr", json={"max_epochs": 1}, timeout=60)
+    assert r.ok, r.text
+    deadline, status = time.monotonic() + 900, {}
+    while time.monotonic() < deadline:
+        status = server.get("/train/")
+        if status["status"] in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert status.get("status") == "DONE", status.get("details")
+    assert any("published" in line for line in status["details"])
+    assert weights.stat().st_mtime_ns > mtime
+    _, after, after_path = server.infer("swin_unetr", "mni_t1", {}, tmp_path)
+    assert after["weights_version"] != before["weights_version"]
+    changed = read_image(after_path, spatial_dims=None).array != read_image(before_path, spatial_dims=None).array
+    assert changed.any()
+
+
+def test_the_server_stops_and_leaves_no_process(server):
+    server.stop()
+    assert not server.alive()
+    assert server.proc.returncode is not None
