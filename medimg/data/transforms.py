@@ -21,6 +21,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose, MapTransform, RandomizableTransform
 
+from medimg.data.augment import GEN_KEY, augmentation_spec, check_preset, synth_labels_spec
 from medimg.data.slicing import CT_WINDOWS, INTENSITY_PRESETS
 from medimg.errors import ConfigError
 
@@ -75,7 +76,7 @@ def geometry_spec(keys: Sequence[str], pixdim: Sequence[float] | None, label_key
 
 def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
                       roi_size: Sequence[int] = (64, 64, 64), num_samples: int = 2, num_classes: int = 3,
-                      crop_foreground: bool = True, augment: bool = True, spatial_dims: int = 3,
+                      crop_foreground: bool = True, augment: bool | str = True, spatial_dims: int = 3,
                       slice_axis: int | None = None, lr_swap: Sequence[Sequence[int]] | None = None) -> Spec:
     """The segmentation pipeline for one stage, as a bundle-config list.
 
@@ -88,8 +89,10 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
         num_samples: crops per volume per step.
         num_classes: classes including background (for class-balanced cropping).
         crop_foreground: crop to the image's non-zero bounding box first.
-        augment: random crops, flips and intensity jitter in ``train``; when False a deterministic
-            centre crop (used to compare DDP with a single process exactly).
+        augment: a preset of :mod:`medimg.data.augment` (``light``, ``strong``, ``synth``) applied
+            after random label-balanced crops and flips in ``train``; ``none`` (or False) is a
+            deterministic centre crop (used to compare DDP with a single process exactly); True
+            means ``light``.
         spatial_dims: 2 or 3.
         slice_axis: for 2D networks on volumes: training crops are one slice thick along this
             spatial axis (give ``roi_size`` with 1 there) and lose that axis; ``val``/``infer`` keep
@@ -101,31 +104,31 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
     if stage not in ("train", "val", "infer"):
         raise ConfigError("stage", f"unknown stage {stage!r}; choose train, val or infer")
     keys = ["image"] if stage == "infer" else ["image", "label"]
+    preset = check_preset(augment) if stage == "train" else "none"
+    work = keys + ([GEN_KEY] if preset == "synth" else [])  # synth carries its generation labels until it runs
     roi = [int(r) for r in roi_size]
     spec = geometry_spec(keys, pixdim, spatial_dims=spatial_dims)
     if stage == "val":  # the label as stored: validation measures on the input's own grid
         spec.insert(2, {"_target_": "CopyItemsd", "keys": "label", "names": "native_label"})
     spec += intensity_spec(intensity)
+    spec += synth_labels_spec(preset, num_classes)
     if crop_foreground:
-        spec.append({"_target_": "CropForegroundd", "keys": keys, "source_key": "image", "allow_smaller": True})
+        spec.append({"_target_": "CropForegroundd", "keys": work, "source_key": "image", "allow_smaller": True})
     if stage == "train":
-        spec.append({"_target_": "SpatialPadd", "keys": keys, "spatial_size": roi})
-        if augment:
+        spec.append({"_target_": "SpatialPadd", "keys": work, "spatial_size": roi})
+        if preset != "none":
             spec += [
-                {"_target_": "RandCropByLabelClassesd", "keys": keys, "label_key": "label", "spatial_size": roi,
+                {"_target_": "RandCropByLabelClassesd", "keys": work, "label_key": "label", "spatial_size": roi,
                  "num_classes": int(num_classes), "num_samples": int(num_samples)},
             ]
             if lr_swap is not None:  # RAS axis 0 is left-right
-                spec.append({"_target_": "medimg.data.transforms.RandLeftRightFlipd", "keys": keys,
+                spec.append({"_target_": "medimg.data.transforms.RandLeftRightFlipd", "keys": work,
                              "label_key": "label", "swap": [[int(a), int(b)] for a, b in lr_swap], "prob": 0.5})
-            spec += [
-                {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
-                {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
-            ]
         else:
-            spec.append({"_target_": "CenterSpatialCropd", "keys": keys, "roi_size": roi})
+            spec.append({"_target_": "CenterSpatialCropd", "keys": work, "roi_size": roi})
         if slice_axis is not None:
-            spec.append({"_target_": "SqueezeDimd", "keys": keys, "dim": int(slice_axis) + 1})
+            spec.append({"_target_": "SqueezeDimd", "keys": work, "dim": int(slice_axis) + 1})
+        spec += augmentation_spec(preset, work, 2 if slice_axis is not None else spatial_dims)
     spec.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": stage != "train"})
     return spec
 

@@ -1,0 +1,184 @@
+"""Named augmentation presets for segmentation training: ``none``, ``light``, ``strong``, ``synth``.
+
+- ``light``: small intensity scale and shift (medimg's original behaviour).
+- ``strong``: affine and elastic deformation (image and labels together), bias field, gamma,
+  histogram shift, Gaussian noise, Gibbs ringing and simulated low resolution: all MONAI transforms.
+- ``synth``: SynthSeg-style (Billot et al.): the image is *replaced* by one generated from a label
+  map with random per-label intensities, then the ``strong`` corruptions. The generation label
+  map is the training labels plus generation-only labels (:class:`SynthLabelsd`): CSF (dark
+  unlabelled voxels inside the labelled structures' hull) and the rest of the head split by
+  intensity, so synthetic images carry a head around the labelled anatomy and the network learns
+  to call all of it background. The training labels themselves are unchanged.
+
+MONAI has no label-to-image generator; :class:`SynthLabelsd` and :class:`RandLabelSynthd` are the
+only hand-written parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform, RandomizableTransform
+from scipy import ndimage
+
+from medimg.errors import ConfigError
+
+PRESETS = ("none", "light", "strong", "synth")
+GEN_KEY = "gen_label"
+Spec = list[dict[str, Any]]
+
+
+def check_preset(preset: str | bool) -> str:
+    """A preset name (``True``/``False``, the old boolean, mean ``light``/``none``)."""
+    if isinstance(preset, bool):
+        return "light" if preset else "none"
+    if preset not in PRESETS:
+        raise ConfigError("data.augment", f"unknown augmentation {preset!r}; choose from {', '.join(PRESETS)}")
+    return preset
+
+
+def deformation_spec(keys: Sequence[str], label_keys: Sequence[str], spatial_dims: int) -> Spec:
+    """Affine + elastic deformation of images (bilinear) and label maps (nearest) together."""
+    modes = ["nearest" if k in label_keys else "bilinear" for k in keys]
+    rotate = [0.26] * (3 if spatial_dims == 3 else 1)  # 15 degrees
+    spec: Spec = [{"_target_": "RandAffined", "keys": list(keys), "mode": modes, "prob": 0.5, "rotate_range": rotate,
+                   "scale_range": [0.15] * spatial_dims, "shear_range": [0.05] * (6 if spatial_dims == 3 else 2),
+                   "padding_mode": "zeros"}]
+    if spatial_dims == 3:
+        spec.append({"_target_": "Rand3DElasticd", "keys": list(keys), "mode": modes, "prob": 0.2,
+                     "sigma_range": [6.0, 8.0], "magnitude_range": [40.0, 120.0], "padding_mode": "zeros"})
+    else:
+        spec.append({"_target_": "Rand2DElasticd", "keys": list(keys), "mode": modes, "prob": 0.2,
+                     "spacing": [12, 12], "magnitude_range": [0.5, 2.0], "padding_mode": "zeros"})
+    return spec
+
+
+def corruption_spec(key: str = "image") -> Spec:
+    """Scanner-like intensity corruptions of an image in roughly [0, 1]."""
+    return [
+        {"_target_": "RandBiasFieldd", "keys": key, "prob": 0.5, "coeff_range": [0.0, 0.3]},
+        {"_target_": "RandAdjustContrastd", "keys": key, "prob": 0.5, "gamma": [0.6, 1.6]},
+        {"_target_": "RandHistogramShiftd", "keys": key, "prob": 0.3, "num_control_points": [5, 10]},
+        {"_target_": "RandSimulateLowResolutiond", "keys": key, "prob": 0.25, "zoom_range": [0.4, 0.9]},
+        {"_target_": "RandGibbsNoised", "keys": key, "prob": 0.2, "alpha": [0.0, 0.5]},
+        {"_target_": "RandGaussianNoised", "keys": key, "prob": 0.3, "std": 0.05},
+    ]
+
+
+def augmentation_spec(preset: str | bool, keys: Sequence[str] = ("image", "label"), spatial_dims: int = 3) -> Spec:
+    """The random transforms of ``preset``, applied after cropping (image key first, label maps after).
+
+    ``synth`` expects :data:`GEN_KEY` (from :func:`synth_labels_spec`) among ``keys`` and removes it.
+    """
+    preset = check_preset(preset)
+    light = [{"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
+             {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5}]
+    if preset == "none":
+        return []
+    if preset == "light":
+        return light
+    labels = [k for k in keys if k != "image"]
+    spec = deformation_spec(keys, labels, spatial_dims)
+    if preset == "synth":
+        spec += [{"_target_": "medimg.data.augment.RandLabelSynthd", "keys": "image", "gen_key": GEN_KEY, "prob": 0.8},
+                 {"_target_": "DeleteItemsd", "keys": GEN_KEY}]
+    return spec + corruption_spec()
+
+
+def synth_labels_spec(preset: str | bool, num_labels: int) -> Spec:
+    """The deterministic generation-label step ``synth`` needs before cropping (empty for other presets)."""
+    if check_preset(preset) != "synth":
+        return []
+    return [{"_target_": "medimg.data.augment.SynthLabelsd", "keys": "label", "image_key": "image",
+             "gen_key": GEN_KEY, "num_labels": int(num_labels)}]
+
+
+class SynthLabelsd(MapTransform):
+    """Add the generation label map: training labels, plus CSF and intensity classes of the rest of the head.
+
+    Values: ``0`` air (outside the head), ``1..num_labels-1`` the training labels, ``num_labels``
+    CSF (unlabelled voxels inside the labelled structures' filled hull that are darker than the
+    labelled tissue), then ``head_classes`` classes of the remaining head voxels by intensity.
+
+    Args:
+        keys: the label key.
+        image_key: the (normalised) image.
+        gen_key: where to put the generation labels.
+        num_labels: training classes including background.
+        head_classes: intensity classes of the non-labelled head.
+        head_threshold: share of the image's 99th percentile above which a voxel is head, not air.
+    """
+
+    def __init__(self, keys: str, image_key: str = "image", gen_key: str = GEN_KEY, num_labels: int = 3,
+                 head_classes: int = 3, head_threshold: float = 0.1) -> None:
+        super().__init__(keys)
+        self.image_key, self.gen_key = image_key, gen_key
+        self.num_labels, self.head_classes, self.head_threshold = int(num_labels), int(head_classes), head_threshold
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Add ``gen_key`` (same shape and meta as the label)."""
+        d = dict(data)
+        label = d[self.keys[0]]
+        lab = np.asarray(label[0].detach().cpu() if isinstance(label, torch.Tensor) else label[0]).astype(np.int32)
+        img = np.asarray(d[self.image_key][0].detach().cpu() if isinstance(d[self.image_key], torch.Tensor)
+                         else d[self.image_key][0], dtype=np.float32)
+        gen = lab.copy()
+        tissue = lab > 0
+        unlabelled = ~tissue
+        if tissue.any():
+            hull = ndimage.binary_fill_holes(ndimage.binary_closing(tissue, iterations=3))
+            dark = img < np.percentile(img[tissue], 5)
+            gen[hull & unlabelled & dark] = self.num_labels  # CSF
+        scale = float(np.percentile(img, 99)) or 1.0
+        head = unlabelled & (gen == 0) & (img > self.head_threshold * scale)
+        head = ndimage.binary_closing(head, iterations=2) & unlabelled & (gen == 0)
+        if head.any():
+            edges = np.quantile(img[head], np.linspace(0, 1, self.head_classes + 1)[1:-1])
+            gen[head] = self.num_labels + 1 + np.searchsorted(edges, img[head])
+        out = torch.as_tensor(gen[None].astype(np.int16))
+        d[self.gen_key] = type(label)(out, meta=dict(label.meta)) if hasattr(label, "meta") else out
+        return d
+
+
+class RandLabelSynthd(RandomizableTransform, MapTransform):
+    """Replace the image by one synthesised from the generation labels (random mean and spread per label).
+
+    Air gets a dark mean; every other label a mean anywhere in [0, 1], a within-label standard
+    deviation up to ``max_std`` and a light blur (partial-volume look).
+
+    Args:
+        keys: the image key.
+        gen_key: the generation labels (:class:`SynthLabelsd`).
+        prob: chance of synthesising (else the real image is kept, so real contrast is still seen).
+        max_std: largest within-label standard deviation.
+        max_blur: largest Gaussian blur sigma (voxels).
+    """
+
+    def __init__(self, keys: str, gen_key: str = GEN_KEY, prob: float = 0.8, max_std: float = 0.08,
+                 max_blur: float = 1.0) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.gen_key, self.max_std, self.max_blur = gen_key, max_std, max_blur
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Replace the image with probability ``prob``."""
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        gen = np.asarray(torch.as_tensor(d[self.gen_key])[0].cpu()).astype(np.int64)
+        n = int(gen.max()) + 1
+        means = self.R.uniform(0.0, 1.0, n)
+        means[0] = self.R.uniform(0.0, 0.1)
+        stds = self.R.uniform(0.0, self.max_std, n)
+        synth = means[gen] + stds[gen] * self.R.standard_normal(gen.shape)
+        sigma = self.R.uniform(0.0, self.max_blur)
+        if sigma > 0.1:
+            synth = ndimage.gaussian_filter(synth, sigma)
+        image = d[self.keys[0]]
+        out = torch.as_tensor(synth[None].astype(np.float32))
+        d[self.keys[0]] = type(image)(out, meta=dict(image.meta)) if hasattr(image, "meta") else out
+        return d

@@ -1,0 +1,109 @@
+"""Augmentation presets on a head phantom: intensities change, labels stay aligned, the head stays background."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medimg.data.augment import GEN_KEY, SynthLabelsd, augmentation_spec, check_preset, deformation_spec
+from medimg.data.transforms import build_pipeline, segmentation_spec
+from medimg.errors import ConfigError
+
+N = 32
+
+
+def head_phantom() -> tuple[np.ndarray, np.ndarray]:
+    """Air, a scalp shell (bright), a brain of grey (label 1) around white (label 2), a dark unlabelled CSF pocket."""
+    z, y, x = np.mgrid[:N, :N, :N] - (N - 1) / 2
+    r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
+    image = np.zeros((N, N, N), np.float32)
+    label = np.zeros((N, N, N), np.int16)
+    image[(r > 12) & (r <= 14)] = 0.9  # scalp
+    image[r <= 11] = 0.5
+    label[r <= 11] = 1
+    image[r <= 7] = 0.8
+    label[r <= 7] = 2
+    pocket = np.sqrt((x - 3) ** 2 + y ** 2 + z ** 2) <= 2
+    image[pocket], label[pocket] = 0.05, 0
+    return image, label
+
+
+def sample(**extra) -> dict:
+    image, label = head_phantom()
+    d = {"image": MetaTensor(torch.from_numpy(image)[None]), "label": MetaTensor(torch.from_numpy(label)[None])}
+    d.update(extra)
+    return d
+
+
+def with_prob_one(spec: list[dict]) -> list[dict]:
+    return [{**t, "prob": 1.0} if "prob" in t else t for t in spec]
+
+
+def test_presets_are_checked():
+    assert check_preset(True) == "light" and check_preset(False) == "none"
+    with pytest.raises(ConfigError, match="unknown augmentation 'heavy'"):
+        check_preset("heavy")
+
+
+def test_synth_labels_mark_csf_and_split_the_head_by_intensity():
+    out = SynthLabelsd("label", num_labels=3)(sample())
+    gen, label = np.asarray(out[GEN_KEY][0]), np.asarray(out["label"][0])
+    image = np.asarray(out["image"][0])
+    np.testing.assert_array_equal(gen[label > 0], label[label > 0])  # training labels kept as they are
+    assert (gen[(label == 0) & (image == 0.05)] == 3).all()  # the dark pocket inside the brain: CSF
+    scalp = image == 0.9
+    assert (gen[scalp] >= 4).all() and (gen[scalp] <= 6).all()  # head classes
+    z, y, x = np.mgrid[:N, :N, :N] - (N - 1) / 2
+    outside = np.sqrt(x ** 2 + y ** 2 + z ** 2) > 15
+    assert (gen[outside] == 0).all()  # air; the dark gap between brain and scalp is head (skull-like)
+
+
+@pytest.mark.parametrize("preset", ["light", "strong", "synth"])
+def test_each_preset_changes_intensity_statistics_and_keeps_labels(preset):
+    spec = augmentation_spec(preset, ["image", "label", GEN_KEY] if preset == "synth" else ["image", "label"])
+    pipeline = build_pipeline(with_prob_one(spec))
+    pipeline.set_random_state(seed=0)
+    original = head_phantom()[0]
+    base = sample()
+    if preset == "synth":
+        base = SynthLabelsd("label", num_labels=3)(base)
+    out = pipeline(base)
+    image, label = np.asarray(out["image"][0]), np.asarray(out["label"][0])
+    assert image.shape == label.shape == (N, N, N)
+    assert abs(image.mean() - original.mean()) > 0.01 or abs(image.std() - original.std()) > 0.01
+    assert set(np.unique(label)) <= {0, 1, 2}  # nearest-neighbour labels: no new values
+    assert GEN_KEY not in out
+
+
+def test_deformation_moves_image_and_labels_together():
+    image, label = head_phantom()
+    data = {"image": MetaTensor(torch.from_numpy(label.astype(np.float32) * 0.3)[None]),
+            "label": MetaTensor(torch.from_numpy(label)[None])}
+    for seed in range(3):
+        pipeline = build_pipeline(with_prob_one(deformation_spec(["image", "label"], ["label"], 3)))
+        pipeline.set_random_state(seed=seed)
+        out = pipeline(dict(data))
+        img, lab = np.asarray(out["image"][0]), np.asarray(out["label"][0])
+        assert not np.array_equal(lab, label)  # it did move
+        interior = lab == np.round(img / 0.3)  # bilinear image vs nearest labels differ only at edges
+        assert interior.mean() > 0.97
+
+
+def test_synth_keeps_the_head_background_in_a_training_pipeline(tmp_path):
+    import nibabel as nib
+
+    spec = segmentation_spec("train", pixdim=None, intensity="none", roi_size=(24, 24, 24), num_samples=2,
+                             num_classes=3, augment="synth")
+    pipeline = build_pipeline(spec)
+    pipeline.set_random_state(seed=1)
+    image, label = head_phantom()
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "image.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "label.nii.gz")
+    crops = pipeline({"image": str(tmp_path / "image.nii.gz"), "label": str(tmp_path / "label.nii.gz")})
+    assert len(crops) == 2
+    for crop in crops:
+        assert set(crop) >= {"image", "label"} and GEN_KEY not in crop
+        assert set(np.unique(np.asarray(crop["label"]))) <= {0, 1, 2}
+        assert crop["image"].shape == crop["label"].shape == (1, 24, 24, 24)
