@@ -8,7 +8,8 @@
   map is the training labels plus generation-only labels (:class:`SynthLabelsd`): CSF (dark
   unlabelled voxels inside the labelled structures' hull) and the rest of the head split by
   intensity, so synthetic images carry a head around the labelled anatomy and the network learns
-  to call all of it background. The training labels themselves are unchanged.
+  to call all of it background. Half the synthetic samples keep the anatomy's real intensities and
+  randomise only its surroundings (air, CSF, head). The training labels themselves are unchanged.
 
 MONAI has no label-to-image generator; :class:`SynthLabelsd` and :class:`RandLabelSynthd` are the
 only hand-written parts.
@@ -59,6 +60,8 @@ def deformation_spec(keys: Sequence[str], label_keys: Sequence[str], spatial_dim
 def corruption_spec(key: str = "image") -> Spec:
     """Scanner-like intensity corruptions of an image in roughly [0, 1]."""
     return [
+        {"_target_": "RandScaleIntensityd", "keys": key, "factors": 0.4, "prob": 0.8},  # global gain: +-40%
+        {"_target_": "RandShiftIntensityd", "keys": key, "offsets": 0.1, "prob": 0.5},
         {"_target_": "RandBiasFieldd", "keys": key, "prob": 0.5, "coeff_range": [0.0, 0.3]},
         {"_target_": "RandAdjustContrastd", "keys": key, "prob": 0.5, "gamma": [0.6, 1.6]},
         {"_target_": "RandHistogramShiftd", "keys": key, "prob": 0.3, "num_control_points": [5, 10]},
@@ -68,7 +71,8 @@ def corruption_spec(key: str = "image") -> Spec:
     ]
 
 
-def augmentation_spec(preset: str | bool, keys: Sequence[str] = ("image", "label"), spatial_dims: int = 3) -> Spec:
+def augmentation_spec(preset: str | bool, keys: Sequence[str] = ("image", "label"), spatial_dims: int = 3,
+                      num_labels: int = 3) -> Spec:
     """The random transforms of ``preset``, applied after cropping (image key first, label maps after).
 
     ``synth`` expects :data:`GEN_KEY` (from :func:`synth_labels_spec`) among ``keys`` and removes it.
@@ -83,7 +87,8 @@ def augmentation_spec(preset: str | bool, keys: Sequence[str] = ("image", "label
     labels = [k for k in keys if k != "image"]
     spec = deformation_spec(keys, labels, spatial_dims)
     if preset == "synth":
-        spec += [{"_target_": "medimg.data.augment.RandLabelSynthd", "keys": "image", "gen_key": GEN_KEY, "prob": 0.8},
+        spec += [{"_target_": "medimg.data.augment.RandLabelSynthd", "keys": "image", "gen_key": GEN_KEY,
+                  "prob": 0.8, "head_only_prob": 0.5, "num_labels": int(num_labels)},
                  {"_target_": "DeleteItemsd", "keys": GEN_KEY}]
     return spec + corruption_spec()
 
@@ -101,7 +106,10 @@ class SynthLabelsd(MapTransform):
 
     Values: ``0`` air (outside the head), ``1..num_labels-1`` the training labels, ``num_labels``
     CSF (unlabelled voxels inside the labelled structures' filled hull that are darker than the
-    labelled tissue), then ``head_classes`` classes of the remaining head voxels by intensity.
+    labelled tissue), then ``head_classes`` classes of the remaining head voxels by intensity, then
+    ``shells`` bands of ``shell_width`` voxels around everything so far. The bands give a
+    skull-stripped image (such as the MNI152 template) a head to synthesise: each band gets its own
+    random intensity, so synthetic skull, scalp and fat layers of any thickness and contrast appear.
 
     Args:
         keys: the label key.
@@ -113,10 +121,12 @@ class SynthLabelsd(MapTransform):
     """
 
     def __init__(self, keys: str, image_key: str = "image", gen_key: str = GEN_KEY, num_labels: int = 3,
-                 head_classes: int = 3, head_threshold: float = 0.1) -> None:
+                 head_classes: int = 3, head_threshold: float = 0.1, shells: int = 8,
+                 shell_width: float = 2.0) -> None:
         super().__init__(keys)
         self.image_key, self.gen_key = image_key, gen_key
         self.num_labels, self.head_classes, self.head_threshold = int(num_labels), int(head_classes), head_threshold
+        self.shells, self.shell_width = int(shells), float(shell_width)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Add ``gen_key`` (same shape and meta as the label)."""
@@ -138,6 +148,12 @@ class SynthLabelsd(MapTransform):
         if head.any():
             edges = np.quantile(img[head], np.linspace(0, 1, self.head_classes + 1)[1:-1])
             gen[head] = self.num_labels + 1 + np.searchsorted(edges, img[head])
+        if self.shells and tissue.any():  # a head the image lacks (skull-stripped): bands around what is there
+            inside = (gen > 0) | hull
+            dist = ndimage.distance_transform_edt(~inside)
+            band = np.ceil(dist / self.shell_width).astype(np.int32)
+            ring = (~inside) & (band <= self.shells)
+            gen[ring] = self.num_labels + 1 + self.head_classes + band[ring] - 1
         out = torch.as_tensor(gen[None].astype(np.int16))
         d[self.gen_key] = type(label)(out, meta=dict(label.meta)) if hasattr(label, "meta") else out
         return d
@@ -153,15 +169,21 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
         keys: the image key.
         gen_key: the generation labels (:class:`SynthLabelsd`).
         prob: chance of synthesising (else the real image is kept, so real contrast is still seen).
+        head_only_prob: of the synthesised samples, the share where only the generation-only
+            labels (air, CSF, head) get new intensities and the labelled anatomy keeps its real
+            ones: whatever surrounds the anatomy, it stays background.
+        num_labels: training classes including background (generation labels at or above it are
+            generation-only).
         max_std: largest within-label standard deviation.
         max_blur: largest Gaussian blur sigma (voxels).
     """
 
     def __init__(self, keys: str, gen_key: str = GEN_KEY, prob: float = 0.8, max_std: float = 0.08,
-                 max_blur: float = 1.0) -> None:
+                 max_blur: float = 1.0, head_only_prob: float = 0.0, num_labels: int = 3) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.gen_key, self.max_std, self.max_blur = gen_key, max_std, max_blur
+        self.head_only_prob, self.num_labels = float(head_only_prob), int(num_labels)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Replace the image with probability ``prob``."""
@@ -179,6 +201,10 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
         if sigma > 0.1:
             synth = ndimage.gaussian_filter(synth, sigma)
         image = d[self.keys[0]]
+        if self.R.uniform() < self.head_only_prob:  # real anatomy, synthetic surroundings
+            real = np.asarray(torch.as_tensor(image)[0].cpu(), dtype=np.float64)
+            anatomy = (gen > 0) & (gen < self.num_labels)
+            synth = np.where(anatomy, real, synth)
         out = torch.as_tensor(synth[None].astype(np.float32))
         d[self.keys[0]] = type(image)(out, meta=dict(image.meta)) if hasattr(image, "meta") else out
         return d

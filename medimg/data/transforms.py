@@ -113,7 +113,8 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
     spec += intensity_spec(intensity)
     spec += synth_labels_spec(preset, num_classes)
     if crop_foreground:
-        spec.append({"_target_": "CropForegroundd", "keys": work, "source_key": "image", "allow_smaller": True})
+        source = GEN_KEY if preset == "synth" else "image"  # synth keeps the generated head around the anatomy
+        spec.append({"_target_": "CropForegroundd", "keys": work, "source_key": source, "allow_smaller": True})
     if stage == "train":
         spec.append({"_target_": "SpatialPadd", "keys": work, "spatial_size": roi})
         if preset != "none":
@@ -128,7 +129,7 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
             spec.append({"_target_": "CenterSpatialCropd", "keys": work, "roi_size": roi})
         if slice_axis is not None:
             spec.append({"_target_": "SqueezeDimd", "keys": work, "dim": int(slice_axis) + 1})
-        spec += augmentation_spec(preset, work, 2 if slice_axis is not None else spatial_dims)
+        spec += augmentation_spec(preset, work, 2 if slice_axis is not None else spatial_dims, num_classes)
     spec.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": stage != "train"})
     return spec
 

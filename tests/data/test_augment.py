@@ -57,7 +57,17 @@ def test_synth_labels_mark_csf_and_split_the_head_by_intensity():
     assert (gen[scalp] >= 4).all() and (gen[scalp] <= 6).all()  # head classes
     z, y, x = np.mgrid[:N, :N, :N] - (N - 1) / 2
     outside = np.sqrt(x ** 2 + y ** 2 + z ** 2) > 15
-    assert (gen[outside] == 0).all()  # air; the dark gap between brain and scalp is head (skull-like)
+    assert set(np.unique(gen[outside])) <= {0} | set(range(7, 15))  # air or bands of a synthetic head beyond
+
+
+def test_a_skull_stripped_image_gets_a_synthetic_head_of_bands():
+    d = sample()
+    d["image"][d["image"] == 0.9] = 0  # strip the scalp
+    gen = np.asarray(SynthLabelsd("label", num_labels=3, shells=4, shell_width=2.0)(d)[GEN_KEY][0])
+    z, y, x = np.mgrid[:N, :N, :N] - (N - 1) / 2
+    r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
+    assert (gen[(r > 12.5) & (r < 13.5)] >= 7).all()  # where the scalp was: a band
+    assert len(np.unique(gen[(r > 11.5) & (r < 19)])) >= 3  # several bands, each its own random intensity later
 
 
 @pytest.mark.parametrize("preset", ["light", "strong", "synth"])
