@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,10 @@ from medimg.predictors.prompting import prompt_shape
 log = logging.getLogger(__name__)
 
 
-def bundle_labels(bundle: Path) -> dict[str, int]:
-    """``{name: value}`` of the bundle's foreground labels (its metadata's ``channel_def``)."""
-    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
-    channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
-    return {str(v): int(k) for k, v in channels.items() if int(k) > 0}
+def bundle_labels(meta: dict[str, Any], background: bool = False) -> dict[str, int]:
+    """``{name: value}`` of a bundle's labels (its metadata's ``labels``), by value, background optional."""
+    labels = sorted(((str(k), int(v)) for k, v in meta.get("labels", {}).items()), key=lambda kv: kv[1])
+    return {k: v for k, v in labels if background or v > 0}
 
 
 class BundleInfer(InferTask):
@@ -62,7 +62,7 @@ class BundleInfer(InferTask):
                  device: str | None = None) -> None:
         self.bundle = Path(bundle)
         self.meta = json.loads((self.bundle / "configs" / "metadata.json").read_text())
-        super().__init__(type=type, labels=bundle_labels(self.bundle), dimension=dimension, description=description,
+        super().__init__(type=type, labels=bundle_labels(self.meta), dimension=dimension, description=description,
                          config={"bundle": str(self.bundle), "bundle_version": str(self.meta.get("version", ""))})
         self.device = device
         self.predictor: Any = None
@@ -90,9 +90,9 @@ class BundleInfer(InferTask):
     def on_load(self) -> None:
         """Called after every (re)load of the predictor."""
 
+    @abstractmethod
     def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
         """The label map (``image.array``'s shape; ``None`` for no label file) and result fields."""
-        raise NotImplementedError
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         """Run one request: ``(label file or None, result JSON)``; bad input answers HTTP 400."""
@@ -135,8 +135,7 @@ class ClassificationInfer(BundleInfer):
 
     def __init__(self, bundle: Path, device: str | None = None) -> None:
         super().__init__(bundle, InferType.CLASSIFICATION, 3, f"medimg classification ({bundle.name})", device)
-        channels = self.meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
-        self.labels = [str(channels[k]) for k in sorted(channels, key=int)]
+        self.labels = list(bundle_labels(self.meta, background=True))  # every class, in output order
 
     def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
         """Class probabilities and the most probable class."""

@@ -23,6 +23,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from medimg.bundle.loader import bundle_task
+from medimg.label.infer import bundle_labels
 from medimg.label.publish import publish_bundle
 
 # request fields a client may set (MONAI Label shows these in its train options)
@@ -66,7 +67,7 @@ class BundleTrain(TrainTask):
             raise TrainingFailed(f"the datastore has {len(items)} labelled image(s); training needs more than "
                                  f"{val_images} (held out for validation)")
         meta = json.loads((self.bundle / "configs" / "metadata.json").read_text())
-        labels = {str(v): str(k) for k, v in meta.get("labels", {}).items()} or {"0": "background", "1": "foreground"}
+        labels = {str(v): k for k, v in bundle_labels(meta, background=True).items()}
         doc = {"name": f"MONAI Label datastore ({len(items)} labelled images)", "labels": labels,
                "training": items[:-val_images], "validation": items[-val_images:]}
         path = work / "manifest.json"

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import monailabel  # noqa: F401 - the server under test (.ci/run installs it; see the README)
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -22,11 +23,6 @@ from medimg.io.image import read_image
 from tests.cli.label_client import LabelServer
 from tests.helpers import write_dicom_series
 
-try:
-    import monailabel  # noqa: F401 - the server under test: required, never skipped
-except ImportError:
-    pytest.fail("MONAI Label is required: pip install -e '.[label]' && pip install --no-deps monailabel==0.8.5 "
-                "pydicom-seg==0.4.1 (see .ci/run)", pytrace=False)
 LPS = np.array([[0, -1], [1, -1], [2, 1]])  # flip the first two axes: RAS-stored -> LPS-stored
 WM_CLICK_RAS = [-26.0, -10.0, 26.0]  # deep white matter, RAS mm
 
