@@ -132,9 +132,8 @@ class SynthLabelsd(MapTransform):
         """Add ``gen_key`` (same shape and meta as the label)."""
         d = dict(data)
         label = d[self.keys[0]]
-        lab = np.asarray(label[0].detach().cpu() if isinstance(label, torch.Tensor) else label[0]).astype(np.int32)
-        img = np.asarray(d[self.image_key][0].detach().cpu() if isinstance(d[self.image_key], torch.Tensor)
-                         else d[self.image_key][0], dtype=np.float32)
+        lab = _channel0(label).astype(np.int32)
+        img = _channel0(d[self.image_key]).astype(np.float32)
         gen = lab.copy()
         tissue = lab > 0
         unlabelled = ~tissue
@@ -154,8 +153,7 @@ class SynthLabelsd(MapTransform):
             band = np.ceil(dist / self.shell_width).astype(np.int32)
             ring = (~inside) & (band <= self.shells)
             gen[ring] = self.num_labels + 1 + self.head_classes + band[ring] - 1
-        out = torch.as_tensor(gen[None].astype(np.int16))
-        d[self.gen_key] = type(label)(out, meta=dict(label.meta)) if hasattr(label, "meta") else out
+        d[self.gen_key] = _like(label, gen.astype(np.int16))
         return d
 
 
@@ -191,7 +189,7 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform:
             return d
-        gen = np.asarray(torch.as_tensor(d[self.gen_key])[0].cpu()).astype(np.int64)
+        gen = _channel0(d[self.gen_key]).astype(np.int64)
         n = int(gen.max()) + 1
         means = self.R.uniform(0.0, 1.0, n)
         means[0] = self.R.uniform(0.0, 0.1)
@@ -202,9 +200,19 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
             synth = ndimage.gaussian_filter(synth, sigma)
         image = d[self.keys[0]]
         if self.R.uniform() < self.head_only_prob:  # real anatomy, synthetic surroundings
-            real = np.asarray(torch.as_tensor(image)[0].cpu(), dtype=np.float64)
+            real = _channel0(image).astype(np.float64)
             anatomy = (gen > 0) & (gen < self.num_labels)
             synth = np.where(anatomy, real, synth)
-        out = torch.as_tensor(synth[None].astype(np.float32))
-        d[self.keys[0]] = type(image)(out, meta=dict(image.meta)) if hasattr(image, "meta") else out
+        d[self.keys[0]] = _like(image, synth.astype(np.float32))
         return d
+
+
+def _channel0(x: Any) -> np.ndarray:
+    """Channel 0 of a channel-first tensor or array, as numpy."""
+    return np.asarray(torch.as_tensor(x)[0].detach().cpu())
+
+
+def _like(reference: Any, array: np.ndarray) -> Any:
+    """``array`` with a channel axis, as a tensor carrying ``reference``'s meta when it has one."""
+    out = torch.as_tensor(array[None])
+    return type(reference)(out, meta=dict(reference.meta)) if hasattr(reference, "meta") else out

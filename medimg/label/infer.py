@@ -41,6 +41,11 @@ from medimg.predictors.prompting import prompt_shape
 log = logging.getLogger(__name__)
 
 
+def bundle_meta(bundle: Path) -> dict[str, Any]:
+    """A bundle's ``configs/metadata.json``."""
+    return json.loads((Path(bundle) / "configs" / "metadata.json").read_text())
+
+
 def bundle_labels(meta: dict[str, Any], background: bool = False) -> dict[str, int]:
     """``{name: value}`` of a bundle's labels (its metadata's ``labels``), by value, background optional."""
     labels = sorted(((str(k), int(v)) for k, v in meta.get("labels", {}).items()), key=lambda kv: kv[1])
@@ -61,7 +66,7 @@ class BundleInfer(InferTask):
     def __init__(self, bundle: Path, type: InferType, dimension: int, description: str,
                  device: str | None = None) -> None:
         self.bundle = Path(bundle)
-        self.meta = json.loads((self.bundle / "configs" / "metadata.json").read_text())
+        self.meta = bundle_meta(self.bundle)
         super().__init__(type=type, labels=bundle_labels(self.meta), dimension=dimension, description=description,
                          config={"bundle": str(self.bundle), "bundle_version": str(self.meta.get("version", ""))})
         self.device = device
@@ -82,7 +87,7 @@ class BundleInfer(InferTask):
         if self.predictor is not None and bundle_version(self.bundle) == self.loaded_version:
             return
         self.predictor, self.loaded_version = load_locked(self.bundle, lambda b: load_bundle(b, self.device))
-        self.meta = json.loads((self.bundle / "configs" / "metadata.json").read_text())
+        self.meta = bundle_meta(self.bundle)
         self.loads += 1
         log.info("loaded %s (weights version %s)", self.bundle, self.loaded_version)
         self.on_load()

@@ -23,8 +23,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from medimg.bundle.loader import bundle_task
-from medimg.label.infer import bundle_labels
-from medimg.label.publish import publish_bundle
+from medimg.label.infer import bundle_labels, bundle_meta
+from medimg.label.publish import bundle_version, publish_bundle
 
 # request fields a client may set (MONAI Label shows these in its train options)
 DEFAULTS: dict[str, Any] = {"max_epochs": 5, "val_every": 1, "limit_train_batches": None, "val_images": 1,
@@ -56,8 +56,7 @@ class BundleTrain(TrainTask):
 
     def stats(self) -> dict[str, Any]:
         """The served bundle's validation metrics."""
-        meta = self.bundle / "configs" / "metadata.json"
-        return json.loads(meta.read_text()).get("eval_metrics", {}) if meta.is_file() else {}
+        return bundle_meta(self.bundle).get("eval_metrics", {}) if bundle_version(self.bundle) else {}
 
     def manifest(self, datastore: Datastore, work: Path, val_images: int) -> Path:
         """Write the datastore's labelled images as a manifest, holding out the last ``val_images`` for validation."""
@@ -66,7 +65,7 @@ class BundleTrain(TrainTask):
         if len(items) <= val_images:
             raise TrainingFailed(f"the datastore has {len(items)} labelled image(s); training needs more than "
                                  f"{val_images} (held out for validation)")
-        meta = json.loads((self.bundle / "configs" / "metadata.json").read_text())
+        meta = bundle_meta(self.bundle)
         labels = {str(v): k for k, v in bundle_labels(meta, background=True).items()}
         doc = {"name": f"MONAI Label datastore ({len(items)} labelled images)", "labels": labels,
                "training": items[:-val_images], "validation": items[-val_images:]}
