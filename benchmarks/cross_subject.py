@@ -11,12 +11,15 @@ like MNI152: the head around the brain is real. For each bundle it reports, from
 - ``outside``: predicted tissue outside the brain mask, as a share of all predicted tissue;
 - ``brain Dice``: predicted tissue (any label) against the brain mask;
 - ``GM in AAL``: share of AAL's grey-matter parcels predicted as grey matter;
-- wall time of the prediction.
+- wall time of the prediction;
+- ``template``: mean Dice on the MNI152 template's held-out region (posterior of y = -28 mm), the
+  whole template given to the predictor, as a user would.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -31,9 +34,34 @@ from medimg.bundle.loader import load_bundle  # noqa: E402
 TEMPLATES = Path("/usr/share/mricron/templates")
 
 
-def evaluate(bundle: Path, subject: Path, brain_mask: np.ndarray, aal: np.ndarray) -> dict[str, float]:
-    """The metrics of one bundle on the subject."""
-    predictor = load_bundle(bundle, device="cpu")
+def template_heldout(predictor, names: dict[int, str]) -> dict[str, float]:
+    """Dice per class on the MNI152 template's held-out region (the manifest's region split), whole volume in."""
+    from medimg.data.embedded import embedded_manifest
+    from medimg.data.manifest import load_manifest
+
+    manifest = load_manifest(*embedded_manifest("mni152", None))
+    rs = manifest.meta["region_split"]
+    item = manifest.splits[rs["split"]][0]
+    image, truth = nib.load(item["image"]), np.asarray(nib.load(item["label"]).dataobj)
+    labels = np.asarray(predictor.predict(str(item["image"])).array)
+    idx = np.indices(truth.shape, dtype=np.float64)
+    world = sum(image.affine[rs["axis"], a] * idx[a] for a in range(3)) + image.affine[rs["axis"], 3]
+    lo, hi = rs["val"]
+    region = (world >= (-np.inf if lo is None else lo)) & (world <= (np.inf if hi is None else hi))
+    out = {}
+    for value, name in names.items():
+        if value == 0:
+            continue
+        p, t = (labels == value) & region, (truth == value) & region
+        out[f"template_{name}"] = float(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))
+    out["template_mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+def evaluate(bundle: Path, subject: Path, brain_mask: np.ndarray, aal: np.ndarray,
+             device: str = "cpu") -> dict[str, float]:
+    """The metrics of one bundle on the subject, and on the template's held-out region."""
+    predictor = load_bundle(bundle, device=device)
     start = time.perf_counter()
     labels = np.asarray(predictor.predict(str(subject)).array)
     seconds = time.perf_counter() - start
@@ -43,12 +71,11 @@ def evaluate(bundle: Path, subject: Path, brain_mask: np.ndarray, aal: np.ndarra
     dice = float(2 * (tissue & brain_mask).sum() / max(tissue.sum() + brain_mask.sum(), 1))
     gm_value = next((v for v, n in names.items() if "grey" in n or "gray" in n), None)
     gm_in_aal = float((labels[aal > 0] == gm_value).mean()) if gm_value is not None else float("nan")
-    return {"outside": outside, "brain_dice": dice, "gm_in_aal": gm_in_aal, "seconds": seconds}
+    return {"outside": outside, "brain_dice": dice, "gm_in_aal": gm_in_aal, "seconds": seconds,
+            **template_heldout(predictor, names)}
 
 
 def _labels(bundle: Path) -> dict[str, int]:
-    import json
-
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     return {str(k): int(v) for k, v in meta.get("labels", {}).items()}
 
@@ -57,6 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bundle", action="append", required=True)
     parser.add_argument("--templates", default=str(TEMPLATES), help="folder with ch2.nii.gz, ch2bet.nii.gz, aal.nii.gz")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     folder = Path(args.templates)
     subject = folder / "ch2.nii.gz"
@@ -65,10 +94,14 @@ def main() -> None:
     brain = np.asarray(nib.load(folder / "ch2bet.nii.gz").dataobj) > 0
     aal = np.asarray(nib.load(folder / "aal.nii.gz").dataobj)
     print(f"machine: {platform.machine()} {platform.processor() or ''}; subject: Colin27 {nib.load(subject).shape}")
-    print(f"{'bundle':60s} {'outside':>8s} {'brain Dice':>10s} {'GM in AAL':>9s} {'time s':>7s}")
+    print(f"{'bundle':60s} {'template':>8s} {'outside':>8s} {'brain Dice':>10s} {'GM in AAL':>9s} {'time s':>7s}")
+    results = {}
     for b in args.bundle:
-        m = evaluate(Path(b), subject, brain, aal)
-        print(f"{b[-60:]:60s} {m['outside']:8.3f} {m['brain_dice']:10.3f} {m['gm_in_aal']:9.3f} {m['seconds']:7.1f}")
+        m = results[b] = evaluate(Path(b), subject, brain, aal, args.device)
+        print(f"{b[-60:]:60s} {m['template_mean']:8.3f} {m['outside']:8.3f} {m['brain_dice']:10.3f} "
+              f"{m['gm_in_aal']:9.3f} {m['seconds']:7.1f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

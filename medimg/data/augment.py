@@ -29,6 +29,7 @@ from medimg.errors import ConfigError
 
 PRESETS = ("none", "light", "strong", "synth")
 GEN_KEY = "gen_label"
+KEEP = 255  # generation label: keep the real image here (the label value a region split ignores)
 Spec = list[dict[str, Any]]
 
 
@@ -62,7 +63,7 @@ def corruption_spec(key: str = "image") -> Spec:
     return [
         {"_target_": "RandScaleIntensityd", "keys": key, "factors": 0.4, "prob": 0.8},  # global gain: +-40%
         {"_target_": "RandShiftIntensityd", "keys": key, "offsets": 0.1, "prob": 0.5},
-        {"_target_": "RandBiasFieldd", "keys": key, "prob": 0.5, "coeff_range": [0.0, 0.3]},
+        {"_target_": "RandBiasFieldd", "keys": key, "prob": 0.5, "coeff_range": [0.0, 0.1]},
         {"_target_": "RandAdjustContrastd", "keys": key, "prob": 0.5, "gamma": [0.6, 1.6]},
         {"_target_": "RandHistogramShiftd", "keys": key, "prob": 0.3, "num_control_points": [5, 10]},
         {"_target_": "RandSimulateLowResolutiond", "keys": key, "prob": 0.25, "zoom_range": [0.4, 0.9]},
@@ -72,10 +73,12 @@ def corruption_spec(key: str = "image") -> Spec:
 
 
 def augmentation_spec(preset: str | bool, keys: Sequence[str] = ("image", "label"), spatial_dims: int = 3,
-                      num_labels: int = 3) -> Spec:
+                      num_labels: int = 3, synth: Mapping[str, Any] | None = None) -> Spec:
     """The random transforms of ``preset``, applied after cropping (image key first, label maps after).
 
-    ``synth`` expects :data:`GEN_KEY` (from :func:`synth_labels_spec`) among ``keys`` and removes it.
+    ``synth`` expects :data:`GEN_KEY` (from :func:`synth_labels_spec`) among ``keys`` and removes it;
+    the ``synth`` mapping (``data.synth``) overrides :class:`RandLabelSynthd`'s arguments, e.g.
+    ``{"prob": 0.6, "clutter_prob": 0.8}``.
     """
     preset = check_preset(preset)
     light = [{"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
@@ -87,8 +90,12 @@ def augmentation_spec(preset: str | bool, keys: Sequence[str] = ("image", "label
     labels = [k for k in keys if k != "image"]
     spec = deformation_spec(keys, labels, spatial_dims)
     if preset == "synth":
+        options = {"prob": 0.8, "head_only_prob": 0.5, "clutter_prob": 0.5, "stripped_prob": 0.0, **dict(synth or {})}
+        unknown = set(options) - {"prob", "head_only_prob", "clutter_prob", "stripped_prob", "max_std", "max_blur"}
+        if unknown:
+            raise ConfigError("data.synth", f"unknown option(s) {', '.join(sorted(unknown))}")
         spec += [{"_target_": "medimg.data.augment.RandLabelSynthd", "keys": "image", "gen_key": GEN_KEY,
-                  "prob": 0.8, "head_only_prob": 0.5, "num_labels": int(num_labels)},
+                  "num_labels": int(num_labels), **{k: float(v) for k, v in options.items()}},
                  {"_target_": "DeleteItemsd", "keys": GEN_KEY}]
     return spec + corruption_spec()
 
@@ -118,6 +125,8 @@ class SynthLabelsd(MapTransform):
         num_labels: training classes including background.
         head_classes: intensity classes of the non-labelled head.
         head_threshold: share of the image's 99th percentile above which a voxel is head, not air.
+        shells: bands of synthetic head.
+        shell_width: width of each band (voxels).
     """
 
     def __init__(self, keys: str, image_key: str = "image", gen_key: str = GEN_KEY, num_labels: int = 3,
@@ -134,9 +143,11 @@ class SynthLabelsd(MapTransform):
         label = d[self.keys[0]]
         lab = _channel0(label).astype(np.int32)
         img = _channel0(d[self.image_key]).astype(np.float32)
+        keep = lab == KEEP  # another region's labels (region split): never used, real image kept there
+        lab[keep] = 0
         gen = lab.copy()
         tissue = lab > 0
-        unlabelled = ~tissue
+        unlabelled = ~tissue & ~keep
         if tissue.any():
             hull = ndimage.binary_fill_holes(ndimage.binary_closing(tissue, iterations=3))
             dark = img < np.percentile(img[tissue], 5)
@@ -153,6 +164,7 @@ class SynthLabelsd(MapTransform):
             band = np.ceil(dist / self.shell_width).astype(np.int32)
             ring = (~inside) & (band <= self.shells)
             gen[ring] = self.num_labels + 1 + self.head_classes + band[ring] - 1
+        gen[keep] = KEEP
         d[self.gen_key] = _like(label, gen.astype(np.int16))
         return d
 
@@ -174,14 +186,18 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
             generation-only).
         max_std: largest within-label standard deviation.
         max_blur: largest Gaussian blur sigma (voxels).
+        clutter_prob: chance of filling the air beyond the head with random blobs (see ``_clutter``).
+        stripped_prob: chance of a skull-stripped look: every head label gets the air's intensity.
     """
 
     def __init__(self, keys: str, gen_key: str = GEN_KEY, prob: float = 0.8, max_std: float = 0.08,
-                 max_blur: float = 1.0, head_only_prob: float = 0.0, num_labels: int = 3) -> None:
+                 max_blur: float = 1.0, head_only_prob: float = 0.0, num_labels: int = 3,
+                 clutter_prob: float = 0.0, stripped_prob: float = 0.0) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.gen_key, self.max_std, self.max_blur = gen_key, max_std, max_blur
         self.head_only_prob, self.num_labels = float(head_only_prob), int(num_labels)
+        self.clutter_prob, self.stripped_prob = float(clutter_prob), float(stripped_prob)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Replace the image with probability ``prob``."""
@@ -194,17 +210,46 @@ class RandLabelSynthd(RandomizableTransform, MapTransform):
         means = self.R.uniform(0.0, 1.0, n)
         means[0] = self.R.uniform(0.0, 0.1)
         stds = self.R.uniform(0.0, self.max_std, n)
+        stripped = self.R.uniform() < self.stripped_prob
+        if stripped:  # a skull-stripped scan: the head (not the CSF) is air
+            means[self.num_labels + 1:], stds[self.num_labels + 1:] = means[0], stds[0]
         synth = means[gen] + stds[gen] * self.R.standard_normal(gen.shape)
+        if self.R.uniform() < self.clutter_prob and not stripped:
+            synth = self._clutter(synth, gen == 0)
         sigma = self.R.uniform(0.0, self.max_blur)
         if sigma > 0.1:
             synth = ndimage.gaussian_filter(synth, sigma)
         image = d[self.keys[0]]
+        real = _channel0(image).astype(np.float64)
         if self.R.uniform() < self.head_only_prob:  # real anatomy, synthetic surroundings
-            real = _channel0(image).astype(np.float64)
             anatomy = (gen > 0) & (gen < self.num_labels)
             synth = np.where(anatomy, real, synth)
+        synth = np.where(gen == KEEP, real, synth)  # another region's voxels stay as scanned
         d[self.keys[0]] = _like(image, synth.astype(np.float32))
         return d
+
+
+    def _clutter(self, synth: np.ndarray, air: np.ndarray) -> np.ndarray:
+        """Random blobs of random intensity in the air: the face, neck and shoulders a real scan holds.
+
+        A smooth random field (Gaussian noise on a grid of 3-10 voxel cells, linearly upsampled) is
+        cut at random quantiles into 2-5 classes; class 0 stays air, the others get their own mean
+        and spread, so structures of any brightness and shape lie beyond the head bands.
+        """
+        if not air.any():
+            return synth
+        classes = int(self.R.randint(2, 6))
+        cell = self.R.uniform(3.0, 10.0)
+        low = self.R.standard_normal(tuple(max(2, int(np.ceil(n / cell))) for n in air.shape))
+        field = ndimage.zoom(low, [n / m for n, m in zip(air.shape, low.shape)], order=1)
+        field = np.pad(field, [(0, max(0, n - f)) for n, f in zip(air.shape, field.shape)], mode="edge")
+        field = field[tuple(slice(0, n) for n in air.shape)]
+        cuts = np.quantile(field, np.sort(self.R.uniform(0.2, 1.0, classes - 1)))
+        blob = np.searchsorted(cuts, field)
+        means = self.R.uniform(0.0, 1.0, classes)
+        stds = self.R.uniform(0.0, self.max_std, classes)
+        filled = means[blob] + stds[blob] * self.R.standard_normal(air.shape)
+        return np.where(air & (blob > 0), filled, synth)
 
 
 def _channel0(x: Any) -> np.ndarray:

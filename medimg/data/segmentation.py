@@ -34,20 +34,23 @@ class ManifestDataModule(L.LightningDataModule):
         val_fraction: share of training subjects held out when the manifest has no validation split
             (see :func:`~medimg.data.manifest.train_val_split`).
         seed: seed of that hold-out.
+        items: ``(training, validation, description)`` item lists chosen by the caller instead of the
+            manifest's splits (a region split trains and validates on the same whole volumes).
     """
 
     def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, train_transforms: Compose,
                  val_transforms: Compose, batch_size: int = 1, num_workers: int = 0, cache: str = "none",
                  cache_dir: str | Path | None = None, validate: bool = True,
                  repeats: int = 1, cache_key: str = "default", val_fraction: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, items: tuple[list[dict], list[dict], str] | None = None) -> None:
         super().__init__()
         if cache not in CACHE_MODES:
             raise ConfigError("data.cache", f"unknown cache mode {cache!r}; choose from {', '.join(CACHE_MODES)}")
         if cache == "disk" and cache_dir is None:
             raise ConfigError("data.cache_dir", "cache=disk needs a cache_dir")
         self.manifest: Manifest = load_manifest(manifest, dataset_dir)
-        train, val, self.val_split = train_val_split(self.manifest, val_fraction, seed)
+        train, val, self.val_split = items if items is not None else train_val_split(self.manifest, val_fraction,
+                                                                                        seed)
         self.items = {"training": train, "validation": val}
         self.cache_key = cache_key
         self.train_transforms = train_transforms

@@ -26,6 +26,7 @@ from medimg.data.slicing import CT_WINDOWS, INTENSITY_PRESETS
 from medimg.errors import ConfigError
 
 ORIENTATION_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
+IGNORE_LABEL = 255  # label value that no loss or metric counts (outside a region split's own region)
 
 Spec = list[dict[str, Any]]
 
@@ -77,7 +78,8 @@ def geometry_spec(keys: Sequence[str], pixdim: Sequence[float] | None, label_key
 def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
                       roi_size: Sequence[int] = (64, 64, 64), num_samples: int = 2, num_classes: int = 3,
                       crop_foreground: bool = True, augment: bool | str = True, spatial_dims: int = 3,
-                      slice_axis: int | None = None, lr_swap: Sequence[Sequence[int]] | None = None) -> Spec:
+                      slice_axis: int | None = None, lr_swap: Sequence[Sequence[int]] | None = None,
+                      region: dict | None = None, synth: dict | None = None) -> Spec:
     """The segmentation pipeline for one stage, as a bundle-config list.
 
     Args:
@@ -100,6 +102,11 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
         lr_swap: the manifest's declaration of sided labels: pairs ``[left, right]`` of label values
             that trade places under a left-right flip (``[]``: no label has a side). ``None`` (not
             declared): no left-right flips at all, since a flip would corrupt a sided label.
+        region: ``{"axis": RAS axis, "range": [lo, hi]}`` (mm, ``None`` ends open): labels outside
+            the range become :data:`IGNORE_LABEL` (``train``: no loss there; ``val``: no metric), so
+            training and validation share whole volumes with disjoint regions (``data.region_split``).
+        synth: options of the ``synth`` preset's generator (``data.synth``; see
+            :func:`~medimg.data.augment.augmentation_spec`).
     """
     if stage not in ("train", "val", "infer"):
         raise ConfigError("stage", f"unknown stage {stage!r}; choose train, val or infer")
@@ -110,11 +117,18 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
     spec = geometry_spec(keys, pixdim, spatial_dims=spatial_dims)
     if stage == "val":  # the label as stored: validation measures on the input's own grid
         spec.insert(2, {"_target_": "CopyItemsd", "keys": "label", "names": "native_label"})
+    if region is not None and stage != "infer":
+        spec.append({"_target_": "medimg.data.transforms.RegionLabeld",
+                     "keys": ["label", "native_label"] if stage == "val" else "label",
+                     "axis": int(region["axis"]), "range_mm": list(region["range"])})
     spec += intensity_spec(intensity)
     spec += synth_labels_spec(preset, num_classes)
     if crop_foreground:
         source = GEN_KEY if preset == "synth" else "image"  # synth keeps the generated head around the anatomy
-        spec.append({"_target_": "CropForegroundd", "keys": work, "source_key": source, "allow_smaller": True})
+        # synth: a margin of air beyond the generated head, where its clutter (a neck, a face) can appear
+        margin = 16 if preset == "synth" else 0
+        spec.append({"_target_": "CropForegroundd", "keys": work, "source_key": source, "allow_smaller": True,
+                     **({"margin": margin} if margin else {})})
     if stage == "train":
         spec.append({"_target_": "SpatialPadd", "keys": work, "spatial_size": roi})
         if preset != "none":
@@ -129,7 +143,7 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
             spec.append({"_target_": "CenterSpatialCropd", "keys": work, "roi_size": roi})
         if slice_axis is not None:
             spec.append({"_target_": "SqueezeDimd", "keys": work, "dim": int(slice_axis) + 1})
-        spec += augmentation_spec(preset, work, 2 if slice_axis is not None else spatial_dims, num_classes)
+        spec += augmentation_spec(preset, work, 2 if slice_axis is not None else spatial_dims, num_classes, synth)
     spec.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": stage != "train"})
     return spec
 
@@ -175,4 +189,44 @@ class RandLeftRightFlipd(RandomizableTransform, MapTransform):
                     flipped[original == a] = b
                     flipped[original == b] = a
             d[key] = flipped
+        return d
+
+
+class RegionLabeld(MapTransform):
+    """Set label voxels whose world coordinate (RAS mm) along ``axis`` lies outside ``range_mm`` to ``ignore``.
+
+    The coordinate comes from each label's own affine, so the region is the same anatomy on any
+    grid (native, reoriented or resampled). The image is untouched: the network still sees the
+    whole volume, only the labels of the other region never count.
+
+    Args:
+        keys: label keys (channel-first MetaTensors).
+        axis: RAS axis (0 x, 1 y, 2 z).
+        range_mm: ``[lo, hi]`` in mm; ``None`` ends are open.
+        ignore: the value given to labels outside.
+    """
+
+    def __init__(self, keys: Sequence[str] | str, axis: int, range_mm: Sequence[float | None],
+                 ignore: int = IGNORE_LABEL) -> None:
+        super().__init__(keys)
+        self.axis, self.ignore = int(axis), int(ignore)
+        self.lo, self.hi = (None if v is None else float(v) for v in range_mm)
+
+    def __call__(self, data: dict) -> dict:
+        """Mask every key."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            affine = np.asarray(torch.as_tensor(label.affine).double()) if hasattr(label, "affine") else np.eye(4)
+            shape = label.shape[1:]
+            idx = np.indices(shape, dtype=np.float64)
+            world = sum(affine[self.axis, a] * idx[a] for a in range(len(shape))) + affine[self.axis, 3]
+            outside = np.zeros(shape, dtype=bool)
+            if self.lo is not None:
+                outside |= world < self.lo
+            if self.hi is not None:
+                outside |= world > self.hi
+            masked = label.clone() if isinstance(label, torch.Tensor) else np.array(label)
+            masked[:, torch.as_tensor(outside) if isinstance(masked, torch.Tensor) else outside] = self.ignore
+            d[key] = masked
         return d

@@ -173,7 +173,7 @@ class PromptablePredictor(PromptPredictorBase):
             labels = torch.as_tensor(np.asarray(point_labels if point_labels is not None else [1] * len(points)),
                                      device=self.device)
             pts = (self.network.scale_coords(p, size)[None], labels[None].int())
-        low, iou = self.network.decode(emb, points=pts, boxes=boxes, masks=mask_input)
+        low, iou = self.network.decode_best(emb, points=pts, boxes=boxes, masks=mask_input)
         self.last_iou = float(iou[0, 0])
         full = self.network.postprocess(low, resized, size)
         return (full[0, 0] > 0).cpu().numpy().T, low

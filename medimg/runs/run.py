@@ -177,6 +177,8 @@ def run_training(cfg: DictConfig) -> Path:
     trainer.fit(task, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
 
     best = callbacks[0].best_model_path or None
+    if best is None and not (ckpt_dir / "last.ckpt").is_file():  # max_epochs=0: the initial weights, as they are
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     if parts.before_final_validation is not None:
         parts.before_final_validation()
     results = trainer.validate(task, datamodule=dm, ckpt_path=best, verbose=False)

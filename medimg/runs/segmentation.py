@@ -85,16 +85,51 @@ def build_datamodule(cfg: DictConfig, run_dir: Path) -> ManifestDataModule:
     loaded = load_manifest(manifest, dataset_dir)
     common = dict(pixdim=d.pixdim, intensity=d.intensity, crop_foreground=d.crop_foreground)
     axis = d.get("slice_axis")
+    split = region_split(d.get("region_split"), loaded)
+    synth = OmegaConf.to_container(d.synth, resolve=True) if d.get("synth") else None
     train_spec = segmentation_spec("train", roi_size=slice_crop(d.roi_size, axis), num_samples=d.num_samples,
                                    num_classes=loaded.num_classes, augment=d.augment, slice_axis=axis,
-                                   lr_swap=lr_swap_pairs(loaded), **common)
-    val_spec = segmentation_spec("val", **common)
+                                   lr_swap=lr_swap_pairs(loaded), synth=synth,
+                                   region=split["train"] if split else None, **common)
+    val_spec = segmentation_spec("val", region=split["val"] if split else None, **common)
     cache_key = hashlib.sha256(json.dumps([train_spec, val_spec], sort_keys=True, default=str).encode()).hexdigest()
     cache_dir = d.cache_dir or (run_dir / "cache")
     return ManifestDataModule(manifest, dataset_dir, build_pipeline(train_spec), build_pipeline(val_spec),
                               batch_size=d.batch_size, num_workers=d.num_workers, cache=d.cache, cache_dir=cache_dir,
                               validate=d.validate, repeats=d.repeats, cache_key=cache_key[:16],
-                              val_fraction=d.get("val_fraction"), seed=int(cfg.seed))
+                              val_fraction=d.get("val_fraction"), seed=int(cfg.seed),
+                              items=split["items"] if split else None)
+
+
+def region_split(cfg: DictConfig | str | None, manifest: Manifest) -> dict[str, Any] | None:
+    """``data.region_split`` resolved: the whole volumes, and the training / validation regions.
+
+    ``{"split": manifest split of whole volumes, "axis": RAS axis, "train": [lo, hi], "val": [lo, hi]}``
+    (mm, ``null`` ends open), or ``"manifest"``: the manifest's own ``region_split``, if any.
+    Training and validation both use those volumes; labels outside each stage's own range are
+    ignored, so the network sees whole scans (as at inference) and never a cut plane, while no
+    label of the validation region is trained on.
+    """
+    if cfg == "manifest":
+        cfg = manifest.meta.get("region_split")
+    if not cfg:
+        return None
+    rs = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    name = rs.get("split", "test")
+    items = manifest.splits.get(name) or []
+    if not items:
+        raise ConfigError("data.region_split.split", f"manifest {manifest.path} has no {name!r} volumes")
+    (t_lo, t_hi), (v_lo, v_hi) = rs["train"], rs["val"]
+    inf = float("inf")
+    t_lo, t_hi = (-inf if t_lo is None else t_lo), (inf if t_hi is None else t_hi)
+    v_lo, v_hi = (-inf if v_lo is None else v_lo), (inf if v_hi is None else v_hi)
+    if max(t_lo, v_lo) <= min(t_hi, v_hi):
+        raise ConfigError("data.region_split", f"the train {rs['train']} and val {rs['val']} ranges overlap")
+    axis = int(rs["axis"])
+    description = (f"region split of the {name!r} volumes: RAS axis {axis} range {rs['val']} mm "
+                   f"(training range {rs['train']} mm)")
+    return {"items": (list(items), list(items), description),
+            "train": {"axis": axis, "range": rs["train"]}, "val": {"axis": axis, "range": rs["val"]}}
 
 
 def build_segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:

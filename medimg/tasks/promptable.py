@@ -27,7 +27,10 @@ class PromptableTask(L.LightningModule):
 
     Each training step prompts every target with a jittered box (probability ``box_prob``) or a
     click, then runs ``click_rounds`` correction rounds: new clicks from the error region plus the
-    previous mask logits as a mask prompt, as in SAM/SAM-Med2D interactive training. The loss
+    previous mask logits as a mask prompt, as in SAM/SAM-Med2D interactive training (8 or more
+    rounds there). In 2D a lone first click is ambiguous: it is trained with SAM's three candidate
+    masks, only the best counting (:meth:`_first_click_multimask`), and decoded at validation and
+    inference as the candidate with the highest predicted IoU. The loss
     (Dice + BCE, or Dice + focal, plus the IoU head's MSE) is averaged over all rounds. When the
     batch carries a ``click`` (3D patches are centred on one), that is the first click.
 
@@ -46,14 +49,24 @@ class PromptableTask(L.LightningModule):
         nsd_tolerance_px: normalised surface Dice tolerance, in pixels of the model frame.
         click_loss_weight: weight of the 3D click-neighbourhood BCE (0: off).
         seed: seed of the prompt simulation.
+        distill_weight: 2D: weight of the distillation toward the decoder as it was when training
+            started, on ``distill_boxes`` random boxes per slice (:mod:`medimg.tasks.distill`): what
+            the run does not tune on is not forgotten. 0: off.
+        distill_boxes: random boxes per slice and step.
     """
 
     def __init__(self, network: nn.Module, click_rounds: int = 2, box_prob: float = 0.7,
                  box_jitter_frac: float = 0.1, loss: str = "dice_bce", lr: float = 1e-4, weight_decay: float = 1e-4,
-                 nsd_tolerance_px: float = 2.0, click_loss_weight: float = 1.0, seed: int = 0) -> None:
+                 nsd_tolerance_px: float = 2.0, click_loss_weight: float = 1.0, seed: int = 0,
+                 distill_weight: float = 0.0, distill_boxes: int = 2) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
         self.network = network
+        self.teacher = None
+        if distill_weight > 0 and not isinstance(network, PromptableNetwork3D):
+            from medimg.tasks.distill import DecoderTeacher
+
+            self.teacher = DecoderTeacher(network)
         if loss == "dice_bce":
             self.dice = DiceLoss(sigmoid=True)
             self.loss_fn = lambda logits, t: self.dice(logits, t) + F.binary_cross_entropy_with_logits(logits, t)
@@ -65,6 +78,22 @@ class PromptableTask(L.LightningModule):
         self.volume_eval = False  # 3D: also measure the bundle's predictor on whole volumes (final validation)
         self._emb_cache: dict[tuple, torch.Tensor] = {}
         self.spatial_dims = 3 if isinstance(network, PromptableNetwork3D) else 2
+
+    def on_fit_start(self) -> None:
+        """The distillation teacher is the network as training starts (a resumed run keeps its checkpoint's)."""
+        if self.teacher is not None and self.trainer.ckpt_path is None:
+            self.teacher.snapshot(self.network)
+
+    def _distillation(self, emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The tuned decoder against the teacher on random boxes over each slice's content."""
+        from medimg.tasks.distill import distillation_loss, random_boxes
+
+        k = int(self.hparams.distill_boxes)
+        boxes = random_boxes(x, k, self.rng)
+        emb_k = emb.repeat_interleave(k, 0)
+        student = self._decode(emb_k, boxes, None, None)[0]
+        teacher = self.teacher.decode(emb_k, torch.tensor(boxes, device=self.device, dtype=torch.float32))
+        return distillation_loss(student, teacher)
 
     def _encoder_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.network.image_encoder.parameters())
@@ -123,12 +152,39 @@ class PromptableTask(L.LightningModule):
             return new
         return [(np.concatenate([c[0], n[0]]), np.concatenate([c[1], n[1]])) for c, n in zip(clicks, new)]
 
-    def _decode(self, emb: Any, boxes: list | None, points: list | None,
-                masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, emb: Any, boxes: list | None, points: list | None, masks: torch.Tensor | None,
+                multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode prompts; 2D: a lone click takes the best of SAM's three masks (``decode_best``), as users get.
+
+        ``multimask``: return all three candidates instead (2D training of the first click).
+        """
         dev = self.device
         box_t = torch.tensor(boxes, device=dev, dtype=torch.float32) if boxes is not None else None
         pts_t = self._points_tensor(points) if points is not None else None
+        if multimask:
+            return self.network.decode(emb, points=pts_t, boxes=box_t, masks=masks, multimask_output=True)
+        if self.spatial_dims == 2:
+            return self.network.decode_best(emb, points=pts_t, boxes=box_t, masks=masks)
         return self.network.decode(emb, points=pts_t, boxes=box_t, masks=masks)
+
+    def _first_click_multimask(self, emb: Any, clicks: list, target: torch.Tensor,
+                               region: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's training of an ambiguous single click: three candidates, the loss of the best one only.
+
+        The mask loss is each target's smallest over the candidates; the IoU head learns all three
+        candidates' actual IoUs. The candidate with the highest *predicted* IoU goes on to the next
+        round, as at inference. Returns ``(loss, that candidate's logits)``.
+        """
+        low3, iou3 = self._decode(emb, None, clicks, None, multimask=True)
+        low3 = self._masked(low3, region)
+        per = torch.stack([torch.stack([self.loss_fn(low3[b:b + 1, m:m + 1], target[b:b + 1])
+                                        for m in range(low3.shape[1])]) for b in range(low3.shape[0])])
+        with torch.no_grad():
+            pred, truth = low3 > 0, target > 0.5
+            actual = (pred & truth).flatten(2).sum(2) / (pred | truth).flatten(2).sum(2).clamp(min=1)
+        loss = per.min(1).values.mean() + F.mse_loss(iou3.float(), actual.float())
+        rows = torch.arange(low3.shape[0], device=low3.device)
+        return loss, low3[rows, iou3.argmax(1)][:, None]
 
     def _points_tensor(self, points: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-target click lists -> padded ``(coords (B, N, d), labels (B, N))`` (-1: padding)."""
@@ -185,13 +241,21 @@ class PromptableTask(L.LightningModule):
         use_box = self.rng.random() < self.hparams.box_prob
         boxes = [self._box(m, jitter=True) for m in masks_np] if use_box else None
         clicks = None if use_box else self._first_clicks(batch, masks_np)
-        low, iou = self._decode(emb, boxes, clicks, None)
-        losses = [self._loss(self._masked(low, region), iou, low_t, clicks)]
+        if clicks is not None and self.spatial_dims == 2:
+            first, low = self._first_click_multimask(emb, clicks, low_t, region)
+            losses = [first]
+        else:
+            low, iou = self._decode(emb, boxes, clicks, None)
+            losses = [self._loss(self._masked(low, region), iou, low_t, clicks)]
         for _ in range(int(self.hparams.click_rounds)):
             clicks = self._correction_clicks(masks_np, self._masked(low, region), clicks)
             low, iou = self._decode(emb, boxes, clicks, low.detach())
             losses.append(self._loss(self._masked(low, region), iou, low_t, clicks))
         loss = torch.stack(losses).mean()
+        if self.teacher is not None:
+            distill = self._distillation(emb, x)
+            self.log("train/distill", distill, on_step=False, on_epoch=True, batch_size=x.shape[0])
+            loss = loss + self.hparams.distill_weight * distill
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
 
@@ -251,7 +315,7 @@ class PromptableTask(L.LightningModule):
                 if clicks is not None:
                     coords = net.scale_coords(torch.as_tensor(clicks[0], device=self.device), size)
                     p = (coords[None], torch.as_tensor(clicks[1], device=self.device)[None].int())
-                low = net.decode(e, points=p, boxes=b, masks=mask_in)[0]
+                low = net.decode_best(e, points=p, boxes=b, masks=mask_in)[0]
                 return low, net.postprocess(low, net.resized_size(*size), size)
 
             def clicks_from(pred, so_far, truth_np=truth_np, rng=rng):

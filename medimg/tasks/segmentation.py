@@ -9,12 +9,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import SliceInferer, sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, MaskedDiceLoss
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from monai.networks.utils import one_hot
 from torch import nn
 
+from medimg.data.transforms import IGNORE_LABEL
 from medimg.errors import ConfigError
 from medimg.tasks.overlay import save_overlay
 from medimg.tasks.schedule import epoch_schedule
@@ -22,6 +24,9 @@ from medimg.tasks.schedule import epoch_schedule
 
 class SegmentationTask(L.LightningModule):
     """DiceCE training, sliding-window validation with per-class Dice, HD95 and surface Dice.
+
+    Label voxels equal to :data:`~medimg.data.transforms.IGNORE_LABEL` (another region of a
+    region split) count in no loss and no metric.
 
     Args:
         network: any ``nn.Module`` mapping ``(B, C, *spatial)`` to ``(B, num_classes, *spatial)``.
@@ -55,6 +60,7 @@ class SegmentationTask(L.LightningModule):
         self.network = network
         self.invert = invert
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.masked_dice = MaskedDiceLoss(softmax=True)
         self.class_names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +68,26 @@ class SegmentationTask(L.LightningModule):
         return self.network(x)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """One DiceCE step."""
-        loss = self.loss_fn(self.network(batch["image"]), batch["label"])
+        """One DiceCE step (labels equal to :data:`IGNORE_LABEL` add nothing to it)."""
+        logits, label = self.network(batch["image"]), batch["label"]
+        known = label != IGNORE_LABEL
+        if bool(known.all()):
+            loss = self.loss_fn(logits, label)
+        else:
+            loss = self._masked_loss(logits, label, known)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=batch["image"].shape[0], sync_dist=True)
         return loss
+
+    def _masked_loss(self, logits: torch.Tensor, label: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """DiceCE over the known voxels only (MONAI ``MaskedDiceLoss`` + cross-entropy ignoring the rest)."""
+        if not bool(known.any()):
+            return logits.sum() * 0.0
+        # one-hot before masking: MONAI masks the target first, and an index 0 would count as background
+        target = one_hot(torch.where(known, label, torch.zeros_like(label)), logits.shape[1])
+        dice = self.masked_dice(logits, target, known.to(logits.dtype))
+        ce = F.cross_entropy(logits, label[:, 0].long(), ignore_index=IGNORE_LABEL)
+        return dice + ce
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits for whole volumes (slice by slice for a 2D network)."""
@@ -85,13 +106,15 @@ class SegmentationTask(L.LightningModule):
         logits = self.predict_volume(image)
         nc = self.hparams.num_classes
         pred = logits.argmax(1, keepdim=True)
-        overlay = (image[0, 0], label[0, 0], pred[0, 0])
+        overlay = (image[0, 0], label[0, 0] * (label[0, 0] != IGNORE_LABEL), pred[0, 0])
         if self.invert is not None and "native_label" in batch:
             spacing = _spacing(batch["native_label"])
             label = _plain(batch["native_label"])
             pred = self._native_prediction(batch["image"], logits)
         else:
             spacing = _spacing(batch["image"])
+        known = label != IGNORE_LABEL  # a region split's other region: no metric there
+        label, pred = label * known, pred * known.to(pred.device)
         pred_oh, label_oh = one_hot(pred, nc), one_hot(label.long(), nc)
         dice = compute_dice(pred_oh, label_oh, include_background=False, ignore_empty=False)[0]
         hd95 = compute_hausdorff_distance(pred_oh, label_oh, include_background=False, percentile=95,

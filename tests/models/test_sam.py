@@ -211,3 +211,26 @@ def test_misspelt_network_option_is_an_error():
     with pytest.raises(ConfigError, match="model.lora_rr") as err:
         build_network("vit_cls", size="tiny", img_size=32, lora_rr=4)
     assert "lora_r" in str(err.value)
+
+
+def test_a_lone_click_keeps_the_best_of_three_like_sam_predictor():
+    """One click: SamPredictor's multimask candidate with the highest predicted IoU; more clicks: one mask."""
+    net = build_network("sam", size="tiny", img_size=256).eval()
+    net.load_state_dict(_random_state(net, seed=2), strict=False)
+    image = (np.random.default_rng(1).random((200, 160, 3)) * 255).astype(np.uint8)
+    predictor = SamPredictor(_sam_from(net))
+    predictor.set_image(image)
+    click = np.array([[70.0, 90.0]])
+    _, scores, ref_low = predictor.predict(point_coords=click, point_labels=np.array([1]), multimask_output=True,
+                                           return_logits=True)
+    with torch.no_grad():
+        x, _ = net.preprocess(image)
+        emb = net.encode(x)
+        coords = net.scale_coords(torch.tensor(click, dtype=torch.float32), image.shape[:2])
+        pts = (coords[None], torch.ones(1, 1).int())
+        low, iou = net.decode_best(emb, points=pts)
+        assert low.shape == (1, 1) + ref_low.shape[1:]
+        np.testing.assert_allclose(low[0, 0].numpy(), ref_low[int(np.argmax(scores))], atol=1e-4)
+        assert float(iou[0, 0]) == pytest.approx(float(scores.max()), abs=1e-5)
+        two = (torch.cat([pts[0], pts[0] + 5], 1), torch.ones(1, 2).int())
+        torch.testing.assert_close(net.decode_best(emb, points=two)[0], net.decode(emb, points=two)[0])

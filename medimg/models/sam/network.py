@@ -148,17 +148,28 @@ class PromptableSAM(nn.Module):
         Returns:
             ``(low_res_logits (B, M, 256, 256), iou_predictions (B, M))``.
         """
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        low_res, iou = [], []
-        for i in range(embeddings.shape[0]):
-            lr, io = self.mask_decoder(image_embeddings=embeddings[i:i + 1],
-                                       image_pe=self.prompt_encoder.get_dense_pe(),
-                                       sparse_prompt_embeddings=sparse[i:i + 1],
-                                       dense_prompt_embeddings=dense[i:i + 1],
-                                       multimask_output=multimask_output)
-            low_res.append(lr)
-            iou.append(io)
-        return torch.cat(low_res), torch.cat(iou)
+        return decode_prompts(self.prompt_encoder, self.mask_decoder, embeddings, points, boxes, masks,
+                              multimask_output)
+
+    def decode_best(self, embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    boxes: torch.Tensor | None = None,
+                    masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode` with SAM's rule for an ambiguous prompt: one click alone takes the best of three.
+
+        A single click (no box, no previous mask) could mean a part, the whole or a group, so SAM's
+        three candidate masks are decoded and the one with the highest predicted IoU is kept. Any
+        other prompt decodes one mask.
+
+        Returns:
+            ``(low_res_logits (B, 1, 256, 256), iou_predictions (B, 1))``.
+        """
+        single = boxes is None and masks is None and points is not None and points[0].shape[1] == 1
+        low, iou = self.decode(embeddings, points, boxes, masks, multimask_output=single)
+        if single:
+            rows = torch.arange(low.shape[0], device=low.device)
+            best = iou.argmax(1)
+            low, iou = low[rows, best][:, None], iou[rows, best][:, None]
+        return low, iou
 
     def forward(self, x: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
                 boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
@@ -189,3 +200,23 @@ class PromptableSAM(nn.Module):
             masks = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
             masks = masks[..., : resized[0], : resized[1]]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+
+
+def decode_prompts(prompt_encoder: nn.Module, mask_decoder: nn.Module, embeddings: torch.Tensor,
+                   points: tuple[torch.Tensor, torch.Tensor] | None = None, boxes: torch.Tensor | None = None,
+                   masks: torch.Tensor | None = None,
+                   multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's prompt encoder + mask decoder over a batch, one prompt set per embedding.
+
+    A function of the two modules, so a frozen copy of them (a distillation teacher) decodes exactly
+    as :meth:`PromptableSAM.decode` does.
+    """
+    sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=masks)
+    low_res, iou = [], []
+    for i in range(embeddings.shape[0]):
+        lr, io = mask_decoder(image_embeddings=embeddings[i:i + 1], image_pe=prompt_encoder.get_dense_pe(),
+                              sparse_prompt_embeddings=sparse[i:i + 1], dense_prompt_embeddings=dense[i:i + 1],
+                              multimask_output=multimask_output)
+        low_res.append(lr)
+        iou.append(io)
+    return torch.cat(low_res), torch.cat(iou)
