@@ -58,15 +58,16 @@ def deformation_spec(keys: Sequence[str], label_keys: Sequence[str], spatial_dim
     return spec
 
 
-def corruption_spec(key: str = "image") -> Spec:
-    """Scanner-like intensity corruptions of an image in roughly [0, 1]."""
+def corruption_spec(key: str = "image", spatial_dims: int = 3) -> Spec:
+    """Scanner-like intensity corruptions of an image in roughly [0, 1] (2D or 3D)."""
     return [
         {"_target_": "RandScaleIntensityd", "keys": key, "factors": 0.4, "prob": 0.8},  # global gain: +-40%
         {"_target_": "RandShiftIntensityd", "keys": key, "offsets": 0.1, "prob": 0.5},
         {"_target_": "RandBiasFieldd", "keys": key, "prob": 0.5, "coeff_range": [0.0, 0.1]},
         {"_target_": "RandAdjustContrastd", "keys": key, "prob": 0.5, "gamma": [0.6, 1.6]},
         {"_target_": "RandHistogramShiftd", "keys": key, "prob": 0.3, "num_control_points": [5, 10]},
-        {"_target_": "RandSimulateLowResolutiond", "keys": key, "prob": 0.25, "zoom_range": [0.4, 0.9]},
+        {"_target_": "RandSimulateLowResolutiond", "keys": key, "prob": 0.25, "zoom_range": [0.4, 0.9],
+         "upsample_mode": "trilinear" if spatial_dims == 3 else "bilinear"},
         {"_target_": "RandGibbsNoised", "keys": key, "prob": 0.2, "alpha": [0.0, 0.5]},
         {"_target_": "RandGaussianNoised", "keys": key, "prob": 0.3, "std": 0.05},
     ]
@@ -97,7 +98,7 @@ def augmentation_spec(preset: str | bool, keys: Sequence[str] = ("image", "label
         spec += [{"_target_": "medimg.data.augment.RandLabelSynthd", "keys": "image", "gen_key": GEN_KEY,
                   "num_labels": int(num_labels), **{k: float(v) for k, v in options.items()}},
                  {"_target_": "DeleteItemsd", "keys": GEN_KEY}]
-    return spec + corruption_spec()
+    return spec + corruption_spec(spatial_dims=spatial_dims)
 
 
 def synth_labels_spec(preset: str | bool, num_labels: int) -> Spec:

@@ -31,7 +31,8 @@ class PromptableTask(L.LightningModule):
     rounds there). In 2D a lone first click is ambiguous: it is trained with SAM's three candidate
     masks, only the best counting (:meth:`_first_click_multimask`), and decoded at validation and
     inference as the candidate with the highest predicted IoU. The loss
-    (Dice + BCE, or Dice + focal, plus the IoU head's MSE) is averaged over all rounds. When the
+    (Dice + BCE, or Dice + focal, plus the IoU head's MSE) is half the first prompt's, half the
+    mean of the correction rounds'. When the
     batch carries a ``click`` (3D patches are centred on one), that is the first click.
 
     Coordinates: a 2D network takes SAM's ``(x, y)`` = (column, row); a 3D network takes voxel
@@ -232,7 +233,7 @@ class PromptableTask(L.LightningModule):
         return logits if region is None else logits.masked_fill(region == 0, -1e4)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """First prompt, then ``click_rounds`` correction rounds; loss averaged over rounds."""
+        """First prompt, then ``click_rounds`` correction rounds (the loss weighting is in the class docstring)."""
         x, target = batch["image"], batch["target"]
         emb = self.embed(batch, "train")
         region = self._region(batch)
@@ -251,7 +252,9 @@ class PromptableTask(L.LightningModule):
             clicks = self._correction_clicks(masks_np, self._masked(low, region), clicks)
             low, iou = self._decode(emb, boxes, clicks, low.detach())
             losses.append(self._loss(self._masked(low, region), iou, low_t, clicks))
-        loss = torch.stack(losses).mean()
+        # the first prompt weighs as much as all correction rounds together: with 8 rounds a plain mean
+        # would leave a lone click, the prompt users try first, 1/9 of the signal
+        loss = losses[0] if len(losses) == 1 else 0.5 * (losses[0] + torch.stack(losses[1:]).mean())
         if self.teacher is not None:
             distill = self._distillation(emb, x)
             self.log("train/distill", distill, on_step=False, on_epoch=True, batch_size=x.shape[0])

@@ -117,3 +117,18 @@ def test_synth_keeps_the_head_background_in_a_training_pipeline(tmp_path):
         assert set(crop) >= {"image", "label"} and GEN_KEY not in crop
         assert set(np.unique(np.asarray(crop["label"]))) <= {0, 1, 2}
         assert crop["image"].shape == crop["label"].shape == (1, 24, 24, 24)
+
+
+@pytest.mark.parametrize("preset", ["strong", "synth"])
+def test_presets_run_on_2d_slices(preset):
+    """2D networks (vit_seg) train on one-slice crops: every transform must take 2D images."""
+    keys = ["image", "label", GEN_KEY] if preset == "synth" else ["image", "label"]
+    pipeline = build_pipeline(with_prob_one(augmentation_spec(preset, keys, spatial_dims=2)))
+    pipeline.set_random_state(seed=0)
+    base = sample()
+    if preset == "synth":
+        base = SynthLabelsd("label", num_labels=3)(base)
+    data = {k: v[:, :, :, N // 2] for k, v in base.items()}  # a (1, N, N) slice of each
+    out = pipeline(data)
+    assert out["image"].shape == out["label"].shape == (1, N, N)
+    assert set(np.unique(np.asarray(out["label"]))) <= {0, 1, 2}
