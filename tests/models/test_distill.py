@@ -60,7 +60,7 @@ def test_a_training_step_with_distillation_and_a_lone_click():
              "slice": torch.tensor([0, 1])}
     task.log = lambda *a, **k: None
     loss = task.training_step(batch, 0)
-    assert torch.isfinite(loss) and float(loss) > 0
+    assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     grads = [p.grad for p in net.mask_decoder.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
