@@ -180,10 +180,7 @@ class PromptableTask(L.LightningModule):
         low3 = self._masked(low3, region)
         per = torch.stack([torch.stack([self.loss_fn(low3[b:b + 1, m:m + 1], target[b:b + 1])
                                         for m in range(low3.shape[1])]) for b in range(low3.shape[0])])
-        with torch.no_grad():
-            pred, truth = low3 > 0, target > 0.5
-            actual = (pred & truth).flatten(2).sum(2) / (pred | truth).flatten(2).sum(2).clamp(min=1)
-        loss = per.min(1).values.mean() + F.mse_loss(iou3.float(), actual.float())
+        loss = per.min(1).values.mean() + F.mse_loss(iou3.float(), _actual_iou(low3, target).float())
         rows = torch.arange(low3.shape[0], device=low3.device)
         return loss, low3[rows, iou3.argmax(1)][:, None]
 
@@ -205,12 +202,7 @@ class PromptableTask(L.LightningModule):
         weighted on their own, so the model gets the clicked structure right where the user
         pointed. Without it a tissue-class model can be right on average and wrong at the click.
         """
-        with torch.no_grad():
-            pred = low > 0
-            inter = (pred & (target > 0.5)).flatten(1).sum(1)
-            union = (pred | (target > 0.5)).flatten(1).sum(1)
-            actual = inter / union.clamp(min=1)
-        loss = self.loss_fn(low, target) + F.mse_loss(iou[:, 0].float(), actual.float())
+        loss = self.loss_fn(low, target) + F.mse_loss(iou[:, 0].float(), _actual_iou(low, target)[:, 0].float())
         if clicks and self.spatial_dims == 3 and self.hparams.click_loss_weight:
             from medimg.models.sam3d.heads import prompt_guide
 
@@ -381,6 +373,13 @@ class PromptableTask(L.LightningModule):
         """AdamW over the trainable parameters only."""
         params = [p for p in self.network.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+@torch.no_grad()
+def _actual_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of each mask channel (logits > 0) with the target: ``(B, M)``, what the IoU head learns."""
+    pred, truth = logits > 0, target > 0.5
+    return (pred & truth).flatten(2).sum(2) / (pred | truth).flatten(2).sum(2).clamp(min=1)
 
 
 def _two_class(mask: torch.Tensor) -> torch.Tensor:
