@@ -38,16 +38,14 @@ def template_heldout(predictor, names: dict[int, str]) -> dict[str, float]:
     """Dice per class on the MNI152 template's held-out region (the manifest's region split), whole volume in."""
     from medimg.data.embedded import embedded_manifest
     from medimg.data.manifest import load_manifest
+    from medimg.data.transforms import world_range_region
 
     manifest = load_manifest(*embedded_manifest("mni152", None))
     rs = manifest.meta["region_split"]
     item = manifest.splits[rs["split"]][0]
     image, truth = nib.load(item["image"]), np.asarray(nib.load(item["label"]).dataobj)
     labels = np.asarray(predictor.predict(str(item["image"])).array)
-    idx = np.indices(truth.shape, dtype=np.float64)
-    world = sum(image.affine[rs["axis"], a] * idx[a] for a in range(3)) + image.affine[rs["axis"], 3]
-    lo, hi = rs["val"]
-    region = (world >= (-np.inf if lo is None else lo)) & (world <= (np.inf if hi is None else hi))
+    region = world_range_region(truth.shape, image.affine, rs["axis"], *rs["val"])
     out = {}
     for value, name in names.items():
         if value == 0:

@@ -192,6 +192,19 @@ class RandLeftRightFlipd(RandomizableTransform, MapTransform):
         return d
 
 
+def world_range_region(shape: Sequence[int], affine: np.ndarray, axis: int, lo: float | None,
+                       hi: float | None) -> np.ndarray:
+    """Voxels whose world coordinate along ``axis`` (RAS mm) lies in ``[lo, hi]`` (``None``: open)."""
+    idx = np.indices(tuple(shape), dtype=np.float64)
+    world = sum(affine[axis, a] * idx[a] for a in range(3)) + affine[axis, 3]
+    region = np.ones(tuple(shape), dtype=bool)
+    if lo is not None:
+        region &= world >= lo
+    if hi is not None:
+        region &= world <= hi
+    return region
+
+
 class RegionLabeld(MapTransform):
     """Set label voxels whose world coordinate (RAS mm) along ``axis`` lies outside ``range_mm`` to ``ignore``.
 
@@ -218,14 +231,7 @@ class RegionLabeld(MapTransform):
         for key in self.key_iterator(d):
             label = d[key]
             affine = np.asarray(torch.as_tensor(label.affine).double()) if hasattr(label, "affine") else np.eye(4)
-            shape = label.shape[1:]
-            idx = np.indices(shape, dtype=np.float64)
-            world = sum(affine[self.axis, a] * idx[a] for a in range(len(shape))) + affine[self.axis, 3]
-            outside = np.zeros(shape, dtype=bool)
-            if self.lo is not None:
-                outside |= world < self.lo
-            if self.hi is not None:
-                outside |= world > self.hi
+            outside = ~world_range_region(label.shape[1:], affine, self.axis, self.lo, self.hi)
             masked = label.clone() if isinstance(label, torch.Tensor) else np.array(label)
             masked[:, torch.as_tensor(outside) if isinstance(masked, torch.Tensor) else outside] = self.ignore
             d[key] = masked

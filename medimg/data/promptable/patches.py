@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medimg.data.manifest import load_manifest, train_val_split, validate_manifest
 from medimg.data.promptable.simulation import sample_clicks, split_targets
-from medimg.data.transforms import build_pipeline, segmentation_spec
+from medimg.data.transforms import build_pipeline, segmentation_spec, world_range_region
 from medimg.errors import ConfigError
 
 
@@ -162,19 +162,6 @@ def load_volumes(items: Sequence[dict], pixdim: Sequence[float] | None, intensit
         pair = (np.asarray(data["image"][0], dtype=np.float32), np.asarray(data["label"][0]).astype(np.int64))
         out.append(pair + (np.asarray(data["image"].affine, dtype=np.float64),) if with_affine else pair)
     return out
-
-
-def world_range_region(shape: Sequence[int], affine: np.ndarray, axis: int, lo: float | None,
-                       hi: float | None) -> np.ndarray:
-    """Voxels whose world coordinate along ``axis`` (RAS mm) lies in ``[lo, hi]`` (``None``: open)."""
-    idx = np.indices(tuple(shape), dtype=np.float64)
-    world = sum(affine[axis, a] * idx[a] for a in range(3)) + affine[axis, 3]
-    region = np.ones(tuple(shape), dtype=bool)
-    if lo is not None:
-        region &= world >= lo
-    if hi is not None:
-        region &= world <= hi
-    return region
 
 
 class PromptPatchDataModule(L.LightningDataModule):
