@@ -114,38 +114,65 @@ def bench_lite(results: dict, batch: int = 32) -> None:
         print(f"litemedsam batch {batch} {name}: {p50(ms):.1f} ms  {rate:.0f} slices/s", flush=True)
 
 
-def bench_sam3d(results: dict, size: int = 128) -> None:
+SAM3D_VARIANTS = ("fp32", "bf16", "bf16_native", "bf16_compile", "fp32_compile", "bf16_cudagraph", "fp32_cudagraph")
+
+
+def bench_sam3d(results: dict, size: int = 128, variants: tuple[str, ...] = SAM3D_VARIANTS) -> None:
+    """medsam3d ViT-B training step. ``bf16`` is the product (instance norms and the adapters'
+    depth-wise convolutions in float32); ``bf16_native`` the earlier code (both in bf16); ``*_compile``
+    with the image encoder compiled in place (``compile=true`` in the training config)."""
     from monai.losses import DiceLoss
     from torch.profiler import ProfilerActivity, profile
 
     from medimg.models import build_network
+    from medimg.models.compiling import compile_encoder
     from medimg.models.peft import apply_freeze_policy
+    from medimg.models.precision import Float32Forward
 
-    net = build_network("medsam3d", size="vit_b").cuda()
-    apply_freeze_policy(net, "adapters_only")
     x = torch.randn(1, 1, size, size, size, device="cuda")
     target = torch.zeros(1, 1, size, size, size, device="cuda")
     target[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
     pts = (torch.full((1, 1, 3), size / 2, device="cuda"), torch.ones(1, 1, dtype=torch.int64, device="cuda"))
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     dice = DiceLoss(sigmoid=True)
-    for name, bf16 in (("fp32", False), ("bf16", True)):
-        def step(bf16=bf16):
+    fp32_forward = Float32Forward.forward
+    for name in variants:
+        torch.manual_seed(0)
+        net = build_network("medsam3d", size="vit_b").cuda()
+        apply_freeze_policy(net, "adapters_only")
+        if "compile" in name or "cudagraph" in name:
+            compile_encoder(net, "reduce-overhead" if "cudagraph" in name else None)
+        Float32Forward.forward = (lambda self, x: super(Float32Forward, self).forward(x)) if "native" in name \
+            else fp32_forward
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+        bf16 = name.startswith("bf16")
+
+        def step(bf16=bf16, net=net, opt=opt):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                 logits, _ = net.decode(net.encode(x), points=pts)
                 loss = dice(logits.float(), target)
             loss.backward()
             opt.step()
-        ms = timed(step, warmup=2, repeats=5)
-        results[f"medsam3d_vitb_{size}_{name}"] = {"ms_p50": p50(ms)}
+        t = time.perf_counter()
+        ms = timed(step, warmup=4 if "compile" in name or "cudagraph" in name else 2, repeats=8)
+        results[f"medsam3d_vitb_{size}_{name}"] = {"ms_p50": p50(ms), "first_steps_s": time.perf_counter() - t}
         print(f"medsam3d ViT-B {size}^3 {name}: {p50(ms):.1f} ms/step", flush=True)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+        kernel_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+        results[f"medsam3d_vitb_{size}_{name}"]["gpu_kernel_ms"] = kernel_ms
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60)
         results[f"medsam3d_vitb_{size}_{name}"]["top_kernels"] = table
-        print(table, flush=True)
+        print(f"  GPU kernel time {kernel_ms:.1f} ms", flush=True)
+        del net, opt
+        torch.cuda.empty_cache()
+    Float32Forward.forward = fp32_forward
+    base = results[f"medsam3d_vitb_{size}_fp32"]["ms_p50"]
+    for name in variants:
+        r = results[f"medsam3d_vitb_{size}_{name}"]
+        r["speedup_vs_fp32"] = base / r["ms_p50"]
+        print(f"{name}: {r['speedup_vs_fp32']:.2f}x fp32", flush=True)
 
 
 def bench_sliding_window(results: dict) -> None:
@@ -171,6 +198,7 @@ def bench_sliding_window(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["swin", "lite", "sam3d", "sw", "compile"])
+    parser.add_argument("--sam3d-variants", nargs="+", default=None, help="fp32 bf16 bf16_native bf16_compile ...")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -178,7 +206,8 @@ def main() -> None:
                      "python": platform.python_version()}
     print(results, flush=True)
     parts = {"swin": lambda: bench_swin(results, ("fp32", "bf16", "bf16_cl")), "lite": lambda: bench_lite(results),
-             "sam3d": lambda: bench_sam3d(results), "sw": lambda: bench_sliding_window(results),
+             "sam3d": lambda: bench_sam3d(results, variants=tuple(args.sam3d_variants or SAM3D_VARIANTS)),
+             "sw": lambda: bench_sliding_window(results),
              "compile": lambda: bench_swin(results, ("bf16_compile",))}
     for part in args.parts:
         t = time.perf_counter()

@@ -9,17 +9,14 @@ reference. Target: medimg <= 1.2x SimpleITK.
 
 from __future__ import annotations
 
-import argparse
-import platform
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from timing import Result, cli, times
 
 from medimg.data.embedded.mni152 import MNI_FILES, mni152_source_dir
 from medimg.io.image import read_image
@@ -43,34 +40,27 @@ def _medimg(path: Path) -> np.ndarray:
     return read_image(path).array
 
 
-def _time(fn, path: Path, repeats: int) -> float:
-    fn(path)  # warm the page cache and imports
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(path)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args()
+def run(repeats: int = 15) -> list[Result]:
+    """medimg's read of the MNI152 T1 (.nii.gz as shipped, and .nii) against SimpleITK; nibabel in the notes."""
     src = mni152_source_dir() / MNI_FILES["t1"]
+    out = []
     with tempfile.TemporaryDirectory() as tmp:
         gz = Path(tmp) / "t1.nii.gz"
         shutil.copy(src, gz)
         raw = Path(tmp) / "t1.nii"
         nib.save(nib.load(str(gz)), str(raw))
-        print(f"machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()}; "
-              f"SimpleITK {sitk.Version_VersionString()}, nibabel {nib.__version__}")
-        print(f"{'file':<12}{'medimg ms':>11}{'SimpleITK ms':>14}{'nibabel ms':>12}{'vs SITK':>9}{'vs nib':>8}")
         for path in (gz, raw):
-            m = _time(_medimg, path, args.repeats)
-            s = _time(_sitk, path, args.repeats)
-            n = _time(_nibabel, path, args.repeats)
-            print(f"{path.name:<12}{m * 1e3:>11.1f}{s * 1e3:>14.1f}{n * 1e3:>12.1f}{m / s:>8.2f}x{m / n:>7.2f}x")
+            ours = times(lambda p=path: _medimg(p), repeats)
+            ref = times(lambda p=path: _sitk(p), repeats)
+            nibabel = times(lambda p=path: _nibabel(p), repeats)
+            out.append(Result("image loading", f"MNI152 T1 {path.name} to float32 + affine", ours, ref,
+                              f"SimpleITK {sitk.Version_VersionString()}", "<= 1.2x",
+                              [f"nibabel {nib.__version__}: p50 {Result.pct(nibabel, 50) * 1e3:.1f} ms"]))
+    return out
+
+
+def main() -> None:
+    cli(run, lambda p: p.add_argument("--repeats", type=int, default=15))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ Names are imported on first use, so ``import medimg`` (and each CLI's start) sta
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from medimg.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -33,13 +32,7 @@ _API = {
 }
 __all__ = sorted(_API)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        value = getattr(import_module(_API[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'medimg' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _API)
 
 
 def __dir__() -> list[str]:

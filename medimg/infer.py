@@ -71,6 +71,15 @@ def collect_inputs(path: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tu
     return items, True
 
 
+def _load_bundle(bundle: str, device: str | None):  # noqa: ANN202 - any predictor
+    """The bundle's predictor, MONAI imported lean (:mod:`medimg.fastimport`): the CLI's fast start."""
+    from medimg.bundle.loader import load_bundle
+    from medimg.fastimport import import_monai_lean
+
+    import_monai_lean()
+    return load_bundle(bundle, device)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m medimg.infer", description=__doc__,
@@ -118,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(args.bundle, "is a promptable bundle; give --prompts prompts.json")
             if many:
                 raise ConfigError(args.input, "a promptable bundle takes one image (its prompts are per image)")
-            from medimg.bundle.loader import load_bundle
             from medimg.io.prompts import load_prompts
             from medimg.predictors.prompting import prompt_shape
 
@@ -128,17 +136,15 @@ def main(argv: list[str] | None = None) -> int:
                 check_intensity(args.intensity)
             prompts = load_prompts(args.prompts, prompt_shape(image.array), image.affine)
             seg_info = segment_names(args.bundle, True) if args.format == "dicom-seg" else None
-            labels = load_bundle(args.bundle, args.device).segment_prompts(image, prompts, args.intensity,
+            labels = _load_bundle(args.bundle, args.device).segment_prompts(image, prompts, args.intensity,
                                                                            args.prompts)
             write_labels(labels, image, out, args.format, seg_info)
             print(f"{inputs[0]} -> {out}")
             return
         if args.prompts:
             raise ConfigError(args.prompts, "this bundle is not promptable; drop --prompts")
-        from medimg.bundle.loader import load_bundle
-
         seg_info = segment_names(args.bundle, False) if args.format == "dicom-seg" else None
-        predictor = load_bundle(args.bundle, device=args.device)
+        predictor = _load_bundle(args.bundle, args.device)
         written: list[Path] = []
         try:
             for item in inputs:
@@ -156,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def classify(args: argparse.Namespace, out: Path) -> None:
     """Class probabilities of every input, as one JSON file."""
-    from medimg.bundle.loader import load_bundle
     from medimg.data.classification import PICTURE_SUFFIXES
 
     if args.prompts:
@@ -164,7 +169,7 @@ def classify(args: argparse.Namespace, out: Path) -> None:
     if out.suffix.lower() != ".json" or out.is_dir():
         raise ConfigError(out, "a classification bundle writes JSON: give an output file ending in .json")
     inputs, _ = collect_inputs(Path(args.input), IMAGE_SUFFIXES + PICTURE_SUFFIXES)
-    predictor = load_bundle(args.bundle, args.device)
+    predictor = _load_bundle(args.bundle, args.device)
     predictor.write_json([str(p) for p in inputs], out)
     print(f"{len(inputs)} input(s) -> {out}")
 

@@ -1,9 +1,21 @@
-"""MONAI bundle writing, verification and loading."""
+"""MONAI bundle writing, verification and loading.
+
+Names are imported on first use: reading a bundle's metadata (``bundle_task``) must not import
+MONAI and PyTorch, so a command-line mistake is reported before either loads.
+"""
 
 from __future__ import annotations
 
-from medimg.bundle.loader import bundle_task, load_bundle, load_bundle_network
-from medimg.bundle.verify import find_schema, verify_bundle
-from medimg.bundle.writer import write_bundle
+from medimg.lazy import lazy_attributes
 
-__all__ = ["bundle_task", "find_schema", "load_bundle", "load_bundle_network", "verify_bundle", "write_bundle"]
+_API = {
+    "bundle_task": "medimg.bundle.loader",
+    "load_bundle": "medimg.bundle.loader",
+    "load_bundle_network": "medimg.bundle.loader",
+    "find_schema": "medimg.bundle.verify",
+    "verify_bundle": "medimg.bundle.verify",
+    "write_bundle": "medimg.bundle.writer",
+}
+__all__ = sorted(_API)
+
+__getattr__ = lazy_attributes(__name__, _API)

@@ -8,20 +8,23 @@ comes from the bundle itself.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Any
-
-import torch
-from monai.bundle import ConfigParser
+from typing import TYPE_CHECKING, Any
 
 from medimg.errors import BundleError
-from medimg.models.weights import read_checkpoint
+
+if TYPE_CHECKING:  # MONAI and PyTorch load only when a bundle is built, not to read its metadata
+    import torch
+    from monai.bundle import ConfigParser
 
 log = logging.getLogger(__name__)
 
 
 def _parser(bundle_dir: Path) -> ConfigParser:
+    from monai.bundle import ConfigParser
+
     config = bundle_dir / "configs" / "inference.json"
     meta = bundle_dir / "configs" / "metadata.json"
     for required in (config, meta, bundle_dir / "models" / "model.pt"):
@@ -39,15 +42,25 @@ def bundle_task(bundle_dir: str | Path) -> str:
     meta = Path(bundle_dir) / "configs" / "metadata.json"
     if not meta.is_file():
         raise BundleError(meta, "missing from the bundle")
-    return str(_parser(Path(bundle_dir)).get("_meta_", {}).get("medimg_task", "segmentation"))
+    for required in (Path(bundle_dir) / "configs" / "inference.json", Path(bundle_dir) / "models" / "model.pt"):
+        if not required.is_file():
+            raise BundleError(required, "missing from the bundle")
+    try:  # plain JSON: MONAI's parser is not needed (nor imported) to read one field
+        return str(json.loads(meta.read_text()).get("medimg_task", "segmentation"))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise BundleError(meta, f"is not valid JSON ({exc})") from exc
 
 
 def _device(device: str | torch.device | None) -> torch.device:
+    import torch
+
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_bundle_network(bundle_dir: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
     """The bundle's ``network_def`` with ``models/model.pt`` loaded (``weights_only``), in eval mode."""
+    from medimg.models.weights import read_checkpoint
+
     bundle_dir = Path(bundle_dir)
     parser = _parser(bundle_dir)
     try:

@@ -93,6 +93,10 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
             inference["preprocessing"]["transforms"] = preprocessing
         inference.update(inference_vars)
         (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+        if "runtime_dir" in inference:  # 2D SAM bundles: the CPU fast path's OpenVINO IR, checked against eager
+            from medimg.models.sam.runtime import RUNTIME_DIR, save_openvino_ir
+
+            save_openvino_ir(network, tmp / RUNTIME_DIR)
 
         meta = json.loads((tmp / "configs" / "metadata.json").read_text())
         names = [labels[k] for k in sorted(labels, key=int)]

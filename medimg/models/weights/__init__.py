@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -10,19 +11,23 @@ from torch import nn
 
 from medimg.errors import WeightsError
 from medimg.models.weights.report import KeyReport, load_with_report
-from medimg.models.weights.sam import remap_litemedsam, remap_medsam, remap_sam
-from medimg.models.weights.swin_ssl import remap_swin_ssl
-from medimg.models.weights.vit import remap_dinov2, remap_mae, remap_timm
 
-REMAPS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
-    "swin_ssl": remap_swin_ssl,
-    "sam": remap_sam,
-    "medsam": remap_medsam,
-    "litemedsam": remap_litemedsam,
-    "mae": remap_mae,
-    "dinov2": remap_dinov2,
-    "timm": remap_timm,
+# format -> "module:function"; imported when a checkpoint of that format is read (the ViT remaps need timm)
+REMAPS: dict[str, str] = {
+    "swin_ssl": "medimg.models.weights.swin_ssl:remap_swin_ssl",
+    "sam": "medimg.models.weights.sam:remap_sam",
+    "medsam": "medimg.models.weights.sam:remap_medsam",
+    "litemedsam": "medimg.models.weights.sam:remap_litemedsam",
+    "mae": "medimg.models.weights.vit:remap_mae",
+    "dinov2": "medimg.models.weights.vit:remap_dinov2",
+    "timm": "medimg.models.weights.vit:remap_timm",
 }
+
+
+def remap_function(fmt: str) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The key-remap function of one checkpoint format (see :data:`REMAPS`)."""
+    module, name = REMAPS[fmt].split(":")
+    return getattr(import_module(module), name)
 
 
 def read_checkpoint(path: str | Path) -> Mapping[str, torch.Tensor]:
@@ -59,10 +64,10 @@ def load_pretrained(module: nn.Module, path: str | Path, fmt: str) -> KeyReport:
     if fmt not in REMAPS:
         raise WeightsError(path, f"unknown weight format {fmt!r}; known: {', '.join(REMAPS)}")
     state = read_checkpoint(path)
-    return load_with_report(module, REMAPS[fmt](state), source=str(path))
+    return load_with_report(module, remap_function(fmt)(state), source=str(path))
 
 
-__all__ = ["KeyReport", "REMAPS", "load_pretrained", "load_with_report", "read_checkpoint"]
+__all__ = ["KeyReport", "REMAPS", "load_pretrained", "load_with_report", "read_checkpoint", "remap_function"]
 
 
 NETWORK_PREFIX = "network."

@@ -1,0 +1,326 @@
+"""Inference backends for 2D SAM-family networks: eager PyTorch and OpenVINO.
+
+A backend runs the two neural parts of :class:`~medimg.models.sam.network.PromptableSAM` (the image
+encoder, and the prompt encoder plus mask decoder); preprocessing, coordinate scaling and
+postprocessing stay the network's own, so every backend sees and returns exactly what the eager
+model does.
+
+The OpenVINO backend converts both parts once (from the loaded weights, in memory, or from the IR
+files a bundle stores beside ``model.pt``) and compiles them for the CPU. The prompt side becomes one
+graph, :class:`PromptDecoderGraph`, whose inputs are SAM's own sparse-prompt convention: clicks and
+box corners as a ``(1, N, 2)`` coordinate array with a label per point (``1``/``0`` clicks, ``2``/``3``
+box corners, ``-1`` padding), a low-resolution mask and a flag saying whether that mask is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medimg.errors import BundleError, ConfigError
+from medimg.models.sam.fast_decoder import predict_masks
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "torch", "openvino")
+PRECISIONS = ("f32", "bf16", "f16", "auto")
+RUNTIME_DIR = "models/openvino"  # inside a bundle
+IR_FILES = {"encoder": "sam_encoder", "decoder": "sam_decoder"}
+
+
+class PromptDecoderGraph(nn.Module):
+    """SAM's prompt encoder and mask decoder as one graph of plain tensors (exportable).
+
+    Equal to ``PromptEncoder`` + ``MaskDecoder.predict_masks`` for any prompt set: positional
+    encodings of the points, the label embeddings SAM adds per point kind, the mask (or no-mask)
+    dense embedding, then the decoder (:func:`medimg.models.sam.fast_decoder.predict_masks`: SAM's
+    decoder with its image-side attention reassociated, half the arithmetic). All four masks and
+    IoU predictions come out; the caller picks the single-mask output (index 0) or the best of the
+    three ambiguity-aware ones.
+    """
+
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    def forward(self, embeddings: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+                mask_input: torch.Tensor, has_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one prompt set.
+
+        Args:
+            embeddings: ``(1, 256, h, w)`` image embedding.
+            coords: ``(1, N, 2)`` point coordinates in the model input frame, already shifted by 0.5.
+            labels: ``(1, N)`` float labels (see the module docstring).
+            mask_input: ``(1, 1, 4h, 4w)`` previous low-resolution logits (ignored when ``has_mask`` is 0).
+            has_mask: ``(1,)`` 1.0 when ``mask_input`` is a real mask.
+
+        Returns:
+            ``(low_res_logits (1, 4, 4h, 4w), iou_predictions (1, 4))``.
+        """
+        pe = self.prompt_encoder
+        h, w = pe.input_image_size
+        enc = pe.pe_layer._pe_encoding(coords / torch.tensor([w, h], dtype=coords.dtype))
+        lab = labels[..., None]
+        sparse = enc * (lab != -1)
+        sparse = sparse + pe.not_a_point_embed.weight * (lab == -1)
+        for kind, emb in enumerate(pe.point_embeddings):
+            sparse = sparse + emb.weight * (lab == kind)
+        gate = has_mask.view(-1, 1, 1, 1)
+        dense = gate * pe.mask_downscaling(mask_input) + (1 - gate) * pe.no_mask_embed.weight.view(1, -1, 1, 1)
+        return predict_masks(self.mask_decoder, embeddings, pe.get_dense_pe(), sparse, dense)
+
+
+def prompt_arrays(points: tuple[torch.Tensor, torch.Tensor] | None,
+                  boxes: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """SAM's sparse prompts as ``(coords (1, N, 2), labels (1, N))`` arrays for :class:`PromptDecoderGraph`.
+
+    Clicks first, then the two box corners (labels 2, 3); without a box one padding point (label
+    -1) follows the clicks, as ``PromptEncoder`` does. Coordinates get SAM's +0.5 pixel-centre shift.
+    """
+    coords, labels = [], []
+    if points is not None:
+        coords.append(points[0].detach().cpu().numpy().reshape(-1, 2) + 0.5)
+        labels.append(points[1].detach().cpu().numpy().reshape(-1).astype(np.float32))
+    if boxes is not None:
+        coords.append(boxes.detach().cpu().numpy().reshape(-1, 2) + 0.5)
+        labels.append(np.array([2.0, 3.0], dtype=np.float32))
+    else:
+        coords.append(np.zeros((1, 2)))
+        labels.append(np.array([-1.0], dtype=np.float32))
+    return (np.concatenate(coords).astype(np.float32)[None],
+            np.concatenate(labels).astype(np.float32)[None])
+
+
+def pick_masks(low: torch.Tensor, iou: torch.Tensor, multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's output selection: mask 0 for one mask, masks 1..3 for the ambiguity-aware three."""
+    return (low[:, 1:], iou[:, 1:]) if multimask_output else (low[:, :1], iou[:, :1])
+
+
+def weights_digest(network: nn.Module) -> str:
+    """A digest of the network's weights, recorded with derived runtime files to tie them to ``model.pt``."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, value in sorted(network.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class TorchSAMRuntime:
+    """The eager reference: the network's own :meth:`encode` and :meth:`decode`."""
+
+    name = "torch"
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of preprocessed inputs ``(B, 3, S, S)``."""
+        with torch.inference_mode():
+            return self.network.encode(x)
+
+    def decode(self, embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+               boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+               multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder, as :meth:`PromptableSAM.decode`."""
+        with torch.inference_mode():
+            return self.network.decode(embeddings, points, boxes, masks, multimask_output)
+
+
+class OpenVINOSAMRuntime:
+    """The encoder and the prompt decoder compiled by OpenVINO for the CPU.
+
+    Args:
+        network: the loaded :class:`~medimg.models.sam.network.PromptableSAM` (2D, batch-1 prompts).
+        ir_dir: a folder with the IR files :func:`save_openvino_ir` wrote (``None``: convert in memory).
+        precision: OpenVINO's inference precision: ``f32`` (default: the eager model's arithmetic),
+            ``bf16`` / ``f16``, or ``auto`` (what OpenVINO picks for the CPU: bf16 on AMX Xeons).
+        threads: CPU threads (0: OpenVINO's choice).
+    """
+
+    name = "openvino"
+
+    def __init__(self, network: nn.Module, ir_dir: str | Path | None = None, precision: str = "f32",
+                 threads: int = 0) -> None:
+        import openvino as ov
+
+        if precision not in PRECISIONS:
+            raise ConfigError("precision", f"unknown OpenVINO precision {precision!r}; choose from {PRECISIONS}")
+        self.network = network
+        self.precision = precision
+        t0 = time.perf_counter()
+        if ir_dir is not None:
+            enc_model, dec_model = read_openvino_ir(network, ir_dir)
+        else:
+            enc_model, dec_model = convert_openvino(network)
+        core = ov.Core()
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if precision != "auto":
+            config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._encoder = core.compile_model(enc_model, "CPU", config)
+        # OpenVINO's fused-attention snippets are slower than plain kernels on the decoder's 56 x 4096 attention
+        self._decoder = core.compile_model(dec_model, "CPU", {**config, "SNIPPETS_MODE": "DISABLE"})
+        self._enc_request = self._encoder.create_infer_request()
+        self._dec_request = self._decoder.create_infer_request()
+        img = int(network.img_size)
+        self._no_mask = np.zeros((1, 1, *network.prompt_encoder.mask_input_size), dtype=np.float32)
+        self.img_size = img
+        log.info("OpenVINO %s runtime ready in %.1f s", precision, time.perf_counter() - t0)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of preprocessed inputs ``(B, 3, S, S)`` (one request per image)."""
+        arr = x.detach().cpu().numpy().astype(np.float32, copy=False)
+        out = [torch.from_numpy(np.array(self._enc_request.infer([arr[i:i + 1]])[0])) for i in range(len(arr))]
+        return torch.cat(out).to(x.device)
+
+    def decode(self, embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+               boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+               multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder for one embedding, as :meth:`PromptableSAM.decode`."""
+        if embeddings.shape[0] != 1:
+            raise ValueError("the OpenVINO decoder takes one embedding per call")
+        coords, labels = prompt_arrays(points, boxes)
+        mask = self._no_mask if masks is None else masks.detach().cpu().numpy().astype(np.float32)
+        has = np.array([0.0 if masks is None else 1.0], dtype=np.float32)
+        emb = embeddings.detach().cpu().numpy().astype(np.float32, copy=False)
+        res = self._dec_request.infer([emb, coords, labels, mask, has])
+        low, iou = torch.from_numpy(np.array(res[0])), torch.from_numpy(np.array(res[1]))
+        low, iou = pick_masks(low, iou, multimask_output)
+        return low.to(embeddings.device), iou.to(embeddings.device)
+
+
+def _examples(network: nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    img = int(network.img_size)
+    emb_hw = tuple(network.prompt_encoder.image_embedding_size)
+    mask_hw = tuple(network.prompt_encoder.mask_input_size)
+    x = torch.zeros(1, 3, img, img)
+    dec = (torch.zeros(1, 256, *emb_hw), torch.zeros(1, 3, 2), torch.tensor([[1.0, 2.0, 3.0]]),
+           torch.zeros(1, 1, *mask_hw), torch.ones(1))
+    return x, dec
+
+
+def convert_openvino(network: nn.Module) -> tuple[Any, Any]:
+    """Convert the encoder and :class:`PromptDecoderGraph` to OpenVINO models (in memory).
+
+    The decoder's number of points is dynamic; everything else is static.
+    """
+    import openvino as ov
+
+    network = network.cpu().eval()
+    x, dec = _examples(network)
+    with torch.no_grad():
+        enc_model = ov.convert_model(network.image_encoder, example_input=x, input=[list(x.shape)])
+        graph = PromptDecoderGraph(network.prompt_encoder, network.mask_decoder).eval()
+        shapes = [list(dec[0].shape), [1, -1, 2], [1, -1], list(dec[3].shape), [1]]
+        dec_model = ov.convert_model(graph, example_input=dec, input=shapes)
+    return enc_model, dec_model
+
+
+def save_openvino_ir(network: nn.Module, out_dir: str | Path) -> dict[str, str]:
+    """Write the OpenVINO IR of both parts into ``out_dir``, tagged with the weights' digest.
+
+    Before anything is written the converted parts are compiled in f32 and run beside the eager
+    network on one fixed image and box; an IR that does not reproduce the eager logits is refused.
+
+    Returns:
+        The files written (part -> file name).
+
+    Raises:
+        BundleError: the converted network disagrees with the eager one.
+    """
+    import openvino as ov
+
+    out_dir = Path(out_dir)
+    network = network.cpu().eval()
+    models = convert_openvino(network)
+    check_conversion(network, models, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = weights_digest(network)
+    files = {}
+    for part, model in zip(IR_FILES, models):
+        model.set_rt_info(digest, ["medimg", "weights_digest"])
+        path = out_dir / f"{IR_FILES[part]}.xml"
+        ov.save_model(model, str(path), compress_to_fp16=False)
+        files[part] = path.name
+    return files
+
+
+def check_conversion(network: nn.Module, models: tuple[Any, Any], where: Path, tol: float = 1e-3) -> float:
+    """Largest logit difference between the converted parts (f32) and the eager network; raises over ``tol``.
+
+    The input is a fixed smooth image (a bright disc) and a box around it; the tolerance is relative
+    to the eager logits' range.
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    enc, dec = (core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in models)
+    size = int(network.img_size)
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2).astype(np.float32)
+    x = torch.from_numpy(np.repeat(disc[None, None], 3, axis=1))
+    box = torch.tensor([[size / 4 - 2, size / 4 - 2, 3 * size / 4 + 2, 3 * size / 4 + 2]], dtype=torch.float32)
+    with torch.inference_mode():
+        emb = network.encode(x)
+        low, _ = network.decode(emb, boxes=box)
+    coords, labels = prompt_arrays(None, box)
+    mask = np.zeros((1, 1, *network.prompt_encoder.mask_input_size), dtype=np.float32)
+    emb_ov = np.array(enc([x.numpy()])[0])
+    low_ov = np.array(dec([emb.numpy(), coords, labels, mask, np.zeros(1, dtype=np.float32)])[0])[:, :1]
+    scale = max(float(low.abs().max()), 1.0)
+    diff = max(float(np.abs(emb_ov - emb.numpy()).max()) / max(float(emb.abs().max()), 1e-6),
+               float(np.abs(low_ov - low.numpy()).max()) / scale)
+    if not diff <= tol:
+        raise BundleError(where, f"the OpenVINO conversion disagrees with the eager network (relative {diff:.2e})")
+    return diff
+
+
+def read_openvino_ir(network: nn.Module, ir_dir: str | Path) -> tuple[Any, Any]:
+    """Read the stored IR and check it was made from exactly these weights.
+
+    Raises:
+        BundleError: a missing IR file, or one made from other weights (a stale or swapped file).
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    digest = weights_digest(network)
+    models = []
+    for part in IR_FILES:
+        path = Path(ir_dir) / f"{IR_FILES[part]}.xml"
+        if not path.is_file() or not path.with_suffix(".bin").is_file():
+            raise BundleError(path, "missing (the OpenVINO backend needs the .xml and .bin the export wrote)")
+        model = core.read_model(str(path))
+        stored = model.get_rt_info(["medimg", "weights_digest"]).astype(str) \
+            if model.has_rt_info(["medimg", "weights_digest"]) else ""
+        if stored != digest:
+            raise BundleError(path, "was not made from models/model.pt (weights digest differs); export again")
+        models.append(model)
+    return models[0], models[1]
+
+
+def make_runtime(network: nn.Module, backend: str = "torch", ir_dir: str | Path | None = None,
+                 precision: str = "f32", device: torch.device | None = None) -> TorchSAMRuntime | OpenVINOSAMRuntime:
+    """The backend that runs a 2D SAM network.
+
+    ``torch`` (eager), ``openvino`` (CPU only) or ``auto``: OpenVINO on the CPU, eager PyTorch on a
+    GPU. ``openvino`` asked for on a CUDA device is a configuration error, not a silent switch.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError("backend", f"unknown inference backend {backend!r}; choose from {BACKENDS}")
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if backend == "auto":
+        backend = "openvino" if on_cpu else "torch"
+    if backend == "torch":
+        return TorchSAMRuntime(network)
+    if not on_cpu:
+        raise ConfigError("backend", f"'openvino' runs on the CPU; pass backend='torch' for device {device}")
+    return OpenVINOSAMRuntime(network, ir_dir=ir_dir, precision=precision)
