@@ -77,7 +77,8 @@ def run(bundles: list[str], repeats: int = 3) -> list[Result]:
                  str(img))
         (tmp / "p.json").write_text(json.dumps({"boxes": [[10, 10, 24, 30, 30, 24]], "propagate": False}))
         for bundle in bundles:
-            task = json.loads((Path(bundle) / "configs" / "metadata.json").read_text()).get("medimg_task")
+            meta = json.loads((Path(bundle) / "configs" / "metadata.json").read_text())
+            task = meta.get("medimg_task", "segmentation")
             args = ["--bundle", bundle, "--input", str(img), "--output", str(tmp / "o.nii.gz"), "--device", "cpu"]
             if task == "promptable":
                 args += ["--prompts", str(tmp / "p.json")]

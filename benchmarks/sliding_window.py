@@ -34,7 +34,7 @@ def run(bundle: str, repeats: int = 3) -> list[Result]:
     x = pred.preprocessing({"image": path})["image"][None]
     inf = pred.inferer
 
-    def plain() -> torch.Tensor:
+    def plain() -> torch.Tensor:  # what a MONAI user writes
         with torch.no_grad():
             return sliding_window_inference(x, inf.roi_size, inf.sw_batch_size, pred.network, overlap=inf.overlap,
                                             mode="gaussian")

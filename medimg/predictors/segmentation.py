@@ -41,15 +41,18 @@ class SegmentationPredictor:
         self.postprocessing = Compose([t for t in postprocessing.transforms if not isinstance(t, SaveImaged)])
         self.amp = bool(amp) and self.device.type == "cuda"
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The bundle's inferer on a preprocessed batch ``(1, C, *spatial)``: logits in the model's space."""
+        """The bundle's inferer on a preprocessed batch ``(1, C, *spatial)``: logits in the model's space.
+
+        MONAI's own sliding window, under ``torch.inference_mode`` (no autograd bookkeeping at all).
+        """
         autocast = (torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp
                     else contextlib.nullcontext())
         with autocast:
             return self.inferer(x.to(self.device), self.network)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def labels(self, image: Any, affine: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         """``(label array in the input's index order, restore)``; see :meth:`predict`."""
         inp = as_image(image, affine)
