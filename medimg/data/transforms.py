@@ -75,6 +75,9 @@ def geometry_spec(keys: Sequence[str], pixdim: Sequence[float] | None, label_key
     return spec
 
 
+CLASS_INDICES_POSTFIX = "_cls_indices"
+
+
 def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.0), intensity: str = "mr",
                       roi_size: Sequence[int] = (64, 64, 64), num_samples: int = 2, num_classes: int = 3,
                       crop_foreground: bool = True, augment: bool | str = True, spatial_dims: int = 3,
@@ -133,8 +136,14 @@ def segmentation_spec(stage: str, pixdim: Sequence[float] | None = (2.0, 2.0, 2.
         spec.append({"_target_": "SpatialPadd", "keys": work, "spatial_size": roi})
         if preset != "none":
             spec += [
+                # the class indices are deterministic: computed once, cached with the volume (CacheDataset),
+                # instead of a scan of the whole label map on every draw
+                {"_target_": "ClassesToIndicesd", "keys": "label", "num_classes": int(num_classes),
+                 "indices_postfix": CLASS_INDICES_POSTFIX},
                 {"_target_": "RandCropByLabelClassesd", "keys": work, "label_key": "label", "spatial_size": roi,
-                 "num_classes": int(num_classes), "num_samples": int(num_samples)},
+                 "num_classes": int(num_classes), "num_samples": int(num_samples),
+                 "indices_key": "label" + CLASS_INDICES_POSTFIX},
+                {"_target_": "DeleteItemsd", "keys": "label" + CLASS_INDICES_POSTFIX},
             ]
             if lr_swap is not None:  # RAS axis 0 is left-right
                 spec.append({"_target_": "medimg.data.transforms.RandLeftRightFlipd", "keys": work,

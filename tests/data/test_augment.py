@@ -7,8 +7,15 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medimg.data.augment import GEN_KEY, SynthLabelsd, augmentation_spec, check_preset, deformation_spec
-from medimg.data.transforms import build_pipeline, segmentation_spec
+from medimg.data.augment import (
+    GEN_KEY,
+    GatedRand3DElasticd,
+    SynthLabelsd,
+    augmentation_spec,
+    check_preset,
+    deformation_spec,
+)
+from medimg.data.transforms import CLASS_INDICES_POSTFIX, build_pipeline, segmentation_spec
 from medimg.errors import ConfigError
 
 N = 32
@@ -115,6 +122,7 @@ def test_synth_keeps_the_head_background_in_a_training_pipeline(tmp_path):
     assert len(crops) == 2
     for crop in crops:
         assert set(crop) >= {"image", "label"} and GEN_KEY not in crop
+        assert "label" + CLASS_INDICES_POSTFIX not in crop  # the cached class indices do not reach the batch
         assert set(np.unique(np.asarray(crop["label"]))) <= {0, 1, 2}
         assert crop["image"].shape == crop["label"].shape == (1, 24, 24, 24)
 
@@ -132,3 +140,23 @@ def test_presets_run_on_2d_slices(preset):
     out = pipeline(data)
     assert out["image"].shape == out["label"].shape == (1, N, N)
     assert set(np.unique(np.asarray(out["label"]))) <= {0, 1, 2}
+
+
+def test_gated_elastic_deforms_at_its_rate_and_leaves_the_rest_untouched():
+    """Identity draws return the data as given (no resampling); deforming draws match MONAI's own elastic."""
+    from monai.transforms import Rand3DElasticd
+
+    image, label = head_phantom()
+    data = {"image": torch.as_tensor(image[None]), "label": torch.as_tensor(label[None])}
+    kw = dict(keys=["image", "label"], mode=["bilinear", "nearest"], sigma_range=[6.0, 8.0],
+              magnitude_range=[40.0, 120.0], padding_mode="zeros")
+    gated = GatedRand3DElasticd(prob=0.3, **kw)
+    gated.set_random_state(seed=0)
+    changed = [not torch.equal(gated(data)["image"], data["image"]) for _ in range(40)]
+    assert 4 <= sum(changed) <= 20  # about 30% of the draws
+    always = GatedRand3DElasticd(prob=1.0, **kw)
+    always.set_random_state(seed=3)
+    reference = Rand3DElasticd(prob=1.0, **kw)
+    reference.set_random_state(seed=3)
+    reference.R.rand()  # the gate's draw, which MONAI's version does not take
+    torch.testing.assert_close(always(data)["image"], reference(data)["image"])

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "openvino")
 PRECISIONS = ("f32", "bf16", "f16", "auto")
 RUNTIME_DIR = "models/openvino"  # inside a bundle
-IR_FILES = {"encoder": "sam_encoder", "decoder": "sam_decoder"}
+IR_FILES = {"encoder": "sam_encoder", "decoder": "sam_decoder", "decoder_mask": "sam_decoder_mask"}
 
 
 class PromptDecoderGraph(nn.Module):
@@ -47,21 +47,22 @@ class PromptDecoderGraph(nn.Module):
     three ambiguity-aware ones.
     """
 
-    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module, with_mask: bool = False) -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.with_mask = with_mask
 
     def forward(self, embeddings: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
-                mask_input: torch.Tensor, has_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                mask_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one prompt set.
 
         Args:
             embeddings: ``(1, 256, h, w)`` image embedding.
             coords: ``(1, N, 2)`` point coordinates in the model input frame, already shifted by 0.5.
             labels: ``(1, N)`` float labels (see the module docstring).
-            mask_input: ``(1, 1, 4h, 4w)`` previous low-resolution logits (ignored when ``has_mask`` is 0).
-            has_mask: ``(1,)`` 1.0 when ``mask_input`` is a real mask.
+            mask_input: ``(1, 1, 4h, 4w)`` previous low-resolution logits (the ``with_mask`` graph only;
+                the other adds SAM's no-mask embedding and skips the mask encoder).
 
         Returns:
             ``(low_res_logits (1, 4, 4h, 4w), iou_predictions (1, 4))``.
@@ -74,8 +75,10 @@ class PromptDecoderGraph(nn.Module):
         sparse = sparse + pe.not_a_point_embed.weight * (lab == -1)
         for kind, emb in enumerate(pe.point_embeddings):
             sparse = sparse + emb.weight * (lab == kind)
-        gate = has_mask.view(-1, 1, 1, 1)
-        dense = gate * pe.mask_downscaling(mask_input) + (1 - gate) * pe.no_mask_embed.weight.view(1, -1, 1, 1)
+        if self.with_mask:
+            dense = pe.mask_downscaling(mask_input)
+        else:
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *embeddings.shape[2:])
         return predict_masks(self.mask_decoder, embeddings, pe.get_dense_pe(), sparse, dense)
 
 
@@ -158,9 +161,9 @@ class OpenVINOSAMRuntime:
         self.precision = precision
         t0 = time.perf_counter()
         if ir_dir is not None:
-            enc_model, dec_model = read_openvino_ir(network, ir_dir)
+            enc_model, dec_model, mask_model = read_openvino_ir(network, ir_dir)
         else:
-            enc_model, dec_model = convert_openvino(network)
+            enc_model, dec_model, mask_model = convert_openvino(network)
         core = ov.Core()
         cache = compiled_cache_dir()
         if cache is not None:  # compiled blobs: a later start compiles in a third of the time
@@ -173,17 +176,18 @@ class OpenVINOSAMRuntime:
         self._encoder = core.compile_model(enc_model, "CPU", config)
         # OpenVINO's fused-attention snippets are slower than plain kernels on the decoder's 56 x 4096 attention
         self._decoder = core.compile_model(dec_model, "CPU", {**config, "SNIPPETS_MODE": "DISABLE"})
+        self._mask_decoder = core.compile_model(mask_model, "CPU", {**config, "SNIPPETS_MODE": "DISABLE"})
         self._enc_request = self._encoder.create_infer_request()
         self._dec_request = self._decoder.create_infer_request()
+        self._mask_request = self._mask_decoder.create_infer_request()
         self._lock = threading.Lock()
         img = int(network.img_size)
-        self._no_mask = np.zeros((1, 1, *network.prompt_encoder.mask_input_size), dtype=np.float32)
         self.img_size = img
         log.info("OpenVINO %s runtime ready in %.1f s", precision, time.perf_counter() - t0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image embeddings of preprocessed inputs ``(B, 3, S, S)`` (one request per image)."""
-        arr = x.detach().cpu().numpy().astype(np.float32, copy=False)
+        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         with self._lock:  # an infer request serves one call at a time
             out = [torch.from_numpy(np.array(self._enc_request.infer([arr[i:i + 1]])[0])) for i in range(len(arr))]
         return torch.cat(out).to(x.device)
@@ -195,11 +199,13 @@ class OpenVINOSAMRuntime:
         if embeddings.shape[0] != 1:
             raise ValueError("the OpenVINO decoder takes one embedding per call")
         coords, labels = prompt_arrays(points, boxes)
-        mask = self._no_mask if masks is None else masks.detach().cpu().numpy().astype(np.float32)
-        has = np.array([0.0 if masks is None else 1.0], dtype=np.float32)
-        emb = embeddings.detach().cpu().numpy().astype(np.float32, copy=False)
+        inputs = [np.ascontiguousarray(embeddings.detach().cpu().numpy(), dtype=np.float32), coords, labels]
+        request = self._dec_request
+        if masks is not None:  # a previous mask: the graph with SAM's mask encoder
+            inputs.append(np.ascontiguousarray(masks.detach().cpu().numpy(), dtype=np.float32))
+            request = self._mask_request
         with self._lock:  # an infer request serves one call at a time
-            res = self._dec_request.infer([emb, coords, labels, mask, has])
+            res = request.infer(inputs, share_inputs=True)
         low, iou = torch.from_numpy(np.array(res[0])), torch.from_numpy(np.array(res[1]))
         low, iou = pick_masks(low, iou, multimask_output)
         return low.to(embeddings.device), iou.to(embeddings.device)
@@ -222,31 +228,32 @@ def compiled_cache_dir() -> Path | None:
     return Path(value)
 
 
-def _examples(network: nn.Module) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    img = int(network.img_size)
-    emb_hw = tuple(network.prompt_encoder.image_embedding_size)
-    mask_hw = tuple(network.prompt_encoder.mask_input_size)
-    x = torch.zeros(1, 3, img, img)
-    dec = (torch.zeros(1, 256, *emb_hw), torch.zeros(1, 3, 2), torch.tensor([[1.0, 2.0, 3.0]]),
-           torch.zeros(1, 1, *mask_hw), torch.ones(1))
-    return x, dec
+def convert_openvino(network: nn.Module) -> tuple[Any, Any, Any]:
+    """Convert the encoder and both :class:`PromptDecoderGraph` variants to OpenVINO models (in memory).
 
+    The decoders' number of points is dynamic; everything else is static.
 
-def convert_openvino(network: nn.Module) -> tuple[Any, Any]:
-    """Convert the encoder and :class:`PromptDecoderGraph` to OpenVINO models (in memory).
-
-    The decoder's number of points is dynamic; everything else is static.
+    Returns:
+        ``(encoder, decoder without a mask input, decoder with one)``.
     """
     import openvino as ov
 
     network = network.cpu().eval()
-    x, dec = _examples(network)
+    img = int(network.img_size)
+    emb = torch.zeros(1, 256, *network.prompt_encoder.image_embedding_size)
+    mask = torch.zeros(1, 1, *network.prompt_encoder.mask_input_size)
+    prompt = (torch.zeros(1, 3, 2), torch.tensor([[1.0, 2.0, 3.0]]))
+    shapes = [list(emb.shape), [1, -1, 2], [1, -1]]
+    models = []
     with torch.no_grad():
-        enc_model = ov.convert_model(network.image_encoder, example_input=x, input=[list(x.shape)])
-        graph = PromptDecoderGraph(network.prompt_encoder, network.mask_decoder).eval()
-        shapes = [list(dec[0].shape), [1, -1, 2], [1, -1], list(dec[3].shape), [1]]
-        dec_model = ov.convert_model(graph, example_input=dec, input=shapes)
-    return enc_model, dec_model
+        x = torch.zeros(1, 3, img, img)
+        models.append(ov.convert_model(network.image_encoder, example_input=x, input=[list(x.shape)]))
+        for with_mask in (False, True):
+            graph = PromptDecoderGraph(network.prompt_encoder, network.mask_decoder, with_mask).eval()
+            example = (emb, *prompt, mask) if with_mask else (emb, *prompt)
+            models.append(ov.convert_model(graph, example_input=example,
+                                           input=shapes + ([list(mask.shape)] if with_mask else [])))
+    return models[0], models[1], models[2]
 
 
 def save_openvino_ir(network: nn.Module, out_dir: str | Path) -> dict[str, str]:
@@ -278,16 +285,16 @@ def save_openvino_ir(network: nn.Module, out_dir: str | Path) -> dict[str, str]:
     return files
 
 
-def check_conversion(network: nn.Module, models: tuple[Any, Any], where: Path, tol: float = 1e-3) -> float:
-    """Largest logit difference between the converted parts (f32) and the eager network; raises over ``tol``.
+def check_conversion(network: nn.Module, models: tuple[Any, Any, Any], where: Path, tol: float = 1e-3) -> float:
+    """Largest difference between the converted parts (f32) and the eager network; raises over ``tol``.
 
-    The input is a fixed smooth image (a bright disc) and a box around it; the tolerance is relative
-    to the eager logits' range.
+    The input is a fixed smooth image (a bright disc), a box around it, then the same box with the
+    first mask fed back; differences are relative to the eager outputs' range.
     """
     import openvino as ov
 
     core = ov.Core()
-    enc, dec = (core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in models)
+    enc, dec, dec_mask = (core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in models)
     size = int(network.img_size)
     yy, xx = np.mgrid[:size, :size]
     disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2).astype(np.float32)
@@ -296,19 +303,22 @@ def check_conversion(network: nn.Module, models: tuple[Any, Any], where: Path, t
     with torch.inference_mode():
         emb = network.encode(x)
         low, _ = network.decode(emb, boxes=box)
+        refined, _ = network.decode(emb, boxes=box, masks=low)
     coords, labels = prompt_arrays(None, box)
-    mask = np.zeros((1, 1, *network.prompt_encoder.mask_input_size), dtype=np.float32)
     emb_ov = np.array(enc([x.numpy()])[0])
-    low_ov = np.array(dec([emb.numpy(), coords, labels, mask, np.zeros(1, dtype=np.float32)])[0])[:, :1]
-    scale = max(float(low.abs().max()), 1.0)
-    diff = max(float(np.abs(emb_ov - emb.numpy()).max()) / max(float(emb.abs().max()), 1e-6),
-               float(np.abs(low_ov - low.numpy()).max()) / scale)
+    low_ov = np.array(dec([emb.numpy(), coords, labels])[0])[:, :1]
+    refined_ov = np.array(dec_mask([emb.numpy(), coords, labels, low.numpy()])[0])[:, :1]
+
+    def rel(a: np.ndarray, b: torch.Tensor) -> float:
+        return float(np.abs(a - b.numpy()).max()) / max(float(b.abs().max()), 1.0)
+
+    diff = max(rel(emb_ov, emb), rel(low_ov, low), rel(refined_ov, refined))
     if not diff <= tol:
         raise BundleError(where, f"the OpenVINO conversion disagrees with the eager network (relative {diff:.2e})")
     return diff
 
 
-def read_openvino_ir(network: nn.Module, ir_dir: str | Path) -> tuple[Any, Any]:
+def read_openvino_ir(network: nn.Module, ir_dir: str | Path) -> tuple[Any, Any, Any]:
     """Read the stored IR and check it was made from exactly these weights.
 
     Raises:
@@ -329,7 +339,7 @@ def read_openvino_ir(network: nn.Module, ir_dir: str | Path) -> tuple[Any, Any]:
         if stored != digest:
             raise BundleError(path, "was not made from models/model.pt (weights digest differs); export again")
         models.append(model)
-    return models[0], models[1]
+    return models[0], models[1], models[2]
 
 
 def make_runtime(network: nn.Module, backend: str = "torch", ir_dir: str | Path | None = None,
