@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from medimg.errors import ConfigError, WeightsError
-from medimg.models.compiling import compile_encoder
+from medimg.models.compiling import compile_encoder, resolve_speed
 from medimg.models.peft import trainable_summary
 from medimg.runs.parts import TaskParts
 
@@ -144,10 +144,10 @@ def run_training(cfg: DictConfig) -> Path:
     if cfg.get("init_weights") and resume_ckpt is None:
         load_init_weights(task.network, cfg.init_weights)
     log.info("network %s: %s", cfg.model.name, trainable_summary(task.network))
-    if cfg.get("compile"):
-        if cfg.compile not in ("default", "reduce-overhead", "max-autotune"):
-            raise ConfigError("compile", f"unknown mode {cfg.compile!r}; use null, default or reduce-overhead")
-        compile_encoder(task.network, str(cfg.compile))
+    precision, compile_mode = resolve_speed(str(cfg.trainer.precision), cfg.get("compile"),
+                                            cfg.trainer.get("accelerator"))
+    if compile_mode:
+        compile_encoder(task.network, compile_mode)
 
     is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if is_rank_zero:
@@ -171,6 +171,7 @@ def run_training(cfg: DictConfig) -> Path:
                TensorBoardLogger(str(run_dir), name="tensorboard", version="", default_hp_metric=False)]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
+    trainer_kwargs["precision"] = precision
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
                         plugins=[AtomicCheckpointIO()])
     zero_shot: dict[str, float] = {}

@@ -26,3 +26,21 @@ def test_bf16_autocast_computes_in_float32_and_returns_bf16():
         out = conv(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, conv(x.float()).bfloat16())  # the float32 result, rounded once
+
+
+def test_auto_speed_options_resolve_for_the_machine(monkeypatch):
+    """``auto`` precision / compile: bf16 + CUDA graphs on a GPU, fp32 and no compiling on a CPU."""
+    import pytest
+
+    from medimg.errors import ConfigError
+    from medimg.models import compiling
+
+    monkeypatch.setattr(compiling.torch.cuda, "is_available", lambda: False)
+    assert compiling.resolve_speed("auto", "auto", "auto") == ("32-true", None)
+    monkeypatch.setattr(compiling.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(compiling.torch.cuda, "is_bf16_supported", lambda: True)
+    assert compiling.resolve_speed("auto", "auto", "auto") == ("bf16-mixed", "reduce-overhead")
+    assert compiling.resolve_speed("auto", "auto", "cpu") == ("32-true", None)  # asked for the CPU
+    assert compiling.resolve_speed("32-true", None, "gpu") == ("32-true", None)  # explicit settings stay
+    with pytest.raises(ConfigError, match="unknown mode"):
+        compiling.resolve_speed("32-true", "fastest", "gpu")
