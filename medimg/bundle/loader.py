@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medimg.errors import BundleError
+from medimg.errors import BundleError, find_medimg_error
 
 if TYPE_CHECKING:  # MONAI and PyTorch load only when a bundle is built, not to read its metadata
     import torch
@@ -106,4 +106,7 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None) -> A
     try:
         return parser.get_parsed_content("predictor")
     except Exception as exc:  # noqa: BLE001 - a malformed config fails in many ways
+        inner = find_medimg_error(exc)
+        if inner is not None:  # the predictor's own, precise error (a stale OpenVINO IR, ...)
+            raise inner from exc
         raise BundleError(config, f"cannot build the predictor ({str(exc).splitlines()[0][:200]})") from exc

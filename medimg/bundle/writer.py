@@ -49,6 +49,22 @@ def _try_torchscript(network: nn.Module, example: torch.Tensor, path: Path) -> b
     return True
 
 
+def _write_runtime(network: nn.Module, inference: dict[str, Any], channels: int, bundle: Path) -> None:
+    """The OpenVINO IR a template's predictor asks for: 2D SAM parts, or the segmentation network."""
+    from medimg.models.openvino_ir import RUNTIME_DIR, save_network_ir
+
+    target = str(inference.get("predictor", {}).get("_target_", ""))
+    if target.endswith("PromptablePredictor"):
+        from medimg.models.sam.runtime import save_openvino_ir
+
+        save_openvino_ir(network, bundle / RUNTIME_DIR)
+    elif target.endswith("SegmentationPredictor"):
+        shape = [int(inference["sw_batch_size"]), int(channels), *[int(r) for r in inference["roi_size"]]]
+        save_network_ir(network, shape, bundle / RUNTIME_DIR)
+    else:
+        raise BundleError(bundle / "configs" / "inference.json", f"no OpenVINO runtime for predictor {target!r}")
+
+
 def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network_def: dict[str, Any],
                  preprocessing: list[dict[str, Any]] | None, inference_vars: dict[str, Any], labels: dict[str, str],
                  metadata_updates: dict[str, Any], train_config: str | None = None,
@@ -93,10 +109,6 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
             inference["preprocessing"]["transforms"] = preprocessing
         inference.update(inference_vars)
         (tmp / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
-        if "runtime_dir" in inference:  # 2D SAM bundles: the CPU fast path's OpenVINO IR, checked against eager
-            from medimg.models.sam.runtime import RUNTIME_DIR, save_openvino_ir
-
-            save_openvino_ir(network, tmp / RUNTIME_DIR)
 
         meta = json.loads((tmp / "configs" / "metadata.json").read_text())
         names = [labels[k] for k in sorted(labels, key=int)]
@@ -132,6 +144,8 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
         shape = [1, int(image_fmt["num_channels"])]
         spatial = [s if isinstance(s, int) else 32 for s in image_fmt["spatial_shape"]]
         _try_torchscript(network, torch.rand(*shape, *spatial), tmp / "models" / "model.ts")
+        if "runtime_dir" in inference:  # the CPU fast path's OpenVINO IR, checked against eager first
+            _write_runtime(network, inference, int(image_fmt["num_channels"]), tmp)
         if verify:
             verify_bundle(tmp, schema)
         if out_dir.exists():

@@ -18,6 +18,7 @@ from torch import nn
 
 from medimg.errors import DataError
 from medimg.io.memory import as_image, memory_key
+from medimg.models.openvino_ir import OpenVINONetwork, use_openvino
 
 
 class SegmentationPredictor:
@@ -31,12 +32,21 @@ class SegmentationPredictor:
             ``SaveImaged`` in it is dropped: results are returned, not written.
         device: ``cpu``/``cuda`` (default: the network's device).
         amp: float16 autocast (CUDA only).
+        backend: what the inferer calls: ``torch`` (the network), ``openvino`` (its IR, CPU) or
+            ``auto`` (OpenVINO on a CPU, PyTorch on a GPU; what exported ``swin_unetr`` bundles ask for).
+        runtime_dir: the bundle's OpenVINO IR (``models/openvino``), made from these weights.
+        precision: OpenVINO inference precision (``f32``: the eager arithmetic).
     """
 
     def __init__(self, network: nn.Module, preprocessing: Compose, inferer: Any, postprocessing: Compose,
-                 device: str | torch.device | None = None, amp: bool = True) -> None:
+                 device: str | torch.device | None = None, amp: bool = True, backend: str = "torch",
+                 runtime_dir: str | None = None, precision: str = "f32") -> None:
         self.device = torch.device(device) if device else next(network.parameters()).device
         self.network = network.to(self.device).eval()
+        self.backend = backend
+        self.runner: nn.Module = self.network
+        if use_openvino(backend, self.device):
+            self.runner = OpenVINONetwork(self.network, runtime_dir, precision=precision)
         self.preprocessing, self.inferer = preprocessing, inferer
         self.postprocessing = Compose([t for t in postprocessing.transforms if not isinstance(t, SaveImaged)])
         self.amp = bool(amp) and self.device.type == "cuda"
@@ -45,12 +55,13 @@ class SegmentationPredictor:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The bundle's inferer on a preprocessed batch ``(1, C, *spatial)``: logits in the model's space.
 
-        MONAI's own sliding window, under ``torch.inference_mode`` (no autograd bookkeeping at all).
+        MONAI's own sliding window, under ``torch.inference_mode``, over the network or its OpenVINO
+        IR (``backend``).
         """
         autocast = (torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp
                     else contextlib.nullcontext())
         with autocast:
-            return self.inferer(x.to(self.device), self.network)
+            return self.inferer(x.to(self.device), self.runner)
 
     @torch.inference_mode()
     def labels(self, image: Any, affine: np.ndarray | None = None) -> tuple[np.ndarray, Any]:

@@ -14,9 +14,7 @@ box corners, ``-1`` padding), a low-resolution mask and a flag saying whether th
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -26,13 +24,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from medimg.errors import BundleError, ConfigError
+from medimg.errors import BundleError
+from medimg.models.openvino_ir import (
+    RUNTIME_DIR,
+    compile_config,
+    cpu_core,
+    read_ir,
+    use_openvino,
+    weights_digest,
+    write_ir,
+)
 from medimg.models.sam.fast_decoder import predict_masks
 
+__all__ = ["RUNTIME_DIR", "OpenVINOSAMRuntime", "PromptDecoderGraph", "TorchSAMRuntime", "make_runtime",
+           "prompt_arrays", "read_openvino_ir", "save_openvino_ir"]
+
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "torch", "openvino")
-PRECISIONS = ("f32", "bf16", "f16", "auto")
-RUNTIME_DIR = "models/openvino"  # inside a bundle
 IR_FILES = {"encoder": "sam_encoder", "decoder": "sam_decoder", "decoder_mask": "sam_decoder_mask"}
 
 
@@ -108,15 +115,6 @@ def pick_masks(low: torch.Tensor, iou: torch.Tensor, multimask_output: bool) -> 
     return (low[:, 1:], iou[:, 1:]) if multimask_output else (low[:, :1], iou[:, :1])
 
 
-def weights_digest(network: nn.Module) -> str:
-    """A digest of the network's weights, recorded with derived runtime files to tie them to ``model.pt``."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, value in sorted(network.state_dict().items()):
-        h.update(name.encode())
-        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class TorchSAMRuntime:
     """The eager reference: the network's own :meth:`encode` and :meth:`decode`."""
 
@@ -153,10 +151,7 @@ class OpenVINOSAMRuntime:
 
     def __init__(self, network: nn.Module, ir_dir: str | Path | None = None, precision: str = "f32",
                  threads: int = 0) -> None:
-        import openvino as ov
-
-        if precision not in PRECISIONS:
-            raise ConfigError("precision", f"unknown OpenVINO precision {precision!r}; choose from {PRECISIONS}")
+        config = compile_config(precision, **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {}))
         self.network = network
         self.precision = precision
         t0 = time.perf_counter()
@@ -164,15 +159,7 @@ class OpenVINOSAMRuntime:
             enc_model, dec_model, mask_model = read_openvino_ir(network, ir_dir)
         else:
             enc_model, dec_model, mask_model = convert_openvino(network)
-        core = ov.Core()
-        cache = compiled_cache_dir()
-        if cache is not None:  # compiled blobs: a later start compiles in a third of the time
-            core.set_property({"CACHE_DIR": str(cache)})
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if precision != "auto":
-            config["INFERENCE_PRECISION_HINT"] = precision
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+        core = cpu_core()
         self._encoder = core.compile_model(enc_model, "CPU", config)
         # OpenVINO's fused-attention snippets are slower than plain kernels on the decoder's 56 x 4096 attention
         self._decoder = core.compile_model(dec_model, "CPU", {**config, "SNIPPETS_MODE": "DISABLE"})
@@ -181,8 +168,7 @@ class OpenVINOSAMRuntime:
         self._dec_request = self._decoder.create_infer_request()
         self._mask_request = self._mask_decoder.create_infer_request()
         self._lock = threading.Lock()
-        img = int(network.img_size)
-        self.img_size = img
+        self.img_size = int(network.img_size)
         log.info("OpenVINO %s runtime ready in %.1f s", precision, time.perf_counter() - t0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,23 +195,6 @@ class OpenVINOSAMRuntime:
         low, iou = torch.from_numpy(np.array(res[0])), torch.from_numpy(np.array(res[1]))
         low, iou = pick_masks(low, iou, multimask_output)
         return low.to(embeddings.device), iou.to(embeddings.device)
-
-
-def compiled_cache_dir() -> Path | None:
-    """Where OpenVINO keeps compiled models (``None``: no cache).
-
-    ``$MEDIMG_OPENVINO_CACHE`` (``none`` turns the cache off), else ``~/.cache/medimg/openvino``;
-    ``None`` too when the folder cannot be created.
-    """
-    value = os.environ.get("MEDIMG_OPENVINO_CACHE", str(Path.home() / ".cache" / "medimg" / "openvino"))
-    if value.lower() == "none":
-        return None
-    try:
-        Path(value).mkdir(parents=True, exist_ok=True)
-    except OSError:
-        log.info("OpenVINO compile cache %s cannot be created; compiling without it", value)
-        return None
-    return Path(value)
 
 
 def convert_openvino(network: nn.Module) -> tuple[Any, Any, Any]:
@@ -268,21 +237,12 @@ def save_openvino_ir(network: nn.Module, out_dir: str | Path) -> dict[str, str]:
     Raises:
         BundleError: the converted network disagrees with the eager one.
     """
-    import openvino as ov
-
     out_dir = Path(out_dir)
     network = network.cpu().eval()
     models = convert_openvino(network)
     check_conversion(network, models, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    digest = weights_digest(network)
-    files = {}
-    for part, model in zip(IR_FILES, models):
-        model.set_rt_info(digest, ["medimg", "weights_digest"])
-        path = out_dir / f"{IR_FILES[part]}.xml"
-        ov.save_model(model, str(path), compress_to_fp16=False)
-        files[part] = path.name
-    return files
+    write_ir(dict(zip(IR_FILES.values(), models)), out_dir, weights_digest(network))
+    return {part: f"{name}.xml" for part, name in IR_FILES.items()}
 
 
 def check_conversion(network: nn.Module, models: tuple[Any, Any, Any], where: Path, tol: float = 1e-3) -> float:
@@ -324,22 +284,8 @@ def read_openvino_ir(network: nn.Module, ir_dir: str | Path) -> tuple[Any, Any, 
     Raises:
         BundleError: a missing IR file, or one made from other weights (a stale or swapped file).
     """
-    import openvino as ov
-
-    core = ov.Core()
-    digest = weights_digest(network)
-    models = []
-    for part in IR_FILES:
-        path = Path(ir_dir) / f"{IR_FILES[part]}.xml"
-        if not path.is_file() or not path.with_suffix(".bin").is_file():
-            raise BundleError(path, "missing (the OpenVINO backend needs the .xml and .bin the export wrote)")
-        model = core.read_model(str(path))
-        stored = model.get_rt_info(["medimg", "weights_digest"]).astype(str) \
-            if model.has_rt_info(["medimg", "weights_digest"]) else ""
-        if stored != digest:
-            raise BundleError(path, "was not made from models/model.pt (weights digest differs); export again")
-        models.append(model)
-    return models[0], models[1], models[2]
+    enc, dec, dec_mask = read_ir(list(IR_FILES.values()), ir_dir, weights_digest(network))
+    return enc, dec, dec_mask
 
 
 def make_runtime(network: nn.Module, backend: str = "torch", ir_dir: str | Path | None = None,
@@ -349,13 +295,6 @@ def make_runtime(network: nn.Module, backend: str = "torch", ir_dir: str | Path 
     ``torch`` (eager), ``openvino`` (CPU only) or ``auto``: OpenVINO on the CPU, eager PyTorch on a
     GPU. ``openvino`` asked for on a CUDA device is a configuration error, not a silent switch.
     """
-    if backend not in BACKENDS:
-        raise ConfigError("backend", f"unknown inference backend {backend!r}; choose from {BACKENDS}")
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if backend == "auto":
-        backend = "openvino" if on_cpu else "torch"
-    if backend == "torch":
-        return TorchSAMRuntime(network)
-    if not on_cpu:
-        raise ConfigError("backend", f"'openvino' runs on the CPU; pass backend='torch' for device {device}")
-    return OpenVINOSAMRuntime(network, ir_dir=ir_dir, precision=precision)
+    if use_openvino(backend, device):
+        return OpenVINOSAMRuntime(network, ir_dir=ir_dir, precision=precision)
+    return TorchSAMRuntime(network)

@@ -1,0 +1,43 @@
+"""The CPU fast path of segmentation bundles (OpenVINO, the default) against the eager network."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from medimg.bundle.loader import load_bundle
+from medimg.errors import BundleError
+from medimg.models.openvino_ir import OpenVINONetwork
+from medimg.predictors.segmentation import SegmentationPredictor
+
+
+def test_segmentation_bundle_runs_openvino_on_cpu_with_the_eager_labels(mni_run, mni_dir):
+    """The default predictor on a CPU runs the bundle's IR; logits and labels match eager PyTorch's."""
+    fast = load_bundle(mni_run / "bundle", "cpu")
+    assert isinstance(fast.runner, OpenVINONetwork)
+    eager = SegmentationPredictor(fast.network, fast.preprocessing, fast.inferer, fast.postprocessing, "cpu")
+    assert eager.runner is eager.network
+    x = fast.preprocessing({"image": str(mni_dir / "t1.nii.gz")})["image"][None]
+    a, b = fast.logits(x).as_tensor(), eager.logits(x).as_tensor()
+    assert float((a - b).abs().max()) <= 1e-2 * float(b.abs().max())
+    agree = float((a.argmax(1) == b.argmax(1)).float().mean())
+    assert agree >= 0.999, agree
+    labels_fast, _ = fast.labels(str(mni_dir / "t1.nii.gz"))
+    labels_eager, _ = eager.labels(str(mni_dir / "t1.nii.gz"))
+    assert labels_fast.shape == labels_eager.shape
+    assert float((labels_fast == labels_eager).mean()) >= 0.999
+
+
+def test_a_bundle_with_a_swapped_ir_is_refused(mni_run, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mni_run / "bundle", bundle)
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] + 0.01  # retrained weights next to the old IR
+    torch.save(state, bundle / "models" / "model.pt")
+    with pytest.raises(BundleError, match="network.xml: was not made from models/model.pt"):
+        load_bundle(bundle, "cpu")
+    assert np.isfinite(state[first].numpy()).all()
