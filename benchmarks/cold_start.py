@@ -38,8 +38,10 @@ def hooked(*a, **k):
     net = original(*a, **k)
     net.register_forward_pre_hook(lambda m, i: stop(type(m).__name__))
     import medimg.models.sam.runtime as rt
+    import medimg.models.openvino_ir as ovir
     for cls in (rt.OpenVINOSAMRuntime, rt.TorchSAMRuntime):
         cls.encode = lambda self, x, _c=cls: stop(_c.__name__)
+    ovir.OpenVINONetwork.forward = lambda self, x: stop("OpenVINONetwork")
     return net
 loader.load_bundle_network = hooked
 sys.argv = ["medimg.infer"] + sys.argv[1:]
