@@ -168,7 +168,6 @@ class OpenVINOSAMRuntime:
         self._dec_request = self._decoder.create_infer_request()
         self._mask_request = self._mask_decoder.create_infer_request()
         self._lock = threading.Lock()
-        self.img_size = int(network.img_size)
         log.info("OpenVINO %s runtime ready in %.1f s", precision, time.perf_counter() - t0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
