@@ -61,6 +61,10 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
     except RuntimeError as exc:
         raise WeightsError(ckpt, f"weights do not fit the run's network ({str(exc).splitlines()[0]})") from exc
     contract = dict(record.contract)
+    if "keep_main_component" in contract:  # "auto": the validation decides (nnU-Net-style post-processing)
+        from medimg.data.postprocess import choose_main_component
+
+        contract["keep_main_component"] = choose_main_component(contract["keep_main_component"], record.metrics)
     preprocessing = contract.pop("preprocessing", None)
     numbers = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
     meta_updates: dict[str, Any] = {

@@ -17,7 +17,7 @@ from torch import nn
 from medimg.errors import ConfigError
 
 log = logging.getLogger(__name__)
-FREEZE_POLICIES = ("full", "encoder_frozen", "adapters_only", "decoder_only", "spatial_adapters")
+FREEZE_POLICIES = ("full", "encoder_frozen", "encoder_adapters", "adapters_only", "decoder_only", "spatial_adapters")
 PEFT_MARKERS = ("adapter", "lora_")
 
 
@@ -73,6 +73,8 @@ def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "imag
 
     - ``full``: everything trains.
     - ``encoder_frozen``: the image encoder is frozen (its adapters/LoRA too); prompt encoder and decoder train.
+    - ``encoder_adapters`` (SAM-Med2D's recipe): in the encoder only its adapters / LoRA train;
+      prompt encoder and decoder train.
     - ``adapters_only``: only adapter and LoRA parameters train.
     - ``decoder_only``: only the mask decoder trains.
     - ``spatial_adapters`` (3D SAM): in the encoder only its 3D adapters, normalisation layers and
@@ -93,6 +95,8 @@ def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "imag
             train = True
         elif policy == "encoder_frozen":
             train = not name.startswith(encoder_name)
+        elif policy == "encoder_adapters":
+            train = is_peft or not name.startswith(encoder_name)
         elif policy == "adapters_only":
             train = is_peft
         else:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medimg.data.embedded import embedded_manifest
 from medimg.data.manifest import Manifest, load_manifest
+from medimg.data.postprocess import MAIN_COMPONENT_TOLERANCE, check_mode
 from medimg.data.segmentation import ManifestDataModule
 from medimg.data.transforms import build_pipeline, segmentation_spec
 from medimg.errors import ConfigError
@@ -143,17 +144,22 @@ def build_segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:
         warn_random_backbone(kwargs)
     invert = Invertd(keys="pred", transform=dm.val_transforms, orig_keys="image", nearest_interp=False,
                      to_tensor=True)
+    main_mode = check_mode(t.get("keep_main_component", False))
+    opening = float(t.get("main_component_opening_mm", 3.0))
     task = SegmentationTask(build_network(**kwargs), num_classes=manifest.num_classes,
                             class_names=manifest.class_names or None, roi_size=list(d.roi_size),
                             sw_batch_size=t.sw_batch_size, overlap=t.overlap, lr=t.lr, weight_decay=t.weight_decay,
                             optimizer=t.optimizer, warmup_epochs=t.warmup_epochs,
                             surface_tolerance_mm=t.surface_tolerance_mm, overlay_dir=str(run_dir / "overlays"),
-                            slice_axis=d.get("slice_axis"), invert=invert)
+                            slice_axis=d.get("slice_axis"), invert=invert,
+                            main_component_opening_mm=opening if main_mode is not False else None)
     contract: dict[str, Any] = {
         # the validation's own pipeline and sliding-window settings, exactly
         "preprocessing": segmentation_spec("infer", pixdim=d.pixdim, intensity=d.intensity,
                                            crop_foreground=d.crop_foreground),
-        "roi_size": [int(r) for r in d.roi_size], "overlap": float(t.overlap), "sw_batch_size": int(t.sw_batch_size)}
+        "roi_size": [int(r) for r in d.roi_size], "overlap": float(t.overlap), "sw_batch_size": int(t.sw_batch_size),
+        # "auto" is settled by export from the validation metrics (medimg.data.postprocess)
+        "keep_main_component": main_mode, "main_component_opening_mm": opening}
     if d.get("slice_axis") is not None:  # a 2D network over the volume's slices
         contract["slice_axis"] = int(d.slice_axis)
     labels = manifest.labels or {str(i): f"class{i}" for i in range(manifest.num_classes)}
@@ -172,4 +178,7 @@ def report_segmentation(metrics: dict[str, float], class_names: list[str]) -> No
                     f"{metrics.get(f'val/hd95_{name}', float('nan')):>10.2f}"
                     f"{metrics.get(f'val/nsd_{name}', float('nan')):>8.3f}")
     rows.append(f"{'mean':<16}{metrics.get('val/dice', float('nan')):>8.3f}")
+    if "val/dice_main_component" in metrics:
+        rows.append(f"{'main component':<16}{metrics['val/dice_main_component']:>8.3f}  (mean Dice with only the "
+                    f"main connected component kept; kept unless it costs > {MAIN_COMPONENT_TOLERANCE})")
     print("validation (best checkpoint):\n" + "\n".join(rows))

@@ -19,6 +19,7 @@ from torch import nn
 
 from medimg.data.promptable.simulation import box_from_mask, sample_clicks
 from medimg.errors import ConfigError
+from medimg.models.peft import PEFT_MARKERS
 from medimg.predictors.protocols import PromptableNetwork3D
 
 
@@ -96,16 +97,19 @@ class PromptableTask(L.LightningModule):
         teacher = self.teacher.decode(emb_k, torch.tensor(boxes, device=self.device, dtype=torch.float32))
         return distillation_loss(student, teacher)
 
-    def _encoder_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.network.image_encoder.parameters())
+    def _encoder_frozen(self, except_peft: bool = False) -> bool:
+        """No encoder parameter trains (``except_peft``: none but its adapters / LoRA)."""
+        return not any(p.requires_grad for n, p in self.network.image_encoder.named_parameters()
+                       if not (except_peft and any(m in n for m in PEFT_MARKERS)))
 
     def on_train_epoch_start(self) -> None:
         """A frozen 2D image encoder stays in eval mode: its BatchNorm statistics must not drift.
 
         Otherwise the exported encoder would differ from the one whose (cached) embeddings were
-        validated, and the bundle would not reproduce the validation metrics.
+        validated, and the bundle would not reproduce the validation metrics. The same holds when
+        only its adapters / LoRA train (``encoder_adapters``): the pretrained layers stay as released.
         """
-        if self.spatial_dims == 2 and self._encoder_frozen():
+        if self.spatial_dims == 2 and self._encoder_frozen(except_peft=True):
             self.network.image_encoder.eval()
 
     def embed(self, batch: dict, split: str) -> Any:

@@ -16,6 +16,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surf
 from monai.networks.utils import one_hot
 from torch import nn
 
+from medimg.data.postprocess import keep_main_component
 from medimg.data.transforms import IGNORE_LABEL
 from medimg.errors import ConfigError
 from medimg.tasks.overlay import save_overlay
@@ -48,13 +49,17 @@ class SegmentationTask(L.LightningModule):
             validation pipeline). When given, and the batch holds ``native_label`` (the label as
             stored), metrics are measured there: on the grid where users get predictions, so
             ``medimg.infer`` on a validation volume reproduces them.
+        main_component_opening_mm: when given, validation also logs ``val/dice_main_component``:
+            the mean Dice after :func:`~medimg.data.postprocess.keep_main_component` with this
+            opening, which export uses to decide whether the bundle applies it.
     """
 
     def __init__(self, network: nn.Module, num_classes: int, class_names: Sequence[str] | None = None,
                  roi_size: Sequence[int] = (64, 64, 64), sw_batch_size: int = 2, overlap: float = 0.25,
                  lr: float = 1e-3, weight_decay: float = 1e-5, optimizer: str = "adamw", warmup_epochs: int = 0,
                  surface_tolerance_mm: float = 2.0, overlay_dir: str | Path | None = None,
-                 slice_axis: int | None = None, invert: Callable[[dict], dict] | None = None) -> None:
+                 slice_axis: int | None = None, invert: Callable[[dict], dict] | None = None,
+                 main_component_opening_mm: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network", "invert"])
         self.network = network
@@ -114,8 +119,14 @@ class SegmentationTask(L.LightningModule):
         else:
             spacing = _spacing(batch["image"])
         known = label != IGNORE_LABEL  # a region split's other region: no metric there
-        label, pred = label * known, pred * known.to(pred.device)
-        pred_oh, label_oh = one_hot(pred, nc), one_hot(label.long(), nc)
+        label_oh = one_hot((label * known).long(), nc)
+        if self.hparams.main_component_opening_mm is not None:  # on the whole prediction, as a bundle would
+            kept = keep_main_component(pred[0, 0].cpu().numpy(), spacing, float(self.hparams.main_component_opening_mm))
+            kept = torch.as_tensor(kept, device=pred.device)[None, None] * known.to(pred.device)
+            kept_dice = compute_dice(one_hot(kept, nc), label_oh, include_background=False, ignore_empty=False)[0]
+            self.log("val/dice_main_component", torch.nanmean(kept_dice.float()), batch_size=1, sync_dist=True)
+        pred = pred * known.to(pred.device)
+        pred_oh = one_hot(pred, nc)
         dice = compute_dice(pred_oh, label_oh, include_background=False, ignore_empty=False)[0]
         hd95 = compute_hausdorff_distance(pred_oh, label_oh, include_background=False, percentile=95,
                                           spacing=spacing)[0]

@@ -47,6 +47,11 @@ def test_bundle_layout_and_plain_state_dict(phantom_run, schema):
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
     assert meta["labels"] == {"background": 0, "object1": 1, "object2": 2}
+    # keep_main_component "auto" settled by the validation: the phantom's separate spheres lose by it
+    metrics = json.loads((phantom_run / "metrics.json").read_text())
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["keep_main_component"] is (metrics["val/dice_main_component"] >= metrics["val/dice"] - 0.005)
+    assert inference["main_component_opening_mm"] == 3.0
     # MONAI's own CLI accepts it
     proc = run_module("monai.bundle", "verify_metadata", "--meta_file", str(bundle / "configs" / "metadata.json"),
                       "--filepath", str(schema))

@@ -88,6 +88,11 @@ def test_freeze_policies():
     apply_freeze_policy(net, "adapters_only")
     names = [n for n, p in net.named_parameters() if p.requires_grad]
     assert len(names) == 2 * 2 * 2 and all(".adapter." in n for n in names)  # 2 blocks x (down, up) x (w, b)
+    apply_freeze_policy(net, "encoder_adapters")  # SAM-Med2D: encoder adapters + prompt encoder + decoder
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    encoder = [n for n in names if n.startswith("image_encoder")]
+    assert len(encoder) == 2 * 2 * 2 and all(".adapter." in n for n in encoder)
+    assert any(n.startswith("mask_decoder") for n in names) and any(n.startswith("prompt_encoder") for n in names)
 
 
 @pytest.mark.parametrize("kwargs", [{"adapters": True}, {"lora_r": 4}])
