@@ -78,8 +78,8 @@ def _labels(bundle: Path) -> dict[str, int]:
     return {str(k): int(v) for k, v in meta.get("labels", {}).items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def colin_arguments(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, Path, np.ndarray, np.ndarray]:
+    """Parse the shared options; ``(args, ch2 path, brain mask, AAL atlas)``, exiting when mricron-data is missing."""
     parser.add_argument("--bundle", action="append", required=True)
     parser.add_argument("--templates", default=str(TEMPLATES), help="folder with ch2.nii.gz, ch2bet.nii.gz, aal.nii.gz")
     parser.add_argument("--device", default="cpu")
@@ -91,6 +91,13 @@ def main() -> None:
         sys.exit(f"error: {subject}: missing; apt-get install mricron-data")
     brain = np.asarray(nib.load(folder / "ch2bet.nii.gz").dataobj) > 0
     aal = np.asarray(nib.load(folder / "aal.nii.gz").dataobj)
+    if aal.shape != brain.shape or brain.shape != nib.load(subject).shape:
+        sys.exit(f"error: {folder}: ch2, ch2bet and aal must share one grid")
+    return args, subject, brain, aal
+
+
+def main() -> None:
+    args, subject, brain, aal = colin_arguments(argparse.ArgumentParser())
     print(f"machine: {platform.machine()} {platform.processor() or ''}; subject: Colin27 {nib.load(subject).shape}")
     print(f"{'bundle':60s} {'template':>8s} {'outside':>8s} {'brain Dice':>10s} {'GM in AAL':>9s} {'time s':>7s}")
     results = {}

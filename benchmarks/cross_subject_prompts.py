@@ -31,9 +31,10 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medimg.bundle.loader import load_bundle  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cross_subject import colin_arguments  # noqa: E402
 
-TEMPLATES = Path("/usr/share/mricron/templates")
+from medimg.bundle.loader import load_bundle  # noqa: E402
 
 
 def wm_clicks(t1: np.ndarray, brain: np.ndarray, aal: np.ndarray, affine: np.ndarray, n: int,
@@ -70,27 +71,17 @@ def evaluate(bundle: Path, subject: Path, clicks: np.ndarray, brain: np.ndarray,
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--bundle", action="append", required=True)
-    parser.add_argument("--templates", default=str(TEMPLATES), help="folder with ch2.nii.gz, ch2bet.nii.gz, aal.nii.gz")
     parser.add_argument("--clicks", type=int, default=12)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=None, help="also write the figures here")
-    args = parser.parse_args()
-    root = Path(args.templates)
-    img = nib.load(str(root / "ch2.nii.gz"))
+    args, subject, brain, aal = colin_arguments(parser)
+    img = nib.load(str(subject))
     t1 = np.asarray(img.dataobj, dtype=np.float32)
-    brain = np.asarray(nib.load(str(root / "ch2bet.nii.gz")).dataobj) > 0
-    aal = np.asarray(nib.load(str(root / "aal.nii.gz")).dataobj)
-    if aal.shape != t1.shape or brain.shape != t1.shape:
-        sys.exit(f"error: {root}: ch2, ch2bet and aal must share one grid")
     clicks = wm_clicks(t1, brain, aal, img.affine, args.clicks)
     print(f"machine: {platform.machine()} {platform.processor()}; subject: Colin27 {t1.shape}; "
           f"{len(clicks)} white-matter clicks")
     print(f"{'bundle':<60}{'mode':>10}{'in mask':>9}{'outside':>9}{'on AAL GM':>11}{'voxels':>9}{'s/click':>9}")
     results = {}
     for b in args.bundle:
-        r = evaluate(Path(b), root / "ch2.nii.gz", clicks, brain, aal, img.affine, args.device)
-        results[b] = r
+        r = results[b] = evaluate(Path(b), subject, clicks, brain, aal, img.affine, args.device)
         print(f"{b[-60:]:<60}{r['mode']:>10}{r['in_mask']:>9.2f}{r['outside']:>9.3f}{r['on_aal_gm']:>11.3f}"
               f"{r['voxels']:>9.0f}{r['seconds']:>9.1f}", flush=True)
     if args.json:

@@ -111,14 +111,19 @@ def augmentation_spec(preset: str | bool, keys: Sequence[str] = ("image", "label
     labels = [k for k in keys if k != "image"]
     spec = deformation_spec(keys, labels, spatial_dims)
     if preset == "synth":
-        options = {"prob": 0.8, "head_only_prob": 0.5, "clutter_prob": 0.5, "stripped_prob": 0.0, **dict(synth or {})}
-        unknown = set(options) - {"prob", "head_only_prob", "clutter_prob", "stripped_prob", "max_std", "max_blur"}
-        if unknown:
-            raise ConfigError("data.synth", f"unknown option(s) {', '.join(sorted(unknown))}")
         spec += [{"_target_": "medimg.data.augment.RandLabelSynthd", "keys": "image", "gen_key": GEN_KEY,
-                  "num_labels": int(num_labels), **{k: float(v) for k, v in options.items()}},
+                  "num_labels": int(num_labels), **synth_options(synth)},
                  {"_target_": "DeleteItemsd", "keys": GEN_KEY}]
     return spec + corruption_spec(spatial_dims=spatial_dims)
+
+
+def synth_options(synth: Mapping[str, Any] | None) -> dict[str, float]:
+    """:class:`RandLabelSynthd`'s arguments: the defaults, overridden by ``data.synth`` (checked)."""
+    options = {"prob": 0.8, "head_only_prob": 0.5, "clutter_prob": 0.5, "stripped_prob": 0.0, **dict(synth or {})}
+    unknown = set(options) - {"prob", "head_only_prob", "clutter_prob", "stripped_prob", "max_std", "max_blur"}
+    if unknown:
+        raise ConfigError("data.synth", f"unknown option(s) {', '.join(sorted(unknown))}")
+    return {k: float(v) for k, v in options.items()}
 
 
 def synth_labels_spec(preset: str | bool, num_labels: int) -> Spec:

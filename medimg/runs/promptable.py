@@ -47,7 +47,9 @@ def build_promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
         region = OmegaConf.to_container(d.region_split, resolve=True) if d.get("region_split") else None
         dm = PromptPatchDataModule(manifest, dataset_dir, list(d.roi_size), pixdim=d.pixdim, intensity=d.intensity,
                                    train_samples=d.train_samples, val_clicks=d.val_clicks, jitter=d.jitter,
-                                   connected_to_click=d.connected_to_click, region_split=region, **common)
+                                   connected_to_click=d.connected_to_click, region_split=region,
+                                   synth=OmegaConf.to_container(d.synth, resolve=True) if d.get("synth") is not None
+                                   else None, **common)
         contract = {"roi_size": [int(r) for r in d.roi_size],
                     "pixdim": None if d.pixdim is None else [float(p) for p in d.pixdim], "intensity": d.intensity}
     else:

@@ -160,3 +160,27 @@ def test_gated_elastic_deforms_at_its_rate_and_leaves_the_rest_untouched():
     reference.set_random_state(seed=3)
     reference.R.rand()  # the gate's draw, which MONAI's version does not take
     torch.testing.assert_close(always(data)["image"], reference(data)["image"])
+
+
+def test_prompt_patches_synthesise_a_head_for_training_only():
+    """medsam3d's ``data.synth``: training patches are synthesised (head included), targets and validation are not."""
+    from medimg.data.promptable.patches import PromptPatchDataset
+
+    image, label = head_phantom()
+    kwargs = dict(roi_size=(16, 16, 16), classes=[2], jitter=0.0, connected_to_click=False)
+    plain = PromptPatchDataset([(image, label)], samples=4, seed=0, **kwargs)
+    synth = PromptPatchDataset([(image, label)], samples=4, seed=0, synth={"prob": 1.0, "head_only_prob": 0.0},
+                               **kwargs)
+    for i in range(4):
+        a, b = plain._draw(0, jitter=True), synth._draw(0, jitter=True)
+        # same click and target: only the image is regenerated from the label map
+        assert torch.equal(a["click"], b["click"]) and torch.equal(a["target"], b["target"])
+        assert not torch.allclose(a["image"], b["image"], atol=0.05)
+        # synthetic intensities are uniform within a label: white matter's spread stays small
+        wm = b["target"][0] > 0
+        assert float(b["image"][0][wm].std()) < 0.1
+    fixed = PromptPatchDataset([(image, label)], samples=None, seed=1, synth={}, **kwargs)
+    assert torch.equal(fixed[0]["image"], torch.from_numpy(
+        PromptPatchDataset([(image, label)], samples=None, seed=1, **kwargs)[0]["image"].numpy()))
+    with pytest.raises(ConfigError, match="data.synth"):
+        PromptPatchDataset([(image, label)], samples=4, synth={"heads": 1}, **kwargs)

@@ -30,6 +30,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
+from medimg.data.augment import GEN_KEY, RandLabelSynthd, SynthLabelsd, synth_options
 from medimg.data.manifest import load_manifest, train_val_split, validate_manifest
 from medimg.data.promptable.simulation import sample_clicks, split_targets
 from medimg.data.transforms import build_pipeline, segmentation_spec, world_range_region
@@ -75,6 +76,11 @@ class PromptPatchDataset(Dataset):
         jitter: random shift of the patch centre, as a fraction of the patch (training).
         min_size: smallest target kept (voxels).
         connected_to_click: keep only the target voxels connected to the click inside the patch.
+        synth: when given (``{}`` for the defaults), training patches are synthesised from the
+            label map SynthSeg-style, with a synthetic head around the anatomy
+            (:class:`~medimg.data.augment.SynthLabelsd`, :class:`~medimg.data.augment.RandLabelSynthd`;
+            options as ``data.synth``). A model trained on a skull-stripped template then stops at
+            the brain on a real head instead of growing into the scalp.
         seed: sampling seed.
     """
 
@@ -82,7 +88,7 @@ class PromptPatchDataset(Dataset):
                  classes: Sequence[int] | None = None, target_mode: str = "label", samples: int | None = None,
                  clicks_per_target: int = 1, jitter: float = 0.25, min_size: int = 30,
                  connected_to_click: bool = True, regions: Sequence[np.ndarray | None] | None = None,
-                 seed: int = 0) -> None:
+                 synth: dict | None = None, seed: int = 0) -> None:
         self.roi = tuple(int(r) for r in roi_size)
         self.connected_to_click = connected_to_click
         self.regions = list(regions) if regions is not None else [None] * len(volumes)
@@ -101,6 +107,15 @@ class PromptPatchDataset(Dataset):
                     self.masks.append(mask)
         if not self.targets:
             raise ValueError("no target of at least min_size voxels in these volumes")
+        self.synth, self.gens = None, []
+        if synth is not None:
+            num_labels = int(max(int(np.asarray(lab).max()) for _, lab in volumes)) + 1
+            labeller = SynthLabelsd("label", num_labels=num_labels)
+            self.gens = [np.asarray(labeller({"image": torch.from_numpy(img)[None],
+                                              "label": torch.as_tensor(np.asarray(lab))[None]})[GEN_KEY][0])
+                         for img, (_, lab) in zip(self.images, volumes)]
+            self.synth = RandLabelSynthd("image", num_labels=num_labels, **synth_options(synth))
+            self.synth.set_random_state(seed=seed)
         self.fixed = None
         if samples is None:
             self.fixed = [self._draw(t, jitter=False) for t in range(len(self.targets))
@@ -114,6 +129,10 @@ class PromptPatchDataset(Dataset):
             shift = np.asarray(self.roi) * self.jitter
             centre = centre + np.round(self.rng.uniform(-shift, shift)).astype(np.int64)
         image, origin = crop_centred(self.images[vi], centre, self.roi)
+        if jitter and self.synth is not None:  # training only: validation sees the real image
+            gen = crop_centred(self.gens[vi], centre, self.roi)[0]
+            image = np.asarray(self.synth({"image": torch.from_numpy(image)[None],
+                                           GEN_KEY: torch.from_numpy(gen)[None]})["image"][0], dtype=np.float32)
         target, _ = crop_centred(self.masks[t].astype(np.float32), centre, self.roi)
         local = click - origin
         region = self.regions[vi]
@@ -184,6 +203,7 @@ class PromptPatchDataModule(L.LightningDataModule):
         region_split: ``{"split": manifest split of whole volumes, "axis": RAS axis, "train": [lo, hi],
             "val": [lo, hi]}`` (mm; ``None`` ends are open): train and validate on the same whole
             volumes with disjoint regions. ``None``: the manifest's training / validation volumes.
+        synth: synthesise training patches from the label map (see :class:`PromptPatchDataset`).
     """
 
     def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, roi_size: Sequence[int],
@@ -191,7 +211,7 @@ class PromptPatchDataModule(L.LightningDataModule):
                  classes: Sequence[int] | None = None, target_mode: str = "label", train_samples: int = 32,
                  val_clicks: int = 2, batch_size: int = 2, jitter: float = 0.25, min_size: int = 30,
                  connected_to_click: bool = True, region_split: dict | None = None,
-                 val_fraction: float | None = None, seed: int = 0) -> None:
+                 val_fraction: float | None = None, synth: dict | None = None, seed: int = 0) -> None:
         super().__init__()
         self.region_split = dict(region_split) if region_split else None
         self.manifest = load_manifest(manifest, dataset_dir)
@@ -205,7 +225,7 @@ class PromptPatchDataModule(L.LightningDataModule):
         self.kwargs = dict(roi_size=roi_size, classes=classes, target_mode=target_mode, min_size=min_size,
                            connected_to_click=connected_to_click)
         self.train_samples, self.val_clicks = train_samples, val_clicks
-        self.batch_size, self.jitter = batch_size, jitter
+        self.batch_size, self.jitter, self.synth = batch_size, jitter, synth
         self.train_set = self.val_set = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -230,7 +250,7 @@ class PromptPatchDataModule(L.LightningDataModule):
                 train = load_volumes(self.train_items, self.pixdim, self.intensity)
                 val = load_volumes(self.val_items, self.pixdim, self.intensity)
             self.train_set = PromptPatchDataset(train, samples=self.train_samples, jitter=self.jitter, seed=0,
-                                                regions=train_regions, **self.kwargs)
+                                                regions=train_regions, synth=self.synth, **self.kwargs)
             self.val_set = PromptPatchDataset(val, samples=None, clicks_per_target=self.val_clicks, seed=1,
                                               regions=val_regions, **self.kwargs)
 
