@@ -171,7 +171,7 @@ def test_prompt_patches_synthesise_a_head_for_training_only():
     plain = PromptPatchDataset([(image, label)], samples=4, seed=0, **kwargs)
     synth = PromptPatchDataset([(image, label)], samples=4, seed=0, synth={"prob": 1.0, "head_only_prob": 0.0},
                                **kwargs)
-    for i in range(4):
+    for _ in range(4):
         a, b = plain._draw(0, jitter=True), synth._draw(0, jitter=True)
         # same click and target: only the image is regenerated from the label map
         assert torch.equal(a["click"], b["click"]) and torch.equal(a["target"], b["target"])
