@@ -99,14 +99,22 @@ def colin_arguments(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace
 def main() -> None:
     args, subject, brain, aal = colin_arguments(argparse.ArgumentParser())
     print(f"machine: {platform.machine()} {platform.processor() or ''}; subject: Colin27 {nib.load(subject).shape}")
-    print(f"{'bundle':60s} {'template':>8s} {'outside':>8s} {'brain Dice':>10s} {'GM in AAL':>9s} {'time s':>7s}")
+    columns = [("template_mean", "template", 9, ".3f"), ("outside", "outside", 9, ".3f"),
+               ("brain_dice", "brain Dice", 11, ".3f"), ("gm_in_aal", "GM in AAL", 10, ".3f"),
+               ("seconds", "time s", 8, ".1f")]
+    table(args, lambda b: evaluate(b, subject, brain, aal, args.device), columns)
+
+
+def table(args: argparse.Namespace, measure, columns: list[tuple[str, str, int, str]]) -> dict[str, dict]:
+    """Measure each ``--bundle``, print a row per bundle (``columns``: key, header, width, format), write ``--json``."""
+    print(f"{'bundle':<60}" + "".join(f"{head:>{width}}" for _, head, width, _ in columns))
     results = {}
     for b in args.bundle:
-        m = results[b] = evaluate(Path(b), subject, brain, aal, args.device)
-        print(f"{b[-60:]:60s} {m['template_mean']:8.3f} {m['outside']:8.3f} {m['brain_dice']:10.3f} "
-              f"{m['gm_in_aal']:9.3f} {m['seconds']:7.1f}", flush=True)
+        r = results[b] = measure(Path(b))
+        print(f"{b[-60:]:<60}" + "".join(f"{r[key]:>{width}{fmt}}" for key, _, width, fmt in columns), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ the click's own slice in its plane (``propagate: false``). Reported per bundle, 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -32,7 +31,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cross_subject import colin_arguments  # noqa: E402
+from cross_subject import colin_arguments, table  # noqa: E402
 
 from medimg.bundle.loader import load_bundle  # noqa: E402
 
@@ -78,14 +77,9 @@ def main() -> None:
     clicks = wm_clicks(t1, brain, aal, img.affine, args.clicks)
     print(f"machine: {platform.machine()} {platform.processor()}; subject: Colin27 {t1.shape}; "
           f"{len(clicks)} white-matter clicks")
-    print(f"{'bundle':<60}{'mode':>10}{'in mask':>9}{'outside':>9}{'on AAL GM':>11}{'voxels':>9}{'s/click':>9}")
-    results = {}
-    for b in args.bundle:
-        r = results[b] = evaluate(Path(b), subject, clicks, brain, aal, img.affine, args.device)
-        print(f"{b[-60:]:<60}{r['mode']:>10}{r['in_mask']:>9.2f}{r['outside']:>9.3f}{r['on_aal_gm']:>11.3f}"
-              f"{r['voxels']:>9.0f}{r['seconds']:>9.1f}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    columns = [("mode", "mode", 10, ""), ("in_mask", "in mask", 9, ".2f"), ("outside", "outside", 9, ".3f"),
+               ("on_aal_gm", "on AAL GM", 11, ".3f"), ("voxels", "voxels", 9, ".0f"), ("seconds", "s/click", 9, ".1f")]
+    table(args, lambda b: evaluate(b, subject, clicks, brain, aal, img.affine, args.device), columns)
 
 
 if __name__ == "__main__":
