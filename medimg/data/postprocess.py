@@ -10,8 +10,8 @@ everything else becomes 0.
 
 Whether a bundle applies it is decided on its validation data (``task.keep_main_component:
 auto``): like nnU-Net's post-processing search, it is kept only when it does not lower the
-validation Dice beyond noise (:func:`choose_main_component`). A dataset of several separate organs is never
-silently cut down to one.
+validation Dice beyond noise (:func:`choose_main_component`). A dataset of several separate
+organs is never silently cut down to one.
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ class PromptPatchDataset(Dataset):
         synth: when given (``{}`` for the defaults), training patches are synthesised from the
             label map SynthSeg-style, with a synthetic head around the anatomy
             (:class:`~medimg.data.augment.SynthLabelsd`, :class:`~medimg.data.augment.RandLabelSynthd`;
-            options as ``data.synth``). A model trained on a skull-stripped template then stops at
-            the brain on a real head instead of growing into the scalp.
+            options as ``data.synth``): a model trained on a skull-stripped template sees heads.
+            What that buys on a real head is measured in the README ("Cross-subject clicks").
         seed: sampling seed.
     """
 
