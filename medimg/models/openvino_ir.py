@@ -159,6 +159,18 @@ class OpenVINONetwork(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
 
+def check_outputs(pairs: Sequence[tuple[np.ndarray, torch.Tensor]], where: str | Path, tol: float) -> float:
+    """Largest difference of converted outputs from eager ones, relative to the eager range (at least 1).
+
+    Raises:
+        BundleError: the difference is over ``tol`` (named after ``where``).
+    """
+    diff = max(float(np.abs(out - ref.numpy()).max()) / max(float(ref.abs().max()), 1.0) for out, ref in pairs)
+    if not diff <= tol:
+        raise BundleError(where, f"the OpenVINO conversion disagrees with the eager network (relative {diff:.2e})")
+    return diff
+
+
 def convert_network(network: nn.Module, example_shape: Sequence[int]) -> Any:
     """Convert a dense-prediction network for inputs of ``example_shape`` (the batch size left dynamic)."""
     import openvino as ov
@@ -184,8 +196,5 @@ def save_network_ir(network: nn.Module, example_shape: Sequence[int], out_dir: s
     with torch.inference_mode():
         ref = network(x)
     compiled = cpu_core().compile_model(model, "CPU", compile_config("f32"))
-    out = np.array(compiled([x.numpy()])[0])
-    diff = float(np.abs(out - ref.numpy()).max()) / max(float(ref.abs().max()), 1.0)
-    if not diff <= tol:
-        raise BundleError(out_dir, f"the OpenVINO conversion disagrees with the eager network (relative {diff:.2e})")
+    check_outputs([(np.array(compiled([x.numpy()])[0]), ref)], out_dir, tol)
     write_ir({NETWORK_IR: model}, out_dir, weights_digest(network))

@@ -138,3 +138,14 @@ def test_backend_choice(lite):
     with pytest.raises(ConfigError, match="runs on the CPU"):
         make_runtime(lite, "openvino", device=torch.device("cuda"))
     assert make_runtime(lite, "auto", device=torch.device("cuda")).name == "torch"  # GPUs run eager
+
+
+def test_export_check_refuses_a_conversion_that_disagrees(tmp_path):
+    """The shared export check: relative to the eager range, and a disagreement names the IR folder."""
+    from medimg.models.openvino_ir import check_outputs
+
+    ref = torch.linspace(-10, 10, 100)
+    assert check_outputs([(ref.numpy() + 5e-3, ref)], tmp_path, 1e-3) == pytest.approx(5e-4, rel=1e-3)
+    with pytest.raises(BundleError, match="disagrees") as err:
+        check_outputs([(ref.numpy(), ref), (np.zeros(3, np.float32), torch.ones(3))], tmp_path, 1e-3)
+    assert str(tmp_path) in str(err.value)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from medimg.errors import BundleError
 from medimg.models.openvino_ir import (
     RUNTIME_DIR,
+    check_outputs,
     compile_config,
     cpu_core,
     read_ir,
@@ -253,7 +253,7 @@ def check_conversion(network: nn.Module, models: tuple[Any, Any, Any], where: Pa
     import openvino as ov
 
     core = ov.Core()
-    enc, dec, dec_mask = (core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in models)
+    enc, dec, dec_mask = (core.compile_model(m, "CPU", compile_config("f32")) for m in models)
     size = int(network.img_size)
     yy, xx = np.mgrid[:size, :size]
     disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2).astype(np.float32)
@@ -264,17 +264,10 @@ def check_conversion(network: nn.Module, models: tuple[Any, Any, Any], where: Pa
         low, _ = network.decode(emb, boxes=box)
         refined, _ = network.decode(emb, boxes=box, masks=low)
     coords, labels = prompt_arrays(None, box)
-    emb_ov = np.array(enc([x.numpy()])[0])
-    low_ov = np.array(dec([emb.numpy(), coords, labels])[0])[:, :1]
-    refined_ov = np.array(dec_mask([emb.numpy(), coords, labels, low.numpy()])[0])[:, :1]
-
-    def rel(a: np.ndarray, b: torch.Tensor) -> float:
-        return float(np.abs(a - b.numpy()).max()) / max(float(b.abs().max()), 1.0)
-
-    diff = max(rel(emb_ov, emb), rel(low_ov, low), rel(refined_ov, refined))
-    if not diff <= tol:
-        raise BundleError(where, f"the OpenVINO conversion disagrees with the eager network (relative {diff:.2e})")
-    return diff
+    return check_outputs([(np.array(enc([x.numpy()])[0]), emb),
+                          (np.array(dec([emb.numpy(), coords, labels])[0])[:, :1], low),
+                          (np.array(dec_mask([emb.numpy(), coords, labels, low.numpy()])[0])[:, :1], refined)],
+                         where, tol)
 
 
 def read_openvino_ir(network: nn.Module, ir_dir: str | Path) -> tuple[Any, Any, Any]:
