@@ -16,7 +16,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surf
 from monai.networks.utils import one_hot
 from torch import nn
 
-from medimg.data.postprocess import keep_main_component
+from medimg.data.postprocess import keep_main_component, spacing_of
 from medimg.data.transforms import IGNORE_LABEL
 from medimg.errors import ConfigError
 from medimg.tasks.overlay import save_overlay
@@ -113,11 +113,11 @@ class SegmentationTask(L.LightningModule):
         pred = logits.argmax(1, keepdim=True)
         overlay = (image[0, 0], label[0, 0] * (label[0, 0] != IGNORE_LABEL), pred[0, 0])
         if self.invert is not None and "native_label" in batch:
-            spacing = _spacing(batch["native_label"])
+            spacing = spacing_of(batch["native_label"], batch["native_label"].ndim - 2)
             label = _plain(batch["native_label"])
             pred = self._native_prediction(batch["image"], logits)
         else:
-            spacing = _spacing(batch["image"])
+            spacing = spacing_of(batch["image"], batch["image"].ndim - 2)
         known = label != IGNORE_LABEL  # a region split's other region: no metric there
         label_oh = one_hot((label * known).long(), nc)
         if self.hparams.main_component_opening_mm is not None:  # on the whole prediction, as a bundle would
@@ -171,13 +171,3 @@ class SegmentationTask(L.LightningModule):
 def _plain(x: torch.Tensor) -> torch.Tensor:
     """A MetaTensor's data as a plain tensor."""
     return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-
-def _spacing(image: torch.Tensor) -> list[float]:
-    """Voxel size from a MetaTensor's affine (1 mm when there is none)."""
-    affine = getattr(image, "affine", None)
-    nd = image.ndim - 2
-    if affine is None:
-        return [1.0] * nd
-    aff = affine[0] if affine.ndim == 3 else affine
-    return [float(v) for v in torch.linalg.norm(aff[:nd, :nd].double(), dim=0)]
