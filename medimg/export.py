@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.bundle.writer import write_bundle
 from medimg.errors import ConfigError, WeightsError, run_cli
 from medimg.models import build_network
@@ -26,7 +27,7 @@ def find_checkpoint(run_dir: Path) -> Path:
 
 
 def export_run(source: str | Path, out: str | Path, schema: str | Path | None = None,
-               overwrite: bool = False, verify: bool = True) -> Path:
+               overwrite: bool = False, verify: bool = True, standard_exports: bool = True) -> Path:
     """Export a training run (or one of its checkpoints) as a MONAI bundle.
 
     Everything comes from the run's record (``run.json``): the network spec, the predictor's
@@ -38,6 +39,7 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         schema: local MONAI metadata schema for verification.
         overwrite: replace an existing ``out``.
         verify: run MONAI's bundle verification.
+        standard_exports: also write the checked ONNX and ``torch.export`` files.
 
     Returns:
         The bundle folder.
@@ -74,7 +76,7 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
     return write_bundle(out, record.template, network, {"_target_": "medimg.models.build_network", **record.network},
                         preprocessing, contract, record.labels, meta_updates,
                         train_config=config.read_text() if config.is_file() else None, schema=schema, verify=verify,
-                        overwrite=overwrite)
+                        overwrite=overwrite, standard_exports=standard_exports)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schema", default=None, help="local MONAI metadata schema JSON (offline)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-verify", action="store_true", help="skip MONAI's bundle verification")
+    parser.add_argument("--no-standard", action="store_true", help="skip the checked ONNX and torch.export files")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        path = export_run(args.source, args.out, args.schema, args.overwrite, not args.no_verify)
+        path = export_run(args.source, args.out, args.schema, args.overwrite, not args.no_verify,
+                          not args.no_standard)
         print(f"bundle written and verified: {path}" if not args.no_verify else f"bundle written: {path}")
 
     return run_cli(body)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.errors import ConfigError, DataError, run_cli
 from medimg.io.dicom import folder_has_dicom
 from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, write_like

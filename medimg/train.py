@@ -9,6 +9,7 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
+import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.errors import run_cli
 from medimg.resources import resource_dir
 

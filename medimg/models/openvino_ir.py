@@ -177,7 +177,9 @@ def convert_network(network: nn.Module, example_shape: Sequence[int]) -> Any:
 
     network = network.cpu().eval()
     example = torch.zeros(*[int(s) for s in example_shape])
-    with torch.no_grad():
+    from medimg.bundle.standard import quiet_export
+
+    with torch.no_grad(), quiet_export():  # OpenVINO traces with TorchScript: its deprecation chatter is muted
         return ov.convert_model(network, example_input=example, input=[[-1, *example.shape[1:]]])
 
 

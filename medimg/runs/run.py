@@ -203,6 +203,7 @@ def run_training(cfg: DictConfig) -> Path:
         if cfg.export.enabled and parts.export:
             from medimg.export import export_run
 
-            bundle = export_run(run_dir, run_dir / "bundle", schema=cfg.export.schema, overwrite=True)
+            bundle = export_run(run_dir, run_dir / "bundle", schema=cfg.export.schema, overwrite=True,
+                                standard_exports=bool(cfg.export.get("standard", True)))
             print(f"bundle written and verified: {bundle}")
     return run_dir

@@ -8,6 +8,8 @@ import pytest
 from tests.conftest import PHANTOM, TINY
 from tests.helpers import run_module
 
+NO_STD = "export.standard=false"  # the checked ONNX / torch.export files are tested on mni_run's bundle only
+
 
 def train(tmp: Path, *overrides: str, env: dict | None = None, check: bool = True):
     proc = run_module("medimg.train", "bundle=swin_unetr", "trainer=debug", f"runs_dir={tmp}", *TINY, *overrides,
@@ -25,7 +27,7 @@ def run_dir_of(proc) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_run(tmp_path_factory, schema, phantom_manifest) -> Path:
-    proc = train(tmp_path_factory.mktemp("runs"), *PHANTOM, f"data.dataset_dir={phantom_manifest.parent}")
+    proc = train(tmp_path_factory.mktemp("runs"), *PHANTOM, f"data.dataset_dir={phantom_manifest.parent}", NO_STD)
     return run_dir_of(proc)
 
 
@@ -43,7 +45,7 @@ def mni_run(tmp_path_factory, schema, mni_dir) -> Path:
 
 TINY_LITE = ["bundle=litemedsam", "trainer=debug", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
              "trainer.max_epochs=1", "data.train_slices=3", "data.val_slices=3", "data.batch_size=2",
-             "data.target_mode=label"]
+             "data.target_mode=label", NO_STD]
 
 
 def train_on_mni(tmp_path_factory, mni_dir: Path, overrides: list[str], expect: str) -> Path:
@@ -63,7 +65,8 @@ def lite_run(tmp_path_factory, schema, mni_dir):
 # tiny ViT, 4 mm voxels, 32^3 patches: about a minute of CPU training
 TINY_3D = ["bundle=medsam3d", "trainer=debug", "trainer.limit_train_batches=null", "trainer.max_epochs=5",
            "trainer.check_val_every_n_epoch=5", "data.pixdim=[4.0,4.0,4.0]", "data.roi_size=[32,32,32]",
-           "data.train_samples=40", "data.val_clicks=2", "data.batch_size=4", "checkpoint.every_n_train_steps=5"]
+           "data.train_samples=40", "data.val_clicks=2", "data.batch_size=4", "checkpoint.every_n_train_steps=5",
+           NO_STD]
 WM_CLICK_RAS = [-26.0, -10.0, 26.0]  # deep white matter (left corona radiata), in RAS mm
 
 
@@ -72,7 +75,7 @@ def run3d(tmp_path_factory, schema, mni_dir):
     return train_on_mni(tmp_path_factory, mni_dir, TINY_3D, "point3")
 
 
-QUICK = ["trainer=debug", "trainer.enable_progress_bar=false", "model.img_size=32", "data.batch_size=8"]
+QUICK = ["trainer=debug", "trainer.enable_progress_bar=false", "model.img_size=32", "data.batch_size=8", NO_STD]
 
 
 def train_vit(runs: Path, *args: str):
@@ -125,6 +128,6 @@ def vit_seg_run(tmp_path_factory, schema, mni_dir) -> Path:
     proc = run_module("medimg.train", "bundle=vit_seg", "trainer=debug", "trainer.enable_progress_bar=false",
                       f"runs_dir={tmp_path_factory.mktemp('runs')}", f"data.dataset_dir={mni_dir}",
                       "data.pixdim=[4.0,4.0,4.0]", "model.img_size=32", "data.roi_size=[32,32]", "data.num_samples=4",
-                      "model.peft=dvpt")
+                      "model.peft=dvpt", NO_STD)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir_of(proc)

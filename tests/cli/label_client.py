@@ -38,7 +38,7 @@ class LabelServer:
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         self.pgid = self.proc.pid
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 540
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.tail()}")
@@ -49,7 +49,7 @@ class LabelServer:
                 pass
             time.sleep(1)
         self.stop()
-        raise RuntimeError(f"server did not answer in 180 s:\n{self.tail()}")
+        raise RuntimeError(f"server did not answer in 540 s:\n{self.tail()}")
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text()[-n:] if self.log.is_file() else ""

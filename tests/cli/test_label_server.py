@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from medimg.io.image import read_image
 from tests.cli.label_client import LabelServer
-from tests.helpers import write_dicom_series
+from tests.helpers import dciodvfy, write_dicom_series
 
 LPS = np.array([[0, -1], [1, -1], [2, 1]])  # flip the first two axes: RAS-stored -> LPS-stored
 WM_CLICK_RAS = [-26.0, -10.0, 26.0]  # deep white matter, RAS mm
@@ -95,8 +95,7 @@ def test_dicom_series_gets_a_dicom_seg_referencing_it(server, studies, tmp_path)
     source = pydicom.dcmread(next((studies / "mni_series").iterdir()))
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["grey_matter", "white_matter"]
-    tool = shutil.which("dciodvfy")
-    assert tool, "dciodvfy (Debian dicom3tools) is required: apt-get install dicom3tools"
+    tool = dciodvfy()
     report = subprocess.run([tool, str(path)], capture_output=True, text=True)
     errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
     assert errors == []

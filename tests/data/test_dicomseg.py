@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from medimg.errors import DataError
 from medimg.io.dicom import read_dicom_series
 from medimg.io.dicomseg import write_dicom_seg
-from tests.helpers import oblique_affine, sphere_phantom, write_dicom_series
+from tests.helpers import dciodvfy, oblique_affine, sphere_phantom, write_dicom_series
 
 
 @pytest.fixture()
@@ -50,8 +49,7 @@ def test_round_trip_through_highdicom(series, tmp_path):
 
 
 def test_dciodvfy_reports_no_error(series, tmp_path):
-    tool = shutil.which("dciodvfy")
-    assert tool, "dciodvfy (Debian dicom3tools) is required: apt-get install dicom3tools"
+    tool = dciodvfy()
     folder, label = series
     out = write_dicom_seg(label, folder, tmp_path / "seg.dcm", {1: "a", 2: "b", 3: "c"})
     proc = subprocess.run([tool, str(out)], capture_output=True, text=True)

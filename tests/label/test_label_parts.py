@@ -100,7 +100,7 @@ def test_serve_checks_its_folders_with_one_line(tmp_path):
     for models, expect in ((tmp_path / "nope", "no such folder"), (tmp_path / "empty", "no medimg bundle")):
         proc = subprocess.run([sys.executable, "-m", "medimg.label", "serve", "--models", str(models),
                                "--studies", str(tmp_path / "studies")], capture_output=True, text=True, cwd=REPO,
-                              timeout=120)
+                              timeout=360)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {models}: --models: {expect}"), lines

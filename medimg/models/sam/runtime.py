@@ -206,6 +206,8 @@ def convert_openvino(network: nn.Module) -> tuple[Any, Any, Any]:
     """
     import openvino as ov
 
+    from medimg.bundle.standard import quiet_export
+
     network = network.cpu().eval()
     img = int(network.img_size)
     emb = torch.zeros(1, 256, *network.prompt_encoder.image_embedding_size)
@@ -213,7 +215,7 @@ def convert_openvino(network: nn.Module) -> tuple[Any, Any, Any]:
     prompt = (torch.zeros(1, 3, 2), torch.tensor([[1.0, 2.0, 3.0]]))
     shapes = [list(emb.shape), [1, -1, 2], [1, -1]]
     models = []
-    with torch.no_grad():
+    with torch.no_grad(), quiet_export():  # OpenVINO traces with TorchScript: its deprecation chatter is muted
         x = torch.zeros(1, 3, img, img)
         models.append(ov.convert_model(network.image_encoder, example_input=x, input=[list(x.shape)]))
         for with_mask in (False, True):
