@@ -24,8 +24,9 @@ import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.errors import ConfigError, DataError, run_cli
 from medimg.io.dicom import folder_has_dicom
 from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, write_like
+from medimg.io.preview import write_preview
 
-FORMATS = {"nifti": (".nii.gz", ".nii"), "dicom-seg": (".dcm",)}
+FORMATS = {"nifti": (".nii.gz", ".nii"), "dicom-seg": (".dcm",), "png": (".png",)}
 
 
 def output_name(path: Path, fmt: str = "nifti") -> str:
@@ -47,6 +48,21 @@ def segment_names(bundle: str | Path, promptable: bool) -> tuple[dict[int, str],
         target = names.get(1, "object")
         names = {v: f"{target} {v}" for v in range(1, 256)}
     return names, str(meta.get("name") or f"medimg {Path(bundle).name}"), str(meta.get("version", "0"))
+
+
+def check_preview(preview: str | None, many: bool) -> Path | None:
+    """The ``--preview`` target: a ``.png`` file for one input, a folder for several."""
+    if preview is None:
+        return None
+    path = Path(preview)
+    if many:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(path, "--preview for a folder of inputs must be a folder (one PNG per input)")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if path.suffix.lower() != ".png" or path.is_dir():
+        raise ConfigError(path, "--preview writes a PNG: give a file name ending in .png")
+    return path
 
 
 def write_labels(labels: np.ndarray, image: Image, target: Path, fmt: str, seg_info: tuple | None) -> Path:
@@ -93,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="promptable bundles: intensity window (ct_abdomen, ct_lung, ct_bone, ct_brain, mr, none); "
                              "default: the bundle's own")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--format", default="nifti", choices=tuple(FORMATS),
+    parser.add_argument("--preview", default=None,
+                        help="also write a PNG: three planes through the structure, labels as coloured contours "
+                             "with the bundle's names, prompts drawn (a folder of inputs: a folder of PNGs)")
+    parser.add_argument("--format", default="nifti", choices=("nifti", "dicom-seg"),
                         help="nifti (default) or dicom-seg: a DICOM Segmentation referencing the input DICOM series")
     args = parser.parse_args(argv)
 
@@ -109,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             classify(args, out)
             return
         inputs, many = collect_inputs(Path(args.input))
+        preview = check_preview(args.preview, many)
         if not many and out.is_dir():
             raise ConfigError(out, "is a folder; give an output file name for a single input")
         if not many and not out.name.lower().endswith(FORMATS[args.format]):
@@ -141,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                            args.prompts)
             write_labels(labels, image, out, args.format, seg_info)
             print(f"{inputs[0]} -> {out}")
+            if preview is not None:
+                write_preview(image.array, image.affine, labels, segment_names(args.bundle, True)[0], preview, prompts)
+                print(f"preview -> {preview}")
             return
         if args.prompts:
             raise ConfigError(args.prompts, "this bundle is not promptable; drop --prompts")
@@ -153,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
                 result = predictor.predict(item if many else image)
                 written.append(write_labels(result.array, result, target, args.format, seg_info))
                 print(f"{item} -> {target}")
+                if preview is not None:
+                    source = read_image(item, spatial_dims=None) if many else image
+                    picture = preview / output_name(item, "png") if many else preview
+                    written.append(write_preview(source.array, source.affine, result.array,
+                                                 segment_names(args.bundle, False)[0], picture))
+                    print(f"preview -> {picture}")
         except BaseException:
             for path in written:  # all or nothing: no partial set of outputs
                 path.unlink(missing_ok=True)

@@ -221,8 +221,8 @@ def read_msd(root: Path, channel: str | None = None) -> ImportedDataset:
 def read_folders(images: Path, labels_dir: Path, classes: list[str] | None = None) -> ImportedDataset:
     """Two folders of images and labels, paired by file name.
 
-    A label pairs with the image of the same name (any of NIfTI, NRRD, MHA); an image name may
-    carry nnU-Net's ``_0000`` channel suffix that its label lacks.
+    A label pairs with the image of the same name (NIfTI, NRRD, MHA, or a DICOM series folder);
+    an image name may carry nnU-Net's ``_0000`` channel suffix that its label lacks.
 
     Args:
         images: the image folder.
@@ -242,9 +242,12 @@ def read_folders(images: Path, labels_dir: Path, classes: list[str] | None = Non
         if stem in label_by_stem:
             raise DataError(path, f"two labels share the name {stem} ({label_by_stem[stem].name})")
         label_by_stem[stem] = path
+    from medimg.io.dicom import folder_has_dicom
+
     training, used = [], set()
-    for path in _image_files(images):
-        stem = str(strip_suffix(path.name))
+    series = sorted(p for p in images.iterdir() if p.is_dir() and folder_has_dicom(p)) if images.is_dir() else []
+    for path in _image_files(images) + series:  # files, and DICOM series folders named like their label
+        stem = str(strip_suffix(path.name)) if path.is_file() else path.name
         match = CHANNEL.match(stem)
         key = stem if stem in label_by_stem else (match["case"] if match else stem)
         if key not in label_by_stem:
@@ -254,7 +257,7 @@ def read_folders(images: Path, labels_dir: Path, classes: list[str] | None = Non
         used.add(key)
         training.append({"image": str(path), "label": str(label_by_stem[key]), "subject": key})
     if not training:
-        raise DataError(images, "folder holds no images (NIfTI, NRRD, MHA)")
+        raise DataError(images, "folder holds no images (NIfTI, NRRD, MHA, DICOM series folders)")
     for stem in sorted(set(label_by_stem) - used):
         raise DataError(label_by_stem[stem], f"label has no image named {stem}.* in {images}")
     if classes:

@@ -1,4 +1,4 @@
-"""The README's "Use it as a library" snippets run as written, on real bundles and the MNI152 T1."""
+"""The library snippets of the README and the pipelines tutorial run as written, on real bundles and MNI152."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ SNIPPET = re.compile(r"<!-- library: (\w+) -->\s*```python\n(.*?)```", re.S)
 
 
 def snippets() -> dict[str, str]:
-    found = dict(SNIPPET.findall((REPO / "README.md").read_text()))
+    found = dict(SNIPPET.findall((REPO / "docs" / "tutorials" / "pipelines.md").read_text()))
+    readme = dict(SNIPPET.findall((REPO / "README.md").read_text()))
+    assert readme and all(found.get(k) == v for k, v in readme.items())  # the README shows the tutorial's code
     assert set(found) == {"segmentation", "promptable2d", "promptable3d", "classification"}
     return found
 
