@@ -22,6 +22,10 @@ def _main(cfg: DictConfig) -> None:
 
     logging.getLogger("medimg").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # third-party deprecation notices about their own internals (Lightning's pytree use, MONAI's metrics
+    # calling its own deprecated argument): nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*")
     code = run_cli(lambda: run_training(cfg) and None)
     if code:
         sys.exit(code)
