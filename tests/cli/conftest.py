@@ -20,9 +20,12 @@ def train(tmp: Path, *overrides: str, env: dict | None = None, check: bool = Tru
 
 
 def run_dir_of(proc) -> Path:
+    """The run folder a training printed; its console output is kept there as ``console.log``."""
     match = re.search(r"bundle written and verified: (\S+)", proc.stdout)
     assert match, proc.stdout[-2000:]
-    return Path(match.group(1)).parent
+    run_dir = Path(match.group(1)).parent
+    (run_dir / "console.log").write_text(proc.stdout + proc.stderr)
+    return run_dir
 
 
 @pytest.fixture(scope="session")
