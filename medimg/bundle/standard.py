@@ -97,7 +97,7 @@ def write_program(program: torch.export.ExportedProgram, sample: torch.Tensor, r
     Raises:
         ValueError: the reloaded program disagrees with eager beyond :data:`TOLERANCE`.
     """
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".partial-{path.name}")  # keeps the suffix: torch.export wants .pt2
     torch.export.save(program, tmp)
     with torch.no_grad():
         out = torch.export.load(tmp).module()(sample)
@@ -124,7 +124,7 @@ def write_onnx(program: torch.export.ExportedProgram, sample: torch.Tensor, ref:
     """
     import onnxruntime as ort
 
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".partial-{path.name}")  # keeps the suffix: torch.export wants .pt2
     with quiet_export(), contextlib.redirect_stdout(None):
         onnx_program = torch.onnx.export(program, (sample,), dynamo=True, verbose=False, optimize=True,
                                          input_names=["image"], output_names=["pred"])
