@@ -23,7 +23,7 @@ import numpy as np
 import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.errors import ConfigError, DataError, run_cli
 from medimg.io.dicom import folder_has_dicom
-from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, write_like
+from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, strip_suffix, write_like
 from medimg.io.preview import write_preview
 
 FORMATS = {"nifti": (".nii.gz", ".nii"), "dicom-seg": (".dcm",), "png": (".png",)}
@@ -31,12 +31,7 @@ FORMATS = {"nifti": (".nii.gz", ".nii"), "dicom-seg": (".dcm",), "png": (".png",
 
 def output_name(path: Path, fmt: str = "nifti") -> str:
     """``scan.nii.gz`` -> ``scan_seg.nii.gz``; a DICOM folder ``series/`` -> ``series_seg.nii.gz`` (or ``.dcm``)."""
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return f"{name}_seg{FORMATS[fmt][0]}"
+    return f"{strip_suffix(path.name) or path.name}_seg{FORMATS[fmt][0]}"
 
 
 def segment_names(bundle: str | Path, promptable: bool) -> tuple[dict[int, str], str, str]:

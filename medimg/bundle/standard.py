@@ -86,6 +86,25 @@ def _program(network: nn.Module, sample: torch.Tensor) -> torch.export.ExportedP
         return torch.export.export(network, (sample,), dynamic_shapes=(batch,), strict=False)
 
 
+def _checked_save(path: Path, ref: torch.Tensor, save: Any, run: Any, what: str) -> float:
+    """Save to a temporary name beside ``path`` (same suffix), run it, and keep it only if it matches eager.
+
+    Raises:
+        ValueError: the saved file's output differs from eager beyond :data:`TOLERANCE`.
+    """
+    tmp = path.with_name(f".partial-{path.name}")  # keeps the suffix: torch.export wants .pt2
+    try:
+        save(tmp)
+        with torch.no_grad():
+            diff = max_difference(run(tmp), ref)
+        if not diff <= TOLERANCE:
+            raise ValueError(f"{what} differs from eager by {diff:.2e} (> {TOLERANCE})")
+        tmp.rename(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff
+
+
 def write_program(program: torch.export.ExportedProgram, sample: torch.Tensor, ref: torch.Tensor,
                   path: Path) -> tuple[float, list[int | str]]:
     """Save a ``torch.export`` program, reload it from disk and check it on the sample.
@@ -97,15 +116,8 @@ def write_program(program: torch.export.ExportedProgram, sample: torch.Tensor, r
     Raises:
         ValueError: the reloaded program disagrees with eager beyond :data:`TOLERANCE`.
     """
-    tmp = path.with_name(f".partial-{path.name}")  # keeps the suffix: torch.export wants .pt2
-    torch.export.save(program, tmp)
-    with torch.no_grad():
-        out = torch.export.load(tmp).module()(sample)
-    diff = max_difference(out.numpy(), ref)
-    if not diff <= TOLERANCE:
-        tmp.unlink()
-        raise ValueError(f"reloaded program differs from eager by {diff:.2e} (> {TOLERANCE})")
-    tmp.rename(path)
+    diff = _checked_save(path, ref, lambda tmp: torch.export.save(program, tmp),
+                         lambda tmp: torch.export.load(tmp).module()(sample).numpy(), "reloaded program")
     name = program.graph_signature.user_inputs[0]
     node = next(n for n in program.graph.nodes if n.name == name)
     return diff, [int(d) if isinstance(d, int) else "batch" for d in node.meta["val"].shape]
@@ -124,20 +136,21 @@ def write_onnx(program: torch.export.ExportedProgram, sample: torch.Tensor, ref:
     """
     import onnxruntime as ort
 
-    tmp = path.with_name(f".partial-{path.name}")  # keeps the suffix: torch.export wants .pt2
-    with quiet_export(), contextlib.redirect_stdout(None):
-        onnx_program = torch.onnx.export(program, (sample,), dynamo=True, verbose=False, optimize=True,
-                                         input_names=["image"], output_names=["pred"])
-        onnx_program.save(str(tmp))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
-    out = session.run(None, {session.get_inputs()[0].name: sample.numpy()})[0]
-    diff = max_difference(np.asarray(out), ref)
-    if not diff <= TOLERANCE:
-        tmp.unlink()
-        raise ValueError(f"onnxruntime output differs from eager by {diff:.2e} (> {TOLERANCE})")
-    tmp.rename(path)
+    def save(tmp: Path) -> None:
+        with quiet_export(), contextlib.redirect_stdout(None):
+            torch.onnx.export(program, (sample,), dynamo=True, verbose=False, optimize=True,
+                              input_names=["image"], output_names=["pred"]).save(str(tmp))
+
+    sessions: list[Any] = []
+
+    def run(tmp: Path) -> np.ndarray:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sessions.append(ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"]))
+        return np.asarray(sessions[0].run(None, {sessions[0].get_inputs()[0].name: sample.numpy()})[0])
+
+    diff = _checked_save(path, ref, save, run, "onnxruntime output")
+    session = sessions[0]
     return diff, [d if isinstance(d, int) else "batch" for d in session.get_inputs()[0].shape]
 
 

@@ -124,7 +124,6 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
         if meta.get("medimg_task") != "promptable":  # promptable nets output one mask per prompt
             out_fmt["num_channels"] = len(names)
         out_fmt["channel_def"] = {str(i): n for i, n in enumerate(names)}
-        (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
         if train_config is not None:
             (tmp / "configs" / "train_config.yaml").write_text(train_config)
 
@@ -138,7 +137,7 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
                                                          for s in image_fmt["spatial_shape"]]
             shape = [2, int(image_fmt["num_channels"]), *[int(r) for r in spatial]]
             meta["medimg_exports"] = export_standard(network, shape, tmp / "models")
-            (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
         if "runtime_dir" in inference:  # the CPU fast path's OpenVINO IR, checked against eager first
             _write_runtime(network, inference, int(image_fmt["num_channels"]), tmp)
         if verify:

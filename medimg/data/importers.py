@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from medimg.errors import ConfigError, DataError, atomic_output
-from medimg.io.image import IMAGE_SUFFIXES, has_suffix
+from medimg.io.image import has_suffix, strip_suffix
 from medimg.io.jsonfile import read_json_object
 
 LAYOUTS = ("auto", "nnunet", "msd", "folders")
@@ -53,14 +53,6 @@ class ImportedDataset:
     training: list[dict[str, str]]
     test: list[str] = field(default_factory=list)
     meta: dict[str, object] = field(default_factory=dict)
-
-
-def strip_suffix(name: str) -> str | None:
-    """``case_0000.nii.gz`` -> ``case_0000``; ``None`` for names that are not images medimg reads."""
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return None
 
 
 def _image_files(folder: Path, ending: str | None = None) -> list[Path]:

@@ -73,6 +73,14 @@ def has_suffix(path: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> bo
     return any(name.endswith(s) for s in suffixes)
 
 
+def strip_suffix(name: str) -> str | None:
+    """``case_0000.nii.gz`` -> ``case_0000``; ``None`` for names that are not images medimg reads."""
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
 def _inflate_nifti(path: Path) -> tuple[np.ndarray, Any]:
     """Read a ``.nii.gz`` by inflating it in one libdeflate call (3-4x faster than streaming gzip).
 
