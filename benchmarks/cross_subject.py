@@ -34,8 +34,11 @@ from medimg.bundle.loader import load_bundle  # noqa: E402
 TEMPLATES = Path("/usr/share/mricron/templates")
 
 
-def template_heldout(predictor, names: dict[int, str]) -> dict[str, float]:
-    """Dice per class on the MNI152 template's held-out region (the manifest's region split), whole volume in."""
+def template_heldout(predictor, names: dict[int, str], surfaces: bool = False) -> dict[str, float]:
+    """Dice per class on the MNI152 template's held-out region (the manifest's region split), whole volume in.
+
+    With ``surfaces``, also HD95 and surface Dice (1 mm tolerance) per class, on the template's own 1 mm grid.
+    """
     from medimg.data.embedded import embedded_manifest
     from medimg.data.manifest import load_manifest
     from medimg.data.transforms import world_range_region
@@ -46,14 +49,33 @@ def template_heldout(predictor, names: dict[int, str]) -> dict[str, float]:
     image, truth = nib.load(item["image"]), np.asarray(nib.load(item["label"]).dataobj)
     labels = np.asarray(predictor.predict(str(item["image"])).array)
     region = world_range_region(truth.shape, image.affine, rs["axis"], *rs["val"])
+    spacing = [float(s) for s in image.header.get_zooms()[:3]]
     out = {}
     for value, name in names.items():
         if value == 0:
             continue
         p, t = (labels == value) & region, (truth == value) & region
         out[f"template_{name}"] = float(2 * (p & t).sum() / max(p.sum() + t.sum(), 1))
-    out["template_mean"] = float(np.mean(list(out.values())))
+        if surfaces:
+            out[f"hd95_{name}"], out[f"nsd_{name}"] = surface_metrics(p, t, spacing)
+    out["template_mean"] = float(np.mean([v for k, v in out.items() if k.startswith("template_")]))
     return out
+
+
+def surface_metrics(pred: np.ndarray, truth: np.ndarray, spacing: list[float],
+                    tolerance_mm: float = 1.0) -> tuple[float, float]:
+    """HD95 (mm) and surface Dice at ``tolerance_mm`` of two binary masks (MONAI's metrics)."""
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    def onehot(mask: np.ndarray) -> torch.Tensor:
+        m = torch.from_numpy(mask)[None]
+        return torch.stack([~m, m], dim=1).float()
+
+    p, t = onehot(pred), onehot(truth)
+    hd = compute_hausdorff_distance(p, t, percentile=95, spacing=spacing)
+    nsd = compute_surface_dice(p, t, class_thresholds=[tolerance_mm], spacing=spacing)
+    return float(hd.flatten()[0]), float(nsd.flatten()[0])
 
 
 def evaluate(bundle: Path, subject: Path, brain_mask: np.ndarray, aal: np.ndarray,

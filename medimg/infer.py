@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m medimg.infer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", required=True, help="exported MONAI bundle folder")
+    parser.add_argument("--bundle", required=True,
+                        help="exported MONAI bundle folder, or a shipped bundle's name (python -m medimg.bundles)")
     parser.add_argument("--input", required=True, help="image file, DICOM series folder, or folder of inputs")
     parser.add_argument("--output", required=True, help="output .nii.gz (or folder for several inputs)")
     parser.add_argument("--prompts", default=None, help="prompts JSON (promptable bundles): boxes / points")
@@ -113,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         from medimg.bundle.loader import bundle_task
+        from medimg.bundles import resolve_bundle
 
         if args.intensity is not None and args.prompts is None:
             raise ConfigError("--intensity", "applies to promptable bundles only (their volume window)")
 
         out = Path(args.output)
+        args.bundle = str(resolve_bundle(args.bundle))  # a folder, or a shipped bundle's short name
         kind = bundle_task(args.bundle)
         if kind == "classification":
             classify(args, out)

@@ -39,6 +39,9 @@ def _parser(bundle_dir: Path) -> ConfigParser:
 
 def bundle_task(bundle_dir: str | Path) -> str:
     """The bundle's ``medimg_task``: ``segmentation``, ``promptable`` or ``classification``."""
+    from medimg.bundles import resolve_bundle
+
+    bundle_dir = resolve_bundle(bundle_dir)
     meta = Path(bundle_dir) / "configs" / "metadata.json"
     if not meta.is_file():
         raise BundleError(meta, "missing from the bundle")
@@ -80,7 +83,8 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None) -> A
     """The predictor of an exported medimg bundle, whatever its kind.
 
     Args:
-        path: the bundle folder.
+        path: the bundle folder, or the short name of a bundle shipped with medimg
+            (``"tissue_t1"``; ``python -m medimg.bundles`` lists them).
         device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
 
     Returns:
@@ -93,7 +97,9 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None) -> A
     Raises:
         BundleError: a missing file, weights that do not fit, or no ``predictor`` component.
     """
-    bundle_dir = Path(path)
+    from medimg.bundles import resolve_bundle
+
+    bundle_dir = resolve_bundle(path)
     if not bundle_dir.is_dir():
         raise BundleError(bundle_dir, "no such bundle folder")
     parser = _parser(bundle_dir)

@@ -1,12 +1,13 @@
 """``python -m medimg.label serve``: the real MONAI Label server with the medimg app.
 
-    python -m medimg.label serve --models MODELS --studies STUDIES [--host 127.0.0.1] [--port 8000]
+    python -m medimg.label serve --studies STUDIES [--models MODELS] [--host 127.0.0.1] [--port 8000]
 
 - It binds 127.0.0.1 unless ``--host`` says otherwise, and warns loudly when bound elsewhere
   without MONAI Label's authentication (``MONAI_LABEL_AUTH_ENABLE``).
 - Cross-origin requests are allowed only from the server's own origin and the ``--cors`` origins
   (MONAI Label's default is every origin).
 - It needs no network: nothing is downloaded (bundles load from ``--models``; no DICOMweb tools).
+- Without ``--models`` it serves copies of every bundle shipped with medimg (``python -m medimg.bundles``).
 - The app folder MONAI Label wants (``main.py`` plus its ``logs``/``model`` folders) is created
   under ``--app-dir`` (default: a temporary folder removed at exit).
 
@@ -54,7 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m medimg.label", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the MONAI Label server with the medimg app")
-    serve.add_argument("--models", default="models", help="folder of medimg bundles (default: ./models)")
+    serve.add_argument("--models", default=None,
+                       help="folder of medimg bundles (default: copies of every bundle shipped with medimg, "
+                            "under the app folder; python -m medimg.bundles lists them)")
     serve.add_argument("--studies", required=True, help="studies folder (NIfTI/NRRD files, DICOM series folders)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
@@ -71,13 +74,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> None:
     """Fail with one line on a bad folder or a missing MONAI Label, before anything starts."""
+    from medimg.bundles import shipped_bundles
     from medimg.label.compat import install
 
-    models, studies = Path(args.models), Path(args.studies)
-    if not models.is_dir():
-        raise ConfigError(models, "--models: no such folder")
-    if not any((p / "configs" / "metadata.json").is_file() for p in models.iterdir() if p.is_dir()):
-        raise ConfigError(models, "--models: no medimg bundle (a folder with configs/metadata.json) in it")
+    studies = Path(args.studies)
+    if args.models is None:
+        if not shipped_bundles():
+            raise ConfigError("--models", "not given, and no bundle is shipped with this installation")
+    else:
+        models = Path(args.models)
+        if not models.is_dir():
+            raise ConfigError(models, "--models: no such folder")
+        if not any((p / "configs" / "metadata.json").is_file() for p in models.iterdir() if p.is_dir()):
+            raise ConfigError(models, "--models: no medimg bundle (a folder with configs/metadata.json) in it")
     if not studies.is_dir():
         raise ConfigError(studies, "--studies: no such folder")
     if not 0 < args.port < 65536:
@@ -97,6 +106,16 @@ def prepare_app_dir(app_dir: Path) -> None:
     (app_dir / "sitecustomize.py").write_text(SITE_CUSTOMIZE)
 
 
+def copy_shipped(folder: Path) -> Path:
+    """Copy every shipped bundle into ``folder`` (training publishes into the served copies, never the package)."""
+    from medimg.bundles import shipped_bundles
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, src in shipped_bundles().items():
+        shutil.copytree(src, folder / name, dirs_exist_ok=True)
+    return folder
+
+
 def serve(args: argparse.Namespace) -> int:
     """Check the folders, write the app folder, and run MONAI Label's server until it stops."""
     check(args)
@@ -110,7 +129,8 @@ def serve(args: argparse.Namespace) -> int:
         origins = [f"http://{shown}:{args.port}", f"http://localhost:{args.port}", *args.cors]
         os.environ["MEDIMG_LABEL_CORS_ORIGINS"] = json.dumps(origins)
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(app_dir), os.environ.get("PYTHONPATH")) if p)
-        conf = [["models", str(Path(args.models).resolve())], *args.conf]
+        models = Path(args.models).resolve() if args.models else copy_shipped(app_dir / "models")
+        conf = [["models", str(models)], *args.conf]
         if args.device:
             conf.append(["device", args.device])
         conf.append(["runs", str(Path(args.runs).resolve()) if args.runs else str(app_dir / "runs")])

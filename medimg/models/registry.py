@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 BUILDER_MODULES: dict[str, str] = {
     "swin_unetr": "medimg.models.swin_unetr",
+    **{n: "medimg.models.cnn3d" for n in ("segresnet", "dynunet")},
     **{n: "medimg.models.sam.builders" for n in ("sam", "medsam", "litemedsam")},
     "medsam3d": "medimg.models.sam3d.network",
     "mae_vit": "medimg.models.vit.mae",

@@ -100,7 +100,7 @@ def _builder(kind: str) -> Callable[[DictConfig, Path], TaskParts]:
 
 
 def load_init_weights(network: torch.nn.Module, source: str | Path) -> None:
-    """Start from trained weights: a medimg bundle folder, its ``models/model.pt``, or a run checkpoint.
+    """Start from trained weights: a bundle folder or shipped name, its ``models/model.pt``, or a run checkpoint.
 
     This is how an exported bundle is fine-tuned on new data (the MONAI Label train task does it).
     The weights must fit the configured network exactly.
@@ -108,9 +108,12 @@ def load_init_weights(network: torch.nn.Module, source: str | Path) -> None:
     Raises:
         WeightsError: no such file, or weights that do not fit the network.
     """
+    from medimg.bundles import shipped_bundles
     from medimg.models.weights import read_checkpoint, read_network_state
 
     path = Path(source)
+    if not path.exists() and str(source) in shipped_bundles():  # a shipped bundle's short name
+        path = shipped_bundles()[str(source)]
     if path.is_dir():
         path = path / "models" / "model.pt"
     if not path.is_file():

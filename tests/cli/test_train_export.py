@@ -61,7 +61,7 @@ def test_bundle_layout_and_plain_state_dict(phantom_run, schema):
 def test_export_cli_from_checkpoint(phantom_run, tmp_path, schema):
     out = tmp_path / "exported"
     ckpt = phantom_run / "checkpoints" / "last.ckpt"
-    proc = run_module("medimg.export", str(ckpt), "--out", str(out), "--schema", str(schema))
+    proc = run_module("medimg.export", str(ckpt), "--out", str(out), "--schema", str(schema), "--no-standard")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verified" in proc.stdout
     full = torch.load(ckpt, weights_only=True)["state_dict"]

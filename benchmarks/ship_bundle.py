@@ -1,0 +1,193 @@
+"""Measure a trained tissue bundle and ship it inside medimg (``medimg/zoo/<name>``) with its model card.
+
+    apt-get install mricron-data     # Colin27 + AAL, the real head of the card
+    python benchmarks/ship_bundle.py --bundle runs/tissue_t1/<run>/bundle --name tissue_t1 \\
+        --command "python -m medimg.train bundle=tissue_t1 ..." --wall "3 h 10 min" [--notes notes.md]
+
+Every figure of the card is measured here, through ``medimg.load_bundle`` on each volume's own grid:
+
+- the MNI152 template's held-out region (posterior of y = -28 mm), the whole template in: Dice,
+  HD95 and surface Dice (1 mm) per class;
+- Colin27 (a real head, skull and scalp included): predicted tissue outside its brain mask, brain
+  Dice, and the share of AAL's grey-matter parcels predicted grey;
+- the fast check the suite repeats (``medimg_card_check``): mean Dice on the held-out slab alone
+  (``t1_posterior.nii.gz``), whole slab in.
+
+The bundle is verified again, its ``metadata.json`` gets ``medimg_headline`` (what ``python -m
+medimg.bundles`` prints) and ``medimg_card_check``, ``docs/README.md`` becomes the card, and the
+folder replaces ``medimg/zoo/<name>`` atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cross_subject import TEMPLATES, template_heldout  # noqa: E402
+
+from medimg.bundle.loader import load_bundle  # noqa: E402
+from medimg.bundle.verify import verify_bundle  # noqa: E402
+from medimg.bundles import ZOO  # noqa: E402
+from medimg.data.embedded.mni152 import prepare_mni152  # noqa: E402
+
+CARD_TOLERANCE = 0.01
+
+
+def slab_check(predictor, names: dict[int, str]) -> float:
+    """Mean Dice over the tissue classes on the held-out slab alone (the suite's fast check)."""
+    folder = prepare_mni152()
+    labels = np.asarray(predictor.predict(str(folder / "t1_posterior.nii.gz")).array)
+    truth = np.asarray(nib.load(folder / "labels_posterior.nii.gz").dataobj)
+    dice = [2 * ((labels == v) & (truth == v)).sum() / max((labels == v).sum() + (truth == v).sum(), 1)
+            for v in names if v]
+    return float(np.mean(dice))
+
+
+def colin(predictor, names: dict[int, str]) -> dict[str, float]:
+    """Outside-brain share, brain Dice and AAL grey-matter coverage on Colin27, with the wall time."""
+    subject = TEMPLATES / "ch2.nii.gz"
+    if not subject.is_file():
+        sys.exit(f"error: {subject}: missing; apt-get install mricron-data")
+    brain = np.asarray(nib.load(TEMPLATES / "ch2bet.nii.gz").dataobj) > 0
+    aal = np.asarray(nib.load(TEMPLATES / "aal.nii.gz").dataobj)
+    start = time.perf_counter()
+    labels = np.asarray(predictor.predict(str(subject)).array)
+    seconds = time.perf_counter() - start
+    tissue = labels > 0
+    gm = next(v for v, n in names.items() if "grey" in n or "gray" in n)
+    return {"colin_outside": float((tissue & ~brain).sum() / max(tissue.sum(), 1)),
+            "colin_brain_dice": float(2 * (tissue & brain).sum() / max(tissue.sum() + brain.sum(), 1)),
+            "colin_gm_in_aal": float((labels[aal > 0] == gm).mean()), "colin_seconds": seconds}
+
+
+def card(name: str, meta: dict, m: dict[str, float], args: argparse.Namespace, size_mb: float) -> str:
+    """The model card (``docs/README.md``) from the measured figures."""
+    classes = [n for n, v in sorted(meta["labels"].items(), key=lambda kv: kv[1]) if v]
+    rows = "\n".join(f"| {c} | {m[f'template_{c}']:.3f} | {m[f'hd95_{c}']:.2f} | {m[f'nsd_{c}']:.3f} |"
+                     for c in classes)
+    notes = Path(args.notes).read_text() if args.notes else ""
+    return f"""# `{name}`: 1 mm T1 brain tissue segmentation (shipped with medimg)
+
+{meta['description']}
+
+    python -m medimg.infer --bundle {name} --input ch2.nii.gz --output ch2_tissue.nii.gz --preview ch2.png
+
+```python
+import medimg
+labels = medimg.load_bundle("{name}").predict("scan.nii.gz")   # a LabeledImage in the input's geometry
+```
+
+Fine-tune on your own labels with `python -m medimg.train bundle={name} init_weights={name} ...`.
+
+## Network and data
+
+- Network: `{meta['medimg_network']}`; {size_mb:.1f} MB on disk (weights, OpenVINO IR, ONNX, torch.export).
+- Training data: {meta['data_source']}. The labels are the template's grey / white-matter
+  probability maps (argmax where one reaches 0.5). Images are SynthSeg-style synthetic: every
+  sample is regenerated from the labels plus generation-only CSF and head classes with random
+  intensities, deformation, bias field, noise and resolution loss, so the network sees a new
+  contrast at every step.
+- Validation: the template's posterior region (y < -28 mm: parietal and occipital cortex,
+  cerebellum), never trained on (its labels count in no loss).
+
+## Recipe
+
+    {args.command}
+
+Wall time: {args.wall} on {args.machine}.
+
+## Figures (measured through `medimg.load_bundle`, each volume on its own 1 mm grid)
+
+Held-out template region (the whole template in):
+
+| class | Dice | HD95 mm | surface Dice (1 mm) |
+|---|---|---|---|
+{rows}
+| **mean** | **{m['template_mean']:.3f}** | | |
+
+Colin27 (a real head with skull and scalp, from Debian `mricron-data`; no training data):
+
+| measure | value | target |
+|---|---|---|
+| predicted tissue outside the brain mask | {m['colin_outside']:.1%} | ≤ 2% |
+| AAL grey-matter voxels predicted grey | {m['colin_gm_in_aal']:.3f} | ≥ 0.85 |
+| brain Dice (any tissue vs the brain mask) | {m['colin_brain_dice']:.3f} | |
+| prediction wall time (CPU, 2 cores, OpenVINO) | {m['colin_seconds']:.1f} s | ≤ 30 s |
+
+Suite check (`tests/cli/test_shipped_bundles.py`): mean Dice {m['slab_check']:.3f} on the held-out slab alone.
+
+## Limitations
+
+- Trained on one template (a population average) with synthetic contrasts: real scans' anatomy
+  varies more than the deformations cover; expect lower agreement on atrophied or lesioned brains.
+- Two tissue classes only (grey and white matter); CSF, deep grey nuclei and cerebellum are not
+  separated. Deep grey matter follows the template's probability maps.
+- T1-weighted MRI of adult heads. Other contrasts are not validated.
+- Research use only; not for clinical decisions.
+{notes}
+## Licences
+
+- Weights: Apache-2.0 (medimg).
+- MNI ICBM152 2009a template (training data, shipped in `nilearn`): Copyright (C) 1993-2009 Louis
+  Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University;
+  use, copying and distribution permitted with this notice.
+- Colin27 and AAL (evaluation only, Debian `mricron-data`): not redistributed here.
+"""
+
+
+def main() -> None:
+    """Measure, write the card, and copy the bundle into ``medimg/zoo``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--command", required=True, help="the exact training command")
+    parser.add_argument("--wall", required=True, help="training wall time")
+    parser.add_argument("--machine", default=f"{platform.machine()} CPU, 2 cores, no GPU")
+    parser.add_argument("--notes", default=None, help="Markdown appended to the card's limitations")
+    parser.add_argument("--schema", default=None)
+    args = parser.parse_args()
+    src = Path(args.bundle)
+    meta_path = src / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    names = {int(v): k for k, v in meta["labels"].items()}
+    network = json.loads((src / "configs" / "inference.json").read_text())["network_def"]
+    meta["medimg_network"] = ", ".join(f"{k}={v}" for k, v in network.items() if k != "_target_")
+    predictor = load_bundle(src, "cpu")
+    m = template_heldout(predictor, names, surfaces=True)
+    m.update(colin(predictor, names))
+    m["slab_check"] = slab_check(predictor, names)
+    print(json.dumps(m, indent=1))
+    meta["medimg_headline"] = {
+        "template held-out mean Dice": round(m["template_mean"], 3),
+        "Colin27 tissue outside brain": f"{m['colin_outside']:.1%}",
+        "Colin27 AAL grey matter predicted grey": round(m["colin_gm_in_aal"], 3),
+    }
+    meta["medimg_card_check"] = {"input": "mni152/t1_posterior.nii.gz", "truth": "mni152/labels_posterior.nii.gz",
+                                 "mean_dice": round(m["slab_check"], 4), "tolerance": CARD_TOLERANCE}
+    meta["eval_metrics"] = {**meta.get("eval_metrics", {}), **{k: round(v, 4) for k, v in m.items()}}
+    tmp = ZOO / f".{args.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ZOO.mkdir(exist_ok=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("sample", "eval"))
+    (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
+    size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6
+    (tmp / "docs" / "README.md").write_text(card(args.name, meta, m, args, size))
+    verify_bundle(tmp, args.schema)
+    dest = ZOO / args.name
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    print(f"shipped: {dest} ({size:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
