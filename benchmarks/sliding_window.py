@@ -1,6 +1,6 @@
-"""Swin-UNETR whole-volume inference: the bundle's predictor against plain MONAI, same settings.
+"""Whole-volume inference of a segmentation bundle: the bundle's predictor against plain MONAI, same settings.
 
-    python benchmarks/sliding_window.py --bundle <swin_unetr bundle> [--repeats 3]
+    python benchmarks/sliding_window.py --bundle <swin_unetr bundle, or tissue_t1> [--repeats 3]
 
 On the real MNI152 T1. Two measures:
 
@@ -51,14 +51,15 @@ def run(bundle: str, repeats: int = 3) -> list[Result]:
     ours_eager = times(lambda: eager.logits(x), repeats)
     whole = times(lambda: pred.predict(path), repeats)
     shape = "x".join(str(s) for s in x.shape[2:])
+    name = f"{type(pred.network).__name__} (CPU)"
     settings = f"roi {list(inf.roi_size)}, sw batch {inf.sw_batch_size}, overlap {inf.overlap}, gaussian"
-    return [Result("Swin-UNETR (CPU)", f"sliding window over the {shape} model-space volume", ours, ref,
+    return [Result(name, f"sliding window over the {shape} model-space volume", ours, ref,
                    "MONAI sliding_window_inference", ">= 1.0x faster (ratio <= 1)",
                    [f"{settings}; the default (OpenVINO f32): logits within {diff:.1e} of MONAI's (relative), "
                     f"{agree:.4%} of voxel labels equal",
                     f"backend=torch (MONAI's inferer on the network, inference_mode): p50 "
                     f"{Result.pct(ours_eager, 50):.2f} s, logits identical to MONAI's: {same_eager}"]),
-            Result("Swin-UNETR (CPU)", "whole MNI152 T1 through predictor.predict (read to labels)", whole, ref,
+            Result(name, "whole MNI152 T1 through predictor.predict (read to labels)", whole, ref,
                    "MONAI sliding window alone", "reported")]
 
 

@@ -209,4 +209,6 @@ def run_training(cfg: DictConfig) -> Path:
             bundle = export_run(run_dir, run_dir / "bundle", schema=cfg.export.schema, overwrite=True,
                                 standard_exports=bool(cfg.export.get("standard", True)))
             print(f"bundle written and verified: {bundle}")
+        if cfg.bundle.get("demo_note") and cfg.data.get("dataset") == "mni152":  # the quick-start demo
+            print(str(cfg.bundle.demo_note))
     return run_dir

@@ -83,6 +83,8 @@ def test_installed_wheel_runs_from_another_directory(tmp_path, phantom_manifest,
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
     assert (site / "medimg" / "_resources" / "configs" / "bundle" / "swin_unetr.yaml").is_file()
+    shipped = site / "medimg" / "zoo" / "tissue_t1"  # the trained bundles travel inside the wheel
+    assert (shipped / "models" / "model.pt").is_file() and (shipped / "docs" / "README.md").is_file()
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
@@ -95,3 +97,6 @@ def test_installed_wheel_runs_from_another_directory(tmp_path, phantom_manifest,
                           cwd=workdir, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(workdir.glob("runs/swin_unetr/*/bundle/configs/inference.json"))
+    listed = subprocess.run([sys.executable, "-m", "medimg.bundles"], cwd=workdir, env=env, capture_output=True,
+                            text=True, check=True)
+    assert str(shipped) in listed.stdout
