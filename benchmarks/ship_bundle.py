@@ -37,7 +37,7 @@ from cross_subject import TEMPLATES, template_heldout  # noqa: E402
 
 from medimg.bundle.loader import load_bundle  # noqa: E402
 from medimg.bundle.verify import verify_bundle  # noqa: E402
-from medimg.bundles import ZOO  # noqa: E402
+from medimg.bundles import ZOO, folder_mb  # noqa: E402
 from medimg.data.embedded.mni152 import prepare_mni152  # noqa: E402
 
 CARD_TOLERANCE = 0.01
@@ -180,7 +180,7 @@ def main() -> None:
     ZOO.mkdir(exist_ok=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("sample", "eval"))
     (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
-    size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6
+    size = folder_mb(tmp)
     (tmp / "docs" / "README.md").write_text(card(args.name, meta, m, args, size))
     verify_bundle(tmp, args.schema)
     dest = ZOO / args.name

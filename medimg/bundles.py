@@ -50,12 +50,16 @@ def resolve_bundle(bundle: str | Path) -> Path:
     raise BundleError(path, f"no such bundle folder, and not a shipped bundle name (shipped: {names})")
 
 
+def folder_mb(folder: Path) -> float:
+    """Size of every file under ``folder``, in MB."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+
+
 def describe(folder: Path) -> dict[str, Any]:
     """Task, labels, size on disk and headline metrics of one bundle (from its metadata only)."""
     meta = json.loads((folder / "configs" / "metadata.json").read_text())
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     headline = meta.get("medimg_headline") or {}
-    return {"task": meta.get("task", ""), "labels": meta.get("labels", {}), "size_mb": size / 1e6,
+    return {"task": meta.get("task", ""), "labels": meta.get("labels", {}), "size_mb": folder_mb(folder),
             "version": meta.get("version", ""), "headline": headline}
 
 

@@ -112,8 +112,8 @@ def load_init_weights(network: torch.nn.Module, source: str | Path) -> None:
     from medimg.models.weights import read_checkpoint, read_network_state
 
     path = Path(source)
-    if not path.exists() and str(source) in shipped_bundles():  # a shipped bundle's short name
-        path = shipped_bundles()[str(source)]
+    if not path.exists():  # a shipped bundle's short name
+        path = shipped_bundles().get(str(source), path)
     if path.is_dir():
         path = path / "models" / "model.pt"
     if not path.is_file():
