@@ -65,9 +65,36 @@ def colin(predictor, names: dict[int, str]) -> dict[str, float]:
     seconds = time.perf_counter() - start
     tissue = labels > 0
     gm = next(v for v, n in names.items() if "grey" in n or "gray" in n)
+    wm = next(v for v, n in names.items() if "white" in n)
+    oracle = intensity_oracle(np.asarray(nib.load(subject).dataobj, dtype=np.float32), brain, gm, wm)
+    inside = np.where(brain, labels, 0)  # the network's tissue boundary alone, its brain boundary set aside
     return {"colin_outside": float((tissue & ~brain).sum() / max(tissue.sum(), 1)),
             "colin_brain_dice": float(2 * (tissue & brain).sum() / max(tissue.sum() + brain.sum(), 1)),
-            "colin_gm_in_aal": float((labels[aal > 0] == gm).mean()), "colin_seconds": seconds}
+            "colin_gm_in_aal": float((labels[aal > 0] == gm).mean()), "colin_seconds": seconds,
+            "colin_oracle_gm_in_aal": float((oracle[aal > 0] == gm).mean()),
+            "colin_vs_oracle_gm": dice(inside == gm, oracle == gm),
+            "colin_vs_oracle_wm": dice(inside == wm, oracle == wm)}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks."""
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def intensity_oracle(image: np.ndarray, brain: np.ndarray, gm: int, wm: int) -> np.ndarray:
+    """The reference a tissue model must beat: a 3-class intensity GMM (CSF, GM, WM) inside the true brain mask.
+
+    It is given what the network is not (the expert brain mask) and knows only intensities; on a
+    clean, bias-corrected T1 such as Colin27 its GM / WM boundary is the intensity boundary.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    values = image[brain].reshape(-1, 1)
+    gmm = GaussianMixture(3, random_state=0).fit(values[::7])
+    rank = np.argsort(np.argsort(gmm.means_[:, 0]))  # component -> 0 CSF, 1 GM, 2 WM by mean intensity
+    out = np.zeros(image.shape, np.int16)
+    out[brain] = np.array([0, gm, wm])[rank[gmm.predict(values)]]
+    return out
 
 
 def card(name: str, meta: dict, m: dict[str, float], args: argparse.Namespace, size_mb: float) -> str:
@@ -76,6 +103,7 @@ def card(name: str, meta: dict, m: dict[str, float], args: argparse.Namespace, s
     rows = "\n".join(f"| {c} | {m[f'template_{c}']:.3f} | {m[f'hd95_{c}']:.2f} | {m[f'nsd_{c}']:.3f} |"
                      for c in classes)
     notes = Path(args.notes).read_text() if args.notes else ""
+    recipe = "\n".join(f"    {c}" for c in args.command)
     return f"""# `{name}`: 1 mm T1 brain tissue segmentation (shipped with medimg)
 
 {meta['description']}
@@ -92,7 +120,7 @@ Fine-tune on your own labels with `python -m medimg.train bundle={name} init_wei
 ## Network and data
 
 - Network: `{meta['medimg_network']}`; {size_mb:.1f} MB on disk (weights, OpenVINO IR, ONNX, torch.export).
-- Training data: {meta['data_source']}. The labels are the template's grey / white-matter
+- Training data: {meta['data_source']} The labels are the 2009a template's grey / white-matter
   probability maps (argmax where one reaches 0.5). Images are SynthSeg-style synthetic: every
   sample is regenerated from the labels plus generation-only CSF and head classes with random
   intensities, deformation, bias field, noise and resolution loss, so the network sees a new
@@ -102,7 +130,7 @@ Fine-tune on your own labels with `python -m medimg.train bundle={name} init_wei
 
 ## Recipe
 
-    {args.command}
+{recipe}
 
 Wall time: {args.wall} on {args.machine}.
 
@@ -121,8 +149,19 @@ Colin27 (a real head with skull and scalp, from Debian `mricron-data`; no traini
 |---|---|---|
 | predicted tissue outside the brain mask | {m['colin_outside']:.1%} | ≤ 2% |
 | AAL grey-matter voxels predicted grey | {m['colin_gm_in_aal']:.3f} | ≥ 0.85 |
+| the same for the intensity reference (below) | {m['colin_oracle_gm_in_aal']:.3f} | |
+| GM / WM Dice against the intensity reference, inside the brain mask | {m['colin_vs_oracle_gm']:.3f} / \
+{m['colin_vs_oracle_wm']:.3f} | |
 | brain Dice (any tissue vs the brain mask) | {m['colin_brain_dice']:.3f} | |
 | prediction wall time (CPU, 2 cores, OpenVINO) | {m['colin_seconds']:.1f} s | ≤ 30 s |
+
+The intensity reference is a 3-class Gaussian mixture of Colin27's intensities inside its expert
+brain mask (`ch2bet`): it is handed the brain boundary and draws the GM / WM boundary where the
+intensities do. AAL's parcels are generous (9.5% of their voxels lie outside `ch2bet`, and a
+fifth are white-matter bright), so this reference itself calls only
+{m['colin_oracle_gm_in_aal']:.1%} of them grey: the 0.85 target cannot be met on that measure by
+any model that follows the image, and the Dice against the reference says more about the tissue
+boundary.
 
 Suite check (`tests/cli/test_shipped_bundles.py`): mean Dice {m['slab_check']:.3f} on the held-out slab alone.
 
@@ -141,6 +180,11 @@ Suite check (`tests/cli/test_shipped_bundles.py`): mean Dice {m['slab_check']:.3
 - MNI ICBM152 2009a template (training data, shipped in `nilearn`): Copyright (C) 1993-2009 Louis
   Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University;
   use, copying and distribution permitted with this notice.
+- FSL's MNI152 NLin6 asymmetric template (training data, the head around the brain; from the
+  `nimare` wheel's resources, TemplateFlow `tpl-MNI152NLin6Asym`): McConnell Brain Imaging
+  Centre, Montreal Neurological Institute, McGill University; distributed with FSL and
+  TemplateFlow under the MNI template terms (use, copying and distribution permitted with the
+  copyright notice).
 - Colin27 and AAL (evaluation only, Debian `mricron-data`): not redistributed here.
 """
 
@@ -150,7 +194,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--command", required=True, help="the exact training command")
+    parser.add_argument("--command", required=True, action="append",
+                        help="the exact training command (repeat for stages, in order)")
     parser.add_argument("--wall", required=True, help="training wall time")
     parser.add_argument("--machine", default=f"{platform.machine()} CPU, 2 cores, no GPU")
     parser.add_argument("--notes", default=None, help="Markdown appended to the card's limitations")

@@ -7,6 +7,10 @@ are written as NIfTI in exactly the input's geometry. GPU with AMP when availabl
 ``--format dicom-seg`` writes a DICOM Segmentation instead (``.dcm``; one per DICOM series input),
 referencing the input series, with one segment per label named from the bundle's metadata.
 
+A folder of inputs under ``torchrun --nproc_per_node=N -m medimg.infer ...``, or with
+``--keep-going`` in one process, is sharded over the ranks, skips outputs already written, goes on
+past a failed input and ends with ``OUTPUT/summary.csv`` (see :mod:`medimg.batch`).
+
 Classification bundles write one JSON file (``--output probs.json``) with the class
 probabilities of every input (images may also be PNG / JPEG).
 """
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
+from medimg.batch import Shard, run_batch
 from medimg.errors import ConfigError, DataError, run_cli
 from medimg.io.dicom import folder_has_dicom
 from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, strip_suffix, write_like
@@ -110,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                              "with the bundle's names, prompts drawn (a folder of inputs: a folder of PNGs)")
     parser.add_argument("--format", default="nifti", choices=("nifti", "dicom-seg"),
                         help="nifti (default) or dicom-seg: a DICOM Segmentation referencing the input DICOM series")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="a folder of inputs: go on past a failed input, skip outputs already written, and write "
+                             "OUTPUT/summary.csv (always so under torchrun, which also shards the inputs)")
     args = parser.parse_args(argv)
 
     def body() -> None:
@@ -126,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             classify(args, out)
             return
         inputs, many = collect_inputs(Path(args.input))
+        shard = Shard.from_env()
+        if not many and (args.keep_going or shard.world > 1):
+            raise ConfigError(args.input, "--keep-going and torchrun sharding take a folder of inputs")
         preview = check_preview(args.preview, many)
         if not many and out.is_dir():
             raise ConfigError(out, "is a folder; give an output file name for a single input")
@@ -135,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             for item in inputs:
                 if not (item.is_dir() and folder_has_dicom(item)):
                     raise ConfigError(item, "--format dicom-seg needs DICOM series inputs (it references them)")
+        if many and (args.keep_going or shard.world > 1) and kind != "promptable":
+            return batch(args, inputs, out, preview, shard)
         # every input mistake is reported before the bundle's network is built and loaded
         if many:
             for item in inputs:
@@ -186,6 +199,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
 
     return run_cli(body)
+
+
+def batch(args: argparse.Namespace, inputs: list[Path], out: Path, preview: Path | None, shard: Shard) -> int:
+    """A folder of inputs the :mod:`medimg.batch` way: this rank's share, resumable, failures recorded."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(out, "is a file; a folder of inputs writes to an output folder")
+    seg_info = segment_names(args.bundle, False) if args.format == "dicom-seg" else None
+    names = segment_names(args.bundle, False)[0]
+    predictor = _load_bundle(args.bundle, shard.device(args.device))
+
+    def predict_one(item: Path, target: Path) -> list[Path]:
+        result = predictor.predict(item)
+        written = [write_labels(result.array, result, target, args.format, seg_info)]
+        if preview is not None:
+            source = read_image(item, spatial_dims=None)
+            written.append(write_preview(source.array, source.affine, result.array, names,
+                                         preview / output_name(item, "png")))
+        return written
+
+    return run_batch(inputs, out, lambda item: out / output_name(item, args.format), predict_one, shard)
 
 
 def classify(args: argparse.Namespace, out: Path) -> None:

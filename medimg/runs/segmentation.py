@@ -49,7 +49,7 @@ def resolve_data_source(cfg: DictConfig) -> tuple[Path, Path | str | None]:
         return embedded_manifest(d.dataset, d.dataset_dir)
     if d.manifest:
         return Path(d.manifest), d.dataset_dir
-    raise ConfigError("data", "give data.dataset (mni152, phantom) or data.manifest (+ data.dataset_dir)")
+    raise ConfigError("data", "give data.dataset (mni152, mni152_head, phantom) or data.manifest (+ data.dataset_dir)")
 
 
 def data_source(manifest: Manifest) -> str:

@@ -8,7 +8,14 @@ import pytest
 import torch
 from monai.transforms import Invertd
 
-from medimg.data.embedded.mni152 import TRAIN_Y_MIN_MM, VAL_Y_MAX_MM, mni152_tissue_labels
+from medimg.data.embedded.mni152 import (
+    TRAIN_Y_MIN_MM,
+    VAL_Y_MAX_MM,
+    compose_head,
+    mni152_tissue_labels,
+    prepare_mni152_head,
+    resample_to,
+)
 from medimg.data.manifest import load_manifest, validate_manifest
 from medimg.data.segmentation import ManifestDataModule
 from medimg.data.transforms import CT_WINDOWS, build_pipeline, intensity_spec, segmentation_spec
@@ -41,6 +48,49 @@ def test_mni152_is_real_and_split_without_overlap(mni_dir):
     offset = int(round(y_train_min - full.affine[1, 3]))
     np.testing.assert_array_equal(np.asarray(train.dataobj), t1[:, offset:])
     validate_manifest(manifest)
+
+
+def test_compose_head_puts_the_brain_inside_the_head_and_the_head_brain_to_csf():
+    t1 = np.zeros((12, 12, 12), np.float32)
+    labels = np.zeros_like(t1, dtype=np.uint8)
+    t1[3:9, 3:9, 3:9], labels[4:8, 4:8, 4:8] = 40.0, 2  # brain region: unlabelled rim (CSF 40) around WM
+    t1[labels == 2] = 200.0
+    head = np.full_like(t1, 10.0)  # a head of intensity 10, whose WM reads 1000: the scale is 0.2
+    head[labels == 2] = 1000.0
+    head_brain = np.zeros_like(t1)
+    head_brain[3:10, 3:9, 3:9] = 1  # the head's brain reaches one slab past the template's
+    out = compose_head(t1, labels, head, head_brain, gap_voxels=1)
+    np.testing.assert_array_equal(out[labels == 2], 200.0)  # the brain as it was
+    assert out[0, 0, 0] == pytest.approx(2.0)  # the head, scaled to the brain's white matter
+    assert out[9, 5, 5] == pytest.approx(40.0) and out[10, 5, 5] == pytest.approx(40.0)  # head brain (+1) is CSF
+    assert out[11, 5, 5] == pytest.approx(2.0)
+    with pytest.raises(DataError, match="do not overlap"):
+        compose_head(t1, labels, np.zeros_like(t1), head_brain)
+
+
+def test_resample_to_follows_both_affines():
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    src = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    target = np.diag([1.0, 1.0, 1.0, 1.0])
+    target[:3, 3] = [2.0, 4.0, 6.0]  # the target's voxel (0, 0, 0) is the source's (1, 2, 3)
+    out = resample_to(src, (3, 3, 3), target, order=0)
+    assert out[0, 0, 0] == data[1, 2, 3] and out[2, 2, 2] == data[2, 3, 4]
+
+
+def test_mni152_head_is_the_template_brain_inside_a_real_head(mni_dir, _data_root):
+    head_dir = prepare_mni152_head(_data_root / "mni152_head")  # nimare's files are installed by README command 1
+    manifest = load_manifest(resource_dir("data_manifests") / "mni152_head.json", head_dir)
+    validate_manifest(manifest)
+    brain = np.asarray(nib.load(str(mni_dir / "t1.nii.gz")).dataobj)
+    head = np.asarray(nib.load(str(head_dir / "t1.nii.gz")).dataobj)
+    labels = np.asarray(nib.load(str(head_dir / "labels.nii.gz")).dataobj)
+    assert head.shape == brain.shape
+    np.testing.assert_array_equal(labels, np.asarray(nib.load(str(mni_dir / "labels.nii.gz")).dataobj))
+    np.testing.assert_allclose(head[brain > 0], brain[brain > 0])  # the template's brain region untouched
+    scalp = (brain == 0) & (head > 0.3 * np.median(brain[labels == 2]))
+    assert scalp.sum() > 500_000  # a real head around it: scalp, skull, face, neck (mm^3)
+    # the head is background, and it lies outside the brain
+    assert not (labels[scalp] > 0).any()
 
 
 def _write_pair(tmp_path, image_shape=(8, 8, 8), label_shape=(8, 8, 8), label_affine=None, label_value=1):
