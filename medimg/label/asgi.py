@@ -11,6 +11,13 @@ It also narrows cross-origin access to the origins ``python -m medimg.label serv
 ``MEDIMG_LABEL_CORS_ORIGINS`` (MONAI Label allows every origin by default, and its own
 ``MONAI_LABEL_CORS_ORIGINS`` setting crashes its start-up under pydantic 2).
 
+With ``serve --token-file`` it demands the bearer token on every endpoint
+(:class:`medimg.label.auth.BearerTokenMiddleware`, outermost). Request bodies are limited
+(``serve --max-upload-mb``, :mod:`medimg.label.limits`). Image ids must be plain names inside the
+studies folder: MONAI Label would read any existing server path given as ``image``
+(:mod:`medimg.label.datastore`). Malformed requests (a body FastAPI cannot parse, ``params`` that
+is not JSON, an id that reaches outside) get 400 with the reason, not 422 or 500.
+
 MONAI Label's ``start_server --uvicorn_app`` option exists for such custom apps.
 """
 
@@ -20,12 +27,19 @@ import json
 import os
 from typing import Optional
 
-from fastapi import BackgroundTasks, Depends, File, Form, UploadFile
+from fastapi import BackgroundTasks, Depends, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from monailabel.app import app
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
+
+from medimg.errors import DataError
+from medimg.label.auth import DIGEST_ENV, BearerTokenMiddleware
+from medimg.label.datastore import plain_name
+from medimg.label.limits import DEFAULT_MAX_UPLOAD_MB, UPLOAD_ENV, BodyLimitMiddleware
 
 __all__ = ["app"]
 
@@ -35,7 +49,9 @@ def infer_in_worker_thread(background_tasks: BackgroundTasks, model: str, image:
                            label: UploadFile = File(None),  # noqa: B008
                            output: Optional[ResultType] = None,  # noqa: UP045 - FastAPI reads the annotation
                            user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):  # noqa: B008
-    """MONAI Label's inference endpoint, run in a worker thread."""
+    """MONAI Label's inference endpoint, run in a worker thread; ``image`` must be a plain id."""
+    plain_name("image id", image)
+    json.loads(params or "{}")  # not JSON: 400 before any work (bad_request)
     return run_inference(background_tasks, model, image, session_id, params, file, label, output)
 
 
@@ -48,3 +64,22 @@ if os.environ.get(ORIGINS_ENV):
     for middleware in app.user_middleware:
         if middleware.cls is CORSMiddleware:
             middleware.kwargs["allow_origins"] = json.loads(os.environ[ORIGINS_ENV])
+
+
+async def bad_request(request: Request, exc: Exception) -> JSONResponse:
+    """400 with the reason: an unparsable body, ``params`` not JSON, a path outside the studies, a bad upload."""
+    if isinstance(exc, RequestValidationError):
+        detail: object = exc.errors()
+    elif isinstance(exc, json.JSONDecodeError):
+        detail = f"params: not valid JSON ({exc.msg} at character {exc.pos})"
+    else:
+        detail = str(exc)
+    return JSONResponse({"detail": detail}, status_code=400)
+
+
+for error in (RequestValidationError, json.JSONDecodeError, DataError):  # DataError: paths, uploads
+    app.add_exception_handler(error, bad_request)
+app.add_middleware(BodyLimitMiddleware,
+                   max_bytes=int(float(os.environ.get(UPLOAD_ENV, DEFAULT_MAX_UPLOAD_MB)) * 2**20))
+if os.environ.get(DIGEST_ENV):  # outermost: nothing is reached without the token
+    app.add_middleware(BearerTokenMiddleware, token_sha256=os.environ[DIGEST_ENV])

@@ -2,8 +2,11 @@
 
     python -m medimg.label serve --studies STUDIES [--models MODELS] [--host 127.0.0.1] [--port 8000]
 
-- It binds 127.0.0.1 unless ``--host`` says otherwise, and warns loudly when bound elsewhere
-  without MONAI Label's authentication (``MONAI_LABEL_AUTH_ENABLE``).
+- It binds 127.0.0.1 unless ``--host`` says otherwise. Bound elsewhere, it refuses to start
+  without authentication: a bearer token (``--token-file``, or ``$MEDIMG_LABEL_TOKEN``; checked on
+  every endpoint, :mod:`medimg.label.auth`) or MONAI Label's Keycloak (``MONAI_LABEL_AUTH_ENABLE``).
+  ``--insecure`` is the explicit way out, and it prints the warning box. A token works on
+  loopback too.
 - Cross-origin requests are allowed only from the server's own origin and the ``--cors`` origins
   (MONAI Label's default is every origin).
 - It needs no network: nothing is downloaded (bundles load from ``--models``; no DICOMweb tools).
@@ -35,8 +38,8 @@ WARNING = """
 ################################################################################
 #  WARNING: MONAI Label is listening on {host}:{port} WITHOUT AUTHENTICATION.
 #  Anyone who can reach this machine can read the studies, run the models and
-#  start training. Bind 127.0.0.1 (the default), or put the server behind an
-#  authenticating proxy / enable MONAI_LABEL_AUTH_ENABLE with Keycloak.
+#  start training. Bind 127.0.0.1 (the default), give --token-file, or enable
+#  MONAI_LABEL_AUTH_ENABLE with Keycloak.
 ################################################################################"""
 
 
@@ -61,6 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--studies", required=True, help="studies folder (NIfTI/NRRD files, DICOM series folders)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token-file", default=None,
+                       help="file holding the bearer token every request must carry (chmod 600; "
+                            "or set MEDIMG_LABEL_TOKEN); required when --host is not loopback")
+    serve.add_argument("--max-upload-mb", type=float, default=None,
+                       help="largest request body (image or label upload) in MB (default: 2048)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="bind beyond loopback without authentication (prints a warning)")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
     serve.add_argument("--runs", default=None, help="folder for fine-tuning runs (default: <app-dir>/runs)")
     serve.add_argument("--app-dir", default=None, help="MONAI Label app folder to create (default: temporary)")
@@ -116,11 +126,43 @@ def copy_shipped(folder: Path) -> Path:
     return folder
 
 
+def check_auth(args: argparse.Namespace) -> str | None:
+    """The token the server will demand, after the refusal rules; the warning box when insecure.
+
+    Returns:
+        The token, or ``None`` (loopback, Keycloak, or ``--insecure``).
+    """
+    from medimg.label.auth import read_token
+
+    token = read_token(args.token_file)
+    keycloak = os.environ.get("MONAI_LABEL_AUTH_ENABLE", "").lower() in ("1", "true")
+    if token and keycloak:
+        raise ConfigError("--token-file", "MONAI_LABEL_AUTH_ENABLE (Keycloak) is on as well; choose one")
+    if token or keycloak or is_loopback(args.host):
+        return token
+    if not args.insecure:
+        raise ConfigError("--host", f"{args.host} is reachable from other machines and no authentication is set: "
+                                    "give --token-file FILE (or MEDIMG_LABEL_TOKEN), enable MONAI_LABEL_AUTH_ENABLE "
+                                    "(Keycloak), or pass --insecure")
+    print(WARNING.format(host=args.host, port=args.port), file=sys.stderr, flush=True)
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Check the folders, write the app folder, and run MONAI Label's server until it stops."""
+    from medimg.label.auth import DIGEST_ENV, TOKEN_ENV, digest
+    from medimg.label.limits import UPLOAD_ENV
+
+    token = check_auth(args)
     check(args)
-    if not is_loopback(args.host) and os.environ.get("MONAI_LABEL_AUTH_ENABLE", "").lower() not in ("1", "true"):
-        print(WARNING.format(host=args.host, port=args.port), file=sys.stderr, flush=True)
+    os.environ.pop(TOKEN_ENV, None)  # the server and its training subprocesses hold the digest only
+    os.environ.pop(DIGEST_ENV, None)
+    if token:
+        os.environ[DIGEST_ENV] = digest(token)
+    if args.max_upload_mb is not None:
+        if not args.max_upload_mb > 0:
+            raise ConfigError("--max-upload-mb", f"{args.max_upload_mb} is not a positive size")
+        os.environ[UPLOAD_ENV] = str(args.max_upload_mb)
     temporary = args.app_dir is None
     app_dir = Path(tempfile.mkdtemp(prefix="medimg-label-app-")) if temporary else Path(args.app_dir)
     try:

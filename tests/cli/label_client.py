@@ -27,13 +27,22 @@ def free_port() -> int:
 class LabelServer:
     """``python -m medimg.label serve`` on a free loopback port."""
 
-    def __init__(self, models: Path, studies: Path, work: Path) -> None:
+    def __init__(self, models: Path, studies: Path, work: Path, token: str | None = None,
+                 extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = work / "server.log"
         self.app_dir, self.runs = work / "app", work / "runs"
+        self.session = requests.Session()  # every call carries the token, as Slicer's client does
         cmd = [sys.executable, "-m", "medimg.label", "serve", "--models", str(models), "--studies", str(studies),
-               "--port", str(self.port), "--device", "cpu", "--app-dir", str(self.app_dir), "--runs", str(self.runs)]
+               "--port", str(self.port), "--device", "cpu", "--app-dir", str(self.app_dir), "--runs", str(self.runs),
+               *(extra or [])]
+        if token:
+            token_file = work / "token"
+            token_file.write_text(token)
+            token_file.chmod(0o600)
+            cmd += ["--token-file", str(token_file)]
+            self.session.headers["Authorization"] = f"Bearer {token}"
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -43,7 +52,7 @@ class LabelServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.tail()}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=5).ok:
+                if self.session.get(f"{self.url}/info/", timeout=5).ok:
                     return
             except requests.ConnectionError:
                 pass
@@ -55,13 +64,13 @@ class LabelServer:
         return self.log.read_text()[-n:] if self.log.is_file() else ""
 
     def get(self, path: str, **kw: Any) -> Any:
-        r = requests.get(f"{self.url}{path}", timeout=60, **kw)
+        r = self.session.get(f"{self.url}{path}", timeout=60, **kw)
         r.raise_for_status()
         return r.json()
 
     def infer(self, model: str, image: str, params: dict, out_dir: Path) -> tuple[int, Any, Path | None]:
         """``POST /infer/{model}``: ``(status, result JSON or error text, label file or None)``."""
-        r = requests.post(f"{self.url}/infer/{model}", params={"image": image, "output": "all"},
+        r = self.session.post(f"{self.url}/infer/{model}", params={"image": image, "output": "all"},
                           data={"params": json.dumps(params)}, timeout=600)
         if r.status_code != 200:
             return r.status_code, r.text, None

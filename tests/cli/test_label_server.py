@@ -25,6 +25,7 @@ from tests.helpers import dciodvfy, write_dicom_series
 
 LPS = np.array([[0, -1], [1, -1], [2, 1]])  # flip the first two axes: RAS-stored -> LPS-stored
 WM_CLICK_RAS = [-26.0, -10.0, 26.0]  # deep white matter, RAS mm
+TOKEN = "medimg-suite-token-0123456789"  # every test below goes through the bearer-token check
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def studies(tmp_path_factory, mni_dir) -> Path:
     affine = image.affine.copy()
     affine[:3, :3] *= 3
     write_dicom_series(np.round(image.array[::3, ::3, ::3]), affine, folder / "mni_series")
+    (folder / "leak.nii.gz").symlink_to(mni_dir / "t1_posterior.nii.gz")  # a link out: never listed or served
     return folder
 
 
@@ -45,7 +47,7 @@ def server(tmp_path_factory, studies, mni_run, lite_run, run3d, cls_run):
     models = tmp_path_factory.mktemp("models")
     for name, run in (("swin_unetr", mni_run), ("litemedsam", lite_run), ("medsam3d", run3d), ("vit_cls", cls_run)):
         shutil.copytree(run / "bundle", models / name)
-    srv = LabelServer(models, studies, tmp_path_factory.mktemp("label"))
+    srv = LabelServer(models, studies, tmp_path_factory.mktemp("label"), token=TOKEN, extra=["--max-upload-mb", "8"])
     yield srv
     srv.stop()
 
@@ -68,6 +70,71 @@ def test_info_lists_every_bundle_and_the_datastore_its_images(server):
     assert models["swin_unetr"]["labels"] == {"grey_matter": 1, "white_matter": 2}
     assert "val/dice" in models["swin_unetr"]["eval_metrics"]
     assert sorted(info["trainers"]) == ["litemedsam", "medsam3d", "swin_unetr"]
+    objects = server.get("/datastore/", params={"output": "all"})["objects"]
+    assert sorted(objects) == ["mni_series", "mni_t1", "mni_t1_lps"]
+
+
+def test_every_endpoint_wants_the_token(server):
+    import requests
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
+    calls = [("get", "/info/"), ("get", "/datastore/?output=all"), ("post", "/infer/swin_unetr?image=mni_t1"),
+             ("get", "/train/"), ("post", "/train/swin_unetr"), ("put", "/datastore/label?image=mni_t1&tag=final"),
+             ("get", "/activelearning/random"), ("get", "/docs"), ("get", "/openapi.json")]
+    for method, path in calls:
+        for headers in ({}, {"Authorization": "Bearer medimg-wrong-token-012345"}, {"Authorization": f"Basic {TOKEN}"}):
+            r = requests.request(method, f"{server.url}{path}", headers=headers, timeout=30)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path, r.status_code)
+    assert server.session.get(f"{server.url}/info/", timeout=30).status_code == 200
+    # MONAI Label's own client, the one 3D Slicer's module uses, given the token
+    client = MONAILabelClient(server.url)
+    with pytest.raises(MONAILabelClientException) as refused:
+        client.info()
+    assert refused.value.status_code == 401
+    client.update_auth({"token_type": "Bearer", "access_token": TOKEN})
+    assert "swin_unetr" in client.info()["models"]
+
+
+def test_paths_uploads_and_bodies_are_refused_with_400_or_413(server, studies, mni_dir, tmp_path):
+    url, s = server.url, server.session
+    for image in ("../mni_t1", str(mni_dir / "t1.nii.gz"), "/etc/passwd", "leak"):
+        r = s.post(f"{url}/infer/swin_unetr", params={"image": image}, data={"params": "{}"}, timeout=120)
+        assert r.status_code in (400, 404) and "Traceback" not in r.text, (image, r.status_code, r.text[:300])
+    assert s.get(f"{url}/datastore/image", params={"image": "leak"}, timeout=30).status_code in (400, 404)
+    labels = nib.load(mni_dir / "labels.nii.gz")
+    nib.save(labels, tmp_path / "label.nii.gz")
+    payload = (tmp_path / "label.nii.gz").read_bytes()
+    for tag in ("../../escape", "/tmp/escape"):
+        r = s.put(f"{url}/datastore/label", params={"image": "mni_t1", "tag": tag},
+                  files={"label": ("label.nii.gz", payload)}, data={"params": "{}"}, timeout=60)
+        assert r.status_code == 400 and "plain name" in r.text
+    assert not list(studies.parent.glob("escape*")) and not Path("/tmp/escape").exists()
+    # a corrupt label upload is refused; the label stored before it stays
+    r = s.put(f"{url}/datastore/label", params={"image": "mni_t1_lps", "tag": "guard"},
+              files={"label": ("label.nii.gz", payload)}, data={"params": "{}"}, timeout=60)
+    assert r.ok, r.text
+    stored = s.get(f"{url}/datastore/label", params={"label": "mni_t1_lps", "tag": "guard"}, timeout=60).content
+    r = s.put(f"{url}/datastore/label", params={"image": "mni_t1_lps", "tag": "guard"},
+              files={"label": ("label.nii.gz", payload[: len(payload) // 2])}, data={"params": "{}"}, timeout=60)
+    assert r.status_code == 400 and "label upload for 'mni_t1_lps'" in r.text
+    assert s.get(f"{url}/datastore/label", params={"label": "mni_t1_lps", "tag": "guard"}, timeout=60).content == stored
+    # malformed bodies: 400, never 500
+    r = s.post(f"{url}/infer/swin_unetr", params={"image": "mni_t1"}, data={"params": "{not json"}, timeout=60)
+    assert r.status_code == 400 and "not valid JSON" in r.text
+    truncated = b'--xx\r\nContent-Disposition: form-data; name="label"; filename="a.nii.gz"\r\n\r\nabc'
+    r = s.put(f"{url}/datastore/label", params={"image": "mni_t1", "tag": "final"}, data=truncated,
+              headers={"Content-Type": "multipart/form-data; boundary=xx"}, timeout=60)
+    assert r.status_code == 400
+    # over the upload limit (8 MB here): refused whether declared or streamed
+    big = b"\0" * (9 * 2**20)
+    r = s.put(f"{url}/datastore/label", params={"image": "mni_t1", "tag": "big"},
+              files={"label": ("label.nii.gz", big)}, data={"params": "{}"}, timeout=120)
+    assert r.status_code == 413
+    chunks = (big[i:i + 2**20] for i in range(0, len(big), 2**20))  # no Content-Length: counted as it comes
+    r = s.put(f"{url}/datastore/image", params={"image": "streamed"}, data=chunks,
+              headers={"Content-Type": "multipart/form-data; boundary=xx"}, timeout=120)
+    assert r.status_code == 413
     objects = server.get("/datastore/", params={"output": "all"})["objects"]
     assert sorted(objects) == ["mni_series", "mni_t1", "mni_t1_lps"]
 
@@ -187,20 +254,18 @@ def test_a_running_inference_does_not_block_the_server(server, tmp_path):
 
 
 def test_training_publishes_weights_the_next_inference_uses(server, studies, mni_dir, tmp_path):
-    import requests
-
     labels = nib.load(mni_dir / "labels.nii.gz")
     nib.save(labels, tmp_path / "ras.nii.gz")
     nib.save(labels.as_reoriented(LPS), tmp_path / "lps.nii.gz")
     for image, name in (("mni_t1", "ras.nii.gz"), ("mni_t1_lps", "lps.nii.gz")):
         with open(tmp_path / name, "rb") as fh:
-            r = requests.put(f"{server.url}/datastore/label", params={"image": image, "tag": "final"},
+            r = server.session.put(f"{server.url}/datastore/label", params={"image": image, "tag": "final"},
                              files={"label": (name, fh)}, data={"params": "{}"}, timeout=60)
         assert r.ok, r.text
     weights = Path(server.get("/info/")["models"]["swin_unetr"]["config"]["bundle"]) / "models" / "model.pt"
     mtime = weights.stat().st_mtime_ns
     _, before, before_path = server.infer("swin_unetr", "mni_t1", {}, tmp_path)
-    r = requests.post(f"{server.url}/train/swin_unetr", json={"max_epochs": 1}, timeout=60)
+    r = server.session.post(f"{server.url}/train/swin_unetr", json={"max_epochs": 1}, timeout=60)
     assert r.ok, r.text
     deadline, status = time.monotonic() + 900, {}
     while time.monotonic() < deadline:
