@@ -28,6 +28,7 @@ from medimg.data.embedded.mni152 import MNI_FILES, mni152_source_dir
 from medimg.models import build_network
 from medimg.models.sam.runtime import save_openvino_ir
 from medimg.predictors import PromptablePredictor
+from medimg.predictors.embedding_cache import EmbeddingCache
 
 NAME = "LiteMedSAM (CPU)"
 
@@ -91,9 +92,9 @@ def _propagation(net: torch.nn.Module, fast: PromptablePredictor, t1: np.ndarray
     idx = np.argwhere(labels)
     box3d = [*idx.min(0), *idx.max(0)]
     masks, secs, calls = {}, {}, {}
-    for name, pred in (("eager", PromptablePredictor(net, device="cpu", backend="torch", cache_size=256)),
+    for name, pred in (("eager", PromptablePredictor(net, device="cpu", backend="torch", cache_mb=2048)),
                        ("fast", fast)):
-        pred.cache_size = 256
+        pred.cache = EmbeddingCache(2048)  # every slice of the volume stays cached
         pred.set_volume(t1)
         pred.encoder_calls = 0
         t = time.perf_counter()

@@ -36,6 +36,7 @@ from medimg.errors import MedimgError
 from medimg.io.image import Image, read_image
 from medimg.label.publish import bundle_version, load_locked
 from medimg.label.results import write_result
+from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB, EmbeddingCache
 from medimg.predictors.prompting import prompt_shape
 
 log = logging.getLogger(__name__)
@@ -61,15 +62,16 @@ class BundleInfer(InferTask):
         dimension: 2 or 3 (3D Slicer sends ``slice`` to 2D models).
         description: shown by the clients.
         device: torch device for the predictor (``None``: CUDA when available).
+        cache_mb: the bound of an interactive model's embedding cache, over all images (MiB).
     """
 
     def __init__(self, bundle: Path, type: InferType, dimension: int, description: str,
-                 device: str | None = None) -> None:
+                 device: str | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> None:
         self.bundle = Path(bundle)
         self.meta = bundle_meta(self.bundle)
         super().__init__(type=type, labels=bundle_labels(self.meta), dimension=dimension, description=description,
                          config={"bundle": str(self.bundle), "bundle_version": str(self.meta.get("version", ""))})
-        self.device = device
+        self.device, self.cache_mb = device, float(cache_mb)
         self.predictor: Any = None
         self.loaded_version: tuple[int, int] | None = None
         self.loads = 0
@@ -90,6 +92,8 @@ class BundleInfer(InferTask):
         self.meta = bundle_meta(self.bundle)
         self.loads += 1
         log.info("loaded %s (weights version %s)", self.bundle, self.loaded_version)
+        if isinstance(getattr(self.predictor, "cache", None), EmbeddingCache):
+            self.predictor.cache = EmbeddingCache(self.cache_mb)  # the server's bound, across images
         self.on_load()
 
     def on_load(self) -> None:
@@ -195,9 +199,9 @@ class PromptInfer2D(BundleInfer):
     embeddings across requests, so a new click on the same image runs no image encoder.
     """
 
-    def __init__(self, bundle: Path, device: str | None = None) -> None:
+    def __init__(self, bundle: Path, device: str | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> None:
         super().__init__(bundle, InferType.DEEPGROW, 2, f"medimg interactive 2D ({bundle.name}): clicks or ROI",
-                         device)
+                         device, cache_mb)
         self._planes: dict[str, Any] = {}
 
     def on_load(self) -> None:
@@ -237,7 +241,9 @@ class PromptInfer2D(BundleInfer):
                                         point_labels=labels if len(pts) else None, propagate=propagate)
         return mask.astype(np.uint8).reshape(image.array.shape), {
             "encoder_calls": self.encoder_calls - before, "encoder_calls_total": self.encoder_calls,
-            "plane": predictor.plane if volume else None}
+            "plane": predictor.plane if volume else None,
+            "embedding_cache": {"bytes": predictor.cache.nbytes, "bound": predictor.cache.max_bytes,
+                                "images": len(predictor.cache.images()), "evictions": predictor.cache.evictions}}
 
 
 class PromptInfer3D(BundleInfer):
@@ -259,8 +265,8 @@ class PromptInfer3D(BundleInfer):
         return mask.astype(np.uint8), {}
 
 
-def infer_task(bundle: Path, device: str | None = None) -> BundleInfer:
-    """The infer task for a bundle folder, by its ``medimg_task`` and template."""
+def infer_task(bundle: Path, device: str | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> BundleInfer:
+    """The infer task for a bundle folder, by its ``medimg_task`` and template (``cache_mb``: 2D interactive)."""
     kind = bundle_task(bundle)
     if kind == "classification":
         return ClassificationInfer(bundle, device)
@@ -268,5 +274,5 @@ def infer_task(bundle: Path, device: str | None = None) -> BundleInfer:
         spec = json.loads((bundle / "configs" / "inference.json").read_text()).get("predictor", {})
         if str(spec.get("_target_", "")).endswith("VolumePromptPredictor"):
             return PromptInfer3D(bundle, device)
-        return PromptInfer2D(bundle, device)
+        return PromptInfer2D(bundle, device, cache_mb)
     return SegmentationInfer(bundle, device)

@@ -8,6 +8,8 @@ folder whose ``main.py`` imports it). Conf values (``--conf key value``, all str
   ``configs/metadata.json`` is one model, named after the folder.
 - ``runs``: where fine-tuning runs are kept (default: ``<app>/runs``).
 - ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
+- ``embedding_cache_mb``: the bound of each interactive 2D model's slice-embedding cache, over
+  all images, least recently used first (default 512).
 - ``schema``: a local MONAI metadata schema for verifying fine-tuned bundles offline (default:
   ``MEDIMG_MONAI_SCHEMA``).
 """
@@ -28,6 +30,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from medimg.label.datastore import SeriesDatastore
 from medimg.label.infer import BundleInfer, infer_task
 from medimg.label.train import TRAINABLE, BundleTrain
+from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class MedimgApp(MONAILabelApp):
         if not self.bundles:
             raise ValueError(f"{self.models}: no medimg bundle (a folder with configs/metadata.json) found")
         self.device = conf.get("device") or None
+        self.cache_mb = float(conf.get("embedding_cache_mb") or DEFAULT_CACHE_MB)
         self.runs = Path(conf.get("runs") or Path(app_dir) / "runs")
         self.schema = conf.get("schema") or os.environ.get("MEDIMG_MONAI_SCHEMA")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="medimg",
@@ -66,7 +70,7 @@ class MedimgApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         """One task per bundle; nothing is loaded until its first request."""
-        return {b.name: infer_task(b, self.device) for b in self.bundles}
+        return {b.name: infer_task(b, self.device, self.cache_mb) for b in self.bundles}
 
     def init_trainers(self) -> dict[str, TrainTask]:
         """A fine-tuning task per segmentation and promptable bundle."""

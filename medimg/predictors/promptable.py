@@ -1,7 +1,9 @@
 """Interactive promptable segmentation with a 2D SAM-family network, for 2D images and 3D volumes.
 
 Set an image or volume once; image embeddings are computed per slice on first use and kept in a
-bounded LRU cache, so each new prompt runs only the prompt encoder and mask decoder.
+cache bounded in bytes across images (:class:`~medimg.predictors.embedding_cache.EmbeddingCache`,
+least recently used first), so each new prompt runs only the prompt encoder and mask decoder, and
+coming back to an image seen before runs no encoder while its slices are still cached.
 
 A volume is prepared exactly as training prepared it (:func:`medimg.data.slicing.prepare_volume`:
 the bundle's anatomical ``plane`` resolved through the affine, its ``intensity`` window). Prompts
@@ -17,7 +19,6 @@ the starting slice's by more than ``intensity_tolerance`` of the intensity range
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ from medimg.data.slicing import SliceFrame, check_intensity, check_plane, prepar
 from medimg.io.image import Image
 from medimg.models.sam.network import decode_best
 from medimg.models.sam.runtime import make_runtime
+from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB, EmbeddingCache
 from medimg.predictors.prompting import PromptPredictorBase
 from medimg.predictors.protocols import PromptableNetwork2D
 
@@ -43,7 +45,8 @@ class PromptablePredictor(PromptPredictorBase):
         device: ``cpu``/``cuda`` (default: CUDA when available).
         plane: the anatomical slicing plane training used (``sagittal``, ``coronal``, ``axial``).
         intensity: the intensity preset training used (a CT window, ``mr`` or ``none``).
-        cache_size: how many slice embeddings to keep (LRU).
+        cache_mb: the bound of the embedding cache (MiB), over all images (ignored with ``cache``).
+        cache: an :class:`EmbeddingCache` to share (e.g. between the planes of one server model).
         min_area: a propagated slice mask smaller than this (pixels) ends propagation.
         box_margin: pixels added around a mask's bounding box when it becomes the next slice's box.
         min_iou: propagation stops below this predicted IoU.
@@ -58,9 +61,10 @@ class PromptablePredictor(PromptPredictorBase):
     """
 
     def __init__(self, network: PromptableNetwork2D, device: str | None = None, plane: str = "axial",
-                 intensity: str = "mr", cache_size: int = 64, min_area: int = 10, box_margin: int = 2,
-                 min_iou: float = 0.5, intensity_tolerance: float = 0.25, backend: str = "torch",
-                 runtime_dir: str | None = None, precision: str = "f32") -> None:
+                 intensity: str = "mr", cache_mb: float = DEFAULT_CACHE_MB, min_area: int = 10,
+                 box_margin: int = 2, min_iou: float = 0.5, intensity_tolerance: float = 0.25,
+                 backend: str = "torch", runtime_dir: str | None = None, precision: str = "f32",
+                 cache: EmbeddingCache | None = None) -> None:
         self.plane = check_plane(plane)
         self.intensity = check_intensity(intensity)
         self.frame: SliceFrame | None = None
@@ -68,13 +72,12 @@ class PromptablePredictor(PromptPredictorBase):
         self.network = network.to(self.device).eval()
         self.backend, self.runtime_dir, self.precision = backend, runtime_dir, precision
         self.runtime = make_runtime(self.network, backend, runtime_dir, precision, self.device)
-        self.cache_size = int(cache_size)
+        self.cache = cache if cache is not None else EmbeddingCache(cache_mb)
         self.min_area = int(min_area)
         self.box_margin = int(box_margin)
         self.min_iou = float(min_iou)
         self.intensity_tolerance = float(intensity_tolerance)
         self.last_iou = float("nan")
-        self._cache: OrderedDict[int, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
         self._volume: np.ndarray | None = None
         self._key: str | None = None
         self.encoder_calls = 0
@@ -108,7 +111,6 @@ class PromptablePredictor(PromptPredictorBase):
             return
         self.frame = None
         self._volume = window_to_uint8(image, check_intensity(intensity or self.intensity))[..., None]
-        self._cache.clear()
         self._key = key
 
     def set_volume(self, volume: np.ndarray, affine: np.ndarray | None = None, intensity: str | None = None) -> None:
@@ -128,13 +130,13 @@ class PromptablePredictor(PromptPredictorBase):
             return
         self._volume, self.frame = prepare_volume(volume, affine, self.plane,
                                                   check_intensity(intensity or self.intensity))
-        self._cache.clear()
         self._key = key
 
     def with_plane(self, plane: str) -> PromptablePredictor:
-        """A predictor sharing this one's network and settings that slices along another ``plane``."""
-        other = PromptablePredictor(self.network, str(self.device), plane, self.intensity, self.cache_size,
-                                    self.min_area, self.box_margin, self.min_iou, self.intensity_tolerance)
+        """A predictor sharing this one's network, settings and embedding cache that slices along another ``plane``."""
+        other = PromptablePredictor(self.network, str(self.device), plane, self.intensity, min_area=self.min_area,
+                                    box_margin=self.box_margin, min_iou=self.min_iou,
+                                    intensity_tolerance=self.intensity_tolerance, cache=self.cache)
         other.backend, other.runtime_dir, other.precision, other.runtime = (
             self.backend, self.runtime_dir, self.precision, self.runtime)
         return other
@@ -150,15 +152,13 @@ class PromptablePredictor(PromptPredictorBase):
     @torch.no_grad()
     def embedding(self, k: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image embedding of slice ``k`` (cached) and its resized size."""
-        if k in self._cache:
-            self._cache.move_to_end(k)
-            return self._cache[k]
+        cached = self.cache.get(self._key, k)
+        if cached is not None:
+            return cached
         x, resized = self.network.preprocess(self._volume[:, :, k].T)
         emb = self.runtime.encode(x.to(self.device))
         self.encoder_calls += 1
-        self._cache[k] = (emb, resized)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self.cache.put(self._key, k, (emb, resized))
         return emb, resized
 
     # -------------------------------------------------------------- 2D prompts

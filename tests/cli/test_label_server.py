@@ -47,7 +47,8 @@ def server(tmp_path_factory, studies, mni_run, lite_run, run3d, cls_run):
     models = tmp_path_factory.mktemp("models")
     for name, run in (("swin_unetr", mni_run), ("litemedsam", lite_run), ("medsam3d", run3d), ("vit_cls", cls_run)):
         shutil.copytree(run / "bundle", models / name)
-    srv = LabelServer(models, studies, tmp_path_factory.mktemp("label"), token=TOKEN, extra=["--max-upload-mb", "8"])
+    srv = LabelServer(models, studies, tmp_path_factory.mktemp("label"), token=TOKEN,
+                      extra=["--max-upload-mb", "8", "--conf", "embedding_cache_mb", "256"])
     yield srv
     srv.stop()
 
@@ -215,6 +216,30 @@ def test_litemedsam_clicks_alone_segment_the_viewed_slice(server, studies, tmp_p
     assert mask.sum() == mask[:, :, pos[2]].sum()
 
 
+def test_two_annotators_on_their_own_images_share_the_server(server, studies, tmp_path):
+    """The load test's small version: two clients clicking at once, each on its own image, no errors,
+    and each image's slice embeddings survive the other's clicks (the cache spans images)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def annotate(image: str) -> list[tuple[int, dict]]:
+        t1 = nib.load(studies / f"{image}.nii.gz")
+        pos = [int(c) for c in np.round(np.linalg.inv(t1.affine) @ [*WM_CLICK_RAS, 1.0])[:3]]
+        out = []
+        for shift in (0, 2, 4):  # three clicks on the same slice
+            click = [pos[0] + shift, pos[1], pos[2]]
+            code, res, _ = server.infer("litemedsam", image, {"foreground": [click], "slice": pos[2]}, tmp_path)
+            out.append((code, res))
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(annotate, ["mni_t1", "mni_t1_lps"]))
+    for answers in results:
+        assert [code for code, _ in answers] == [200, 200, 200], answers
+        assert [res["encoder_calls"] for _, res in answers[1:]] == [0, 0]  # the other image did not evict this one
+        cache = answers[-1][1]["embedding_cache"]
+        assert cache["bound"] == 256 * 2**20 and 0 < cache["bytes"] <= cache["bound"] and cache["images"] >= 2
+
+
 def test_medsam3d_click_in_the_input_geometry(server, studies, tmp_path):
     t1 = nib.load(studies / "mni_t1_lps.nii.gz")
     click = [int(c) for c in np.round(np.linalg.inv(t1.affine) @ [*WM_CLICK_RAS, 1.0])[:3]]
@@ -253,23 +278,34 @@ def test_a_running_inference_does_not_block_the_server(server, tmp_path):
     assert done["info"] < done["infer"]
 
 
-def test_training_publishes_weights_the_next_inference_uses(server, studies, mni_dir, tmp_path):
+def test_monai_label_client_clicks_saves_trains_and_picks_the_next_sample(server, studies, mni_dir, tmp_path):
+    """Driven the way 3D Slicer's module drives it: MONAI Label's own Python client, with the token."""
+    from monailabel.client import MONAILabelClient
+
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    client.update_auth({"token_type": "Bearer", "access_token": TOKEN})
+    info = client.info()
+    assert sorted(info["models"]) == ["litemedsam", "medsam3d", "swin_unetr", "vit_cls"]
+    # clicks on the viewed slice
+    pos, neg, _ = wm_prompts(mni_dir)
+    click_file, click = client.infer("litemedsam", "mni_t1", {"foreground": [pos], "background": [neg],
+                                                              "slice": pos[2], "result_extension": ".nii.gz"})
+    mask = same_geometry(Path(click_file), studies / "mni_t1.nii.gz")
+    assert mask[tuple(pos)] == 1 and mask[tuple(neg)] == 0 and mask.sum() == mask[:, :, pos[2]].sum()
+    # save labels (one stored LPS), train from them, and the next inference uses the published weights
     labels = nib.load(mni_dir / "labels.nii.gz")
     nib.save(labels, tmp_path / "ras.nii.gz")
     nib.save(labels.as_reoriented(LPS), tmp_path / "lps.nii.gz")
     for image, name in (("mni_t1", "ras.nii.gz"), ("mni_t1_lps", "lps.nii.gz")):
-        with open(tmp_path / name, "rb") as fh:
-            r = server.session.put(f"{server.url}/datastore/label", params={"image": image, "tag": "final"},
-                             files={"label": (name, fh)}, data={"params": "{}"}, timeout=60)
-        assert r.ok, r.text
-    weights = Path(server.get("/info/")["models"]["swin_unetr"]["config"]["bundle"]) / "models" / "model.pt"
+        saved = client.save_label(image, str(tmp_path / name), tag="final")
+        assert saved["image"] == image
+    weights = Path(info["models"]["swin_unetr"]["config"]["bundle"]) / "models" / "model.pt"
     mtime = weights.stat().st_mtime_ns
     _, before, before_path = server.infer("swin_unetr", "mni_t1", {}, tmp_path)
-    r = server.session.post(f"{server.url}/train/swin_unetr", json={"max_epochs": 1}, timeout=60)
-    assert r.ok, r.text
+    client.train_start("swin_unetr", {"max_epochs": 1})
     deadline, status = time.monotonic() + 900, {}
     while time.monotonic() < deadline:
-        status = server.get("/train/")
+        status = client.train_status()
         if status["status"] in ("DONE", "ERROR"):
             break
         time.sleep(2)
@@ -280,6 +316,8 @@ def test_training_publishes_weights_the_next_inference_uses(server, studies, mni
     assert after["weights_version"] != before["weights_version"]
     changed = read_image(after_path, spatial_dims=None).array != read_image(before_path, spatial_dims=None).array
     assert changed.any()
+    # next sample: the one image nobody has labelled
+    assert client.next_sample("random", {})["id"] == "mni_series"
 
 
 def test_the_server_stops_and_leaves_no_process(server):

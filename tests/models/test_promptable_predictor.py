@@ -14,17 +14,45 @@ def lite():
     return build_network("litemedsam", pretrained=True).eval()
 
 
-def test_cache_runs_encoder_once_per_slice(lite):
-    pred = PromptablePredictor(lite, cache_size=2)
-    vol = np.random.default_rng(0).random((40, 48, 4)).astype(np.float32)
+EMBEDDING_MB = 256 * 64 * 64 * 4 / 2**20  # one LiteMedSAM slice embedding, float32: 4 MiB
+
+
+def test_cache_runs_encoder_once_per_slice_and_is_bounded_in_bytes_across_images(lite):
+    pred = PromptablePredictor(lite, cache_mb=2.5 * EMBEDDING_MB)  # room for two slices
+    rng = np.random.default_rng(0)
+    vol, other = (rng.random((40, 48, 4)).astype(np.float32) for _ in range(2))
     pred.set_volume(vol)
     pred.predict_slice(0, box=[5, 5, 30, 30])
     pred.predict_slice(0, points=[[10, 12]], point_labels=[1])
     assert pred.encoder_calls == 1
     pred.predict_slice(1, box=[5, 5, 30, 30])
-    pred.predict_slice(2, box=[5, 5, 30, 30])  # evicts slice 0 (LRU of 2)
+    pred.predict_slice(2, box=[5, 5, 30, 30])  # evicts slice 0 (least recently used)
     pred.predict_slice(0, box=[5, 5, 30, 30])
-    assert pred.encoder_calls == 4
+    assert pred.encoder_calls == 4 and pred.cache.nbytes <= pred.cache.max_bytes and len(pred.cache) == 2
+    # another image, then back: what is still cached is not encoded again
+    pred.set_volume(other)
+    pred.predict_slice(3, box=[5, 5, 30, 30])  # evicts vol's slice 2; vol's slice 0 stays
+    pred.set_volume(vol)
+    pred.predict_slice(0, box=[5, 5, 30, 30])
+    assert pred.encoder_calls == 5 and len(pred.cache.images()) == 2
+    assert pred.cache.nbytes == 2 * EMBEDDING_MB * 2**20 <= pred.cache.max_bytes
+
+
+def test_embedding_cache_counts_bytes_and_evicts_least_recently_used():
+    from medimg.predictors.embedding_cache import EmbeddingCache
+
+    cache = EmbeddingCache(max_mb=3 / 1024)  # 3 KiB
+    kib = torch.zeros(256)  # 1 KiB of float32
+    for k in range(3):
+        cache.put("a", k, (kib.clone(), (1, 1)))
+    assert cache.nbytes == 3072 and len(cache) == 3
+    assert cache.get("a", 0) is not None  # now the most recent
+    cache.put("b", 0, np.zeros(1024, np.uint8))
+    assert cache.get("a", 1) is None and cache.get("a", 0) is not None and cache.nbytes == 3072
+    cache.put("b", 1, torch.zeros(2048))  # 8 KiB: larger than the bound, never kept
+    assert cache.get("b", 1) is None and cache.nbytes <= 3072 and cache.evictions == 1
+    with pytest.raises(ValueError, match="positive"):
+        EmbeddingCache(0)
 
 
 def test_cached_decode_equals_full_forward(lite):
