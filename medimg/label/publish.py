@@ -6,6 +6,14 @@ runs in another process): the publisher moves the served bundle aside and the ne
 holding it, and a reader loads only while holding it. No reader ever sees a half-published
 bundle. A reader notices a new bundle by the identity of its ``models/model.pt`` (inode and
 modification time), which every publication changes.
+
+A publisher killed at any point (``kill -9``) leaves either the old or the new bundle served,
+never a mix and never none: the new bundle is copied to ``.<name>.incoming.partial`` and renamed
+``.<name>.incoming`` only when complete, and the swap is two renames under the lock. The only
+state between them (the served folder moved aside, the complete incoming one not yet in) is
+finished by :func:`recover`, which every reader and the next publisher run under the lock first:
+it rolls the complete incoming bundle forward, or, with none, the newest previous one back.
+Partial copies are removed.
 """
 
 from __future__ import annotations
@@ -37,9 +45,33 @@ def bundle_version(bundle: str | Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+def recover(served: str | Path) -> str | None:
+    """Finish or undo a publication a killed publisher left half done; call it holding the lock.
+
+    Returns:
+        ``"forward"`` (the complete incoming bundle was moved in), ``"back"`` (the newest previous
+        bundle was moved back), or ``None`` (nothing to do).
+    """
+    served = Path(served)
+    incoming = served.with_name(f".{served.name}.incoming")
+    shutil.rmtree(incoming.with_name(incoming.name + ".partial"), ignore_errors=True)
+    if served.exists():
+        shutil.rmtree(incoming, ignore_errors=True)  # a complete copy never swapped in: the swap is redone
+        return None
+    if incoming.is_dir():
+        incoming.rename(served)
+        return "forward"
+    previous = sorted(served.parent.glob(f".{served.name}.previous-*"))
+    if previous:
+        previous[-1].rename(served)
+        return "back"
+    return None
+
+
 def load_locked(bundle: str | Path, load: Callable[[Path], T]) -> tuple[T, tuple[int, int] | None]:
-    """``load(bundle)`` under the bundle's lock, with the version it loaded."""
+    """``load(bundle)`` under the bundle's lock (after :func:`recover`), with the version it loaded."""
     with bundle_lock(bundle):
+        recover(bundle)
         return load(Path(bundle)), bundle_version(bundle)
 
 
@@ -55,10 +87,15 @@ def publish_bundle(new_bundle: str | Path, served: str | Path, keep_previous: bo
     """
     served = Path(served)
     staging = served.with_name(f".{served.name}.incoming")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(new_bundle, staging)
-    old = served.with_name(f".{served.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    partial = staging.with_name(staging.name + ".partial")
+    with bundle_lock(served):  # a publication a killed publisher left half done is finished first
+        recover(served)
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(new_bundle, partial)
+    old = served.with_name(f".{served.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}")
     with bundle_lock(served):
+        shutil.rmtree(staging, ignore_errors=True)
+        partial.rename(staging)  # complete: from here a killed publication rolls forward
         if served.exists():
             served.rename(old)
         staging.rename(served)

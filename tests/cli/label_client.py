@@ -43,8 +43,13 @@ class LabelServer:
             token_file.chmod(0o600)
             cmd += ["--token-file", str(token_file)]
             self.session.headers["Authorization"] = f"Bearer {token}"
+        self.cmd = cmd
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again: same models, studies, app folder, port and token) and wait for it."""
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         self.pgid = self.proc.pid
         deadline = time.monotonic() + 540

@@ -6,6 +6,7 @@ Swin-UNETR, LiteMedSAM, medsam3d and ViT classifier bundles.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -278,6 +279,33 @@ def test_a_running_inference_does_not_block_the_server(server, tmp_path):
     assert done["info"] < done["infer"]
 
 
+def kill_training(server, deadline: float) -> list[int]:
+    """``kill -9`` the server's ``medimg.train`` subprocess once it is in its training loop."""
+    import psutil
+
+    while time.monotonic() < deadline:
+        procs = [p for p in psutil.process_iter(["pid", "cmdline"])
+                 if "medimg.train" in " ".join(p.info["cmdline"] or []) and os.getpgid(p.pid) == server.pgid]
+        started = list(server.runs.glob("swin_unetr/*/checkpoints/last.ckpt"))  # a step is done: midway
+        if procs and started:
+            for p in procs:
+                p.kill()
+            return [p.pid for p in procs]
+        time.sleep(0.2)
+    return []
+
+
+def wait_training(client, seconds: float = 900) -> dict:
+    """The train status once it is DONE or ERROR."""
+    deadline, status = time.monotonic() + seconds, {}
+    while time.monotonic() < deadline:
+        status = client.train_status()
+        if status["status"] in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    return status
+
+
 def test_monai_label_client_clicks_saves_trains_and_picks_the_next_sample(server, studies, mni_dir, tmp_path):
     """Driven the way 3D Slicer's module drives it: MONAI Label's own Python client, with the token."""
     from monailabel.client import MONAILabelClient
@@ -300,15 +328,17 @@ def test_monai_label_client_clicks_saves_trains_and_picks_the_next_sample(server
         saved = client.save_label(image, str(tmp_path / name), tag="final")
         assert saved["image"] == image
     weights = Path(info["models"]["swin_unetr"]["config"]["bundle"]) / "models" / "model.pt"
-    mtime = weights.stat().st_mtime_ns
+    mtime, served_bytes = weights.stat().st_mtime_ns, weights.read_bytes()
     _, before, before_path = server.infer("swin_unetr", "mni_t1", {}, tmp_path)
+    # kill -9 of a training midway: the served bundle is unchanged, the server answers, the next training runs
+    client.train_start("swin_unetr", {"max_epochs": 50})
+    killed = kill_training(server, deadline=time.monotonic() + 300)
+    assert killed, "no medimg.train process appeared"
+    assert wait_training(client)["status"] == "ERROR"
+    assert weights.read_bytes() == served_bytes and weights.stat().st_mtime_ns == mtime
+    assert server.infer("swin_unetr", "mni_t1", {}, tmp_path)[1]["weights_version"] == before["weights_version"]
     client.train_start("swin_unetr", {"max_epochs": 1})
-    deadline, status = time.monotonic() + 900, {}
-    while time.monotonic() < deadline:
-        status = client.train_status()
-        if status["status"] in ("DONE", "ERROR"):
-            break
-        time.sleep(2)
+    status = wait_training(client)
     assert status.get("status") == "DONE", status.get("details")
     assert any("published" in line for line in status["details"])
     assert weights.stat().st_mtime_ns > mtime
@@ -318,6 +348,20 @@ def test_monai_label_client_clicks_saves_trains_and_picks_the_next_sample(server
     assert changed.any()
     # next sample: the one image nobody has labelled
     assert client.next_sample("random", {})["id"] == "mni_series"
+
+
+def test_a_restarted_server_serves_the_published_bundle_and_the_stored_labels(server, tmp_path):
+    published = server.get("/info/")["models"]["swin_unetr"]
+    weights = Path(published["config"]["bundle"]) / "models" / "model.pt"
+    identity = (weights.stat().st_ino, weights.stat().st_mtime_ns)
+    labels = server.get("/datastore/", params={"output": "all"})["objects"]
+    server.stop()
+    server.start()  # same models, studies and app folder
+    code, res, _ = server.infer("swin_unetr", "mni_t1", {}, tmp_path)
+    assert code == 200 and tuple(res["weights_version"]) == identity
+    after = server.get("/datastore/", params={"output": "all"})["objects"]
+    assert {k: sorted(v["labels"]) for k, v in after.items()} == {k: sorted(v["labels"]) for k, v in labels.items()}
+    assert "final" in after["mni_t1"]["labels"]
 
 
 def test_the_server_stops_and_leaves_no_process(server):

@@ -77,6 +77,72 @@ def test_publication_replaces_the_bundle_for_readers_under_the_lock(tmp_path):
     assert [p.name.split("-")[0] for p in served.parent.glob(".seg.previous-*")] == [".seg.previous"]
 
 
+def _bundles(tmp_path, size: int = 1):
+    served, new = tmp_path / "models" / "seg", tmp_path / "run" / "bundle"
+    for folder, text in ((served, "old"), (new, "new")):
+        (folder / "models").mkdir(parents=True)
+        (folder / "models" / "model.pt").write_text(text * size)
+        (folder / "configs").mkdir()
+        (folder / "configs" / "metadata.json").write_text(text * size)
+    return served, new
+
+
+def _served_text(served) -> str:
+    from medimg.label.publish import load_locked
+
+    def read(b):
+        texts = {(b / "models" / "model.pt").read_text(), (b / "configs" / "metadata.json").read_text()}
+        assert len(texts) == 1, "a mix of two bundles is served"
+        return texts.pop()
+
+    return load_locked(served, read)[0]
+
+
+@pytest.mark.parametrize("crash_at", [0, 1, 2])
+def test_a_publication_stopped_at_any_rename_leaves_old_or_new(tmp_path, monkeypatch, crash_at):
+    from pathlib import Path
+
+    from medimg.label.publish import publish_bundle
+
+    served, new = _bundles(tmp_path)
+    real, calls = Path.rename, []
+
+    def rename(self, target):
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt("killed")  # the process dies here: nothing after it runs
+        calls.append(self)
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        publish_bundle(new, served)
+    monkeypatch.setattr(Path, "rename", real)
+    # 0: incoming never complete -> old; 1: complete but not swapped -> old; 2: served moved aside -> new
+    assert _served_text(served) == ["old", "old", "new"][crash_at]
+    assert not list(served.parent.glob(".seg.incoming*"))
+    publish_bundle(new, served)  # and the next publication works
+    assert _served_text(served) == "new"
+
+
+def test_kill_9_of_a_publisher_never_serves_a_mix_or_nothing(tmp_path):
+    served, new = _bundles(tmp_path, size=4_000_000)  # 4 MB files: the copy takes a while
+    code = ("import sys; from medimg.label.publish import publish_bundle; "
+            "publish_bundle(sys.argv[1], sys.argv[2])")
+    seen = set()
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(new), str(served)], cwd=REPO)
+        threading.Event().wait(float(rng.uniform(0.3, 1.2)))  # import takes ~0.3 s, then copy and swap
+        proc.kill()
+        proc.wait()
+        text = _served_text(served)
+        assert text in ("old" * 4_000_000, "new" * 4_000_000)
+        seen.add(text[:3])
+        (new / "models" / "model.pt").write_text(("old" if text.startswith("new") else "new") * 4_000_000)
+        (new / "configs" / "metadata.json").write_text(("old" if text.startswith("new") else "new") * 4_000_000)
+    assert seen == {"old", "new"}  # kills landed both before and after the swap
+
+
 def test_init_weights_must_fit_the_network(tmp_path):
     from medimg.models import build_network
     from medimg.runs.run import load_init_weights
