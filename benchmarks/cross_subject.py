@@ -34,16 +34,18 @@ from medimg.bundle.loader import load_bundle  # noqa: E402
 TEMPLATES = Path("/usr/share/mricron/templates")
 
 
-def template_heldout(predictor, names: dict[int, str], surfaces: bool = False) -> dict[str, float]:
+def template_heldout(predictor, names: dict[int, str], surfaces: bool = False,
+                     dataset: str = "mni152") -> dict[str, float]:
     """Dice per class on the MNI152 template's held-out region (the manifest's region split), whole volume in.
 
     With ``surfaces``, also HD95 and surface Dice (1 mm tolerance) per class, on the template's own 1 mm grid.
+    ``dataset``: ``mni152`` (the skull-stripped template) or ``mni152_head`` (its brain inside a real head).
     """
     from medimg.data.embedded import embedded_manifest
     from medimg.data.manifest import load_manifest
     from medimg.data.transforms import world_range_region
 
-    manifest = load_manifest(*embedded_manifest("mni152", None))
+    manifest = load_manifest(*embedded_manifest(dataset, None))
     rs = manifest.meta["region_split"]
     item = manifest.splits[rs["split"]][0]
     image, truth = nib.load(item["image"]), np.asarray(nib.load(item["label"]).dataobj)

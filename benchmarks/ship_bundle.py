@@ -104,6 +104,7 @@ def card(name: str, meta: dict, m: dict[str, float], args: argparse.Namespace, s
                      for c in classes)
     notes = Path(args.notes).read_text() if args.notes else ""
     recipe = "\n".join(f"    {c}" for c in args.command)
+    head_rows = ", ".join(f"{c} {m[f'head_template_{c}']:.3f}" for c in classes)
     return f"""# `{name}`: 1 mm T1 brain tissue segmentation (shipped with medimg)
 
 {meta['description']}
@@ -142,6 +143,9 @@ Held-out template region (the whole template in):
 |---|---|---|---|
 {rows}
 | **mean** | **{m['template_mean']:.3f}** | | |
+
+The same held-out region with the template's brain inside a real head (`mni152_head`, the whole
+head in): mean Dice {m['head_template_mean']:.3f} ({head_rows}).
 
 Colin27 (a real head with skull and scalp, from Debian `mricron-data`; no training data):
 
@@ -209,6 +213,7 @@ def main() -> None:
     meta["medimg_network"] = ", ".join(f"{k}={v}" for k, v in network.items() if k != "_target_")
     predictor = load_bundle(src, "cpu")
     m = template_heldout(predictor, names, surfaces=True)
+    m.update({f"head_{k}": v for k, v in template_heldout(predictor, names, dataset="mni152_head").items()})
     m.update(colin(predictor, names))
     m["slab_check"] = slab_check(predictor, names)
     print(json.dumps(m, indent=1))

@@ -2,7 +2,8 @@
 
 A request whose ``Content-Length`` is over the limit is answered 413 before its body is read. A
 body without one (chunked) is counted while the app reads it, and refused with 413 the moment it
-passes the limit, so an endless upload cannot fill the disk or the memory.
+passes the limit, so an endless upload cannot fill the disk or the memory. (FastAPI turns the
+interrupted read into its own 400 "error parsing the body"; that answer is replaced by the 413.)
 """
 
 from __future__ import annotations
@@ -37,19 +38,25 @@ class BodyLimitMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
-        received, started = 0, False
+        received, started, exceeded = 0, False, False
 
         async def counted() -> dict:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    exceeded = True
                     raise _TooLarge
             return message
 
         async def tracked(message: dict) -> None:
             nonlocal started
+            if exceeded:  # the app turned the interrupted read into its own error: answer 413 instead
+                if not started and message["type"] == "http.response.start":
+                    started = True
+                    await self._refuse(scope, receive, send)
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 

@@ -133,7 +133,10 @@ def test_paths_uploads_and_bodies_are_refused_with_400_or_413(server, studies, m
     r = s.put(f"{url}/datastore/label", params={"image": "mni_t1", "tag": "big"},
               files={"label": ("label.nii.gz", big)}, data={"params": "{}"}, timeout=120)
     assert r.status_code == 413
-    chunks = (big[i:i + 2**20] for i in range(0, len(big), 2**20))  # no Content-Length: counted as it comes
+    head = (b'--xx\r\nContent-Disposition: form-data; name="file"; filename="streamed.nii.gz"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n")
+    body = head + big + b"\r\n--xx--\r\n"
+    chunks = (body[i:i + 2**20] for i in range(0, len(body), 2**20))  # no Content-Length: counted as it comes
     r = s.put(f"{url}/datastore/image", params={"image": "streamed"}, data=chunks,
               headers={"Content-Type": "multipart/form-data; boundary=xx"}, timeout=120)
     assert r.status_code == 413

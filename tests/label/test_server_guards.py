@@ -107,6 +107,21 @@ def test_body_limit_refuses_declared_and_streamed_bodies():
     assert declared.status_code == 413 and "upload limit" in declared.json()["detail"]
     streamed = client.put("/up", content=(b"x" * 400 for _ in range(5)))  # chunked: no Content-Length
     assert streamed.status_code == 413
+    # FastAPI turns an interrupted form read into its own 400: the answer must still be 413
+    from fastapi import FastAPI, File, UploadFile
+
+    api = FastAPI()
+
+    @api.put("/form")
+    def form(file: UploadFile = File(...)):  # noqa: B008 - FastAPI
+        return {"size": len(file.file.read())}
+
+    api.add_middleware(BodyLimitMiddleware, max_bytes=1000)
+    part = (b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n\r\n' + b"x" * 2000
+            + b"\r\n--xx--\r\n")
+    answer = TestClient(api).put("/form", content=(part[i:i + 300] for i in range(0, len(part), 300)),
+                                 headers={"Content-Type": "multipart/form-data; boundary=xx"})
+    assert answer.status_code == 413
 
 
 def _datastore(tmp_path):
