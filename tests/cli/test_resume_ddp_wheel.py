@@ -49,7 +49,7 @@ def test_resume_after_kill(tmp_path, phantom_manifest, schema):
 
 
 def test_ddp_two_cpu_processes_match_single_process(tmp_path, phantom_manifest, schema):
-    """DDP with 2 processes x batch 1 takes the same optimisation steps as 1 process x batch 2."""
+    """DDP with 2 ranks x batch 1 (started by torchrun, as across machines) takes the same steps as 1 x batch 2."""
     doc = json.loads(phantom_manifest.read_text())
     doc["training"] = doc["training"][:2]  # both sides see exactly these two volumes every step
     (tmp_path / "two.json").write_text(json.dumps(doc))
@@ -61,8 +61,15 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, phantom_manifest, 
               # (Adam's 1/sqrt(v) turns float noise in near-zero gradients into full-size steps)
               "task.optimizer=sgd", "task.lr=0.05", "task.warmup_epochs=0", NO_STD]
     single = run_dir_of(train(tmp_path / "single", *common, "data.batch_size=2"))
-    ddp = run_dir_of(train(tmp_path / "ddp", *common, "data.batch_size=1", "trainer.devices=2",
-                           "trainer.strategy=ddp"))
+    # launched as on many machines: torchrun starts the ranks, Lightning reads them from its environment
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medimg.train",
+           "bundle=swin_unetr", "trainer=debug", f"runs_dir={tmp_path / 'ddp'}", *TINY, *common, "data.batch_size=1",
+           "trainer.devices=2", "trainer.strategy=ddp", f"run_dir={tmp_path / 'ddp' / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = run_dir_of(proc)
+    assert ddp == tmp_path / "ddp" / "run"
     a = torch.load(single / "bundle" / "models" / "model.pt", weights_only=True)
     b = torch.load(ddp / "bundle" / "models" / "model.pt", weights_only=True)
     assert _global_step(single / "checkpoints" / "last.ckpt") == _global_step(ddp / "checkpoints" / "last.ckpt") == 3
