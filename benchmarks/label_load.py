@@ -29,8 +29,10 @@ import nibabel as nib
 import numpy as np
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.timing import machine  # noqa: E402
+from timing import machine  # noqa: E402
+
 from medimg.data.embedded.mni152 import prepare_mni152  # noqa: E402
 from tests.cli.label_client import LabelServer  # noqa: E402
 
