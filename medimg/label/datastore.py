@@ -14,7 +14,7 @@ studies folder, and links that lead outside are never listed. A violation is a
 
 A label upload is read whole before anything is stored: a corrupt, truncated or non-image file,
 or one whose grid differs from its image's, is refused (400) and the label already stored for
-that image stays as it was.
+that image stays as it was. A ``.dcm`` label must parse as a DICOM SEG.
 """
 
 from __future__ import annotations
@@ -58,6 +58,16 @@ def check_label_upload(label_file: str, image_file: str, image_id: str) -> None:
     """Read an uploaded label whole; :class:`~medimg.errors.DataError` unless it is an image on its image's grid."""
     from medimg.io.image import read_image
 
+    if label_file.lower().endswith(".dcm"):  # a DICOM SEG (3D Slicer, OHIF): it must parse as one
+        import pydicom
+
+        try:
+            modality = pydicom.dcmread(label_file, stop_before_pixels=True).get("Modality")
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad upload
+            raise DataError(f"label upload for {image_id!r}", f"not a readable DICOM file ({exc})") from exc
+        if modality != "SEG":
+            raise DataError(f"label upload for {image_id!r}", f"a DICOM label must be a SEG, not {modality!r}")
+        return
     try:
         label = read_image(label_file, spatial_dims=None)
     except DataError as exc:

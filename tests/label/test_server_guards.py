@@ -180,3 +180,13 @@ def test_a_corrupt_or_misfit_label_upload_is_refused_and_the_stored_one_kept(tmp
     with pytest.raises(DataError, match=r"shape \(6, 7, 9\) differs from the image's \(6, 7, 8\)"):
         store.save_label("scan", str(misfit), "final", {})
     assert stored.read_bytes() == before
+    import pydicom
+
+    not_seg = tmp_path / "ct.dcm"
+    pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm")).save_as(not_seg)
+    with pytest.raises(DataError, match="must be a SEG, not 'CT'"):
+        store.save_label("scan", str(not_seg), "final", {})
+    (tmp_path / "junk.dcm").write_bytes(b"junk")
+    with pytest.raises(DataError, match="not a readable DICOM file"):
+        store.save_label("scan", str(tmp_path / "junk.dcm"), "final", {})
+    assert stored.read_bytes() == before
