@@ -205,8 +205,8 @@ def batch(args: argparse.Namespace, inputs: list[Path], out: Path, preview: Path
     """A folder of inputs the :mod:`medimg.batch` way: this rank's share, resumable, failures recorded."""
     if out.exists() and not out.is_dir():
         raise ConfigError(out, "is a file; a folder of inputs writes to an output folder")
-    seg_info = segment_names(args.bundle, False) if args.format == "dicom-seg" else None
-    names = segment_names(args.bundle, False)[0]
+    info = segment_names(args.bundle, False)  # metadata read once: names, algorithm, version
+    names, seg_info = info[0], (info if args.format == "dicom-seg" else None)
     predictor = _load_bundle(args.bundle, shard.device(args.device))
 
     def predict_one(item: Path, target: Path) -> list[Path]:

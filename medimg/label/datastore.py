@@ -73,9 +73,9 @@ def check_label_upload(label_file: str, image_file: str, image_id: str) -> None:
     except DataError as exc:
         raise DataError(f"label upload for {image_id!r}", exc.problem) from exc
     shape = tuple(label.array.shape[:3])
-    if image_file and shape != grid_shape(image_file):
-        raise DataError(f"label upload for {image_id!r}",
-                        f"shape {shape} differs from the image's {grid_shape(image_file)}")
+    expected = grid_shape(image_file) if image_file else shape  # the image read once
+    if shape != expected:
+        raise DataError(f"label upload for {image_id!r}", f"shape {shape} differs from the image's {expected}")
 
 
 class SeriesDatastore(LocalDatastore):
