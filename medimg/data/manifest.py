@@ -138,10 +138,11 @@ def validate_manifest(manifest: Manifest, splits: tuple[str, ...] = ("training",
                 label = read_image(item["label"], spatial_dims=None).array
                 if not np.any(label):
                     warnings.warn(f"{item['label']}: label is empty (all background)", stacklevel=2)
-                bad = np.unique(label[label >= manifest.num_classes]) if manifest.labels else []
+                declared = [int(k) for k in manifest.labels] if manifest.labels else []
+                bad = np.setdiff1d(np.unique(label), declared) if declared else []
                 if len(bad):
-                    raise DataError(item["label"], f"label values {bad.tolist()} exceed the {manifest.num_classes} "
-                                                   "classes the manifest declares")
+                    raise DataError(item["label"], f"label values {bad.tolist()} are not among the "
+                                                   f"{len(declared)} labels the manifest declares")
 
 
 def train_val_split(manifest: Manifest, val_fraction: float | None = None,

@@ -42,6 +42,12 @@ def check_plane(plane: str) -> str:
     return plane
 
 
+def axis_plane(affine: np.ndarray, axis: int) -> str:
+    """The anatomical plane whose slices are normal to stored ``axis`` (``[:, :, k]`` for axis 2)."""
+    ras = int(io_orientation(np.asarray(affine, dtype=np.float64))[axis, 0])
+    return {v: k for k, v in PLANES.items()}[ras]
+
+
 def check_intensity(preset: str) -> str:
     """Validate an intensity preset name."""
     if preset not in INTENSITY_PRESETS:

@@ -1,9 +1,11 @@
 """Prompts JSON (the DESIGN contract) -> voxel-space boxes and points, validated against the image.
 
 ``{"space": "voxel"|"world", "boxes": [[x0,y0,z0,x1,y1,z1], ...], "points": [[x,y,z], ...],
-"point_labels": [1|0, ...], "intensity": "ct_lung", "propagate": true}``; 2D images omit z in voxel
-space. Voxel coordinates are array indices of the file as stored; world coordinates are RAS+ mm
-(DICOM's LPS is already converted by the reader), mapped through the image's full affine: every
+"point_labels": [1|0, ...], "scribbles": [{"points": [[x,y,z], ...], "label": 1|0}, ...],
+"lassos": [[[x,y,z], ...], ...], "intensity": "ct_lung", "propagate": true}``; 2D images omit z in
+voxel space. Scribbles join the clicks; each lasso (a closed contour on one slice) is one more
+object (:mod:`medimg.io.drawn`). Voxel coordinates are array indices of the file as stored; world
+coordinates are RAS+ mm (DICOM's LPS is already converted by the reader), mapped through the image's full affine: every
 corner of a world box is transformed (an oblique image turns a world box into a rotated one, whose
 voxel bounding box is what the model gets). A 2D image lies in 3D space (a coronal slice has a 3D
 affine), so its world prompts take three coordinates; two are accepted when the image plane is
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from medimg.errors import DataError
+from medimg.io.drawn import Lasso, make_lasso, scribble_clicks
 from medimg.io.jsonfile import read_json_object
 
 
@@ -29,7 +32,9 @@ class Prompts:
     Attributes:
         boxes: ``(N, 2*d)`` boxes ``[lo..., hi...]`` (sorted so lo <= hi).
         points: ``(M, d)`` points.
-        point_labels: ``(M,)`` 1 positive / 0 negative.
+        point_labels: ``(M,)`` 1 positive / 0 negative (scribbles' clicks included).
+        lassos: closed contours on one slice each, one object each.
+        scribbles: the drawn polylines as voxel vertices with their label (their clicks are in ``points``).
     """
 
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
@@ -37,6 +42,8 @@ class Prompts:
     point_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
     intensity: str | None = None
     propagate: bool = True
+    lassos: list[Lasso] = field(default_factory=list)
+    scribbles: list[tuple[np.ndarray, int]] = field(default_factory=list)
 
 
 def _world_to_voxel(path: Path, coords: np.ndarray, affine: np.ndarray, nd: int) -> np.ndarray:
@@ -121,17 +128,22 @@ def parse_prompts(doc: dict[str, Any], shape: tuple[int, ...], affine: np.ndarra
     propagate = doc.get("propagate", True)
     if not isinstance(propagate, bool):
         raise DataError(path, "propagate must be true or false")
-    unknown = sorted(set(doc) - {"space", "boxes", "points", "point_labels", "intensity", "propagate"})
+    unknown = sorted(set(doc) - {"space", "boxes", "points", "point_labels", "intensity", "propagate",
+                                 "scribbles", "lassos"})
     if unknown:
         raise DataError(path, f"unknown key(s) {', '.join(unknown)}")
     labels = np.asarray(doc.get("point_labels", [1] * len(points)), dtype=np.int64)
     if len(labels) != len(points) or not np.isin(labels, (0, 1)).all():
         raise DataError(path, "point_labels needs one 1 or 0 per point")
-    if not len(boxes) and not len(points):
-        raise DataError(path, "no boxes and no points")
+    scribbles = _polylines(path, doc, "scribbles", wd)
+    lasso_vertices = _polylines(path, doc, "lassos", wd)
+    if not len(boxes) and not len(points) and not scribbles and not lasso_vertices:
+        raise DataError(path, "no boxes, points, scribbles or lassos")
     if space == "world":
         boxes = _world_boxes(path, boxes, affine, nd, wd)
         points = _world_to_voxel(path, points, affine, nd) if len(points) else np.zeros((0, nd))
+        scribbles = [(_world_to_voxel(path, v, affine, nd), lab) for v, lab in scribbles]
+        lasso_vertices = [(_world_to_voxel(path, v, affine, nd), lab) for v, lab in lasso_vertices]
     # corners in either order (a flipped axis swaps them in voxel space)
     lo, hi = np.minimum(boxes[:, :nd], boxes[:, nd:]), np.maximum(boxes[:, :nd], boxes[:, nd:])
     upper = np.asarray(shape) - 1
@@ -140,14 +152,51 @@ def parse_prompts(doc: dict[str, Any], shape: tuple[int, ...], affine: np.ndarra
         if (b_hi < -tol).any() or (b_lo > upper + tol).any():
             box_text = np.round(np.concatenate([b_lo, b_hi]), 2).tolist()
             raise DataError(path, f"box {box_text} lies outside the image (shape {tuple(shape)})")
-    for p in points:
+    for p in np.concatenate([points, *[v for v, _ in scribbles + lasso_vertices]]):
         if (p < -tol).any() or (p > upper + tol).any():
             raise DataError(path, f"point {np.round(p, 2).tolist()} lies outside the image (shape {tuple(shape)})")
+    scribbles = [(np.clip(v, 0, upper), lab) for v, lab in scribbles]
+    for v, lab in scribbles:  # a stroke is many clicks of one meaning
+        clicks = scribble_clicks(v)
+        points = np.concatenate([points, clicks])
+        labels = np.concatenate([labels, np.full(len(clicks), lab, dtype=np.int64)])
+    try:
+        lassos = [make_lasso(np.clip(v, 0, upper), tuple(shape)) for v, _ in lasso_vertices]
+    except ValueError as exc:
+        raise DataError(path, str(exc)) from exc
     boxes = np.concatenate([np.clip(lo, 0, upper), np.clip(hi, 0, upper)], axis=1)
-    return Prompts(boxes, np.clip(points, 0, upper), labels, intensity, propagate)
+    return Prompts(boxes, np.clip(points, 0, upper), labels, intensity, propagate, lassos, scribbles)
+
+
+def _polylines(path: str | Path, doc: dict[str, Any], key: str, wd: int) -> list[tuple[np.ndarray, int]]:
+    """``scribbles`` (``{"points": [...], "label": 1|0}``) or ``lassos`` (vertex lists) as ``(vertices, label)``."""
+    raw = doc.get(key) or []
+    if not isinstance(raw, list):
+        raise DataError(path, f"{key} must be a list")
+    out = []
+    for i, item in enumerate(raw):
+        label = 1
+        if key == "scribbles":
+            if not isinstance(item, dict) or item.get("label", 1) not in (0, 1) or set(item) - {"points", "label"}:
+                raise DataError(path, f"scribbles[{i}] must be {{\"points\": [[...], ...], \"label\": 1 or 0}}")
+            label, item = int(item.get("label", 1)), item.get("points")
+        if not isinstance(item, list) or not item or any(not isinstance(p, list) or len(p) != wd for p in item):
+            raise DataError(path, f"{key}[{i}] needs a list of points of {wd} numbers each")
+        try:
+            vertices = np.asarray(item, dtype=np.float64).reshape(-1, wd)
+        except (TypeError, ValueError) as exc:
+            raise DataError(path, f"{key}[{i}] must be numbers ({exc})") from exc
+        if not np.isfinite(vertices).all():
+            raise DataError(path, f"{key}[{i}] must be finite numbers")
+        out.append((vertices, label))
+    return out
 
 
 def _lengths(doc: dict) -> set[int]:
     """The coordinate counts of a prompts document (box lengths halved)."""
     out = {len(p) for p in doc.get("points") or [] if isinstance(p, list)}
+    for s in doc.get("scribbles") or []:
+        out |= {len(p) for p in (s.get("points") or [] if isinstance(s, dict) else []) if isinstance(p, list)}
+    for lasso in doc.get("lassos") or []:
+        out |= {len(p) for p in (lasso if isinstance(lasso, list) else []) if isinstance(p, list)}
     return out | {len(b) // 2 for b in doc.get("boxes") or [] if isinstance(b, list)}

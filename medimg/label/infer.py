@@ -6,7 +6,9 @@ validated. ``request["image"]`` is a local file or a DICOM series folder; the re
 that image's exact shape and geometry (:mod:`medimg.label.results`).
 
 Prompts follow 3D Slicer's MONAI Label client: ``foreground`` / ``background`` clicks are voxel
-indices ``[i, j, k]`` of the image file as stored, ``roi`` is ``[i0, i1, j0, j1, k0, k1]`` (each
+indices ``[i, j, k]`` of the image file as stored, ``scribbles`` (``[{"points": [[i, j, k], ...],
+"label": 1 | 0}]``) add clicks along their strokes, ``lasso`` (a closed contour on one slice) bounds
+its object there, ``roi`` is ``[i0, i1, j0, j1, k0, k1]`` (each
 pair in either order: Slicer converts RAS corners, which flips them on non-RAS images), and 2D
 models get ``slice``, the ``k`` the user is looking at.
 
@@ -33,11 +35,13 @@ from nibabel.orientations import io_orientation
 from medimg.bundle.loader import bundle_task, load_bundle
 from medimg.data.slicing import PLANES
 from medimg.errors import MedimgError
+from medimg.io.drawn import Lasso
 from medimg.io.image import Image, read_image
+from medimg.io.prompts import parse_prompts
 from medimg.label.publish import bundle_version, load_locked
 from medimg.label.results import write_result
 from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB, EmbeddingCache
-from medimg.predictors.prompting import prompt_shape
+from medimg.predictors.prompting import lasso_box, prompt_shape
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +172,24 @@ def _clicks(request: dict[str, Any], image: Image) -> tuple[np.ndarray, np.ndarr
     return np.asarray(pts, dtype=np.float64).reshape(-1, len(shape)), np.asarray(labels, dtype=np.int64)
 
 
+def _drawn(request: dict[str, Any], image: Image) -> tuple[np.ndarray, np.ndarray, Lasso | None]:
+    """Scribbles (as clicks) and a lasso from the request, in voxel indices, read as the prompts JSON reads them.
+
+    ``scribbles``: ``[{"points": [[i, j, k], ...], "label": 1 | 0}, ...]``; ``lasso``: one closed
+    contour ``[[i, j, k], ...]`` on the viewed slice.
+    """
+    shape = prompt_shape(image.array)
+    doc = {"scribbles": request.get("scribbles") or [],
+           "lassos": [request["lasso"]] if request.get("lasso") else []}
+    if not doc["scribbles"] and not doc["lassos"]:
+        return np.zeros((0, len(shape))), np.zeros(0, dtype=np.int64), None
+    try:
+        prompts = parse_prompts(doc, shape, image.affine, "request")
+    except MedimgError as exc:
+        raise ValueError(f"{image.path}: {exc.problem}") from exc
+    return prompts.points, prompts.point_labels, (prompts.lassos[0] if prompts.lassos else None)
+
+
 def _roi(request: dict[str, Any], image: Image) -> np.ndarray | None:
     """Slicer's ``roi`` ``[i0, i1, j0, j1(, k0, k1)]`` -> box ``[i0, j0, (k0,) i1, j1, (k1)]``, clipped to the image."""
     roi = request.get("roi") or []
@@ -182,6 +204,24 @@ def _roi(request: dict[str, Any], image: Image) -> np.ndarray | None:
     if (pairs.max(axis=1) < 0).any() or (pairs.min(axis=1) > np.asarray(shape) - 1).any():
         raise ValueError(f"{image.path}: roi {roi!r} lies outside the image of shape {shape}")
     return np.concatenate([lo, hi])
+
+
+def _prompts(request: dict[str, Any], image: Image,
+             flat_boxes: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Lasso | None]:
+    """Clicks (scribbles' included), the box (``roi``, or a lasso's) and the lasso of a request.
+
+    ``flat_boxes``: a lasso's box stays flat on its slice (2D slice models), else it grows along
+    the slice's normal (:func:`~medimg.predictors.prompting.lasso_box`).
+    """
+    pts, labels = _clicks(request, image)
+    spts, slabels, lasso = _drawn(request, image)
+    pts, labels = np.concatenate([pts, spts]), np.concatenate([labels, slabels]).astype(np.int64)
+    box = _roi(request, image)
+    if lasso is not None:
+        if box is not None:
+            raise ValueError(f"{image.path}: give an roi or a lasso, not both")
+        box = lasso_box(lasso, prompt_shape(image.array), flat_boxes)
+    return pts, labels, box, lasso
 
 
 def viewed_plane(affine: np.ndarray) -> str:
@@ -221,8 +261,7 @@ class PromptInfer2D(BundleInfer):
     def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
         """The mask of clicks on a slice, or of an ROI (plus clicks) followed through the volume."""
         before = self.encoder_calls
-        pts, labels = _clicks(request, image)
-        box = _roi(request, image)
+        pts, labels, box, lasso = _prompts(request, image, flat_boxes=True)
         volume = len(prompt_shape(image.array)) == 3
         if box is not None or not volume:  # an ROI propagates in the bundle's plane; a 2D image is one slice
             predictor, propagate = self.predictor, True
@@ -239,6 +278,8 @@ class PromptInfer2D(BundleInfer):
         predictor.prepare(image, None)
         mask = predictor.segment_object(image, box=box, points=pts if len(pts) else None,
                                         point_labels=labels if len(pts) else None, propagate=propagate)
+        if lasso is not None:
+            mask = mask & lasso.keep(mask.shape)
         return mask.astype(np.uint8).reshape(image.array.shape), {
             "encoder_calls": self.encoder_calls - before, "encoder_calls_total": self.encoder_calls,
             "plane": predictor.plane if volume else None,
@@ -255,13 +296,14 @@ class PromptInfer3D(BundleInfer):
 
     def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
         """The 3D mask of the clicks or the ROI box."""
-        pts, labels = _clicks(request, image)
-        box = _roi(request, image)
+        pts, labels, box, lasso = _prompts(request, image, flat_boxes=False)
         if box is None and not (labels == 1).any():
-            raise ValueError(f"{image.path}: give at least one foreground click or an roi")
+            raise ValueError(f"{image.path}: give at least one foreground click, a scribble, a lasso or an roi")
         self.predictor.prepare(image, None)
         mask = self.predictor.segment_object(image, box=box, points=pts if len(pts) else None,
                                              point_labels=labels if len(pts) else None)
+        if lasso is not None:
+            mask = mask & lasso.keep(mask.shape)
         return mask.astype(np.uint8), {}
 
 

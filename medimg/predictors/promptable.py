@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from medimg.data.slicing import SliceFrame, check_intensity, check_plane, prepare_volume, window_to_uint8
+from medimg.data.slicing import SliceFrame, axis_plane, check_intensity, check_plane, prepare_volume, window_to_uint8
 from medimg.io.image import Image
 from medimg.models.sam.network import decode_best
 from medimg.models.sam.runtime import make_runtime
@@ -80,6 +80,8 @@ class PromptablePredictor(PromptPredictorBase):
         self.last_iou = float("nan")
         self._volume: np.ndarray | None = None
         self._key: str | None = None
+        self._intensity_used = self.intensity
+        self._planes: dict[str, PromptablePredictor] = {}  # other views' predictors (lassos drawn there)
         self.encoder_calls = 0
 
     # -------------------------------------------------------------- prompts API
@@ -98,6 +100,11 @@ class PromptablePredictor(PromptPredictorBase):
         lab = None if point_labels is None else np.asarray(point_labels).tolist()
         if self.frame is None:
             return self.predict_slice(0, box=box, points=pts, point_labels=lab)[0]
+        plane = _flat_box_plane(box, image.affine)
+        if plane is not None and plane != self.plane:  # a box drawn on another view (a lasso): slice along it
+            other = self._planes.get(plane) or self._planes.setdefault(plane, self.with_plane(plane))
+            other.set_volume(image.array, image.affine, self._intensity_used)
+            return other.predict_volume(box=box, points=pts, point_labels=lab, propagate=propagate)
         return self.predict_volume(box=box, points=pts, point_labels=lab, propagate=propagate)
 
     # -------------------------------------------------------------- setting data
@@ -131,6 +138,7 @@ class PromptablePredictor(PromptPredictorBase):
         self._volume, self.frame = prepare_volume(volume, affine, self.plane,
                                                   check_intensity(intensity or self.intensity))
         self._key = key
+        self._intensity_used = intensity or self.intensity
 
     def with_plane(self, plane: str) -> PromptablePredictor:
         """A predictor sharing this one's network, settings and embedding cache that slices along another ``plane``."""
@@ -284,6 +292,15 @@ class PromptablePredictor(PromptPredictorBase):
             inside[lo[0]:hi[0], lo[1]:hi[1], k_lo:k_hi + 1] = True
             out &= inside
         return self.frame.from_working(out)
+
+
+def _flat_box_plane(box: Sequence[float] | None, affine: np.ndarray) -> str | None:
+    """The plane of a 3D box that is flat along exactly one stored axis (a box drawn on one slice), else ``None``."""
+    if box is None or len(box) != 6:
+        return None
+    b = np.asarray(box, dtype=np.float64)
+    flat = [a for a in range(3) if b[a + 3] - b[a] < 0.5]
+    return axis_plane(affine, flat[0]) if len(flat) == 1 else None
 
 
 def _fingerprint(array: np.ndarray, affine: np.ndarray | None, intensity: str, plane: str) -> str:

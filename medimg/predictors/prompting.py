@@ -1,6 +1,7 @@
 """What the 2D and 3D promptable predictors share: prompts in, one label per object out.
 
-Each box is an object (labels 1, 2, ... in order); the clicks, if any, form one more object.
+Each box is an object (labels 1, 2, ... in order), then each lasso; the clicks (scribbles'
+included), if any, form one more object.
 Prompts mean what the prompts JSON means (:mod:`medimg.io.prompts`): voxel indices of the image as
 stored, or RAS+ world mm. :func:`segment_file` is the prompts-file path used by ``medimg.infer``
 and the bundles' ``inference.json``.
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from medimg.errors import DataError
+from medimg.io.drawn import Lasso
 from medimg.io.image import Image, read_image, write_like
 from medimg.io.memory import as_image
 from medimg.io.prompts import Prompts, load_prompts, parse_prompts, prompts_document
@@ -27,15 +29,24 @@ def prompt_shape(array: np.ndarray) -> tuple[int, ...]:
 
 
 def prompt_objects(prompts: Prompts) -> list[dict[str, Any]]:
-    """The objects to segment: each box, then all the clicks together."""
+    """The objects to segment: each box, each lasso (its box, flat along its slice's normal), then all the clicks."""
     objects: list[dict[str, Any]] = [dict(box=b) for b in prompts.boxes]
+    objects += [dict(box=lasso.box(), lasso=lasso) for lasso in prompts.lassos]
     if len(prompts.points):
         objects.append(dict(points=prompts.points, point_labels=prompts.point_labels))
     return objects
 
 
 class PromptPredictorBase(ABC):
-    """The prompt handling of a promptable predictor; subclasses set the image and segment one object."""
+    """The prompt handling of a promptable predictor; subclasses set the image and segment one object.
+
+    A lasso's box is flat along its slice's normal. A 2D slice model follows such a box through the
+    volume (``flat_boxes = True``); a 3D model gets the box grown along the normal by half the
+    contour's larger in-plane extent on each side (the object's depth is not drawn). Either way the
+    mask on the lasso's slice is cut to the contour.
+    """
+
+    flat_boxes = True
 
     @abstractmethod
     def prepare(self, image: Image, intensity: str | None) -> None:
@@ -52,10 +63,15 @@ class PromptPredictorBase(ABC):
         self.prepare(image, intensity or prompts.intensity)
         labels = np.zeros(prompt_shape(image.array), dtype=np.uint8)
         for value, obj in enumerate(prompt_objects(prompts), start=1):
+            lasso = obj.pop("lasso", None)
+            if lasso is not None:
+                obj["box"] = lasso_box(lasso, labels.shape, self.flat_boxes)
             try:
                 mask = self.segment_object(image, propagate=prompts.propagate, **obj)
             except ValueError as exc:
                 raise DataError(source, str(exc)) from exc
+            if lasso is not None:
+                mask = mask & lasso.keep(labels.shape)
             labels[mask & (labels == 0)] = value
         return labels.reshape(image.array.shape)
 
@@ -82,6 +98,20 @@ class PromptPredictorBase(ABC):
         doc = prompts_document(boxes, points, point_labels, space, intensity, propagate)
         prompts = parse_prompts(doc, prompt_shape(inp.image.array), inp.image.affine)
         return inp.restore(self.segment_prompts(inp.image, prompts))
+
+
+def lasso_box(lasso: Lasso, shape: tuple[int, ...], flat: bool = True) -> np.ndarray:
+    """A lasso's box prompt: flat on its slice, or grown along the slice's normal (``flat=False``).
+
+    3D models get the box grown by half the contour's larger in-plane extent on each side.
+    """
+    box = lasso.box()
+    if flat or lasso.axis is None:
+        return box
+    d, axis = len(shape), lasso.axis
+    half = 0.5 * max(box[a + d] - box[a] for a in range(d) if a != axis)
+    box[axis], box[axis + d] = max(box[axis] - half, 0.0), min(box[axis + d] + half, shape[axis] - 1.0)
+    return box
 
 
 def segment_file(predictor: PromptPredictorBase, input_path: str, prompts_path: str, output_path: str,

@@ -55,6 +55,8 @@ class VolumePromptPredictor(PromptPredictorBase):
         amp: bf16 autocast on CUDA.
     """
 
+    flat_boxes = False  # a lasso on a 3D model: its box grows along the normal (PromptPredictorBase)
+
     def __init__(self, network: PromptableNetwork3D, device: str | torch.device = "cpu",
                  roi_size: Sequence[int] = (64, 64, 64), pixdim: Sequence[float] | None = (2.0, 2.0, 2.0),
                  intensity: str = "mr", max_windows: int = 64, amp: bool = True) -> None:

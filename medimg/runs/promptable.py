@@ -60,11 +60,13 @@ def build_promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
                                    **common)
         contract = {"plane": d.plane, "intensity": d.intensity}
         meta["input_spatial_shape"] = [int(network.img_size)] * 2
+    if t.get("rounds", "all") not in ("all", "last"):
+        raise ConfigError("task.rounds", f"unknown {t.rounds!r}; choose all or last")
     task = PromptableTask(network, click_rounds=t.click_rounds, box_prob=t.box_prob,
                           box_jitter_frac=t.box_jitter_frac, loss=t.loss, lr=t.lr, weight_decay=t.weight_decay,
                           click_loss_weight=float(t.get("click_loss_weight", 0.0)), seed=int(cfg.seed),
                           distill_weight=float(t.get("distill_weight", 0.0)),
-                          distill_boxes=int(t.get("distill_boxes", 2)))
+                          distill_boxes=int(t.get("distill_boxes", 2)), rounds=str(t.get("rounds", "all")))
     record = RunRecord("promptable", cfg.bundle.template, network_spec(kwargs), contract,
                        target_labels(dm.manifest, classes), data_source(dm.manifest), meta=meta,
                        validation_split=dm.val_split)

@@ -31,10 +31,9 @@ class PromptableTask(L.LightningModule):
     previous mask logits as a mask prompt, as in SAM/SAM-Med2D interactive training (8 or more
     rounds there). In 2D a lone first click is ambiguous: it is trained with SAM's three candidate
     masks, only the best counting (:meth:`_first_click_multimask`), and decoded at validation and
-    inference as the candidate with the highest predicted IoU. The loss
-    (Dice + BCE, or Dice + focal, plus the IoU head's MSE) is half the first prompt's, half the
-    mean of the correction rounds'. When the
-    batch carries a ``click`` (3D patches are centred on one), that is the first click.
+    inference as the candidate with the highest predicted IoU. The loss (Dice + BCE, or Dice +
+    focal, plus the IoU head's MSE) is half the first prompt's, half the mean of the correction
+    rounds'. When the batch carries a ``click`` (3D patches are centred on one), that is the first click.
 
     Coordinates: a 2D network takes SAM's ``(x, y)`` = (column, row); a 3D network takes voxel
     indices ``(i, j, k)`` of its ``(X, Y, Z)`` input. Validation reports Dice and NSD for a box and
@@ -55,12 +54,14 @@ class PromptableTask(L.LightningModule):
             started, on ``distill_boxes`` random boxes per slice (:mod:`medimg.tasks.distill`): what
             the run does not tune on is not forgotten. 0: off.
         distill_boxes: random boxes per slice and step.
+        rounds: ``all`` (every correction round trains) or ``last`` (RITM, Sofiiuk et al. 2022: 0 to
+            ``click_rounds - 1`` rounds without gradients, then one that trains; a CPU step costs 1/4).
     """
 
     def __init__(self, network: nn.Module, click_rounds: int = 2, box_prob: float = 0.7,
                  box_jitter_frac: float = 0.1, loss: str = "dice_bce", lr: float = 1e-4, weight_decay: float = 1e-4,
                  nsd_tolerance_px: float = 2.0, click_loss_weight: float = 1.0, seed: int = 0,
-                 distill_weight: float = 0.0, distill_boxes: int = 2) -> None:
+                 distill_weight: float = 0.0, distill_boxes: int = 2, rounds: str = "all") -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
         self.network = network
@@ -244,7 +245,14 @@ class PromptableTask(L.LightningModule):
         else:
             low, iou = self._decode(emb, boxes, clicks, None)
             losses = [self._loss(self._masked(low, region), iou, low_t, clicks)]
-        for _ in range(int(self.hparams.click_rounds)):
+        rounds = int(self.hparams.click_rounds)
+        if self.hparams.rounds == "last" and rounds:  # RITM: every round depth, a fraction of the cost
+            with torch.no_grad():
+                for _ in range(int(self.rng.integers(0, rounds))):
+                    clicks = self._correction_clicks(masks_np, self._masked(low, region), clicks)
+                    low = self._decode(emb, boxes, clicks, low.detach())[0]
+            rounds = 1
+        for _ in range(rounds):
             clicks = self._correction_clicks(masks_np, self._masked(low, region), clicks)
             low, iou = self._decode(emb, boxes, clicks, low.detach())
             losses.append(self._loss(self._masked(low, region), iou, low_t, clicks))

@@ -111,7 +111,7 @@ def test_manifest_validation_catches_mismatches(tmp_path):
     shifted[0, 3] = 5.0
     with pytest.raises(DataError, match="label affine"):
         validate_manifest(load_manifest(_write_pair(tmp_path, label_affine=shifted)))
-    with pytest.raises(DataError, match="exceed the 2 classes"):
+    with pytest.raises(DataError, match="not among the 2 labels"):
         validate_manifest(load_manifest(_write_pair(tmp_path, label_value=3)))
     with pytest.warns(UserWarning, match="label is empty"):
         validate_manifest(load_manifest(_write_pair(tmp_path, label_value=0)))

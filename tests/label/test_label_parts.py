@@ -56,6 +56,23 @@ def test_slicer_roi_and_clicks_become_checked_voxel_prompts():
     assert viewed_plane(np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])) == "coronal"
 
 
+def test_slicer_scribbles_and_lasso_become_clicks_and_a_bounded_box():
+    from medimg.label.infer import _prompts
+
+    image = Image(np.zeros((20, 30, 10), np.float32), np.eye(4), "scan.nii.gz", "nifti")
+    request = {"foreground": [[1, 2, 3]], "scribbles": [{"points": [[5, 5, 4], [5, 21, 4]], "label": 0}],
+               "lasso": [[2, 3, 6], [2, 12, 6], [9, 12, 6], [9, 3, 6]]}
+    pts, labels, box, lasso = _prompts(request, image, flat_boxes=True)
+    assert labels.tolist() == [1, 0, 0, 0] and (pts[1:, 0] == 5).all()  # 17 voxels of stroke: 3 clicks
+    assert box.tolist() == [2, 3, 6, 9, 12, 6] and lasso.axis == 2 and lasso.index == 6
+    thick = _prompts(request, image, flat_boxes=False)[2]  # a 3D model: grown along the normal
+    assert thick.tolist() == [2, 3, 1.5, 9, 12, 9]
+    with pytest.raises(ValueError, match="an roi or a lasso, not both"):
+        _prompts({**request, "roi": [0, 5, 0, 5, 0, 5]}, image, flat_boxes=True)
+    with pytest.raises(ValueError, match="scan.nii.gz: a lasso must lie on one slice"):
+        _prompts({"lasso": [[2, 3, 6], [2, 12, 7], [9, 12, 9]]}, image, flat_boxes=True)
+
+
 def test_publication_replaces_the_bundle_for_readers_under_the_lock(tmp_path):
     from medimg.label.publish import bundle_lock, bundle_version, load_locked, publish_bundle
 

@@ -18,7 +18,8 @@ def embedded_manifest(name: str, dataset_dir: str | Path | None = None) -> tuple
 
     Args:
         name: ``mni152`` (the skull-stripped template), ``mni152_head`` (its brain inside a real
-            head) or ``phantom``.
+            head), ``structures`` (many labelled structures on real MR and CT, for promptable
+            models) or ``phantom``.
         dataset_dir: where to write its files (default under :func:`default_data_root`).
     """
     if name == "mni152":
@@ -27,7 +28,12 @@ def embedded_manifest(name: str, dataset_dir: str | Path | None = None) -> tuple
     if name == "mni152_head":
         folder = prepare_mni152_head(dataset_dir)
         return resource_dir("data_manifests") / "mni152_head.json", folder
+    if name == "structures":
+        from medimg.data.embedded.structures import prepare_structures
+
+        manifest = prepare_structures(dataset_dir)
+        return manifest, manifest.parent
     if name == "phantom":
         folder = Path(dataset_dir) if dataset_dir else default_data_root() / "phantom"
         return prepare_phantom(folder), folder
-    raise DataError(name, "unknown embedded dataset; choose mni152, mni152_head or phantom")
+    raise DataError(name, "unknown embedded dataset; choose mni152, mni152_head, structures or phantom")

@@ -95,11 +95,11 @@ def mni152_tissue_labels(gm: np.ndarray, wm: np.ndarray, threshold: float = 0.5)
     return np.where(np.maximum(gm, wm) >= threshold, tissue, 0).astype(np.uint8)
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write an embedded-dataset volume (qform and sform set, atomically)."""
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, code: int = 4) -> None:
+    """Write an embedded-dataset volume (qform and sform set, atomically; ``code`` 4: MNI152, 1: scanner)."""
     img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=4)  # MNI152 space
-    img.set_sform(affine, code=4)
+    img.set_qform(affine, code=code)
+    img.set_sform(affine, code=code)
     with atomic_output(path) as tmp:
         nib.save(img, str(tmp))
 

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from medimg.data.manifest import load_manifest, train_val_split, validate_manifest
 from medimg.data.promptable.simulation import sample_slices, split_targets
-from medimg.data.slicing import prepare_volume
+from medimg.data.slicing import PLANES, prepare_volume
 from medimg.io.image import read_image
 
 Preprocess = Callable[[np.ndarray], tuple[torch.Tensor, tuple[int, int]]]
@@ -33,6 +33,9 @@ class PromptSliceDataset(Dataset):
 
     Volumes are prepared by :func:`medimg.data.slicing.prepare_volume` (the anatomical ``plane``
     resolved through the affine, the ``intensity`` window), the same function every predictor uses.
+
+    A manifest entry may carry its own ``intensity`` window and the ``planes`` it is sliced in
+    (default: the dataset's ``intensity`` and ``plane``), so MR and CT volumes train together.
 
     Each item: ``image`` (3, S, S) model input, ``target`` (1, S, S) binary mask in the same frame,
     ``mask`` the target at the slice's own resolution (zero-padded to the dataset's largest slice),
@@ -59,26 +62,30 @@ class PromptSliceDataset(Dataset):
         samples: list[tuple[torch.Tensor, torch.Tensor, np.ndarray, int, int, int]] = []
         for vi, item in enumerate(items):
             image = read_image(item["image"])
-            volume, frame = prepare_volume(image.array, image.affine, plane, intensity)
-            label = frame.to_working(read_image(item["label"]).array.astype(np.int64))
-            if slices_per_volume is None:
-                ks = np.nonzero((label > 0).any(axis=(0, 1)))[0]
-            else:
-                ks = np.unique(sample_slices(label, slices_per_volume, axis=2, rng=rng))
-            for k in ks:
-                lab2d = label[:, :, int(k)].T
-                targets = split_targets(lab2d, target_mode, list(classes) if classes else None, min_size)
-                if not targets:
-                    continue
-                x, resized = preprocess(volume[:, :, int(k)].T)
-                for value, mask in targets:
-                    samples.append((x[0], mask_to_model_frame(mask, resized, img_size), mask, value, vi, int(k)))
+            labels = read_image(item["label"]).array.astype(np.int64)
+            for pi, item_plane in enumerate(item.get("planes") or [plane]):
+                volume, frame = prepare_volume(image.array, image.affine, item_plane, item.get("intensity", intensity))
+                label = frame.to_working(labels)
+                if slices_per_volume is None:
+                    ks = np.nonzero((label > 0).any(axis=(0, 1)))[0]
+                else:
+                    ks = np.unique(sample_slices(label, slices_per_volume, axis=2, rng=rng))
+                for k in ks:
+                    lab2d = label[:, :, int(k)].T
+                    targets = split_targets(lab2d, target_mode, list(classes) if classes else None, min_size)
+                    if not targets:
+                        continue
+                    x, resized = preprocess(volume[:, :, int(k)].T)
+                    for value, mask in targets:
+                        # the "volume" id names the (volume, plane) pair: embeddings are cached by it
+                        samples.append((x[0], mask_to_model_frame(mask, resized, img_size) > 0, mask, value,
+                                        vi * len(PLANES) + pi, int(k)))
         rows = max((s[2].shape[0] for s in samples), default=1)
         cols = max((s[2].shape[1] for s in samples), default=1)
         self.samples = []
-        for x, target, mask, value, vi, k in samples:
-            canvas = torch.zeros(1, rows, cols)
-            canvas[0, : mask.shape[0], : mask.shape[1]] = torch.as_tensor(mask, dtype=torch.float32)
+        for x, target, mask, value, vi, k in samples:  # masks kept as bool: thousands of targets fit in memory
+            canvas = torch.zeros(1, rows, cols, dtype=torch.bool)
+            canvas[0, : mask.shape[0], : mask.shape[1]] = torch.as_tensor(mask > 0)
             self.samples.append((x, target, canvas, torch.tensor(mask.shape), value, vi, k))
 
     def __len__(self) -> int:
@@ -86,7 +93,8 @@ class PromptSliceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         x, target, mask, size, value, vi, k = self.samples[i]
-        return {"image": x, "target": target, "mask": mask, "size": size, "label": value, "volume": vi, "slice": k}
+        return {"image": x, "target": target.float(), "mask": mask.float(), "size": size, "label": value,
+                "volume": vi, "slice": k}
 
 
 class PromptSliceDataModule(L.LightningDataModule):
