@@ -120,7 +120,9 @@ Fine-tune on your own labels with `python -m medimg.train bundle={name} init_wei
 
 ## Network and data
 
-- Network: `{meta['medimg_network']}`; {size_mb:.1f} MB on disk (weights, OpenVINO IR, ONNX, torch.export).
+- Network: `{meta['medimg_network']}`; {size_mb:.1f} MB on disk (weights and OpenVINO IR; the run's checked ONNX
+  and torch.export files are left out of the shipped copy, as the zoo's 150 MB budget is shared with
+  `litemedsam`: `python -m medimg.export RUN_DIR` writes them).
 - Training data: {meta['data_source']} The labels are the 2009a template's grey / white-matter
   probability maps (argmax where one reaches 0.5). Images are SynthSeg-style synthetic: every
   sample is regenerated from the labels plus generation-only CSF and head classes with random
@@ -228,7 +230,11 @@ def main() -> None:
     tmp = ZOO / f".{args.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     ZOO.mkdir(exist_ok=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("sample", "eval"))
+    # the zoo's budget is shared: the standard exports stay with the run (medimg.export writes them again)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("sample", "eval", "model.onnx", "model.pt2"))
+    for fmt in ("torch.export", "ONNX"):
+        if fmt in meta.get("medimg_exports", {}):
+            meta["medimg_exports"][fmt].update(written=False, shipped=False)
     (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
     size = folder_mb(tmp)
     (tmp / "docs" / "README.md").write_text(card(args.name, meta, m, args, size))

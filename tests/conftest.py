@@ -65,6 +65,13 @@ def mni_dir(_data_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def structures_manifest(_data_root) -> Path:
+    from medimg.data.embedded.structures import prepare_structures
+
+    return prepare_structures(_data_root / "structures")
+
+
+@pytest.fixture(scope="session")
 def phantom_manifest(_data_root) -> Path:
     from medimg.data.embedded.phantom import prepare_phantom
 

@@ -91,15 +91,19 @@ def use_openvino(backend: str, device: torch.device | str | None) -> bool:
     return backend == "openvino" or (backend == "auto" and on_cpu)
 
 
-def write_ir(models: dict[str, Any], out_dir: str | Path, digest: str) -> None:
-    """Save OpenVINO models as ``<name>.xml`` / ``.bin`` in ``out_dir``, each tagged with ``digest``."""
+def write_ir(models: dict[str, Any], out_dir: str | Path, digest: str, fp16: bool = False) -> None:
+    """Save OpenVINO models as ``<name>.xml`` / ``.bin`` in ``out_dir``, each tagged with ``digest``.
+
+    ``fp16``: store the weights in half precision (lossless for weights already rounded to fp16,
+    as shipped bundles store them; the CPU still computes in the compiled precision).
+    """
     import openvino as ov
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, model in models.items():
         model.set_rt_info(digest, DIGEST_KEY)
-        ov.save_model(model, str(out_dir / f"{name}.xml"), compress_to_fp16=False)
+        ov.save_model(model, str(out_dir / f"{name}.xml"), compress_to_fp16=fp16)
 
 
 def read_ir(names: Sequence[str], ir_dir: str | Path, digest: str) -> list[Any]:

@@ -19,8 +19,12 @@ SHIPPED = sorted(shipped_bundles())
 BUDGET_MB = 150
 
 
-def test_tissue_t1_ships_and_the_zoo_fits_the_budget():
-    assert "tissue_t1" in SHIPPED
+def _meta(name: str) -> dict:
+    return json.loads((shipped_bundles()[name] / "configs" / "metadata.json").read_text())
+
+
+def test_tissue_and_interactive_bundles_ship_and_the_zoo_fits_the_budget():
+    assert {"tissue_t1", "litemedsam"} <= set(SHIPPED)
     total = sum(f.stat().st_size for f in ZOO.rglob("*") if f.is_file()) / 1e6
     assert total <= BUDGET_MB
 
@@ -31,25 +35,70 @@ def test_each_bundle_is_complete_and_carded(name, schema):
 
     folder = shipped_bundles()[name]
     verify_bundle(folder, schema)
-    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    meta = _meta(name)
     card = (folder / "docs" / "README.md").read_text()
     assert meta["medimg_headline"] and meta["medimg_card_check"]["tolerance"] <= 0.02
     for needed in ("## Recipe", "python -m medimg.train", "Wall time", "Colin27", "## Limitations", "## Licences"):
         assert needed in card, needed
-    assert f"{meta['eval_metrics']['template_mean']:.3f}" in card
+    if meta.get("medimg_task") == "promptable":  # the held-out table, fp32 as measured
+        after = meta["eval_metrics"]["interactive"]
+        assert all(f"{res['mean']['click5']:.3f}" in card for res in after.values())
+        assert meta["medimg_storage"]["weights"] == "fp32" or (
+            meta["medimg_storage"]["identical"] == meta["medimg_storage"]["masks"])
+    else:
+        assert f"{meta['eval_metrics']['template_mean']:.3f}" in card
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_card_figure_holds_through_load_bundle(name, mni_dir):
-    """The card's fast check, recomputed: mean Dice on the held-out slab, within the card's tolerance."""
+def test_card_figure_holds_through_load_bundle(name, mni_dir, structures_manifest):
+    """The card's fast check, recomputed through ``load_bundle``, within the card's tolerance.
+
+    Tissue: mean Dice on the MNI152 held-out slab. Interactive: box and one-click Dice on the held-out
+    structures of the MNI152 atlas (axial, one slice each), prompts through the prompts-JSON path.
+    """
     import medimg
 
-    folder = shipped_bundles()[name]
-    check = json.loads((folder / "configs" / "metadata.json").read_text())["medimg_card_check"]
+    check = _meta(name)["medimg_card_check"]
+    if _meta(name).get("medimg_task") == "promptable":
+        from medimg.io.image import read_image
+        from medimg.predictors.evaluation import Scorer, targets
+
+        doc = json.loads(structures_manifest.read_text())
+        entry = next(e for e in doc["validation"] if e["subject"] == check["case"])
+        image = read_image(structures_manifest.parent / entry["image"])
+        label = read_image(structures_manifest.parent / entry["label"]).array.astype(np.int64)
+        values = {str(v): (int(v),) for v in np.unique(label) if v}
+        scorer = Scorer(medimg.load_bundle(name, "cpu").with_plane(check["plane"]), image, entry["intensity"],
+                        tuple(check["prompts"]))
+        rows = [scorer.score(t, k) for _, k, t in targets(scorer.frame.to_working(label), values,
+                                                          check["per_structure"], check["min_area"])]
+        for prompt, expected in check["dice"].items():
+            assert abs(float(np.mean([r[prompt] for r in rows])) - expected) <= check["tolerance"], (prompt, rows)
+        return
     labels = np.asarray(medimg.load_bundle(name, "cpu").predict(str(mni_dir / Path(check["input"]).name)).array)
     truth = np.asarray(nib.load(mni_dir / Path(check["truth"]).name).dataobj)
     dice = [2 * ((labels == v) & (truth == v)).sum() / ((labels == v).sum() + (truth == v).sum()) for v in (1, 2)]
     assert abs(float(np.mean(dice)) - check["mean_dice"]) <= check["tolerance"], (dice, check)
+
+
+def test_slicer_click_on_a_real_head_returns_a_mask_holding_the_click():
+    """The served interactive bundle, as 3D Slicer asks it: one foreground click on Colin27's thalamus."""
+    from medimg.io.image import read_image
+    from medimg.label.infer import PromptInfer2D
+
+    image = read_image("/usr/share/mricron/templates/ch2.nii.gz")
+    aal = read_image("/usr/share/mricron/templates/aal.nii.gz").array
+    thalamus = aal == 77
+    k = int(np.argmax(thalamus.sum(axis=(0, 1))))
+    i, j = np.argwhere(thalamus[:, :, k]).mean(0).round().astype(int)
+    task = PromptInfer2D(shipped_bundles()["litemedsam"], device="cpu")
+    path, result = task({"image": str(image.path), "foreground": [[int(i), int(j), k]], "slice": k})
+    out = nib.load(path)
+    mask = np.asarray(out.dataobj)
+    assert mask.shape == image.array.shape and np.allclose(out.affine, image.affine) and mask[i, j, k] == 1
+    here = mask[:, :, k] > 0
+    assert 2 * (here & thalamus[:, :, k]).sum() / (here.sum() + thalamus[:, :, k].sum()) > 0.3
+    assert not mask[:, :, k + 5].any()  # a click answers on its own slice
 
 
 def test_short_name_on_the_command_line_keeps_the_input_geometry(tmp_path, mni_dir):

@@ -68,3 +68,31 @@ def test_a_training_step_with_distillation_and_a_lone_click():
     assert any(float(p.grad.abs().sum()) > 0 for n, p in net.mask_decoder.named_parameters()
                if n.startswith("mask_tokens") and p.grad is not None)
     assert all(p.grad is None for p in task.teacher.parameters())
+
+
+def test_ritm_rounds_decode_without_gradients_and_train_one(monkeypatch):
+    """``rounds="last"``: 0 to click_rounds - 1 rounds under no_grad, then one trained round after the first prompt."""
+    net = _tiny_sam()
+    net.image_encoder.requires_grad_(False)
+    task = PromptableTask(net, click_rounds=4, box_prob=1.0, rounds="last")
+    task.log = lambda *a, **k: None
+    calls = []
+    decode = task._decode
+
+    def spy(*args, **kwargs):
+        out = decode(*args, **kwargs)
+        calls.append(out[0].requires_grad)
+        return out
+
+    monkeypatch.setattr(task, "_decode", spy)
+    target = torch.zeros(2, 1, 256, 256)
+    target[:, :, 60:140, 80:180] = 1
+    batch = {"image": torch.rand(2, 3, 256, 256), "target": target, "volume": torch.tensor([0, 0]),
+             "slice": torch.tensor([0, 1])}
+    lengths = set()
+    for _ in range(12):
+        calls.clear()
+        task.training_step(batch, 0).backward()
+        assert calls[0] and calls[-1] and not any(calls[1:-1])  # first prompt and last round train
+        lengths.add(len(calls))
+    assert lengths <= {2, 3, 4, 5} and len(lengths) >= 3  # a random depth each step

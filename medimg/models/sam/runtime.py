@@ -226,8 +226,10 @@ def convert_openvino(network: nn.Module) -> tuple[Any, Any, Any]:
     return models[0], models[1], models[2]
 
 
-def save_openvino_ir(network: nn.Module, out_dir: str | Path) -> dict[str, str]:
+def save_openvino_ir(network: nn.Module, out_dir: str | Path, fp16: bool = False) -> dict[str, str]:
     """Write the OpenVINO IR of both parts into ``out_dir``, tagged with the weights' digest.
+
+    ``fp16`` stores the weights in half precision (see :func:`~medimg.models.openvino_ir.write_ir`).
 
     Before anything is written the converted parts are compiled in f32 and run beside the eager
     network on one fixed image and box; an IR that does not reproduce the eager logits is refused.
@@ -242,7 +244,7 @@ def save_openvino_ir(network: nn.Module, out_dir: str | Path) -> dict[str, str]:
     network = network.cpu().eval()
     models = convert_openvino(network)
     check_conversion(network, models, out_dir)
-    write_ir(dict(zip(IR_FILES.values(), models)), out_dir, weights_digest(network))
+    write_ir(dict(zip(IR_FILES.values(), models)), out_dir, weights_digest(network), fp16)
     return {part: f"{name}.xml" for part, name in IR_FILES.items()}
 
 

@@ -1,0 +1,133 @@
+"""Simulated users for interactive evaluation, through the prompts-JSON path ``medimg.infer`` runs.
+
+For a target (one connected piece of a structure on one slice, in a predictor's working frame) a
+user's prompts are simulated deterministically:
+
+- ``box``: its tight box; ``click1``: one click at its most interior pixel; ``click3`` /
+  ``click5``: then correction clicks, each at the most interior pixel of the largest error region
+  (positive in a miss, negative in a false positive), every request carrying all clicks so far
+  (a prompts file has no previous mask);
+- ``scribble``: one positive stroke along the target's main axis through its most interior pixel;
+- ``lasso``: its convex hull, one pixel out, as a closed contour.
+
+Each prompt becomes a prompts-JSON document in the volume's stored voxel indices, run through
+``predictor.segment_prompts`` on one slice without propagation; Dice is taken on that slice.
+``benchmarks/interactive.py`` reports these figures and the suite checks the shipped cards with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+
+from medimg.io.image import Image
+from medimg.io.prompts import parse_prompts
+
+PROMPTS = ("box", "click1", "click3", "click5", "scribble", "lasso")
+
+
+def interior(mask: np.ndarray) -> np.ndarray:
+    """The most interior pixel of a 2D mask (largest distance to its edge)."""
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    return np.asarray(np.unravel_index(np.argmax(dist), mask.shape), dtype=np.float64)
+
+
+def stroke(mask: np.ndarray) -> np.ndarray:
+    """A scribble: along the mask's main axis through its most interior pixel, kept inside, 80% of the run."""
+    c = interior(mask)
+    coords = np.argwhere(mask).astype(np.float64)
+    direction = np.linalg.svd(coords - coords.mean(0), full_matrices=False)[2][0]
+    ends = []
+    for sign in (1.0, -1.0):
+        t = 0.0
+        while True:
+            p = np.round(c + sign * (t + 1) * direction).astype(int)
+            if (p < 0).any() or (p >= mask.shape).any() or not mask[tuple(p)]:
+                break
+            t += 1
+        ends.append(c + sign * 0.8 * t * direction)
+    return np.array([ends[0], c, ends[1]])
+
+
+def hull(mask: np.ndarray) -> np.ndarray:
+    """A lasso: the convex hull of the mask grown by one pixel, as ordered vertices."""
+    pts = np.argwhere(ndimage.binary_dilation(mask)).astype(np.float64)
+    try:
+        return pts[ConvexHull(pts).vertices]
+    except Exception:  # noqa: BLE001 - a flat piece: its bounding rectangle
+        lo, hi = pts.min(0), pts.max(0)
+        return np.array([lo, [lo[0], hi[1]], hi, [hi[0], lo[1]]])
+
+
+def targets(label: np.ndarray, values: dict[str, tuple[int, ...]], per: int,
+            min_area: int) -> Iterator[tuple[str, int, np.ndarray]]:
+    """``(name, k, mask)``: the largest piece on ``per`` evenly spaced slices of each structure (working frame)."""
+    for name, vals in values.items():
+        structure = np.isin(label, vals)
+        area = structure.sum(axis=(0, 1))
+        ks = np.nonzero(area >= min_area)[0]
+        for k in ks[np.linspace(0, len(ks) - 1, per).round().astype(int)] if len(ks) else []:
+            comp, n = ndimage.label(structure[:, :, k])
+            if n:
+                piece = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
+                if piece.sum() >= min_area:
+                    yield name, int(k), piece
+
+
+class Scorer:
+    """Runs prompts-JSON documents on one slice of a volume through a predictor and scores them."""
+
+    def __init__(self, predictor: object, image: Image, intensity: str, prompts: tuple[str, ...] = PROMPTS) -> None:
+        self.predictor, self.image, self.intensity, self.prompts = predictor, image, intensity, prompts
+        self.masks: list[np.ndarray] = []  # every predicted slice mask, in order (to compare two predictors)
+        predictor.prepare(image, intensity)
+        self.frame = predictor.frame
+
+    def stored(self, pts2d: np.ndarray, k: int) -> list[list[float]]:
+        """Working-frame ``(i, j)`` points on slice ``k`` -> stored voxel indices."""
+        work = np.column_stack([pts2d, np.full(len(pts2d), k)])
+        return self.frame.points_from_working(work).tolist()
+
+    def run(self, doc: dict, k: int) -> np.ndarray:
+        """One prompts document on slice ``k``: the predicted slice mask (working frame)."""
+        doc = {"space": "voxel", "propagate": False, **doc}
+        prompts = parse_prompts(doc, self.image.array.shape, self.image.affine)
+        labels = self.predictor.segment_prompts(self.image, prompts, self.intensity)
+        self.masks.append(self.frame.to_working(labels == 1)[:, :, k])
+        return self.masks[-1]
+
+    def score(self, truth: np.ndarray, k: int) -> dict[str, float]:
+        """Dice of each simulated prompt kind (``self.prompts``) for the target ``truth`` on slice ``k``."""
+        dice = lambda p: float(2 * (p & truth).sum() / max(p.sum() + truth.sum(), 1))  # noqa: E731
+        out: dict[str, float] = {}
+        if "box" in self.prompts:
+            corners = np.array([np.argwhere(truth).min(0), np.argwhere(truth).max(0)], dtype=np.float64)
+            box = np.asarray(self.stored(corners, k))
+            out["box"] = dice(self.run({"boxes": [[*box.min(0), *box.max(0)]]}, k))
+        clicks_wanted = max((int(p[5:]) for p in self.prompts if p.startswith("click")), default=0)
+        clicks, labels = [interior(truth)], [1]
+        for n in range(1, clicks_wanted + 1):
+            pred = self.run({"points": self.stored(np.array(clicks), k), "point_labels": labels}, k)
+            if f"click{n}" in self.prompts:
+                out[f"click{n}"] = dice(pred)
+            if n == clicks_wanted:
+                break
+            miss, extra = truth & ~pred, pred & ~truth
+            err, lab = (miss, 1) if miss.sum() >= extra.sum() else (extra, 0)
+            comp, m = ndimage.label(err)
+            if not m:
+                for rest in range(n + 1, clicks_wanted + 1):
+                    if f"click{rest}" in self.prompts:
+                        out[f"click{rest}"] = dice(pred)
+                break
+            clicks.append(interior(comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)))
+            labels.append(lab)
+        if "scribble" in self.prompts:
+            doc = {"scribbles": [{"points": self.stored(stroke(truth), k), "label": 1}]}
+            out["scribble"] = dice(self.run(doc, k))
+        if "lasso" in self.prompts:
+            out["lasso"] = dice(self.run({"lassos": [self.stored(hull(truth), k)]}, k))
+        return out
