@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cross_subject import TEMPLATES, template_heldout  # noqa: E402
 
 from medimg.bundle.loader import load_bundle  # noqa: E402
-from medimg.bundle.verify import verify_bundle  # noqa: E402
-from medimg.bundles import ZOO, folder_mb  # noqa: E402
+from medimg.bundles import ZOO, install_staged  # noqa: E402
 from medimg.data.embedded.mni152 import prepare_mni152  # noqa: E402
 
 CARD_TOLERANCE = 0.01
@@ -235,14 +234,7 @@ def main() -> None:
     for fmt in ("torch.export", "ONNX"):
         if fmt in meta.get("medimg_exports", {}):
             meta["medimg_exports"][fmt].update(written=False, shipped=False)
-    (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
-    size = folder_mb(tmp)
-    (tmp / "docs" / "README.md").write_text(card(args.name, meta, m, args, size))
-    verify_bundle(tmp, args.schema)
-    dest = ZOO / args.name
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    print(f"shipped: {dest} ({size:.1f} MB)")
+    install_staged(tmp, args.name, meta, lambda size: card(args.name, meta, m, args, size), args.schema)
 
 
 if __name__ == "__main__":

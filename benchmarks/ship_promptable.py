@@ -37,8 +37,7 @@ from interactive import TEMPLATES, cases  # noqa: E402
 
 from medimg.bundle.fp16 import store_fp16  # noqa: E402
 from medimg.bundle.loader import load_bundle  # noqa: E402
-from medimg.bundle.verify import verify_bundle  # noqa: E402
-from medimg.bundles import ZOO, folder_mb  # noqa: E402
+from medimg.bundles import ZOO, install_staged  # noqa: E402
 from medimg.data.embedded.structures import prepare_structures  # noqa: E402
 from medimg.io.image import read_image  # noqa: E402
 from medimg.predictors.evaluation import PROMPTS, Scorer, targets  # noqa: E402
@@ -214,14 +213,8 @@ def main() -> None:
     meta["medimg_card_check"] = {**CHECK, "dice": card_check(tmp, manifest), "tolerance": CARD_TOLERANCE}
     meta["medimg_storage"] = storage
     meta["eval_metrics"] = {**meta.get("eval_metrics", {}), "interactive": after, "interactive_fp32": fp32}
-    (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
-    size = folder_mb(tmp)
-    (tmp / "docs" / "README.md").write_text(card(args.name, args, meta, before, after, storage, size))
-    verify_bundle(tmp, args.schema)
-    dest = ZOO / args.name
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    print(f"shipped: {dest} ({size:.1f} MB)")
+    install_staged(tmp, args.name, meta, lambda size: card(args.name, args, meta, before, after, storage, size),
+                   args.schema)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ A path that exists always wins over a name, so a user's own folder called ``tiss
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,26 @@ def resolve_bundle(bundle: str | Path) -> Path:
         return shipped[str(bundle)]
     names = ", ".join(shipped) or "none installed"
     raise BundleError(path, f"no such bundle folder, and not a shipped bundle name (shipped: {names})")
+
+
+def install_staged(staged: Path, name: str, meta: dict[str, Any], card: Callable[[float], str],
+                   schema: str | Path | None = None) -> Path:
+    """Finish a staged copy of a bundle and move it into the zoo as ``name`` (what the ship benchmarks do).
+
+    Writes ``meta`` as its ``metadata.json`` and ``card(size_mb)`` as its ``docs/README.md``,
+    verifies it with MONAI, then replaces ``zoo/<name>`` by it.
+    """
+    from medimg.bundle.verify import verify_bundle
+
+    (staged / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
+    size = folder_mb(staged)
+    (staged / "docs" / "README.md").write_text(card(size))
+    verify_bundle(staged, schema)
+    dest = ZOO / name
+    shutil.rmtree(dest, ignore_errors=True)
+    staged.rename(dest)
+    print(f"shipped: {dest} ({size:.1f} MB)")
+    return dest
 
 
 def folder_mb(folder: Path) -> float:
