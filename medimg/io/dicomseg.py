@@ -5,6 +5,9 @@ array :func:`~medimg.io.dicom.read_dicom_series` gives, in its geometric slice o
 binary DICOM SEG: one segment per label value, named from the bundle's labels, one frame per
 source slice that holds the segment, each frame referencing its source image (SOP instance) and
 carrying its position, so viewers (3D Slicer, OHIF) place it exactly on the series.
+
+:func:`seg_to_labels` reads a SEG back onto its source series' grid (by the source instances its
+frames reference); :func:`raw_labels` reads OHIF's ``label.bin`` (raw voxels of the series grid).
 """
 
 from __future__ import annotations
@@ -84,3 +87,40 @@ def write_dicom_seg(labels: np.ndarray, series_folder: str | Path, out: str | Pa
     with atomic_output(out) as tmp:
         seg.save_as(tmp)
     return out
+
+
+def seg_to_labels(seg_file: str | Path, series_folder: str | Path) -> np.ndarray:
+    """A DICOM SEG as a label map on its source series' stored grid (segment number = label value)."""
+    import highdicom as hd
+
+    series = read_dicom_series(series_folder)
+    seg = hd.seg.segread(str(seg_file))
+    uids = [str(read_sop_uid(p)) for p in series.files]
+    referenced = {str(r.ReferencedSOPInstanceUID) for item in seg.ReferencedSeriesSequence
+                  for r in item.ReferencedInstanceSequence}
+    if not referenced & set(uids):
+        raise DataError(seg_file, f"references no instance of the series in {series_folder}")
+    present = [u for u in uids if u in referenced]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=present, combine_segments=True,
+                                               skip_overlap_checks=True)
+    labels = np.zeros(series.array.shape, dtype=np.uint8)
+    for u, frame in zip(present, pixels):
+        labels[:, :, uids.index(u)] = np.asarray(frame).T
+    return labels
+
+
+def raw_labels(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:
+    """OHIF's ``label.bin``: uint8 (or uint16) voxels of the series grid, column fastest (Fortran order)."""
+    data = Path(path).read_bytes()
+    n = int(np.prod(shape))
+    for dtype in (np.uint8, np.uint16):
+        if len(data) == n * np.dtype(dtype).itemsize:
+            return np.frombuffer(data, dtype=dtype).reshape(shape, order="F").astype(np.uint8)
+    raise DataError(Path(path).name, f"holds {len(data)} bytes, not the {n} voxels of the series (uint8 or uint16)")
+
+
+def read_sop_uid(path: Path) -> str:
+    """The SOP Instance UID of a DICOM file (header only)."""
+    import pydicom
+
+    return str(pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)

@@ -62,8 +62,11 @@ class MedimgApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         """A local datastore that also lists DICOM series folders as images."""
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+        if self.studies.startswith(("http://", "https://")):  # a PACS: DICOMweb, SEG through highdicom
+            from medimg.label.dicomweb import PacsDatastore
+
+            cache = settings.MONAI_LABEL_DICOMWEB_CACHE_PATH.strip() or None
+            return PacsDatastore(self.studies, cache_path=cache)
         return SeriesDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)

@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from medimg.errors import ConfigError, run_cli
 
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--models", default=None,
                        help="folder of medimg bundles (default: copies of every bundle shipped with medimg, "
                             "under the app folder; python -m medimg.bundles lists them)")
-    serve.add_argument("--studies", required=True, help="studies folder (NIfTI/NRRD files, DICOM series folders)")
+    serve.add_argument("--studies", required=True, help="studies folder (NIfTI/NRRD files, DICOM series folders) "
+                                                        "or a DICOMweb URL (http://HOST:PORT/dicom-web)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token-file", default=None,
@@ -97,8 +99,12 @@ def check(args: argparse.Namespace) -> None:
             raise ConfigError(models, "--models: no such folder")
         if not any((p / "configs" / "metadata.json").is_file() for p in models.iterdir() if p.is_dir()):
             raise ConfigError(models, "--models: no medimg bundle (a folder with configs/metadata.json) in it")
-    if not studies.is_dir():
-        raise ConfigError(studies, "--studies: no such folder")
+    if is_dicomweb(args.studies):
+        host = urlsplit(args.studies).hostname or ""
+        if not host:
+            raise ConfigError(args.studies, "--studies: a DICOMweb URL needs a host (http://HOST:PORT/dicom-web)")
+    elif not studies.is_dir():
+        raise ConfigError(studies, "--studies: no such folder (or give a DICOMweb URL, http://HOST:PORT/dicom-web)")
     if not 0 < args.port < 65536:
         raise ConfigError("--port", f"{args.port} is not a TCP port")
     install()
@@ -107,6 +113,11 @@ def check(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise ConfigError("monailabel", "MONAI Label is not installed; see the README's MONAI Label section "
                                         "(pip install -e '.[label]' and monailabel --no-deps)") from exc
+
+
+def is_dicomweb(studies: str) -> bool:
+    """``--studies`` names a DICOMweb service (a PACS such as Orthanc), not a folder."""
+    return studies.startswith(("http://", "https://"))
 
 
 def prepare_app_dir(app_dir: Path) -> None:
@@ -176,7 +187,8 @@ def serve(args: argparse.Namespace) -> int:
         if args.device:
             conf.append(["device", args.device])
         conf.append(["runs", str(Path(args.runs).resolve()) if args.runs else str(app_dir / "runs")])
-        argv = ["monailabel", "start_server", "--app", str(app_dir), "--studies", str(Path(args.studies).resolve()),
+        studies = args.studies if is_dicomweb(args.studies) else str(Path(args.studies).resolve())
+        argv = ["monailabel", "start_server", "--app", str(app_dir), "--studies", studies,
                 "--host", args.host, "--port", str(args.port), "--uvicorn_app", "medimg.label.asgi:app",
                 "--log_level", args.log_level]
         for key, value in conf:

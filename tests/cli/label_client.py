@@ -27,8 +27,8 @@ def free_port() -> int:
 class LabelServer:
     """``python -m medimg.label serve`` on a free loopback port."""
 
-    def __init__(self, models: Path, studies: Path, work: Path, token: str | None = None,
-                 extra: list[str] | None = None) -> None:
+    def __init__(self, models: Path, studies: Path | str, work: Path, token: str | None = None,
+                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = work / "server.log"
@@ -43,12 +43,12 @@ class LabelServer:
             token_file.chmod(0o600)
             cmd += ["--token-file", str(token_file)]
             self.session.headers["Authorization"] = f"Bearer {token}"
-        self.cmd = cmd
+        self.cmd, self.env = cmd, env or {}
         self.start()
 
     def start(self) -> None:
         """Start the server (again: same models, studies, app folder, port and token) and wait for it."""
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", **self.env}
         self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         self.pgid = self.proc.pid

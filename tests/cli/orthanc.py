@@ -1,0 +1,69 @@
+"""A real Orthanc PACS with its DICOMweb plugin for tests: started on 127.0.0.1, stopped without leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+from tests.cli.label_client import free_port
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+class OrthancServer:
+    """``Orthanc`` (Debian ``orthanc`` + ``orthanc-dicomweb``) on a free loopback port, storage in ``work``."""
+
+    def __init__(self, work: Path) -> None:
+        if not Path(ORTHANC).is_file() or not DICOMWEB_PLUGIN.is_file():  # an oracle: missing fails, never skips
+            raise RuntimeError("Orthanc or its DICOMweb plugin is missing: apt-get install orthanc orthanc-dicomweb")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dicomweb = f"{self.url}/dicom-web"
+        (work / "db").mkdir(parents=True, exist_ok=True)
+        conf = {"Name": "medimg-suite", "HttpPort": self.port, "DicomServerEnabled": False,
+                "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpsVerifyPeers": False,
+                "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
+                "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+        (work / "orthanc.json").write_text(json.dumps(conf))
+        self.log = work / "orthanc.log"
+        self.proc = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=self.log.open("w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited ({self.proc.returncode}): {self.log.read_text()[-2000:]}")
+            try:
+                if requests.get(f"{self.url}/system", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("Orthanc did not start within 60 s")
+
+    def upload(self, files: list[Path]) -> None:
+        """Store DICOM files through Orthanc's REST API."""
+        for f in files:
+            requests.post(f"{self.url}/instances", data=f.read_bytes(), timeout=60).raise_for_status()
+
+    def series(self, modality: str | None = None) -> list[dict]:
+        """QIDO-RS: every series (optionally one modality), as DICOM JSON."""
+        params = {"Modality": modality} if modality else {}
+        return requests.get(f"{self.dicomweb}/series", params=params, timeout=30).json()
+
+    def stop(self) -> None:
+        """Stop Orthanc and its whole process group."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
