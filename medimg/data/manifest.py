@@ -141,7 +141,8 @@ def validate_manifest(manifest: Manifest, splits: tuple[str, ...] = ("training",
                 declared = [int(k) for k in manifest.labels] if manifest.labels else []
                 bad = np.setdiff1d(np.unique(label), declared) if declared else []
                 if len(bad):
-                    raise DataError(item["label"], f"label values {bad.tolist()} are not among the "
+                    shown = [int(v) if float(v).is_integer() else float(v) for v in bad]
+                    raise DataError(item["label"], f"label values {shown} are not among the "
                                                    f"{len(declared)} labels the manifest declares")
 
 

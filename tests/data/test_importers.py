@@ -112,7 +112,7 @@ def test_malformed_nnunet_layout_is_one_line_naming_the_file(tmp_path, fault, ca
         bad, words = root / "imagesTr" / "toy_002_0001.nii.gz", "channel suffix gap"
         bad.rename(root / "imagesTr" / "toy_002_0002.nii.gz")
     elif fault == "undeclared_value":
-        bad, words = volume(root / "labelsTr" / "toy_001.nii.gz", 7, label=True, top=5), "exceed"
+        bad, words = volume(root / "labelsTr" / "toy_001.nii.gz", 7, label=True, top=5), "not among"
     elif fault == "no_suffix":
         bad, words = volume(root / "imagesTr" / "toy_009.nii.gz", 9), "_XXXX channel suffix"
     else:
