@@ -1,4 +1,8 @@
-"""A real Orthanc PACS with its DICOMweb plugin for tests: started on 127.0.0.1, stopped without leftovers."""
+"""A real Orthanc PACS with its DICOMweb plugin for tests: reached on 127.0.0.1, stopped without leftovers.
+
+Orthanc 1.10 has no bind-address setting; ``RemoteAccessAllowed: false`` makes it refuse every
+request that does not come from this machine, and its DICOM port stays closed.
+"""
 
 from __future__ import annotations
 
