@@ -97,7 +97,7 @@ def test_slicer_click_on_a_real_head_returns_a_mask_holding_the_click():
     mask = np.asarray(out.dataobj)
     assert mask.shape == image.array.shape and np.allclose(out.affine, image.affine) and mask[i, j, k] == 1
     here = mask[:, :, k] > 0
-    assert 2 * (here & thalamus[:, :, k]).sum() / (here.sum() + thalamus[:, :, k].sum()) > 0.3
+    assert here.sum() >= 30 and (here & thalamus[:, :, k]).sum() >= 0.9 * here.sum()  # it stays inside
     assert not mask[:, :, k + 5].any()  # a click answers on its own slice
 
 
