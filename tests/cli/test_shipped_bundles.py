@@ -81,17 +81,18 @@ def test_card_figure_holds_through_load_bundle(name, mni_dir, structures_manifes
     assert abs(float(np.mean(dice)) - check["mean_dice"]) <= check["tolerance"], (dice, check)
 
 
-def test_slicer_click_on_a_real_head_returns_a_mask_holding_the_click():
+def test_slicer_click_on_a_real_head_returns_a_mask_holding_the_click(tmp_path):
     """The served interactive bundle, as 3D Slicer asks it: one foreground click on Colin27's thalamus."""
     from medimg.io.image import read_image
     from medimg.label.infer import PromptInfer2D
+    from medimg.label.serve import copy_shipped
 
     image = read_image("/usr/share/mricron/templates/ch2.nii.gz")
     aal = read_image("/usr/share/mricron/templates/aal.nii.gz").array
     thalamus = aal == 77
     k = int(np.argmax(thalamus.sum(axis=(0, 1))))
     i, j = np.argwhere(thalamus[:, :, k]).mean(0).round().astype(int)
-    task = PromptInfer2D(shipped_bundles()["litemedsam"], device="cpu")
+    task = PromptInfer2D(copy_shipped(tmp_path / "models") / "litemedsam", device="cpu")  # as serve does
     path, result = task({"image": str(image.path), "foreground": [[int(i), int(j), k]], "slice": k})
     out = nib.load(path)
     mask = np.asarray(out.dataobj)
