@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from matplotlib.path import Path as PolygonPath
 
 SCRIBBLE_STEP = 8.0
 SCRIBBLE_MAX_POINTS = 12
@@ -71,6 +70,7 @@ class Lasso:
 
     def inside(self, shape: tuple[int, ...]) -> np.ndarray:
         """The filled contour (its outline included) on its slice: a bool array of ``shape``."""
+        from matplotlib.path import Path as PolygonPath  # only when a lasso is drawn: keeps imports light
         plane_axes = [a for a in range(len(shape)) if a != self.axis]
         poly = self.vertices[:, plane_axes]
         size = tuple(shape[a] for a in plane_axes)
