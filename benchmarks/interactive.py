@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,51 +32,46 @@ from timing import machine  # noqa: E402
 
 from medimg.bundle.loader import load_bundle  # noqa: E402
 from medimg.io.image import read_image  # noqa: E402
-from medimg.predictors.evaluation import PROMPTS, Scorer, targets  # noqa: E402
+from medimg.predictors.evaluation import PROMPTS, named_structures, score_case  # noqa: E402
 
 TEMPLATES = Path("/usr/share/mricron/templates")
 DEEP_GREY = {"caudate": (71, 72), "putamen": (73, 74), "pallidum": (75, 76), "thalamus": (77, 78),
              "hippocampus": (37, 38), "amygdala": (41, 42)}
 
 
-def evaluate(bundle: str, cases: list[tuple[str, Path, Path, str, list[str], dict]], per: int,
-             min_area: int) -> dict[str, dict]:
-    """Mean Dice per prompt kind over each case (set of structures), and per structure."""
+def evaluate(bundle: str, cases: list[tuple], per: int, min_area: int,
+             masks: list[np.ndarray] | None = None) -> dict[str, dict]:
+    """Mean Dice per prompt kind over each case (set of structures), and per structure.
+
+    ``masks``: if given, every predicted slice mask is appended, in order.
+    """
     base = load_bundle(bundle, device="cpu")
     results = {}
-    for case, image_path, label_path, intensity, planes, values in cases:
+    for case, image_path, label_path, intensity, planes, values, names in cases:
         image, label = read_image(image_path), read_image(label_path).array.astype(np.int64)
-        rows: dict[str, list[dict[str, float]]] = {}
         start = time.perf_counter()
-        for plane in planes:
-            predictor = base if plane == base.plane else base.with_plane(plane)
-            scorer = Scorer(predictor, image, intensity)
-            for name, k, truth in targets(scorer.frame.to_working(label), values, per, min_area):
-                rows.setdefault(name, []).append(scorer.score(truth, k))
-        per_structure = {n: {p: float(np.mean([r[p] for r in v])) for p in PROMPTS} for n, v in rows.items()}
-        mean = {p: float(np.mean([s[p] for s in per_structure.values()])) for p in PROMPTS}
-        results[case] = {"mean": mean, "structures": per_structure, "targets": sum(len(v) for v in rows.values()),
-                         "seconds": time.perf_counter() - start}
-        print(f"{bundle} | {case} | " + " ".join(f"{p} {mean[p]:.3f}" for p in PROMPTS)
-              + f" | {results[case]['targets']} targets, {results[case]['seconds']:.0f} s", flush=True)
+        res = score_case(base, image, label, intensity, planes, values or named_structures(label, names),
+                         per, min_area, masks=masks)
+        results[case] = {**res, "seconds": time.perf_counter() - start}
+        print(f"{bundle} | {case} | " + " ".join(f"{p} {res['mean'][p]:.3f}" for p in PROMPTS)
+              + f" | {res['targets']} targets, {results[case]['seconds']:.0f} s", flush=True)
     return results
 
 
-def cases(structures_manifest: Path, templates: Path) -> list:
-    """The held-out structures of each ``structures`` volume, then Colin27's deep grey matter."""
+def cases(structures_manifest: Path, templates: Path) -> list[tuple]:
+    """``(name, image, label, intensity, planes, structures, names)`` of each held-out set.
+
+    The held-out structures of each ``structures`` volume (``structures`` ``None``: every value of its
+    held-out label map, named from ``names``), then Colin27's deep grey matter.
+    """
     doc = json.loads(structures_manifest.read_text())
-    names = doc["labels"]
-    out = []
-    for entry in doc["validation"]:
-        root = structures_manifest.parent
-        values = np.unique(np.asarray(nib.load(str(root / entry["label"])).dataobj))
-        structures = {names[str(int(v))]: (int(v),) for v in values if v}
-        out.append((f"held-out structures: {entry['subject']}", root / entry["image"], root / entry["label"],
-                    entry["intensity"], entry["planes"], structures))
+    root = structures_manifest.parent
+    out = [(f"held-out structures: {e['subject']}", root / e["image"], root / e["label"], e["intensity"],
+            e["planes"], None, doc["labels"]) for e in doc["validation"]]
     if not (templates / "ch2.nii.gz").is_file():
         sys.exit(f"error: {templates / 'ch2.nii.gz'}: missing; apt-get install mricron-data")
     out.append(("held-out volume: Colin27 AAL deep grey", templates / "ch2.nii.gz", templates / "aal.nii.gz", "mr",
-                ["axial", "coronal", "sagittal"], DEEP_GREY))
+                ["axial", "coronal", "sagittal"], DEEP_GREY, {}))
     return out
 
 

@@ -33,50 +33,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from interactive import TEMPLATES, cases  # noqa: E402
+from interactive import TEMPLATES, cases, evaluate  # noqa: E402
 
 from medimg.bundle.fp16 import store_fp16  # noqa: E402
 from medimg.bundle.loader import load_bundle  # noqa: E402
 from medimg.bundles import ZOO, install_staged  # noqa: E402
 from medimg.data.embedded.structures import prepare_structures  # noqa: E402
-from medimg.io.image import read_image  # noqa: E402
-from medimg.predictors.evaluation import PROMPTS, Scorer, targets  # noqa: E402
+from medimg.predictors.evaluation import PROMPTS, card_check  # noqa: E402
 
 CARD_TOLERANCE = 0.02
 CHECK = {"case": "mni152_atlas", "plane": "axial", "per_structure": 1, "min_area": 40, "prompts": ["box", "click1"]}
-
-
-def measure(bundle: Path, all_cases: list, per: int, min_area: int) -> tuple[dict, list[np.ndarray]]:
-    """Per-case mean Dice per prompt (structures weighted equally) and every predicted mask, in order."""
-    base = load_bundle(bundle, device="cpu")
-    results, masks = {}, []
-    for case, image_path, label_path, intensity, planes, values in all_cases:
-        image, label = read_image(image_path), read_image(label_path).array.astype(np.int64)
-        rows: dict[str, list[dict]] = {}
-        for plane in planes:
-            scorer = Scorer(base if plane == base.plane else base.with_plane(plane), image, intensity)
-            for name, k, truth in targets(scorer.frame.to_working(label), values, per, min_area):
-                rows.setdefault(name, []).append(scorer.score(truth, k))
-            masks += scorer.masks
-        per_structure = {n: {p: float(np.mean([r[p] for r in v])) for p in PROMPTS} for n, v in rows.items()}
-        results[case] = {"mean": {p: float(np.mean([s[p] for s in per_structure.values()])) for p in PROMPTS},
-                         "targets": sum(len(v) for v in rows.values())}
-        print(bundle, case, json.dumps({p: round(v, 3) for p, v in results[case]["mean"].items()}), flush=True)
-    return results, masks
-
-
-def card_check(bundle: Path, manifest: Path) -> dict[str, float]:
-    """The suite's fast check: box and one-click Dice, axial, one slice per held-out MNI152 atlas structure."""
-    doc = json.loads(manifest.read_text())
-    entry = next(e for e in doc["validation"] if e["subject"] == CHECK["case"])
-    image = read_image(manifest.parent / entry["image"])
-    label = read_image(manifest.parent / entry["label"]).array.astype(np.int64)
-    values = {doc["labels"][str(int(v))]: (int(v),) for v in np.unique(label) if v}
-    scorer = Scorer(load_bundle(bundle, device="cpu").with_plane(CHECK["plane"]), image, entry["intensity"],
-                    tuple(CHECK["prompts"]))
-    rows = [scorer.score(t, k) for _, k, t in targets(scorer.frame.to_working(label), values,
-                                                      CHECK["per_structure"], CHECK["min_area"])]
-    return {p: round(float(np.mean([r[p] for r in rows])), 4) for p in CHECK["prompts"]}
 
 
 def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
@@ -190,11 +156,13 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     ZOO.mkdir(exist_ok=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("sample", "eval"))
-    fp32, masks32 = measure(src, all_cases, args.per_structure, args.min_area)
+    masks32: list[np.ndarray] = []
+    fp32 = evaluate(str(src), all_cases, args.per_structure, args.min_area, masks32)
     after, storage = fp32, {"weights": "fp32"}
     if args.fp16:  # ships in fp16 only if every mask equals the fp32 weights' mask
         store_fp16(tmp)
-        after, masks16 = measure(tmp, all_cases, args.per_structure, args.min_area)
+        masks16: list[np.ndarray] = []
+        after = evaluate(str(tmp), all_cases, args.per_structure, args.min_area, masks16)
         storage = {"weights": "fp16", **agreement(masks32, masks16)}
         print("fp16 against fp32:", storage)
         if storage["identical"] < storage["masks"]:
@@ -210,9 +178,11 @@ def main() -> None:
         "held-out volume (Colin27 deep grey) box / 1 / 5 clicks Dice": " / ".join(
             f"{after[colin]['mean'][p]:.3f}" for p in ("box", "click1", "click5")),
     }
-    meta["medimg_card_check"] = {**CHECK, "dice": card_check(tmp, manifest), "tolerance": CARD_TOLERANCE}
+    dice = card_check(load_bundle(tmp, device="cpu"), manifest, CHECK)
+    meta["medimg_card_check"] = {**CHECK, "dice": dice, "tolerance": CARD_TOLERANCE}
     meta["medimg_storage"] = storage
-    meta["eval_metrics"] = {**meta.get("eval_metrics", {}), "interactive": after, "interactive_fp32": fp32}
+    meta["eval_metrics"] = {**meta.get("eval_metrics", {}), "interactive": after,
+                            **({"interactive_fp32": fp32} if args.fp16 else {})}
     install_staged(tmp, args.name, meta, lambda size: card(args.name, args, meta, before, after, storage, size),
                    args.schema)
 

@@ -8,7 +8,7 @@ series are told apart by SeriesInstanceUID, and uneven spacing is an error.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,14 @@ class DicomSeries:
         affine: 4x4 voxel-to-world matrix in RAS+ mm.
         series_uid: SeriesInstanceUID.
         files: the slice files in geometric order.
+        sop_uids: their SOPInstanceUIDs, in the same order.
     """
 
     array: np.ndarray
     affine: np.ndarray
     series_uid: str
     files: list[Path]
+    sop_uids: list[str] = field(default_factory=list)
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -164,7 +166,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Dico
         slices.append(_pixels(path, ds) * slope + intercept)
     volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
     return DicomSeries(np.ascontiguousarray(volume), LPS_TO_RAS @ affine_lps, str(series_uid),
-                       [p for p, _ in items])
+                       [p for p, _ in items], [str(ds.get("SOPInstanceUID", "")) for _, ds in items])
 
 
 def _affine_lps(row_dir: np.ndarray, col_dir: np.ndarray, spacing_rc: np.ndarray, slice_vec: np.ndarray,

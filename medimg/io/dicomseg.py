@@ -95,17 +95,16 @@ def seg_to_labels(seg_file: str | Path, series_folder: str | Path) -> np.ndarray
 
     series = read_dicom_series(series_folder)
     seg = hd.seg.segread(str(seg_file))
-    uids = [str(read_sop_uid(p)) for p in series.files]
     referenced = {str(r.ReferencedSOPInstanceUID) for item in seg.ReferencedSeriesSequence
                   for r in item.ReferencedInstanceSequence}
-    if not referenced & set(uids):
+    slices = {u: k for k, u in enumerate(series.sop_uids) if u in referenced}  # source instance -> slice k
+    if not slices:
         raise DataError(seg_file, f"references no instance of the series in {series_folder}")
-    present = [u for u in uids if u in referenced]
-    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=present, combine_segments=True,
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(slices), combine_segments=True,
                                                skip_overlap_checks=True)
     labels = np.zeros(series.array.shape, dtype=np.uint8)
-    for u, frame in zip(present, pixels):
-        labels[:, :, uids.index(u)] = np.asarray(frame).T
+    for k, frame in zip(slices.values(), pixels):
+        labels[:, :, k] = np.asarray(frame).T
     return labels
 
 
@@ -117,10 +116,3 @@ def raw_labels(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:
         if len(data) == n * np.dtype(dtype).itemsize:
             return np.frombuffer(data, dtype=dtype).reshape(shape, order="F").astype(np.uint8)
     raise DataError(Path(path).name, f"holds {len(data)} bytes, not the {n} voxels of the series (uint8 or uint16)")
-
-
-def read_sop_uid(path: Path) -> str:
-    """The SOP Instance UID of a DICOM file (header only)."""
-    import pydicom
-
-    return str(pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)

@@ -68,34 +68,44 @@ class Lasso:
             lo[self.axis] = hi[self.axis] = self.index
         return np.concatenate([lo, hi])
 
-    def inside(self, shape: tuple[int, ...]) -> np.ndarray:
-        """The filled contour (its outline included) on its slice: a bool array of ``shape``."""
+    def _filled(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The filled contour (outline included) on its slice's own 2D grid."""
         from matplotlib.path import Path as PolygonPath  # only when a lasso is drawn: keeps imports light
+
         plane_axes = [a for a in range(len(shape)) if a != self.axis]
-        poly = self.vertices[:, plane_axes]
+        poly = np.vstack([self.vertices[:, plane_axes], self.vertices[:1, plane_axes]])
         size = tuple(shape[a] for a in plane_axes)
         grid = np.stack(np.meshgrid(*[np.arange(s) for s in size], indexing="ij"), axis=-1).reshape(-1, 2)
-        filled = PolygonPath(np.vstack([poly, poly[:1]])).contains_points(grid).reshape(size)
-        outline = rasterize_polyline(np.vstack([poly, poly[:1]]))
+        filled = PolygonPath(poly).contains_points(grid).reshape(size)
+        outline = rasterize_polyline(poly)
         outline = outline[((outline >= 0) & (outline < np.asarray(size))).all(axis=1)]
         filled[outline[:, 0], outline[:, 1]] = True
-        if self.axis is None:
-            return filled
-        out = np.zeros(shape, dtype=bool)
-        index = [slice(None)] * len(shape)
+        return filled
+
+    def _slice(self, ndim: int) -> tuple:
+        index: list = [slice(None)] * ndim
         index[self.axis] = self.index
-        out[tuple(index)] = filled
+        return tuple(index)
+
+    def cut(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` cut to the contour on the lasso's slice (in place for a 3D mask; returned)."""
+        if self.axis is None:
+            return mask & self._filled(mask.shape)
+        here = self._slice(mask.ndim)
+        mask[here] &= self._filled(mask.shape)
+        return mask
+
+    def inside(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The filled contour (its outline included) on its slice: a bool array of ``shape``."""
+        if self.axis is None:
+            return self._filled(shape)
+        out = np.zeros(shape, dtype=bool)
+        out[self._slice(len(shape))] = self._filled(shape)
         return out
 
     def keep(self, shape: tuple[int, ...]) -> np.ndarray:
         """Where a mask may stay: everywhere off the lasso's slice, and inside the contour on it."""
-        if self.axis is None:
-            return self.inside(shape)
-        keep = np.ones(shape, dtype=bool)
-        index = [slice(None)] * len(shape)
-        index[self.axis] = self.index
-        keep[tuple(index)] = False
-        return keep | self.inside(shape)
+        return self.cut(np.ones(shape, dtype=bool))
 
 
 def make_lasso(vertices: np.ndarray, shape: tuple[int, ...]) -> Lasso:

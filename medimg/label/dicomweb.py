@@ -76,9 +76,10 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
                 series.append(str(d.SeriesInstanceUID))
         return series
 
-    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
-        """Image series that a SEG in the PACS references, each once, asked afresh every time."""
-        images, found = set(self.list_images()), set()
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None,
+                           images: set[str] | None = None) -> list[str]:
+        """Image series (of ``images``, default all) that a SEG in the PACS references, each once, asked afresh."""
+        images, found = set(self.list_images()) if images is None else images, set()
         for ds in self._client.search_for_series(search_filters={"Modality": "SEG"}):
             d = Dataset.from_json(ds)
             meta = Dataset.from_json(self._client.retrieve_series_metadata(str(d.StudyInstanceUID),
@@ -90,7 +91,8 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
 
     def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
         """Image series no SEG references yet."""
-        return sorted(set(self.list_images()) - set(self.get_labeled_images()))
+        images = set(self.list_images())
+        return sorted(images - set(self.get_labeled_images(images=images)))
 
     def get_image_uri(self, image_id: str) -> str:
         """The series, fetched once into the cache, as a DICOM folder (registered as a cached image)."""

@@ -30,10 +30,9 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from nibabel.orientations import io_orientation
 
 from medimg.bundle.loader import bundle_task, load_bundle
-from medimg.data.slicing import PLANES
+from medimg.data.slicing import axis_plane
 from medimg.errors import MedimgError
 from medimg.io.drawn import Lasso
 from medimg.io.image import Image, read_image
@@ -226,8 +225,7 @@ def _prompts(request: dict[str, Any], image: Image,
 
 def viewed_plane(affine: np.ndarray) -> str:
     """The anatomical plane of the file's slices ``[:, :, k]`` (what 3D Slicer's ``slice`` indexes)."""
-    ras_axis = int(io_orientation(np.asarray(affine, dtype=np.float64))[2, 0])
-    return {v: k for k, v in PLANES.items()}[ras_axis]
+    return axis_plane(affine, 2)
 
 
 class PromptInfer2D(BundleInfer):
@@ -242,21 +240,11 @@ class PromptInfer2D(BundleInfer):
     def __init__(self, bundle: Path, device: str | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> None:
         super().__init__(bundle, InferType.DEEPGROW, 2, f"medimg interactive 2D ({bundle.name}): clicks or ROI",
                          device, cache_mb)
-        self._planes: dict[str, Any] = {}
-
-    def on_load(self) -> None:
-        """A new predictor: the bundle's plane first; other planes share its network."""
-        self._planes = {self.predictor.plane: self.predictor}
-
-    def _for_plane(self, plane: str) -> Any:
-        if plane not in self._planes:
-            self._planes[plane] = self.predictor.with_plane(plane)
-        return self._planes[plane]
 
     @property
     def encoder_calls(self) -> int:
         """Image-encoder runs since the bundle was (re)loaded, over all planes."""
-        return sum(p.encoder_calls for p in self._planes.values())
+        return sum(p.encoder_calls for p in self.predictor.family())
 
     def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
         """The mask of clicks on a slice, or of an ROI (plus clicks) followed through the volume."""
@@ -274,12 +262,12 @@ class PromptInfer2D(BundleInfer):
             pts, labels = pts[on_slice], labels[on_slice]
             if not (labels == 1).any():
                 raise ValueError(f"{image.path}: no foreground click on slice {k}")
-            predictor, propagate = self._for_plane(viewed_plane(image.affine)), False
+            predictor, propagate = self.predictor.for_plane(viewed_plane(image.affine)), False
         predictor.prepare(image, None)
         mask = predictor.segment_object(image, box=box, points=pts if len(pts) else None,
                                         point_labels=labels if len(pts) else None, propagate=propagate)
         if lasso is not None:
-            mask = mask & lasso.keep(mask.shape)
+            mask = lasso.cut(np.asarray(mask, dtype=bool))
         return mask.astype(np.uint8).reshape(image.array.shape), {
             "encoder_calls": self.encoder_calls - before, "encoder_calls_total": self.encoder_calls,
             "plane": predictor.plane if volume else None,
@@ -303,7 +291,7 @@ class PromptInfer3D(BundleInfer):
         mask = self.predictor.segment_object(image, box=box, points=pts if len(pts) else None,
                                              point_labels=labels if len(pts) else None)
         if lasso is not None:
-            mask = mask & lasso.keep(mask.shape)
+            mask = lasso.cut(np.asarray(mask, dtype=bool))
         return mask.astype(np.uint8), {}
 
 

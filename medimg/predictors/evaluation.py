@@ -17,13 +17,16 @@ Each prompt becomes a prompts-JSON document in the volume's stored voxel indices
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from medimg.io.image import Image
+from medimg.io.image import Image, read_image
 from medimg.io.prompts import parse_prompts
 
 PROMPTS = ("box", "click1", "click3", "click5", "scribble", "lasso")
@@ -131,3 +134,57 @@ class Scorer:
         if "lasso" in self.prompts:
             out["lasso"] = dice(self.run({"lassos": [self.stored(hull(truth), k)]}, k))
         return out
+
+
+def named_structures(label: np.ndarray, names: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
+    """Every non-zero value of a label map as one structure, named from a manifest's ``labels``."""
+    return {names.get(str(int(v)), f"label {int(v)}"): (int(v),) for v in np.unique(label) if v}
+
+
+def score_case(predictor: Any, image: Image, label: np.ndarray, intensity: str, planes: Sequence[str],
+               values: Mapping[str, tuple[int, ...]], per: int, min_area: int, prompts: tuple[str, ...] = PROMPTS,
+               masks: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """Mean Dice per prompt kind over one volume's structures (each weighted equally), in each plane.
+
+    Args:
+        predictor: a 2D promptable predictor (``for_plane`` gives its sibling on each plane).
+        image: the volume as read.
+        label: its label map (stored order).
+        intensity: the volume's window.
+        planes: the planes to slice it in.
+        values: structure name -> its label values.
+        per: slices per structure and plane.
+        min_area: the smallest target (pixels).
+        prompts: the prompt kinds to score.
+        masks: if given, every predicted slice mask is appended (to compare two predictors).
+
+    Returns:
+        ``{"mean": {prompt: Dice}, "structures": {name: {prompt: Dice}}, "targets": n}``.
+    """
+    rows: dict[str, list[dict[str, float]]] = {}
+    for plane in planes:
+        scorer = Scorer(predictor.for_plane(plane), image, intensity, prompts)
+        for name, k, truth in targets(scorer.frame.to_working(label), values, per, min_area):
+            rows.setdefault(name, []).append(scorer.score(truth, k))
+        if masks is not None:
+            masks += scorer.masks
+    per_structure = {n: {p: float(np.mean([r[p] for r in v])) for p in prompts} for n, v in rows.items()}
+    return {"mean": {p: float(np.mean([s[p] for s in per_structure.values()])) for p in prompts},
+            "structures": per_structure, "targets": sum(len(v) for v in rows.values())}
+
+
+def card_check(predictor: Any, manifest: str | Path, check: Mapping[str, Any]) -> dict[str, float]:
+    """The fast figure a shipped interactive card records and the suite recomputes.
+
+    ``check``: ``case`` (a validation entry's ``subject`` of the ``structures`` manifest), ``plane``,
+    ``per_structure``, ``min_area`` and ``prompts``.
+    """
+    manifest = Path(manifest)
+    doc = json.loads(manifest.read_text())
+    entry = next(e for e in doc["validation"] if e["subject"] == check["case"])
+    image = read_image(manifest.parent / entry["image"])
+    label = read_image(manifest.parent / entry["label"]).array.astype(np.int64)
+    res = score_case(predictor, image, label, entry["intensity"], [check["plane"]],
+                     named_structures(label, doc["labels"]), int(check["per_structure"]), int(check["min_area"]),
+                     tuple(check["prompts"]))
+    return {p: round(res["mean"][p], 4) for p in check["prompts"]}

@@ -81,7 +81,8 @@ class PromptablePredictor(PromptPredictorBase):
         self._volume: np.ndarray | None = None
         self._key: str | None = None
         self._intensity_used = self.intensity
-        self._planes: dict[str, PromptablePredictor] = {}  # other views' predictors (lassos drawn there)
+        self._root = self  # the predictor whose plane registry this one shares (for_plane)
+        self._planes: dict[str, PromptablePredictor] = {}  # the root's siblings on other planes
         self.encoder_calls = 0
 
     # -------------------------------------------------------------- prompts API
@@ -102,7 +103,7 @@ class PromptablePredictor(PromptPredictorBase):
             return self.predict_slice(0, box=box, points=pts, point_labels=lab)[0]
         plane = _flat_box_plane(box, image.affine)
         if plane is not None and plane != self.plane:  # a box drawn on another view (a lasso): slice along it
-            other = self._planes.get(plane) or self._planes.setdefault(plane, self.with_plane(plane))
+            other = self.for_plane(plane)
             other.set_volume(image.array, image.affine, self._intensity_used)
             return other.predict_volume(box=box, points=pts, point_labels=lab, propagate=propagate)
         return self.predict_volume(box=box, points=pts, point_labels=lab, propagate=propagate)
@@ -147,7 +148,25 @@ class PromptablePredictor(PromptPredictorBase):
                                     intensity_tolerance=self.intensity_tolerance, cache=self.cache)
         other.backend, other.runtime_dir, other.precision, other.runtime = (
             self.backend, self.runtime_dir, self.precision, self.runtime)
+        other._root = self._root
         return other
+
+    def for_plane(self, plane: str) -> PromptablePredictor:
+        """The family member slicing along ``plane``: the root predictor, or a sibling made once and kept.
+
+        Every member shares the network, the runtime and the embedding cache; a server model asks
+        it for the plane a user views, a lasso for the plane it was drawn on.
+        """
+        root = self._root
+        if plane == root.plane:
+            return root
+        if plane not in root._planes:
+            root._planes[plane] = root.with_plane(check_plane(plane))
+        return root._planes[plane]
+
+    def family(self) -> list[PromptablePredictor]:
+        """The root predictor and its siblings on other planes (to count their encoder runs)."""
+        return [self._root, *self._root._planes.values()]
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -29,9 +29,9 @@ def prompt_shape(array: np.ndarray) -> tuple[int, ...]:
 
 
 def prompt_objects(prompts: Prompts) -> list[dict[str, Any]]:
-    """The objects to segment: each box, each lasso (its box, flat along its slice's normal), then all the clicks."""
+    """The objects to segment: each box, each lasso, then all the clicks."""
     objects: list[dict[str, Any]] = [dict(box=b) for b in prompts.boxes]
-    objects += [dict(box=lasso.box(), lasso=lasso) for lasso in prompts.lassos]
+    objects += [dict(lasso=lasso) for lasso in prompts.lassos]  # its box: lasso_box, by the predictor's kind
     if len(prompts.points):
         objects.append(dict(points=prompts.points, point_labels=prompts.point_labels))
     return objects
@@ -71,7 +71,7 @@ class PromptPredictorBase(ABC):
             except ValueError as exc:
                 raise DataError(source, str(exc)) from exc
             if lasso is not None:
-                mask = mask & lasso.keep(labels.shape)
+                mask = lasso.cut(np.asarray(mask, dtype=bool).reshape(labels.shape))
             labels[mask & (labels == 0)] = value
         return labels.reshape(image.array.shape)
 

@@ -77,16 +77,11 @@ def _ohif(server: LabelServer, method: str, path: str, params: dict | None = Non
     return r
 
 
-def _label_file(r: requests.Response, tmp: Path) -> Path:
-    from requests_toolbelt.multipart.decoder import MultipartDecoder
-
-    for part in MultipartDecoder.from_response(r).parts:
-        disp = part.headers[b"Content-Disposition"].decode()
-        if "filename=" in disp:
-            out = tmp / disp.split('filename="')[1].rstrip('"')
-            out.write_bytes(part.content)
-            return out
-    raise AssertionError("no label file in the answer")
+def _infer(server: LabelServer, model: str, image: str, params: dict, tmp: Path) -> Path:
+    """OHIF's infer call (the same form request as the suite's client): the label file it answers."""
+    code, result, path = server.infer(model, image, params, tmp)
+    assert code == 200 and path is not None, (model, code, str(result)[:500])
+    return path
 
 
 def test_the_datastore_lists_the_pacs_image_series(server, pacs):
@@ -108,16 +103,15 @@ def test_ohif_infers_on_pacs_series_saves_a_seg_into_the_pacs_and_trains_from_it
     info = _ohif(server, "GET", "/info/").json()
     assert sorted(info["models"]) == ["litemedsam", "swin_unetr"]
     # automatic segmentation of a series fetched from the PACS, on that series' grid
-    r = _ohif(server, "POST", "/infer/swin_unetr", params={"image": uid, "output": "all"}, form=dict(OHIF))
-    auto = read_image(_label_file(r, tmp_path), spatial_dims=None)
+    auto = read_image(_infer(server, "swin_unetr", uid, OHIF, tmp_path), spatial_dims=None)
     assert auto.array.shape == local.array.shape and np.allclose(auto.affine, local.affine, atol=1e-4)
     assert set(np.unique(auto.array)) <= {0, 1, 2} and (auto.array > 0).sum() > 1000
     # a click (OHIF's deepgrow call) on the same series
     depth = ndimage.distance_transform_edt(auto.array == 2)
     click = [int(c) for c in np.unravel_index(np.argmax(depth), depth.shape)]  # the deepest white matter
-    r = _ohif(server, "POST", "/infer/litemedsam", params={"image": uid, "output": "all"},
-              form={**OHIF, "foreground": [click], "background": [], "slice": click[2]})
-    mask = read_image(_label_file(r, tmp_path), spatial_dims=None).array
+    path = _infer(server, "litemedsam", uid, {**OHIF, "foreground": [click], "background": [], "slice": click[2]},
+                  tmp_path)
+    mask = read_image(path, spatial_dims=None).array
     # the suite's tiny debug-trained LiteMedSAM on a 3 mm series: an answer on the viewed slice, not a
     # quality figure (the shipped bundle's clicks are checked on a real head in test_shipped_bundles)
     assert mask.shape == local.array.shape and 0 < mask.sum() == mask[:, :, click[2]].sum()
@@ -141,10 +135,9 @@ def test_ohif_infers_on_pacs_series_saves_a_seg_into_the_pacs_and_trains_from_it
     assert server.get("/datastore/", params={"output": "stats"})["completed"] == 1
     # the second subject labelled the same way; the next sample is then the series nobody labelled
     second = _uid(folder.parent / "mni2")
-    r = _ohif(server, "POST", "/infer/swin_unetr", params={"image": second, "output": "all"}, form=dict(OHIF))
+    second_labels = read_image(_infer(server, "swin_unetr", second, OHIF, tmp_path), spatial_dims=None).array
     _ohif(server, "PUT", "/datastore/label", params={"image": second}, form=info_labels,
-          files={"label": ("label.bin", read_image(_label_file(r, tmp_path), spatial_dims=None).array
-                           .astype(np.uint8).tobytes(order="F"))})
+          files={"label": ("label.bin", second_labels.astype(np.uint8).tobytes(order="F"))})
     assert server.get("/datastore/", params={"output": "stats"})["completed"] == 2
     ct = _ohif(server, "POST", "/activelearning/random", body={}).json()["id"]
     assert ct not in (uid, second)  # the enhanced CT

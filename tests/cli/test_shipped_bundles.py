@@ -60,20 +60,11 @@ def test_card_figure_holds_through_load_bundle(name, mni_dir, structures_manifes
 
     check = _meta(name)["medimg_card_check"]
     if _meta(name).get("medimg_task") == "promptable":
-        from medimg.io.image import read_image
-        from medimg.predictors.evaluation import Scorer, targets
+        from medimg.predictors.evaluation import card_check
 
-        doc = json.loads(structures_manifest.read_text())
-        entry = next(e for e in doc["validation"] if e["subject"] == check["case"])
-        image = read_image(structures_manifest.parent / entry["image"])
-        label = read_image(structures_manifest.parent / entry["label"]).array.astype(np.int64)
-        values = {str(v): (int(v),) for v in np.unique(label) if v}
-        scorer = Scorer(medimg.load_bundle(name, "cpu").with_plane(check["plane"]), image, entry["intensity"],
-                        tuple(check["prompts"]))
-        rows = [scorer.score(t, k) for _, k, t in targets(scorer.frame.to_working(label), values,
-                                                          check["per_structure"], check["min_area"])]
+        dice = card_check(medimg.load_bundle(name, "cpu"), structures_manifest, check)
         for prompt, expected in check["dice"].items():
-            assert abs(float(np.mean([r[prompt] for r in rows])) - expected) <= check["tolerance"], (prompt, rows)
+            assert abs(dice[prompt] - expected) <= check["tolerance"], (prompt, dice)
         return
     labels = np.asarray(medimg.load_bundle(name, "cpu").predict(str(mni_dir / Path(check["input"]).name)).array)
     truth = np.asarray(nib.load(mni_dir / Path(check["truth"]).name).dataobj)
