@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,42 @@ def read_ir(names: Sequence[str], ir_dir: str | Path, digest: str) -> list[Any]:
 NETWORK_IR = "network"
 
 
+def has_ir(names: Sequence[str], ir_dir: str | Path | None) -> bool:
+    """Whether ``ir_dir`` holds the ``.xml`` and ``.bin`` of every named IR."""
+    return ir_dir is not None and all((Path(ir_dir) / f"{n}.{ext}").is_file() for n in names for ext in ("xml", "bin"))
+
+
+def derived_ir_dir(network: nn.Module, names: Sequence[str], build: Callable[[Path], Any]) -> Path | None:
+    """The IR of a bundle that ships without it, made once from its weights into the user's cache.
+
+    Shipped bundles may leave their OpenVINO IR out to save space (``medimg/zoo``'s budget): the IR
+    is then converted from ``model.pt`` on first use, checked against the eager network by
+    ``build`` (as the bundle writer checks it), and kept in ``$MEDIMG_IR_CACHE`` (else
+    ``~/.cache/medimg/ir``) under the weights' digest, so later starts read it like a stored one.
+
+    Returns:
+        The folder, or ``None`` when no cache folder can be written (convert in memory instead).
+    """
+    root = Path(os.environ.get("MEDIMG_IR_CACHE", str(Path.home() / ".cache" / "medimg" / "ir")))
+    folder = root / weights_digest(network)
+    if has_ir(names, folder):
+        return folder
+    tmp = root / f".{folder.name}.{os.getpid()}.{threading.get_ident()}.partial"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        log.info("OpenVINO IR not in the bundle: converting from its weights once into %s", folder)
+        build(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("OpenVINO IR cache %s cannot be written (%s); converting in memory", root, exc)
+        return None
+    return folder if has_ir(names, folder) else None
+
+
 class OpenVINONetwork(nn.Module):
     """A dense-prediction network compiled by OpenVINO, called like the PyTorch network (batch dynamic).
 
@@ -145,20 +182,36 @@ class OpenVINONetwork(nn.Module):
     def __init__(self, network: nn.Module, ir_dir: str | Path | None = None,
                  example_shape: Sequence[int] | None = None, precision: str = "f32") -> None:
         super().__init__()
+        self._lock = threading.Lock()
+        self._network, self._precision, self._request = network, precision, None
+        if ir_dir is not None and not has_ir([NETWORK_IR], ir_dir):
+            return  # a bundle shipped without its IR: derived on the first batch (its shape), see derived_ir_dir
         if ir_dir is not None:
             (model,) = read_ir([NETWORK_IR], ir_dir, weights_digest(network))
         elif example_shape is not None:
             model = convert_network(network, example_shape)
         else:
             raise ConfigError("runtime_dir", "the OpenVINO backend needs the bundle's IR or an example shape")
-        self._compiled = cpu_core().compile_model(model, "CPU", compile_config(precision))
+        self._compile(model)
+
+    def _compile(self, model: Any) -> None:
+        self._compiled = cpu_core().compile_model(model, "CPU", compile_config(self._precision))
         self._request = self._compiled.create_infer_request()
-        self._lock = threading.Lock()
+
+    def _derive(self, shape: Sequence[int]) -> None:
+        """Convert (checked) and cache the IR for a bundle that ships without it, then compile it."""
+        folder = derived_ir_dir(self._network, [NETWORK_IR], lambda out: save_network_ir(self._network, shape, out))
+        if folder is None:
+            self._compile(convert_network(self._network, shape))
+        else:
+            self._compile(read_ir([NETWORK_IR], folder, weights_digest(self._network))[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch, as the PyTorch network returns them (float32, on ``x``'s device)."""
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         with self._lock:  # an infer request serves one call at a time
+            if self._request is None:
+                self._derive(arr.shape)
             out = np.array(self._request.infer([arr], share_inputs=True)[0])
         return torch.from_numpy(out).to(x.device)
 

@@ -32,10 +32,25 @@ from medimg.io.prompts import parse_prompts
 PROMPTS = ("box", "click1", "click3", "click5", "scribble", "lasso")
 
 
-def interior(mask: np.ndarray) -> np.ndarray:
-    """The most interior pixel of a 2D mask (largest distance to its edge)."""
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+def interior(mask: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """The most interior pixel (voxel) of a 2D or 3D mask: largest distance (in ``spacing``) to its edge."""
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[tuple(slice(1, -1) for _ in mask.shape)]
     return np.asarray(np.unravel_index(np.argmax(dist), mask.shape), dtype=np.float64)
+
+
+def correction(truth: np.ndarray, pred: np.ndarray,
+               spacing: Sequence[float] | None = None) -> tuple[np.ndarray, int] | None:
+    """The next correction click: the most interior point of the largest error region, and its label.
+
+    A miss (truth not predicted) gets a positive click, a false positive a negative one, whichever
+    error is larger; ``None`` when there is no error.
+    """
+    miss, extra = truth & ~pred, pred & ~truth
+    err, lab = (miss, 1) if miss.sum() >= extra.sum() else (extra, 0)
+    comp, m = ndimage.label(err)
+    if not m:
+        return None
+    return interior(comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1), spacing), lab
 
 
 def stroke(mask: np.ndarray) -> np.ndarray:
@@ -118,16 +133,14 @@ class Scorer:
                 out[f"click{n}"] = dice(pred)
             if n == clicks_wanted:
                 break
-            miss, extra = truth & ~pred, pred & ~truth
-            err, lab = (miss, 1) if miss.sum() >= extra.sum() else (extra, 0)
-            comp, m = ndimage.label(err)
-            if not m:
+            nxt = correction(truth, pred)
+            if nxt is None:
                 for rest in range(n + 1, clicks_wanted + 1):
                     if f"click{rest}" in self.prompts:
                         out[f"click{rest}"] = dice(pred)
                 break
-            clicks.append(interior(comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)))
-            labels.append(lab)
+            clicks.append(nxt[0])
+            labels.append(nxt[1])
         if "scribble" in self.prompts:
             doc = {"scribbles": [{"points": self.stored(stroke(truth), k), "label": 1}]}
             out["scribble"] = dice(self.run(doc, k))

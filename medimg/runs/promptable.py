@@ -49,7 +49,8 @@ def build_promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
                                    train_samples=d.train_samples, val_clicks=d.val_clicks, jitter=d.jitter,
                                    connected_to_click=d.connected_to_click, region_split=region,
                                    synth=OmegaConf.to_container(d.synth, resolve=True) if d.get("synth") is not None
-                                   else None, **common)
+                                   else None, corrupt=bool(d.get("corrupt", False)),
+                                   subjects=list(d.subjects) if d.get("subjects") else None, **common)
         contract = {"roi_size": [int(r) for r in d.roi_size],
                     "pixdim": None if d.pixdim is None else [float(p) for p in d.pixdim], "intensity": d.intensity}
     else:

@@ -41,3 +41,31 @@ def test_a_bundle_with_a_swapped_ir_is_refused(mni_run, tmp_path):
     with pytest.raises(BundleError, match="network.xml: was not made from models/model.pt"):
         load_bundle(bundle, "cpu")
     assert np.isfinite(state[first].numpy()).all()
+
+
+def test_a_bundle_shipped_without_its_ir_derives_it_once_into_the_cache(mni_run, mni_dir, tmp_path, monkeypatch):
+    """No ``models/openvino`` (the zoo saves the space): the first batch converts the weights, checked against
+    eager, into ``$MEDIMG_IR_CACHE`` under their digest; the next load reads it; the labels are the stored IR's."""
+    from medimg.models.openvino_ir import NETWORK_IR, weights_digest
+
+    cache = tmp_path / "ir"
+    monkeypatch.setenv("MEDIMG_IR_CACHE", str(cache))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mni_run / "bundle", bundle)
+    shutil.rmtree(bundle / "models" / "openvino")
+    stored = load_bundle(mni_run / "bundle", "cpu")
+    derived = load_bundle(bundle, "cpu")
+    assert isinstance(derived.runner, OpenVINONetwork) and not cache.exists()  # nothing converted before use
+    want, _ = stored.labels(str(mni_dir / "t1.nii.gz"))
+    got, _ = derived.labels(str(mni_dir / "t1.nii.gz"))
+    folder = cache / weights_digest(derived.network)
+    assert (folder / f"{NETWORK_IR}.xml").is_file() and (folder / f"{NETWORK_IR}.bin").is_file()
+    assert float((got == want).mean()) >= 0.999
+    assert [p.name for p in cache.iterdir()] == [folder.name]  # no partial folder left behind
+    stamp = (folder / f"{NETWORK_IR}.bin").stat().st_mtime_ns
+    again, _ = load_bundle(bundle, "cpu").labels(str(mni_dir / "t1.nii.gz"))
+    assert np.array_equal(again, got) and (folder / f"{NETWORK_IR}.bin").stat().st_mtime_ns == stamp
+    monkeypatch.setenv("MEDIMG_IR_CACHE", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a folder")  # an unwritable cache: converted in memory, same labels
+    mem, _ = load_bundle(bundle, "cpu").labels(str(mni_dir / "t1.nii.gz"))
+    assert np.array_equal(mem, got)

@@ -184,3 +184,41 @@ def test_prompt_patches_synthesise_a_head_for_training_only():
         PromptPatchDataset([(image, label)], samples=None, seed=1, **kwargs)[0]["image"].numpy()))
     with pytest.raises(ConfigError, match="data.synth"):
         PromptPatchDataset([(image, label)], samples=4, synth={"heads": 1}, **kwargs)
+
+
+def test_prompt_patches_corrupt_real_training_patches_only():
+    """``data.corrupt``: scanner-like corruptions of the real training patches; targets and validation untouched."""
+    from medimg.data.promptable.patches import PromptPatchDataset
+
+    image, label = head_phantom()
+    kwargs = dict(roi_size=(16, 16, 16), classes=[2], jitter=0.0, connected_to_click=False)
+    plain = PromptPatchDataset([(image, label)], samples=8, seed=0, **kwargs)
+    noisy = PromptPatchDataset([(image, label)], samples=8, seed=0, corrupt=True, **kwargs)
+    changed = 0
+    for _ in range(8):
+        a, b = plain._draw(0, jitter=True), noisy._draw(0, jitter=True)
+        assert torch.equal(a["click"], b["click"]) and torch.equal(a["target"], b["target"])
+        assert torch.isfinite(b["image"]).all()
+        changed += int(not torch.allclose(a["image"], b["image"], atol=1e-3))
+    assert changed >= 6  # gain alone is drawn 80% of the time
+    fixed = PromptPatchDataset([(image, label)], samples=None, seed=1, corrupt=True, **kwargs)
+    real = PromptPatchDataset([(image, label)], samples=None, seed=1, **kwargs)
+    assert torch.equal(fixed[0]["image"], real[0]["image"])
+
+
+def test_prompt_patches_choose_subjects_of_one_intensity_window(tmp_path):
+    """A 3D bundle has one intensity contract: ``data.subjects`` picks entries; a mixed window is refused by name."""
+    from pathlib import Path
+
+    from medimg.data.manifest import Manifest
+    from medimg.data.promptable.patches import select_subjects
+
+    entry = lambda s, w: {"image": f"{s}.nii.gz", "label": f"{s}_l.nii.gz", "subject": s, "intensity": w}  # noqa: E731
+    manifest = Manifest(Path(tmp_path / "m.json"), tmp_path, {
+        "training": [entry("head", "mr"), entry("chest", "ct_lung")], "validation": [entry("head", "mr")]})
+    picked = select_subjects(manifest, ["head"], "mr")
+    assert [e["subject"] for e in picked.splits["training"]] == ["head"] and len(picked.splits["validation"]) == 1
+    with pytest.raises(ConfigError, match="chest use another intensity window"):
+        select_subjects(manifest, None, "mr")
+    with pytest.raises(ConfigError, match="no manifest entry for knee"):
+        select_subjects(manifest, ["head", "knee"], "mr")

@@ -106,7 +106,8 @@ def test_real_chest_ct_labels_and_geometry_from_slicer_files():
 def test_real_mni152_atlas_is_harvard_oxford_and_jhu_on_the_nlin6_head():
     t1, labels, affine, names = st.mni152_atlas()
     values = set(np.unique(labels).tolist())
-    assert set(range(1, 49)) <= values and {103, 147, 148} <= values and max(values) <= 148
+    assert set(range(1, 49)) <= values and {103, 147, 148} <= values and max(values) <= 412
+    assert set(range(401, 413)) <= values and not values & set(range(149, 401))
     assert names[1] == "Frontal Pole" and names[148] == "Tapetum L"
     raw = np.asarray(nib.load(str(st.MRICRON_DIR / st.HO_FILE)).dataobj)
     ho = np.where(labels < 100, labels, 0)
@@ -155,3 +156,27 @@ def test_slice_dataset_honours_each_entrys_planes_and_window(tmp_path):
     assert 0 < ct_bone < 255  # 300 HU in the bone window (-500..1300) is mid-grey; "mr" would stretch it to 255
     default = PromptSliceDataset([item], preprocess, 32, plane="coronal", intensity="mr", min_size=4)
     assert {s[5] for s in default.samples} == {0} and default.samples[0][0].max().item() == 255
+
+
+def test_deep_grey_nuclei_come_from_aicha_split_at_the_midline_where_no_other_atlas_labels():
+    """AICHA's parcels merged per structure: thalamus, caudate ... amygdala, each side, in their places (RAS mm)."""
+    t1, labels, affine, names = st.mni152_atlas()
+    world = lambda v: (affine @ np.r_[np.argwhere(labels == v).mean(0), 1])[:3]  # noqa: E731
+    assert names[401] == "Left Thalamus" and names[402] == "Right Thalamus" and names[412] == "Right Amygdala"
+    expected = {"Thalamus": (11, -17, 6), "Caudate": (14, 10, 9), "Putamen": (25, 0, 1), "Hippocampus": (26, -22, -9)}
+    for value in range(401, 413):
+        x, y, z = world(value)
+        side = 1 if value % 2 == 0 else -1  # even values are the right side: RAS +x
+        assert side * x > 5, (names[value], x)
+        structure = names[value].split()[1]
+        if structure in expected:
+            ex, ey, ez = expected[structure]
+            assert abs(side * x - ex) < 8 and abs(y - ey) < 8 and abs(z - ez) < 8, (names[value], x, y, z)
+        assert (labels == value).sum() > 200  # the pallidum is the smallest (it borders the capsules JHU keeps)
+    thalamus = labels == 401
+    assert t1[thalamus].mean() > t1[labels == 1].mean()  # grey nuclei brighter than cortex in T1, darker than tracts
+    assert t1[thalamus].mean() < t1[labels == 103].mean()
+    ho = np.rint(st.resample_to(nib.load(str(st.MRICRON_DIR / st.HO_FILE)), t1.shape, affine, 0))
+    jhu = np.rint(st.resample_to(nib.load(str(st.MRICRON_DIR / st.JHU_FILE)), t1.shape, affine, 0))
+    deep = labels > 400
+    assert not (deep & ((ho > 0) | (jhu > 0))).any()  # the held-out atlas structures keep every voxel

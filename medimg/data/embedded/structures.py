@@ -5,7 +5,11 @@ Three real volumes that install offline, each read with a reader that keeps its 
 - **MNI152 atlas** (MR T1, 1 mm): FSL's MNI152 NLin6 head (``nimare`` wheel resources) with the
   Harvard-Oxford cortical atlas (48 regions, maximum probability, Debian ``mricron-data``; stored
   left-right flipped and resampled through both affines) and the JHU white-matter atlas (48 tracts,
-  ``mricron-data``) where Harvard-Oxford has no label. Values 1-48 and 101-148.
+  ``mricron-data``) where Harvard-Oxford has no label, and twelve deep grey structures from the
+  AICHA atlas (``mricron-data``; thalamus, caudate, putamen, pallidum, hippocampus and amygdala,
+  each side: AICHA's parcels merged by structure and split at the midline) where neither has one
+  (so the held-out Harvard-Oxford and JHU structures keep every voxel).
+  Values 1-48, 101-148 and 401-412.
 - **Chest CT** (3 x 3 x 10 mm): 3D Slicer's ``CTChest4`` with its 7-segment segmentation (ribs,
   vertebral column parts, both lungs, tissue), from the ``slicerio`` wheel. Values 201-207.
 - **Head CT** (0.96 x 0.96 x 1.5 mm): InVesalius' ``Cranium.inv3`` (Debian ``invesalius-examples``),
@@ -44,6 +48,7 @@ MRICRON_DIR = Path("/usr/share/mricron/templates")
 INVESALIUS_FILE = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 HO_FILE = "HarvardOxford-cort-maxprob-thr0-1mm.nii.gz"
 JHU_FILE = "JHU-WhiteMatter-labels-1mm.nii.gz"
+AICHA_FILE = "AICHAmc.nii.gz"
 SLICERIO_FILES = {"image": "CTChest4.nrrd", "seg": "Segmentation.seg.nrrd"}
 HARVARD_OXFORD = (
     "Frontal Pole", "Insular Cortex", "Superior Frontal Gyrus", "Middle Frontal Gyrus",
@@ -62,7 +67,9 @@ HARVARD_OXFORD = (
     "Central Opercular Cortex", "Parietal Operculum Cortex", "Planum Polare", "Heschl's Gyrus",
     "Planum Temporale", "Supracalcarine Cortex", "Occipital Pole",
 )
-JHU_OFFSET, CHEST_OFFSET, HEAD_CT_OFFSET = 100, 200, 300
+JHU_OFFSET, CHEST_OFFSET, HEAD_CT_OFFSET, DEEP_OFFSET = 100, 200, 300, 400
+# AICHA parcel name prefixes merged into one deep grey structure each (then split into left and right)
+DEEP_GREY = ("N_Thalamus", "N_Caudate", "N_Putamen", "N_Pallidum", "G_Hippocampus", "N_Amygdala")
 # never in training: every 4th Harvard-Oxford region; genu of the corpus callosum, anterior limbs of
 # the internal capsule, external capsules, superior longitudinal and uncinate fasciculi (both sides);
 # the thoracic vertebral column
@@ -93,15 +100,47 @@ def _jhu_names() -> dict[int, str]:
     return names
 
 
+def deep_grey(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """AICHA's deep grey structures on a grid: ``(labels 401-412 or 0, names)``.
+
+    AICHA (2 mm, MNI space) parcels each structure into bilateral parts named ``PREFIX-N`` (its lookup
+    text has ``value name colour`` lines); the parts are merged by prefix (:data:`DEEP_GREY`) and split
+    at the midline (world x = 0): odd values are the left side, even the right.
+    """
+    path = _mricron(AICHA_FILE)
+    values: dict[str, list[int]] = {p: [] for p in DEEP_GREY}
+    for line in _mricron(AICHA_FILE.replace(".nii.gz", ".nii.txt")).read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0].isdigit():  # image value, name, colour index (value + 1)
+            prefix = parts[1].rsplit("-", 1)[0]
+            if prefix in values:
+                values[prefix].append(int(parts[0]))
+    if not all(values.values()):
+        raise DataError(path, f"no parcels named {[p for p, v in values.items() if not v]} in its lookup text")
+    aicha = np.rint(resample_to(nib.load(str(path)), shape, affine, order=0)).astype(np.int16)
+    world_x = affine[0, 0] * np.arange(shape[0])[:, None, None] + affine[0, 1] * np.arange(shape[1])[None, :, None] \
+        + affine[0, 2] * np.arange(shape[2])[None, None, :] + affine[0, 3]
+    labels, names = np.zeros(shape, dtype=np.int16), {}
+    for i, prefix in enumerate(DEEP_GREY):
+        inside = np.isin(aicha, values[prefix])
+        name = prefix.split("_", 1)[1]
+        for side, value in (("Left", DEEP_OFFSET + 2 * i + 1), ("Right", DEEP_OFFSET + 2 * i + 2)):
+            labels[inside & ((world_x < 0) if side == "Left" else (world_x >= 0))] = value
+            names[value] = f"{side} {name}"
+    return labels, names
+
+
 def mni152_atlas() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
-    """FSL's MNI152 NLin6 T1 with Harvard-Oxford (1-48) and JHU (101-148) labels on its own grid."""
+    """FSL's MNI152 NLin6 T1; Harvard-Oxford (1-48), JHU (101-148) and deep grey (401-412) labels, by priority."""
     head = nib.load(str(nlin6_source_dir() / NLIN6_FILES["t1"]))
     t1, affine = np.asarray(head.dataobj, dtype=np.float32), np.asarray(head.affine)
     ho = np.rint(resample_to(nib.load(str(_mricron(HO_FILE))), t1.shape, affine, order=0)).astype(np.int16)
     jhu = np.rint(resample_to(nib.load(str(_mricron(JHU_FILE))), t1.shape, affine, order=0)).astype(np.int16)
-    labels = np.where(ho > 0, ho, np.where(jhu > 0, jhu + JHU_OFFSET, 0)).astype(np.int16)
+    deep, deep_names = deep_grey(t1.shape, affine)
+    labels = np.where(ho > 0, ho, np.where(jhu > 0, jhu + JHU_OFFSET, deep)).astype(np.int16)
     names = {i + 1: n for i, n in enumerate(HARVARD_OXFORD)}
     names.update({JHU_OFFSET + v: n for v, n in _jhu_names().items()})
+    names.update(deep_names)
     return t1, labels, affine, names
 
 

@@ -21,6 +21,7 @@ slabs, which a model learns to rely on. Labels and clicks of the other split's r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,8 +31,8 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
-from medimg.data.augment import GEN_KEY, RandLabelSynthd, SynthLabelsd, synth_options
-from medimg.data.manifest import load_manifest, train_val_split, validate_manifest
+from medimg.data.augment import GEN_KEY, RandLabelSynthd, SynthLabelsd, corruption_spec, synth_options
+from medimg.data.manifest import Manifest, load_manifest, train_val_split, validate_manifest
 from medimg.data.promptable.simulation import sample_clicks, split_targets
 from medimg.data.transforms import build_pipeline, segmentation_spec, world_range_region
 from medimg.errors import ConfigError
@@ -81,6 +82,9 @@ class PromptPatchDataset(Dataset):
             (:class:`~medimg.data.augment.SynthLabelsd`, :class:`~medimg.data.augment.RandLabelSynthd`;
             options as ``data.synth``): a model trained on a skull-stripped template sees heads.
             What that buys on a real head is measured in the README ("Cross-subject clicks").
+        corrupt: scanner-like intensity corruptions of the training patches (gain, bias field, gamma,
+            histogram shift, low resolution, Gibbs, noise: :func:`~medimg.data.augment.corruption_spec`),
+            for real images that carry their own head (after ``synth`` when both are on).
         seed: sampling seed.
     """
 
@@ -88,7 +92,7 @@ class PromptPatchDataset(Dataset):
                  classes: Sequence[int] | None = None, target_mode: str = "label", samples: int | None = None,
                  clicks_per_target: int = 1, jitter: float = 0.25, min_size: int = 30,
                  connected_to_click: bool = True, regions: Sequence[np.ndarray | None] | None = None,
-                 synth: dict | None = None, seed: int = 0) -> None:
+                 synth: dict | None = None, corrupt: bool = False, seed: int = 0) -> None:
         self.roi = tuple(int(r) for r in roi_size)
         self.connected_to_click = connected_to_click
         self.regions = list(regions) if regions is not None else [None] * len(volumes)
@@ -116,6 +120,12 @@ class PromptPatchDataset(Dataset):
                          for img, (_, lab) in zip(self.images, volumes)]
             self.synth = RandLabelSynthd("image", num_labels=num_labels, **synth_options(synth))
             self.synth.set_random_state(seed=seed)
+        self.corrupt = None
+        if corrupt:
+            from medimg.data.transforms import build_pipeline
+
+            self.corrupt = build_pipeline(corruption_spec())
+            self.corrupt.set_random_state(seed=seed)
         self.fixed = None
         if samples is None:
             self.fixed = [self._draw(t, jitter=False) for t in range(len(self.targets))
@@ -133,6 +143,8 @@ class PromptPatchDataset(Dataset):
             gen = crop_centred(self.gens[vi], centre, self.roi)[0]
             image = np.asarray(self.synth({"image": torch.from_numpy(image)[None],
                                            GEN_KEY: torch.from_numpy(gen)[None]})["image"][0], dtype=np.float32)
+        if jitter and self.corrupt is not None:
+            image = np.asarray(self.corrupt({"image": torch.from_numpy(image)[None]})["image"][0], dtype=np.float32)
         target, _ = crop_centred(self.masks[t].astype(np.float32), centre, self.roi)
         local = click - origin
         region = self.regions[vi]
@@ -183,6 +195,32 @@ def load_volumes(items: Sequence[dict], pixdim: Sequence[float] | None, intensit
     return out
 
 
+def select_subjects(manifest: Manifest, subjects: Sequence[str] | None, intensity: str) -> Manifest:
+    """The manifest with only the entries of ``subjects`` (all when ``None``), each checked for ``intensity``.
+
+    Raises:
+        ConfigError: a named subject is in no entry, or a chosen entry has another intensity window.
+    """
+    if subjects is None:
+        chosen = [item for items in manifest.splits.values() for item in items]
+    else:
+        wanted = {str(s) for s in subjects}
+        found = {item.get("subject") for items in manifest.splits.values() for item in items}
+        if wanted - found:
+            raise ConfigError("data.subjects", f"no manifest entry for {', '.join(sorted(wanted - found))} "
+                                               f"(subjects: {', '.join(sorted(str(f) for f in found))})")
+        manifest = dataclasses.replace(manifest, splits={
+            split: [item for item in items if item.get("subject") in wanted]
+            for split, items in manifest.splits.items()})
+        chosen = [item for items in manifest.splits.values() for item in items]
+    other = sorted({str(item.get("subject", item["image"])) for item in chosen
+                    if item.get("intensity", intensity) != intensity})
+    if other:
+        raise ConfigError("data.subjects", f"{', '.join(other)} use another intensity window than data.intensity="
+                                           f"{intensity!r}; a 3D bundle has one (choose subjects with data.subjects)")
+    return manifest
+
+
 class PromptPatchDataModule(L.LightningDataModule):
     """Click-centred 3D patches of a manifest's volumes, for volumetric promptable models.
 
@@ -204,6 +242,10 @@ class PromptPatchDataModule(L.LightningDataModule):
             "val": [lo, hi]}`` (mm; ``None`` ends are open): train and validate on the same whole
             volumes with disjoint regions. ``None``: the manifest's training / validation volumes.
         synth: synthesise training patches from the label map (see :class:`PromptPatchDataset`).
+        corrupt: scanner-like intensity corruptions of the training patches.
+        subjects: train and validate only on the manifest entries of these ``subject`` names
+            (``None``: all). A 3D bundle has one intensity contract, so every entry used must have
+            the bundle's ``intensity`` (an entry's own ``intensity``, when it has one).
     """
 
     def __init__(self, manifest: str | Path, dataset_dir: str | Path | None, roi_size: Sequence[int],
@@ -211,10 +253,11 @@ class PromptPatchDataModule(L.LightningDataModule):
                  classes: Sequence[int] | None = None, target_mode: str = "label", train_samples: int = 32,
                  val_clicks: int = 2, batch_size: int = 2, jitter: float = 0.25, min_size: int = 30,
                  connected_to_click: bool = True, region_split: dict | None = None,
-                 val_fraction: float | None = None, synth: dict | None = None, seed: int = 0) -> None:
+                 val_fraction: float | None = None, synth: dict | None = None, corrupt: bool = False,
+                 subjects: Sequence[str] | None = None, seed: int = 0) -> None:
         super().__init__()
         self.region_split = dict(region_split) if region_split else None
-        self.manifest = load_manifest(manifest, dataset_dir)
+        self.manifest = select_subjects(load_manifest(manifest, dataset_dir), subjects, intensity)
         if self.region_split:
             rs = self.region_split
             self.val_split = (f"region split of the {rs.get('split', 'test')!r} volumes: RAS axis {rs['axis']} "
@@ -225,7 +268,7 @@ class PromptPatchDataModule(L.LightningDataModule):
         self.kwargs = dict(roi_size=roi_size, classes=classes, target_mode=target_mode, min_size=min_size,
                            connected_to_click=connected_to_click)
         self.train_samples, self.val_clicks = train_samples, val_clicks
-        self.batch_size, self.jitter, self.synth = batch_size, jitter, synth
+        self.batch_size, self.jitter, self.synth, self.corrupt = batch_size, jitter, synth, corrupt
         self.train_set = self.val_set = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -250,7 +293,8 @@ class PromptPatchDataModule(L.LightningDataModule):
                 train = load_volumes(self.train_items, self.pixdim, self.intensity)
                 val = load_volumes(self.val_items, self.pixdim, self.intensity)
             self.train_set = PromptPatchDataset(train, samples=self.train_samples, jitter=self.jitter, seed=0,
-                                                regions=train_regions, synth=self.synth, **self.kwargs)
+                                                regions=train_regions, synth=self.synth, corrupt=self.corrupt,
+                                                **self.kwargs)
             self.val_set = PromptPatchDataset(val, samples=None, clicks_per_target=self.val_clicks, seed=1,
                                               regions=val_regions, **self.kwargs)
 

@@ -29,6 +29,8 @@ from medimg.models.openvino_ir import (
     check_outputs,
     compile_config,
     cpu_core,
+    derived_ir_dir,
+    has_ir,
     read_ir,
     use_openvino,
     weights_digest,
@@ -155,6 +157,8 @@ class OpenVINOSAMRuntime:
         self.network = network
         self.precision = precision
         t0 = time.perf_counter()
+        if ir_dir is not None and not has_ir(list(IR_FILES.values()), ir_dir):  # shipped without its IR
+            ir_dir = derived_ir_dir(network, list(IR_FILES.values()), lambda out: save_openvino_ir(network, out))
         if ir_dir is not None:
             enc_model, dec_model, mask_model = read_openvino_ir(network, ir_dir)
         else:
