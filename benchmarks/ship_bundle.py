@@ -119,9 +119,11 @@ Fine-tune on your own labels with `python -m medimg.train bundle={name} init_wei
 
 ## Network and data
 
-- Network: `{meta['medimg_network']}`; {size_mb:.1f} MB on disk (weights and OpenVINO IR; the run's checked ONNX
+- Network: `{meta['medimg_network']}`; {size_mb:.1f} MB on disk (the weights; the OpenVINO IR of the CPU
+  fast path is converted from them on first use, checked against eager PyTorch, and kept in
+  `~/.cache/medimg/ir` (`$MEDIMG_IR_CACHE`); the run's checked ONNX
   and torch.export files are left out of the shipped copy, as the zoo's 150 MB budget is shared with
-  `litemedsam`: `python -m medimg.export RUN_DIR` writes them).
+  `litemedsam` and `medsam3d`: `python -m medimg.export RUN_DIR` writes them).
 - Training data: {meta['data_source']} The labels are the 2009a template's grey / white-matter
   probability maps (argmax where one reaches 0.5). Images are SynthSeg-style synthetic: every
   sample is regenerated from the labels plus generation-only CSF and head classes with random
@@ -230,7 +232,8 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     ZOO.mkdir(exist_ok=True)
     # the zoo's budget is shared: the standard exports stay with the run (medimg.export writes them again)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("sample", "eval", "model.onnx", "model.pt2"))
+    # and the OpenVINO IR is derived from model.pt on first use (medimg.models.openvino_ir.derived_ir_dir)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("sample", "eval", "model.onnx", "model.pt2", "openvino"))
     for fmt in ("torch.export", "ONNX"):
         if fmt in meta.get("medimg_exports", {}):
             meta["medimg_exports"][fmt].update(written=False, shipped=False)

@@ -23,8 +23,12 @@ def _meta(name: str) -> dict:
     return json.loads((shipped_bundles()[name] / "configs" / "metadata.json").read_text())
 
 
+def _is_3d(name: str) -> bool:
+    return "interactive3d" in _meta(name).get("eval_metrics", {})
+
+
 def test_tissue_and_interactive_bundles_ship_and_the_zoo_fits_the_budget():
-    assert {"tissue_t1", "litemedsam"} <= set(SHIPPED)
+    assert {"tissue_t1", "litemedsam", "medsam3d"} <= set(SHIPPED)
     total = sum(f.stat().st_size for f in ZOO.rglob("*") if f.is_file()) / 1e6
     assert total <= BUDGET_MB
 
@@ -40,7 +44,12 @@ def test_each_bundle_is_complete_and_carded(name, schema):
     assert meta["medimg_headline"] and meta["medimg_card_check"]["tolerance"] <= 0.02
     for needed in ("## Recipe", "python -m medimg.train", "Wall time", "Colin27", "## Limitations", "## Licences"):
         assert needed in card, needed
-    if meta.get("medimg_task") == "promptable":  # the held-out table, fp32 as measured
+    if _is_3d(name):  # the 3D held-out table
+        figures = meta["eval_metrics"]["interactive3d"]
+        for case in ("held-out structures: MNI152 atlas", "held-out head: Colin27 AAL deep grey"):
+            assert all(f"{figures[case]['mean'][p]:.3f}" in card for p in ("box", "click1", "click3"))
+        assert f"{figures['Colin27 white-matter clicks']['outside']:.1%}" in card
+    elif meta.get("medimg_task") == "promptable":  # the held-out table, fp32 as measured
         after = meta["eval_metrics"]["interactive"]
         assert all(f"{res['mean']['click5']:.3f}" in card for res in after.values())
         assert meta["medimg_storage"]["weights"] == "fp32" or (
@@ -59,6 +68,13 @@ def test_card_figure_holds_through_load_bundle(name, mni_dir, structures_manifes
     import medimg
 
     check = _meta(name)["medimg_card_check"]
+    if _is_3d(name):  # box and one click on two held-out structures, whole volume
+        from medimg.predictors.evaluation3d import card_check3d
+
+        dice = card_check3d(medimg.load_bundle(name, "cpu"), structures_manifest, check)
+        for prompt, expected in check["dice"].items():
+            assert abs(dice[prompt] - expected) <= check["tolerance"], (prompt, dice)
+        return
     if _meta(name).get("medimg_task") == "promptable":
         from medimg.predictors.evaluation import card_check
 
@@ -91,6 +107,30 @@ def test_slicer_click_on_a_real_head_returns_a_mask_holding_the_click(tmp_path):
     here = mask[:, :, k] > 0
     assert here.sum() >= 30 and (here & thalamus[:, :, k]).sum() >= 0.9 * here.sum()  # it stays inside
     assert not mask[:, :, k + 5].any()  # a click answers on its own slice
+
+
+def test_slicer_3d_click_on_a_real_head_stays_in_the_brain(tmp_path):
+    """The served 3D bundle, as 3D Slicer asks it: one foreground click on Colin27's left thalamus (a held-out
+    head) gives a 3D mask that holds the click, overlaps the thalamus and keeps out of scalp and skull."""
+    from medimg.io.image import read_image
+    from medimg.label.infer import infer_task
+    from medimg.label.serve import copy_shipped
+
+    image = read_image("/usr/share/mricron/templates/ch2.nii.gz")
+    aal = read_image("/usr/share/mricron/templates/aal.nii.gz").array
+    brain = read_image("/usr/share/mricron/templates/ch2bet.nii.gz").array > 0
+    thalamus = aal == 77
+    from medimg.predictors.evaluation import interior
+
+    i, j, k = interior(thalamus).astype(int)
+    task = infer_task(copy_shipped(tmp_path / "models") / "medsam3d", device="cpu")  # as serve does
+    path, _ = task({"image": str(image.path), "foreground": [[int(i), int(j), int(k)]]})
+    out = nib.load(path)
+    mask = np.asarray(out.dataobj) > 0
+    assert mask.shape == image.array.shape and np.allclose(out.affine, image.affine) and mask[i, j, k]
+    assert len(np.unique(np.nonzero(mask)[2])) > 5  # a 3D answer, not one slice
+    assert (mask & thalamus).sum() >= 0.3 * thalamus.sum()
+    assert (mask & ~brain).sum() <= 0.1 * mask.sum()
 
 
 def test_short_name_on_the_command_line_keeps_the_input_geometry(tmp_path, mni_dir):
