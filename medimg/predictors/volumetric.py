@@ -28,7 +28,7 @@ import torch
 from monai.data.utils import compute_importance_map
 from scipy import ndimage
 
-from medimg.errors import DataError
+from medimg.errors import ConfigError, DataError
 from medimg.io.image import Image
 from medimg.io.memory import memory_key
 from medimg.predictors.prompting import PromptPredictorBase
@@ -53,19 +53,25 @@ class VolumePromptPredictor(PromptPredictorBase):
         intensity: the bundle's intensity preset.
         max_windows: upper bound on windows per object.
         amp: bf16 autocast on CUDA.
+        threshold: foreground probability that makes a voxel part of the mask (and lets the windows
+            grow); a bundle records the value chosen on its validation structures.
     """
 
     flat_boxes = False  # a lasso on a 3D model: its box grows along the normal (PromptPredictorBase)
 
     def __init__(self, network: PromptableNetwork3D, device: str | torch.device = "cpu",
                  roi_size: Sequence[int] = (64, 64, 64), pixdim: Sequence[float] | None = (2.0, 2.0, 2.0),
-                 intensity: str = "mr", max_windows: int = 64, amp: bool = True) -> None:
+                 intensity: str = "mr", max_windows: int = 64, amp: bool = True,
+                 threshold: float = 0.5) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.roi = np.asarray([int(r) for r in roi_size])
         network.check_size(tuple(self.roi))
         self.pixdim, self.intensity = pixdim, intensity
         self.max_windows = int(max_windows)
+        if not 0.0 < float(threshold) < 1.0:
+            raise ConfigError("threshold", f"must lie strictly between 0 and 1, got {threshold}")
+        self.threshold = float(threshold)
         self.amp = amp and self.device.type == "cuda"
         self.importance = compute_importance_map(tuple(self.roi), mode="gaussian", sigma_scale=0.125,
                                                  device="cpu").numpy()
@@ -136,7 +142,7 @@ class VolumePromptPredictor(PromptPredictorBase):
         back = SpatialResample(mode="bilinear", padding_mode="zeros")(
             MetaTensor(torch.from_numpy(prob)[None], affine=torch.as_tensor(self.model_affine)),
             dst_affine=torch.as_tensor(image.affine), spatial_size=image.array.shape)
-        return np.asarray(back[0]) > 0.5
+        return np.asarray(back[0]) > self.threshold
 
     def predict_probability(self, points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
                             box: np.ndarray | None = None) -> np.ndarray:
@@ -180,7 +186,7 @@ class VolumePromptPredictor(PromptPredictorBase):
             self._accumulate(acc, weight, prob, origin)
             for axis in range(3):
                 for side, sl in ((-1, slice(0, 2)), (1, slice(-2, None))):
-                    face = np.take(prob > 0.5, np.arange(self.roi[axis])[sl], axis=axis)
+                    face = np.take(prob > self.threshold, np.arange(self.roi[axis])[sl], axis=axis)
                     nxt = origin.copy()
                     nxt[axis] += side * stride[axis]
                     nxt = np.clip(nxt, np.minimum(0, shape - self.roi), np.maximum(0, shape - self.roi))
@@ -209,7 +215,7 @@ class VolumePromptPredictor(PromptPredictorBase):
         weight[src] += self.importance[win]
 
     def _interior_seed(self, acc: np.ndarray, weight: np.ndarray, origin: np.ndarray) -> np.ndarray | None:
-        known = self._crop(np.where(weight > 0, acc / np.maximum(weight, 1e-8), 0.0), origin) > 0.5
+        known = self._crop(np.where(weight > 0, acc / np.maximum(weight, 1e-8), 0.0), origin) > self.threshold
         if not known.any():
             return None
         dist = ndimage.distance_transform_edt(known)

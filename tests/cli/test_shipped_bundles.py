@@ -111,8 +111,8 @@ def test_slicer_click_on_a_real_head_returns_a_mask_holding_the_click(tmp_path):
 
 def test_slicer_3d_click_on_a_real_head_stays_in_the_brain(tmp_path):
     """The served 3D bundle, as 3D Slicer asks it: one foreground click on Colin27's left thalamus (a held-out
-    head) gives a 3D mask that holds the click, lies in the thalamus (not the hemisphere) and keeps out of
-    scalp and skull. (One click under-segments: the card says so and measures it.)"""
+    head) gives a 3D mask that holds the click, is the thalamus (not the hemisphere) and keeps out of scalp
+    and skull."""
     from medimg.io.image import read_image
     from medimg.label.infer import infer_task
     from medimg.label.serve import copy_shipped
@@ -130,7 +130,9 @@ def test_slicer_3d_click_on_a_real_head_stays_in_the_brain(tmp_path):
     mask = np.asarray(out.dataobj) > 0
     assert mask.shape == image.array.shape and np.allclose(out.affine, image.affine) and mask[i, j, k]
     assert len(np.unique(np.nonzero(mask)[2])) > 5  # a 3D answer, not one slice
-    assert (mask & thalamus).sum() >= 0.8 * mask.sum() and mask.sum() >= 300  # inside its structure
+    inside, covered = (mask & thalamus).sum() / mask.sum(), (mask & thalamus).sum() / thalamus.sum()
+    print(f"thalamus click: {inside:.3f} of the mask inside, {covered:.3f} of the thalamus covered")
+    assert inside >= 0.7 and covered >= 0.5  # that structure, not the hemisphere (card: 1-click Dice 0.765)
     assert (mask & ~brain).sum() <= 0.1 * mask.sum()
 
 

@@ -112,3 +112,24 @@ def test_world_click_on_non_ras_input_comes_back_in_its_geometry(tmp_path, frame
     comp = labels == 1
     bright = vol > 0.5
     assert (comp & bright).sum() / comp.sum() > 0.95  # what it marks is the structure
+
+
+def test_threshold_sets_the_mask_and_the_growth_and_is_checked():
+    """A lower ``threshold`` keeps fainter voxels (the shipped medsam3d records the one its validation chose)."""
+    from medimg.errors import ConfigError
+
+    class FaintNet(BrightNet):
+        def decode(self, x, points=None, boxes=None, masks=None):  # probability 0.27 on the bar, ~0 elsewhere
+            return (9 * x - 10) * self.w, torch.ones(x.shape[0], 1)
+
+    vol = _bar_volume()
+    default = VolumePromptPredictor(FaintNet(), roi_size=(32, 32, 32), pixdim=None)
+    low = VolumePromptPredictor(FaintNet(), roi_size=(32, 32, 32), pixdim=None, threshold=0.2)
+    for p in (default, low):
+        p.volume, p.model_affine = vol, np.eye(4)
+    click = np.array([[48.0, 14.0, 14.0]])
+    assert not (default.predict_probability(points=click) > default.threshold).any()
+    mask = low.predict_probability(points=click) > low.threshold
+    assert mask[5:91, 8:20, 8:20].all() and not mask[40:60, 34:46, 34:46].any()  # grown along the whole bar
+    with pytest.raises(ConfigError, match="threshold"):
+        VolumePromptPredictor(FaintNet(), roi_size=(32, 32, 32), pixdim=None, threshold=1.0)
