@@ -45,21 +45,12 @@ from medimg.bundle.loader import load_bundle  # noqa: E402
 from medimg.bundles import ZOO, install_staged  # noqa: E402
 from medimg.data.embedded.structures import prepare_structures  # noqa: E402
 from medimg.io.image import read_image  # noqa: E402
-from medimg.predictors.evaluation import named_structures  # noqa: E402
+from medimg.predictors.evaluation import validation_case  # noqa: E402
 from medimg.predictors.evaluation3d import PROMPTS_3D, card_check3d, score_volume  # noqa: E402
 
 CARD_TOLERANCE = 0.02
 CHECK = {"case": "mni152_atlas", "structures": [20, 145], "min_voxels": 200, "prompts": ["box", "click1"]}
 SIDES = {f"{side} {name}": (v,) for name, pair in DEEP_GREY.items() for side, v in zip(("left", "right"), pair)}
-
-
-def validation_case(manifest: Path) -> tuple:
-    """``(image, label, intensity, structures)`` of the MNI152 atlas's held-out structures."""
-    doc = json.loads(manifest.read_text())
-    entry = next(e for e in doc["validation"] if e["subject"] == "mni152_atlas")
-    label = read_image(manifest.parent / entry["label"]).array.astype(np.int64)
-    return read_image(manifest.parent / entry["image"]), label, entry["intensity"], named_structures(label,
-                                                                                                    doc["labels"])
 
 
 def choose_threshold(bundle: str, manifest: Path, thresholds: list[float], min_voxels: int) -> tuple[float, dict]:
@@ -68,7 +59,7 @@ def choose_threshold(bundle: str, manifest: Path, thresholds: list[float], min_v
     Chosen on the validation structures only (the run's own validation set), never on Colin27.
     """
     predictor = load_bundle(bundle, device="cpu")
-    image, label, intensity, values = validation_case(manifest)
+    image, label, intensity, values = validation_case(manifest, "mni152_atlas")
     sweep = {}
     for t in thresholds:
         predictor.threshold = t
@@ -84,7 +75,7 @@ def measure(bundle: str, manifest: Path, clicks: int, min_voxels: int) -> dict:
     predictor = load_bundle(bundle, device="cpu")
     out: dict = {}
     start = time.perf_counter()
-    image, label, intensity, values = validation_case(manifest)
+    image, label, intensity, values = validation_case(manifest, "mni152_atlas")
     out["held-out structures: MNI152 atlas"] = score_volume(predictor, image, label, intensity, values, min_voxels)
     subject = TEMPLATES / "ch2.nii.gz"
     if not subject.is_file():
@@ -204,7 +195,7 @@ def main() -> None:
     args.notes_text = Path(args.notes).read_text() if args.notes else ""
     manifest = prepare_structures()
     print(f"machine: {machine()}")
-    sweep = None
+    sweep, best = None, None
     if args.thresholds:  # choose the mask threshold on the validation structures, then measure a copy with it
         best, sweep = choose_threshold(args.bundle, manifest, [float(t) for t in args.thresholds.split(",")],
                                        args.min_voxels)
@@ -241,8 +232,7 @@ def main() -> None:
     meta["medimg_storage"] = {"weights": "fp32"}
     if sweep is not None:
         meta["medimg_threshold_sweep"] = sweep
-        chosen = json.loads((tmp / "configs" / "inference.json").read_text())["predictor"]["threshold"]
-        meta["medimg_threshold"] = chosen
+        meta["medimg_threshold"] = best
     meta["eval_metrics"] = {**meta.get("eval_metrics", {}), "interactive3d": m}
     install_staged(tmp, args.name, meta, lambda size: card(args.name, args, meta, m, size), args.schema)
 

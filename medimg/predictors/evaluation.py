@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
+from medimg.data.promptable.simulation import largest_component
 from medimg.io.image import Image, read_image
 from medimg.io.prompts import parse_prompts
 
@@ -47,10 +48,14 @@ def correction(truth: np.ndarray, pred: np.ndarray,
     """
     miss, extra = truth & ~pred, pred & ~truth
     err, lab = (miss, 1) if miss.sum() >= extra.sum() else (extra, 0)
-    comp, m = ndimage.label(err)
-    if not m:
+    if not err.any():
         return None
-    return interior(comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1), spacing), lab
+    return interior(largest_component(err), spacing), lab
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks (0 when both are empty)."""
+    return float(2 * (pred & truth).sum() / max(int(pred.sum() + truth.sum()), 1))
 
 
 def stroke(mask: np.ndarray) -> np.ndarray:
@@ -88,11 +93,9 @@ def targets(label: np.ndarray, values: dict[str, tuple[int, ...]], per: int,
         area = structure.sum(axis=(0, 1))
         ks = np.nonzero(area >= min_area)[0]
         for k in ks[np.linspace(0, len(ks) - 1, per).round().astype(int)] if len(ks) else []:
-            comp, n = ndimage.label(structure[:, :, k])
-            if n:
-                piece = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
-                if piece.sum() >= min_area:
-                    yield name, int(k), piece
+            piece = largest_component(structure[:, :, k])
+            if piece.any() and piece.sum() >= min_area:
+                yield name, int(k), piece
 
 
 class Scorer:
@@ -119,33 +122,32 @@ class Scorer:
 
     def score(self, truth: np.ndarray, k: int) -> dict[str, float]:
         """Dice of each simulated prompt kind (``self.prompts``) for the target ``truth`` on slice ``k``."""
-        dice = lambda p: float(2 * (p & truth).sum() / max(p.sum() + truth.sum(), 1))  # noqa: E731
         out: dict[str, float] = {}
         if "box" in self.prompts:
             corners = np.array([np.argwhere(truth).min(0), np.argwhere(truth).max(0)], dtype=np.float64)
             box = np.asarray(self.stored(corners, k))
-            out["box"] = dice(self.run({"boxes": [[*box.min(0), *box.max(0)]]}, k))
+            out["box"] = dice(self.run({"boxes": [[*box.min(0), *box.max(0)]]}, k), truth)
         clicks_wanted = max((int(p[5:]) for p in self.prompts if p.startswith("click")), default=0)
         clicks, labels = [interior(truth)], [1]
         for n in range(1, clicks_wanted + 1):
             pred = self.run({"points": self.stored(np.array(clicks), k), "point_labels": labels}, k)
             if f"click{n}" in self.prompts:
-                out[f"click{n}"] = dice(pred)
+                out[f"click{n}"] = dice(pred, truth)
             if n == clicks_wanted:
                 break
             nxt = correction(truth, pred)
             if nxt is None:
                 for rest in range(n + 1, clicks_wanted + 1):
                     if f"click{rest}" in self.prompts:
-                        out[f"click{rest}"] = dice(pred)
+                        out[f"click{rest}"] = dice(pred, truth)
                 break
             clicks.append(nxt[0])
             labels.append(nxt[1])
         if "scribble" in self.prompts:
             doc = {"scribbles": [{"points": self.stored(stroke(truth), k), "label": 1}]}
-            out["scribble"] = dice(self.run(doc, k))
+            out["scribble"] = dice(self.run(doc, k), truth)
         if "lasso" in self.prompts:
-            out["lasso"] = dice(self.run({"lassos": [self.stored(hull(truth), k)]}, k))
+            out["lasso"] = dice(self.run({"lassos": [self.stored(hull(truth), k)]}, k), truth)
         return out
 
 
@@ -186,18 +188,27 @@ def score_case(predictor: Any, image: Image, label: np.ndarray, intensity: str, 
             "structures": per_structure, "targets": sum(len(v) for v in rows.values())}
 
 
+def validation_case(manifest: str | Path, case: str) -> tuple[Image, np.ndarray, str, dict[str, tuple[int, ...]]]:
+    """``(image, held-out label map, intensity, structures)`` of one validation entry of the ``structures`` manifest.
+
+    ``case`` is the entry's ``subject``; the structures are every value of its label map, named from
+    the manifest's ``labels``.
+    """
+    manifest = Path(manifest)
+    doc = json.loads(manifest.read_text())
+    entry = next(e for e in doc["validation"] if e["subject"] == case)
+    label = read_image(manifest.parent / entry["label"]).array.astype(np.int64)
+    return read_image(manifest.parent / entry["image"]), label, entry["intensity"], named_structures(label,
+                                                                                                    doc["labels"])
+
+
 def card_check(predictor: Any, manifest: str | Path, check: Mapping[str, Any]) -> dict[str, float]:
     """The fast figure a shipped interactive card records and the suite recomputes.
 
     ``check``: ``case`` (a validation entry's ``subject`` of the ``structures`` manifest), ``plane``,
     ``per_structure``, ``min_area`` and ``prompts``.
     """
-    manifest = Path(manifest)
-    doc = json.loads(manifest.read_text())
-    entry = next(e for e in doc["validation"] if e["subject"] == check["case"])
-    image = read_image(manifest.parent / entry["image"])
-    label = read_image(manifest.parent / entry["label"]).array.astype(np.int64)
-    res = score_case(predictor, image, label, entry["intensity"], [check["plane"]],
-                     named_structures(label, doc["labels"]), int(check["per_structure"]), int(check["min_area"]),
-                     tuple(check["prompts"]))
+    image, label, intensity, values = validation_case(manifest, check["case"])
+    res = score_case(predictor, image, label, intensity, [check["plane"]], values, int(check["per_structure"]),
+                     int(check["min_area"]), tuple(check["prompts"]))
     return {p: round(res["mean"][p], 4) for p in check["prompts"]}

@@ -17,35 +17,27 @@ Dice is taken on the whole volume. With a brain mask, each mask's share outside 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from medimg.io.image import Image, read_image
+from medimg.data.promptable.simulation import largest_component
+from medimg.io.image import Image
 from medimg.io.prompts import parse_prompts
-from medimg.predictors.evaluation import correction, interior
+from medimg.predictors.evaluation import correction, dice, interior, validation_case
 
 PROMPTS_3D = ("box", "click1", "click3")
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks (0 when both are empty)."""
-    return float(2 * (pred & truth).sum() / max(int(pred.sum() + truth.sum()), 1))
 
 
 def volume_targets(label: np.ndarray, values: Mapping[str, Sequence[int]],
                    min_voxels: int) -> Iterator[tuple[str, np.ndarray]]:
     """``(name, piece)``: the largest connected piece of each structure, if it has ``min_voxels``."""
     for name, vals in values.items():
-        comp, n = ndimage.label(np.isin(label, list(vals)))
-        if n:
-            piece = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
-            if piece.sum() >= min_voxels:
-                yield name, piece
+        piece = largest_component(np.isin(label, list(vals)))
+        if piece.any() and piece.sum() >= min_voxels:
+            yield name, piece
 
 
 class VolumeScorer:
@@ -118,12 +110,8 @@ def card_check3d(predictor: Any, manifest: str | Path, check: Mapping[str, Any])
     ``check``: ``case`` (a validation entry's ``subject`` of the ``structures`` manifest),
     ``structures`` (label values of its held-out map), ``min_voxels`` and ``prompts``.
     """
-    manifest = Path(manifest)
-    doc = json.loads(manifest.read_text())
-    entry = next(e for e in doc["validation"] if e["subject"] == check["case"])
-    image = read_image(manifest.parent / entry["image"])
-    label = read_image(manifest.parent / entry["label"]).array.astype(np.int64)
-    values = {doc["labels"].get(str(v), str(v)): (int(v),) for v in check["structures"]}
-    res = score_volume(predictor, image, label, entry["intensity"], values, int(check["min_voxels"]),
-                       tuple(check["prompts"]))
+    image, label, intensity, names = validation_case(manifest, check["case"])
+    wanted = {int(v) for v in check["structures"]}
+    values = {name: vals for name, vals in names.items() if wanted & set(vals)}
+    res = score_volume(predictor, image, label, intensity, values, int(check["min_voxels"]), tuple(check["prompts"]))
     return {p: round(res["mean"][p], 4) for p in check["prompts"]}

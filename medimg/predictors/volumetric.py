@@ -76,6 +76,7 @@ class VolumePromptPredictor(PromptPredictorBase):
         self.importance = compute_importance_map(tuple(self.roi), mode="gaussian", sigma_scale=0.125,
                                                  device="cpu").numpy()
         self.volume = None
+        self._prepared: tuple[np.ndarray, str | None] | None = None  # (image.array, intensity) of prepare()
 
     # ------------------------------------------------------------------ volume
     def set_volume(self, path: str, intensity: str | None = None) -> None:
@@ -91,6 +92,7 @@ class VolumePromptPredictor(PromptPredictorBase):
         image = pipeline({"image": str(path)})["image"]
         self.volume = np.asarray(image[0], dtype=np.float32)
         self.model_affine = np.asarray(image.affine, dtype=np.float64)
+        self._prepared = None
 
     def to_model(self, coords: np.ndarray, src_affine: np.ndarray) -> np.ndarray:
         """Voxel coordinates of the source image -> voxel coordinates of the model frame."""
@@ -121,11 +123,14 @@ class VolumePromptPredictor(PromptPredictorBase):
         return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
     def prepare(self, image: Image, intensity: str | None) -> None:
-        """Bring a 3D volume as read into the model frame."""
+        """Bring a 3D volume as read into the model frame (once for several prompts on the same array)."""
         if image.array.ndim != 3 or 1 in image.array.shape:
             raise DataError(image.path, f"a 3D promptable model needs a 3D volume, got shape {image.array.shape}")
+        if self._prepared is not None and self._prepared[0] is image.array and self._prepared[1] == intensity:
+            return
         with memory_key(image) as key:
             self.set_volume(key, intensity)
+        self._prepared = (image.array, intensity)
 
     def segment_object(self, image: Image, box: np.ndarray | None = None, points: np.ndarray | None = None,
                        point_labels: np.ndarray | None = None, propagate: bool = True) -> np.ndarray:

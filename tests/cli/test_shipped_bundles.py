@@ -116,13 +116,12 @@ def test_slicer_3d_click_on_a_real_head_stays_in_the_brain(tmp_path):
     from medimg.io.image import read_image
     from medimg.label.infer import infer_task
     from medimg.label.serve import copy_shipped
+    from medimg.predictors.evaluation import interior
 
     image = read_image("/usr/share/mricron/templates/ch2.nii.gz")
     aal = read_image("/usr/share/mricron/templates/aal.nii.gz").array
     brain = read_image("/usr/share/mricron/templates/ch2bet.nii.gz").array > 0
     thalamus = aal == 77
-    from medimg.predictors.evaluation import interior
-
     i, j, k = interior(thalamus).astype(int)
     task = infer_task(copy_shipped(tmp_path / "models") / "medsam3d", device="cpu")  # as serve does
     path, _ = task({"image": str(image.path), "foreground": [[int(i), int(j), int(k)]]})

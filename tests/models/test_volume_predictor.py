@@ -133,3 +133,23 @@ def test_threshold_sets_the_mask_and_the_growth_and_is_checked():
     assert mask[5:91, 8:20, 8:20].all() and not mask[40:60, 34:46, 34:46].any()  # grown along the whole bar
     with pytest.raises(ConfigError, match="threshold"):
         VolumePromptPredictor(FaintNet(), roi_size=(32, 32, 32), pixdim=None, threshold=1.0)
+
+
+def test_several_prompts_on_one_image_resample_it_once(tmp_path, monkeypatch):
+    """``prepare`` keeps the model-frame volume while the same array comes back (a simulated user's prompts)."""
+    from medimg.io.image import read_image
+    from medimg.io.prompts import parse_prompts
+
+    path = _write(tmp_path, _bar_volume(), np.eye(4))
+    image = read_image(str(path))
+    pred = VolumePromptPredictor(BrightNet(), roi_size=(32, 32, 32), pixdim=None, intensity="none")
+    loads = []
+    original = pred.set_volume
+    monkeypatch.setattr(pred, "set_volume", lambda key, intensity=None: (loads.append(key), original(key, intensity)))
+    prompts = parse_prompts({"points": [[48, 14, 14]]}, image.array.shape, image.affine)
+    first = pred.segment_prompts(image, prompts)
+    second = pred.segment_prompts(image, prompts)
+    assert len(loads) == 1 and np.array_equal(first, second) and first[48, 14, 14] == 1
+    pred.segment_prompts(image, prompts, intensity="mr")  # another window: loaded again
+    pred.segment_prompts(read_image(str(path)), prompts)  # another image: loaded again
+    assert len(loads) == 3

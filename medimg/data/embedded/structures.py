@@ -118,15 +118,14 @@ def deep_grey(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, d
     if not all(values.values()):
         raise DataError(path, f"no parcels named {[p for p, v in values.items() if not v]} in its lookup text")
     aicha = np.rint(resample_to(nib.load(str(path)), shape, affine, order=0)).astype(np.int16)
-    world_x = affine[0, 0] * np.arange(shape[0])[:, None, None] + affine[0, 1] * np.arange(shape[1])[None, :, None] \
-        + affine[0, 2] * np.arange(shape[2])[None, None, :] + affine[0, 3]
+    world_x = np.tensordot(affine[0, :3], np.indices(shape), axes=1) + affine[0, 3]
     labels, names = np.zeros(shape, dtype=np.int16), {}
     for i, prefix in enumerate(DEEP_GREY):
         inside = np.isin(aicha, values[prefix])
-        name = prefix.split("_", 1)[1]
-        for side, value in (("Left", DEEP_OFFSET + 2 * i + 1), ("Right", DEEP_OFFSET + 2 * i + 2)):
-            labels[inside & ((world_x < 0) if side == "Left" else (world_x >= 0))] = value
-            names[value] = f"{side} {name}"
+        for side, value, half in (("Left", DEEP_OFFSET + 2 * i + 1, world_x < 0),
+                                  ("Right", DEEP_OFFSET + 2 * i + 2, world_x >= 0)):
+            labels[inside & half] = value
+            names[value] = f"{side} {prefix.split('_', 1)[1]}"
     return labels, names
 
 

@@ -33,17 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from medimg.data.augment import GEN_KEY, RandLabelSynthd, SynthLabelsd, corruption_spec, synth_options
 from medimg.data.manifest import Manifest, load_manifest, train_val_split, validate_manifest
-from medimg.data.promptable.simulation import sample_clicks, split_targets
+from medimg.data.promptable.simulation import largest_component, sample_clicks, split_targets
 from medimg.data.transforms import build_pipeline, segmentation_spec, world_range_region
 from medimg.errors import ConfigError
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest connected component of a binary mask (the mask itself when empty)."""
-    comp, n = ndimage.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    return comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
 
 
 def crop_centred(array: np.ndarray, centre: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,11 +112,8 @@ class PromptPatchDataset(Dataset):
                          for img, (_, lab) in zip(self.images, volumes)]
             self.synth = RandLabelSynthd("image", num_labels=num_labels, **synth_options(synth))
             self.synth.set_random_state(seed=seed)
-        self.corrupt = None
-        if corrupt:
-            from medimg.data.transforms import build_pipeline
-
-            self.corrupt = build_pipeline(corruption_spec())
+        self.corrupt = build_pipeline(corruption_spec()) if corrupt else None
+        if self.corrupt is not None:
             self.corrupt.set_random_state(seed=seed)
         self.fixed = None
         if samples is None:
@@ -201,9 +190,7 @@ def select_subjects(manifest: Manifest, subjects: Sequence[str] | None, intensit
     Raises:
         ConfigError: a named subject is in no entry, or a chosen entry has another intensity window.
     """
-    if subjects is None:
-        chosen = [item for items in manifest.splits.values() for item in items]
-    else:
+    if subjects is not None:
         wanted = {str(s) for s in subjects}
         found = {item.get("subject") for items in manifest.splits.values() for item in items}
         if wanted - found:
@@ -212,7 +199,7 @@ def select_subjects(manifest: Manifest, subjects: Sequence[str] | None, intensit
         manifest = dataclasses.replace(manifest, splits={
             split: [item for item in items if item.get("subject") in wanted]
             for split, items in manifest.splits.items()})
-        chosen = [item for items in manifest.splits.values() for item in items]
+    chosen = [item for items in manifest.splits.values() for item in items]
     other = sorted({str(item.get("subject", item["image"])) for item in chosen
                     if item.get("intensity", intensity) != intensity})
     if other:

@@ -17,6 +17,14 @@ import numpy as np
 from scipy import ndimage
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a binary mask (the mask itself when empty)."""
+    comp, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    return comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
+
+
 def box_from_mask(mask: np.ndarray, jitter_px: float = 0.0, jitter_frac: float = 0.0, expand_only: bool = True,
                   rng: np.random.Generator | None = None) -> np.ndarray:
     """Bounding box of a mask, optionally jittered.
