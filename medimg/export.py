@@ -67,6 +67,10 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         from medimg.data.postprocess import choose_main_component
 
         contract["keep_main_component"] = choose_main_component(contract["keep_main_component"], record.metrics)
+    if "intensity_refinement" in contract:  # likewise (medimg.data.refine)
+        from medimg.data.refine import choose_refinement
+
+        contract["intensity_refinement"] = choose_refinement(contract["intensity_refinement"], record.metrics)
     preprocessing = contract.pop("preprocessing", None)
     numbers = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
     meta_updates: dict[str, Any] = {

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from medimg.data.embedded import embedded_manifest
 from medimg.data.manifest import Manifest, load_manifest
 from medimg.data.postprocess import MAIN_COMPONENT_TOLERANCE, check_mode
+from medimg.data.refine import check_refinement_mode
 from medimg.data.segmentation import ManifestDataModule
 from medimg.data.transforms import build_pipeline, segmentation_spec
 from medimg.errors import ConfigError
@@ -146,20 +147,23 @@ def build_segmentation(cfg: DictConfig, run_dir: Path) -> TaskParts:
                      to_tensor=True)
     main_mode = check_mode(t.get("keep_main_component", False))
     opening = float(t.get("main_component_opening_mm", 3.0))
+    refine_mode = check_refinement_mode(t.get("intensity_refinement", False))
     task = SegmentationTask(build_network(**kwargs), num_classes=manifest.num_classes,
                             class_names=manifest.class_names or None, roi_size=list(d.roi_size),
                             sw_batch_size=t.sw_batch_size, overlap=t.overlap, lr=t.lr, weight_decay=t.weight_decay,
                             optimizer=t.optimizer, warmup_epochs=t.warmup_epochs,
                             surface_tolerance_mm=t.surface_tolerance_mm, overlay_dir=str(run_dir / "overlays"),
                             slice_axis=d.get("slice_axis"), invert=invert,
-                            main_component_opening_mm=opening if main_mode is not False else None)
+                            main_component_opening_mm=opening if main_mode is not False else None,
+                            refine_intensities=refine_mode is not False)
     contract: dict[str, Any] = {
         # the validation's own pipeline and sliding-window settings, exactly
         "preprocessing": segmentation_spec("infer", pixdim=d.pixdim, intensity=d.intensity,
                                            crop_foreground=d.crop_foreground),
         "roi_size": [int(r) for r in d.roi_size], "overlap": float(t.overlap), "sw_batch_size": int(t.sw_batch_size),
         # "auto" is settled by export from the validation metrics (medimg.data.postprocess)
-        "keep_main_component": main_mode, "main_component_opening_mm": opening}
+        "keep_main_component": main_mode, "main_component_opening_mm": opening,
+        "intensity_refinement": refine_mode}
     if d.get("slice_axis") is not None:  # a 2D network over the volume's slices
         contract["slice_axis"] = int(d.slice_axis)
     labels = manifest.labels or {str(i): f"class{i}" for i in range(manifest.num_classes)}
@@ -181,4 +185,7 @@ def report_segmentation(metrics: dict[str, float], class_names: list[str]) -> No
     if "val/dice_main_component" in metrics:
         rows.append(f"{'main component':<16}{metrics['val/dice_main_component']:>8.3f}  (mean Dice with only the "
                     f"main connected component kept; kept unless it costs > {MAIN_COMPONENT_TOLERANCE})")
+    if "val/dice_refined" in metrics:
+        rows.append(f"{'refined':<16}{metrics['val/dice_refined']:>8.3f}  (mean Dice with the scan's intensities "
+                    f"fitted under the network's prior; kept unless it costs Dice)")
     print("validation (best checkpoint):\n" + "\n".join(rows))

@@ -17,6 +17,7 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from medimg.data.postprocess import keep_main_component, spacing_of
+from medimg.data.refine import refine_with_intensities
 from medimg.data.transforms import IGNORE_LABEL
 from medimg.errors import ConfigError
 from medimg.tasks.overlay import save_overlay
@@ -52,6 +53,9 @@ class SegmentationTask(L.LightningModule):
         main_component_opening_mm: when given, validation also logs ``val/dice_main_component``:
             the mean Dice after :func:`~medimg.data.postprocess.keep_main_component` with this
             opening, which export uses to decide whether the bundle applies it.
+        refine_intensities: validation also logs ``val/dice_refined``: the mean Dice after
+            :func:`~medimg.data.refine.refine_with_intensities` (the scan's own intensities fitted
+            under the softmax as prior), which export uses to decide whether the bundle applies it.
     """
 
     def __init__(self, network: nn.Module, num_classes: int, class_names: Sequence[str] | None = None,
@@ -59,7 +63,7 @@ class SegmentationTask(L.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 1e-5, optimizer: str = "adamw", warmup_epochs: int = 0,
                  surface_tolerance_mm: float = 2.0, overlay_dir: str | Path | None = None,
                  slice_axis: int | None = None, invert: Callable[[dict], dict] | None = None,
-                 main_component_opening_mm: float | None = None) -> None:
+                 main_component_opening_mm: float | None = None, refine_intensities: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["network", "invert"])
         self.network = network
@@ -112,7 +116,13 @@ class SegmentationTask(L.LightningModule):
         nc = self.hparams.num_classes
         pred = logits.argmax(1, keepdim=True)
         overlay = (image[0, 0], label[0, 0] * (label[0, 0] != IGNORE_LABEL), pred[0, 0])
-        if self.invert is not None and "native_label" in batch:
+        native = self.invert is not None and "native_label" in batch
+        refined = None
+        if self.hparams.refine_intensities:  # in the model's space, before the inversion, as a bundle does it
+            probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+            refined = torch.log(torch.as_tensor(refine_with_intensities(probs, image[0, 0].float().cpu().numpy()))
+                                .clamp_min(1e-8))[None].to(logits.device)
+        if native:
             spacing = spacing_of(batch["native_label"], batch["native_label"].ndim - 2)
             label = _plain(batch["native_label"])
             pred = self._native_prediction(batch["image"], logits)
@@ -120,6 +130,11 @@ class SegmentationTask(L.LightningModule):
             spacing = spacing_of(batch["image"], batch["image"].ndim - 2)
         known = label != IGNORE_LABEL  # a region split's other region: no metric there
         label_oh = one_hot((label * known).long(), nc)
+        if refined is not None:
+            pred_r = self._native_prediction(batch["image"], refined) if native else refined.argmax(1, keepdim=True)
+            pred_r = pred_r * known.to(pred_r.device)
+            refined_dice = compute_dice(one_hot(pred_r, nc), label_oh, include_background=False, ignore_empty=False)[0]
+            self.log("val/dice_refined", torch.nanmean(refined_dice.float()), batch_size=1, sync_dist=True)
         if self.hparams.main_component_opening_mm is not None:  # on the whole prediction, as a bundle would
             kept = keep_main_component(pred[0, 0].cpu().numpy(), spacing, float(self.hparams.main_component_opening_mm))
             kept = torch.as_tensor(kept, device=pred.device)[None, None] * known.to(pred.device)

@@ -30,7 +30,8 @@ def run_dir_of(proc) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_run(tmp_path_factory, schema, phantom_manifest) -> Path:
-    proc = train(tmp_path_factory.mktemp("runs"), *PHANTOM, f"data.dataset_dir={phantom_manifest.parent}", NO_STD)
+    proc = train(tmp_path_factory.mktemp("runs"), *PHANTOM, f"data.dataset_dir={phantom_manifest.parent}", NO_STD,
+                 "task.intensity_refinement=auto")
     return run_dir_of(proc)
 
 

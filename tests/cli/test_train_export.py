@@ -52,6 +52,8 @@ def test_bundle_layout_and_plain_state_dict(phantom_run, schema):
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
     assert inference["keep_main_component"] is (metrics["val/dice_main_component"] >= metrics["val/dice"] - 0.005)
     assert inference["main_component_opening_mm"] == 3.0
+    # so is the intensity refinement: chosen only when it costs no validation Dice
+    assert inference["intensity_refinement"] is (metrics["val/dice_refined"] >= metrics["val/dice"])
     # MONAI's own CLI accepts it
     proc = run_module("monai.bundle", "verify_metadata", "--meta_file", str(bundle / "configs" / "metadata.json"),
                       "--filepath", str(schema))
