@@ -88,7 +88,7 @@ Prompts: boxes, clicks (`points` / `point_labels`), `scribbles` and `lassos` (do
 ```bash
 {commands}
 ```
-
+{args.recipe_text}
 Wall time {args.wall} on {args.machine}. Image encoder frozen, its slice embeddings cached
 (a CPU recipe); prompt encoder + mask decoder trained (4.06 M of 9.79 M parameters). Each step: a
 jittered box or one click (SAM's best-of-three for a lone click), then RITM-style correction rounds
@@ -143,11 +143,13 @@ def main() -> None:
     parser.add_argument("--per-structure", type=int, default=3)
     parser.add_argument("--min-area", type=int, default=40)
     parser.add_argument("--notes", default=None)
+    parser.add_argument("--recipe-notes", default=None, help="Markdown paragraph after the recipe's commands")
     parser.add_argument("--schema", default=None)
     parser.add_argument("--fp16", action="store_true",
                         help="store fp16 weights (refused unless every mask is unchanged)")
     args = parser.parse_args()
     args.notes_text = Path(args.notes).read_text() if args.notes else ""
+    args.recipe_text = f"\n{Path(args.recipe_notes).read_text()}" if args.recipe_notes else ""
     src = Path(args.bundle)
     manifest = prepare_structures()
     all_cases = cases(manifest, TEMPLATES)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # before torch loads: see medimg/cpu.py (suite on a busy machine)
@@ -31,7 +33,16 @@ TINY = ["model.feature_size=12", "model.depths=[1,1,1,1]", "data.roi_size=[64,64
 PHANTOM = ["data.dataset=phantom", "data.pixdim=null", "data.intensity=none"]
 
 
+# the longest test files start first: with two workers taking whole files (pytest-xdist, --dist
+# loadfile), a long file picked up last would leave one worker running it alone at the end
+SLOW_FIRST = ("tests/library/test_docs.py", "tests/cli/test_label_server.py", "tests/cli/test_resume_ddp_wheel.py",
+              "tests/cli/test_label_pacs.py", "tests/cli/test_shipped_bundles.py", "tests/cli/test_medsam3d.py",
+              "tests/cli/test_litemedsam.py", "tests/cli/test_library_api.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: file order kept otherwise
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")
         for item in items:
@@ -39,14 +50,40 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """The folder every worker of this pytest run sees (pytest-xdist gives each worker its own basetemp)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_once(tmp_path_factory, name: str, build: Callable[[], Path]) -> Path:
+    """Build a session resource (a trained run, a folder) once per pytest run, whichever worker asks first.
+
+    The others wait on a file lock and get the same path. A build that fails records nothing, so
+    the next worker that asks builds (and fails) again, with its own message.
+    """
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    record = root / f"{name}.path.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if record.is_file():
+            return Path(json.loads(record.read_text()))
+        path = build()
+        record.write_text(json.dumps(str(path)))
+        return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_root(tmp_path_factory):
-    """Embedded datasets and the schema lookup never touch the user's home in tests."""
-    root = tmp_path_factory.mktemp("medimg_data")
+    """Embedded datasets and the schema lookup never touch the user's home in tests (one folder per run)."""
+    root = shared_root(tmp_path_factory) / "medimg_data"
+    root.mkdir(exist_ok=True)
     os.environ["MEDIMG_DATA_DIR"] = str(root)
     if SCHEMA.is_file():
         os.environ["MEDIMG_MONAI_SCHEMA"] = str(SCHEMA)
-    torch.set_num_threads(2)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // workers))
     return root
 
 

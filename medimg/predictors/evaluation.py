@@ -6,7 +6,8 @@ user's prompts are simulated deterministically:
 - ``box``: its tight box; ``click1``: one click at its most interior pixel; ``click3`` /
   ``click5``: then correction clicks, each at the most interior pixel of the largest error region
   (positive in a miss, negative in a false positive), every request carrying all clicks so far
-  (a prompts file has no previous mask);
+  in the order made (the 2D predictor replays them, each with the previous mask fed back, as a
+  live session does);
 - ``scribble``: one positive stroke along the target's main axis through its most interior pixel;
 - ``lasso``: its convex hull, one pixel out, as a closed contour.
 

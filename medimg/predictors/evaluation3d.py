@@ -8,7 +8,7 @@ in stored voxel indices and each a prompts-JSON document run through ``predictor
 - ``click1``: one click at its most interior voxel (largest distance to the edge, in mm);
 - ``click3`` / ``click5``: then correction clicks at the most interior voxel of the largest error
   region (positive in a miss, negative in a false positive), every request carrying all clicks so
-  far (a prompts file has no previous mask).
+  far (the 3D network takes them together: it has no mask input).
 
 Dice is taken on the whole volume. With a brain mask, each mask's share outside it is recorded too
 (``outside_<prompt>``): what a click on a real head leaks into scalp, skull and neck.

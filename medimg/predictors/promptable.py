@@ -95,18 +95,23 @@ class PromptablePredictor(PromptPredictorBase):
             self.set_volume(array, image.affine, intensity=intensity)
 
     def segment_object(self, image: Image, box: np.ndarray | None = None, points: np.ndarray | None = None,
-                       point_labels: np.ndarray | None = None, propagate: bool = True) -> np.ndarray:
-        """One object's mask: the slice itself for a 2D image, slice propagation on a volume."""
+                       point_labels: np.ndarray | None = None, propagate: bool = True,
+                       ordered: bool = False) -> np.ndarray:
+        """One object's mask: the slice itself for a 2D image, slice propagation on a volume.
+
+        ``ordered``: the clicks are replayed in order on each slice, as a live session makes them
+        (:meth:`predict_slice`).
+        """
         pts = None if points is None else np.asarray(points).tolist()
         lab = None if point_labels is None else np.asarray(point_labels).tolist()
         if self.frame is None:
-            return self.predict_slice(0, box=box, points=pts, point_labels=lab)[0]
+            return self.predict_slice(0, box=box, points=pts, point_labels=lab, ordered=ordered)[0]
         plane = _flat_box_plane(box, image.affine)
         if plane is not None and plane != self.plane:  # a box drawn on another view (a lasso): slice along it
             other = self.for_plane(plane)
             other.set_volume(image.array, image.affine, self._intensity_used)
-            return other.predict_volume(box=box, points=pts, point_labels=lab, propagate=propagate)
-        return self.predict_volume(box=box, points=pts, point_labels=lab, propagate=propagate)
+            return other.predict_volume(box=box, points=pts, point_labels=lab, propagate=propagate, ordered=ordered)
+        return self.predict_volume(box=box, points=pts, point_labels=lab, propagate=propagate, ordered=ordered)
 
     # -------------------------------------------------------------- setting data
     def set_image(self, image: np.ndarray, intensity: str | None = None) -> None:
@@ -192,10 +197,21 @@ class PromptablePredictor(PromptPredictorBase):
     @torch.no_grad()
     def predict_slice(self, k: int = 0, box: Sequence[float] | None = None,
                       points: Sequence[Sequence[float]] | None = None, point_labels: Sequence[int] | None = None,
-                      mask_input: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+                      mask_input: torch.Tensor | None = None, ordered: bool = False) -> tuple[np.ndarray, torch.Tensor]:
         """Segment working slice ``k`` from a box ``[i0, j0, i1, j1]`` and/or points ``[[i, j], ...]``.
 
         Coordinates are those of the working frame (for a 2D image: its own array indices).
+
+        Args:
+            k: the working slice.
+            box: the box, if any.
+            points: the clicks, if any.
+            point_labels: 1 positive / 0 negative per click (default: all positive).
+            mask_input: the low-resolution logits of the previous answer (a live session).
+            ordered: the points are clicks in the order made: with no ``mask_input``, the session
+                is replayed (the first click, then each next one with the previous mask fed back),
+                which is how the model is trained to take corrections. Otherwise all points are
+                decoded together.
 
         Returns:
             ``(mask (I, J) bool, low_res_logits (1, 1, 256, 256))``; pass the logits back as
@@ -203,6 +219,12 @@ class PromptablePredictor(PromptPredictorBase):
         """
         if box is None and not points:
             raise ValueError("give a box or at least one point")
+        if ordered and points is not None and len(points) > 1 and mask_input is None:
+            labels_all = list(point_labels) if point_labels is not None else [1] * len(points)
+            for n in range(1, len(points)):
+                _, mask_input = self.predict_slice(k, box=box, points=points[:n], point_labels=labels_all[:n],
+                                                   mask_input=mask_input)
+            point_labels = labels_all
         emb, resized = self.embedding(k)
         size = self._volume.shape[1], self._volume.shape[0]  # (rows, cols) of the transposed slice
         boxes = pts = None
@@ -234,13 +256,14 @@ class PromptablePredictor(PromptPredictorBase):
         return np.concatenate([lo, hi]).astype(np.float32)
 
     def _propagate(self, out: np.ndarray, start: int, mask: np.ndarray, stop: int, step: int,
-                   clicks: dict[int, tuple[list, list]], bound: np.ndarray | None = None) -> None:
+                   clicks: dict[int, tuple[list, list]], bound: np.ndarray | None = None,
+                   ordered: bool = False) -> None:
         box = self._box_of(mask, bound)
         seed_mean = float(self._volume[:, :, start][mask].mean()) if mask.any() else 0.0
         k = start + step
         while box is not None and (k <= stop if step > 0 else k >= stop):
             pts, labels = clicks.get(k, (None, None))
-            mask, _ = self.predict_slice(k, box=box, points=pts, point_labels=labels)
+            mask, _ = self.predict_slice(k, box=box, points=pts, point_labels=labels, ordered=ordered)
             if mask.sum() < self.min_area or self.last_iou < self.min_iou:
                 break
             if abs(float(self._volume[:, :, k][mask].mean()) - seed_mean) > self.intensity_tolerance * 255.0:
@@ -250,7 +273,8 @@ class PromptablePredictor(PromptPredictorBase):
             k += step
 
     def predict_volume(self, box: Sequence[float] | None = None, points: Sequence[Sequence[float]] | None = None,
-                       point_labels: Sequence[int] | None = None, propagate: bool = True) -> np.ndarray:
+                       point_labels: Sequence[int] | None = None, propagate: bool = True,
+                       ordered: bool = False) -> np.ndarray:
         """Segment a 3D structure by slice propagation along the bundle's plane.
 
         Args:
@@ -263,6 +287,8 @@ class PromptablePredictor(PromptPredictorBase):
                 reaches; the results are merged.
             point_labels: 1 positive, 0 negative per point.
             propagate: ``False`` segments only the prompted slices.
+            ordered: the points are clicks in the order made; each slice replays its own in that
+                order (:meth:`predict_slice`).
 
         Returns:
             The mask in the volume's stored index order and shape.
@@ -299,11 +325,11 @@ class PromptablePredictor(PromptPredictorBase):
             raise ValueError("give a box or points")
         for start in starts:
             here_pts, here_labels = clicks.get(start, (None, None))
-            mask, _ = self.predict_slice(start, box=box2d, points=here_pts, point_labels=here_labels)
+            mask, _ = self.predict_slice(start, box=box2d, points=here_pts, point_labels=here_labels, ordered=ordered)
             out[:, :, start] |= mask
             if propagate:
-                self._propagate(out, start, mask, k_hi, +1, clicks, bound)
-                self._propagate(out, start, mask, k_lo, -1, clicks, bound)
+                self._propagate(out, start, mask, k_hi, +1, clicks, bound, ordered)
+                self._propagate(out, start, mask, k_lo, -1, clicks, bound, ordered)
         if bound is not None:  # nothing outside the user's 3D box
             lo = np.floor(bound[:2]).astype(int)
             hi = np.ceil(bound[2:]).astype(int) + 1

@@ -32,8 +32,8 @@ def prompt_objects(prompts: Prompts) -> list[dict[str, Any]]:
     """The objects to segment: each box, each lasso, then all the clicks."""
     objects: list[dict[str, Any]] = [dict(box=b) for b in prompts.boxes]
     objects += [dict(lasso=lasso) for lasso in prompts.lassos]  # its box: lasso_box, by the predictor's kind
-    if len(prompts.points):
-        objects.append(dict(points=prompts.points, point_labels=prompts.point_labels))
+    if len(prompts.points):  # clicks alone are a session's clicks in the order made; a stroke has no order
+        objects.append(dict(points=prompts.points, point_labels=prompts.point_labels, ordered=not prompts.scribbles))
     return objects
 
 
@@ -54,8 +54,13 @@ class PromptPredictorBase(ABC):
 
     @abstractmethod
     def segment_object(self, image: Image, box: np.ndarray | None = None, points: np.ndarray | None = None,
-                       point_labels: np.ndarray | None = None, propagate: bool = True) -> np.ndarray:
-        """One object's mask over the prompt shape of ``image``, from voxel prompts."""
+                       point_labels: np.ndarray | None = None, propagate: bool = True,
+                       ordered: bool = False) -> np.ndarray:
+        """One object's mask over the prompt shape of ``image``, from voxel prompts.
+
+        ``ordered``: the points are clicks in the order the user made them (a prompts file's
+        ``points``); a model that refines its previous mask replays them one by one.
+        """
 
     def segment_prompts(self, image: Image, prompts: Prompts, intensity: str | None = None,
                         source: str | Path = "prompts") -> np.ndarray:

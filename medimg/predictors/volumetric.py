@@ -133,8 +133,12 @@ class VolumePromptPredictor(PromptPredictorBase):
         self._prepared = (image.array, intensity)
 
     def segment_object(self, image: Image, box: np.ndarray | None = None, points: np.ndarray | None = None,
-                       point_labels: np.ndarray | None = None, propagate: bool = True) -> np.ndarray:
-        """One object's mask on the input grid (voxel prompts of the input; windows always grow)."""
+                       point_labels: np.ndarray | None = None, propagate: bool = True,
+                       ordered: bool = False) -> np.ndarray:
+        """One object's mask on the input grid (voxel prompts of the input; windows always grow).
+
+        The 3D network takes all clicks at once and has no mask input: ``ordered`` changes nothing.
+        """
         from monai.data import MetaTensor
         from monai.transforms import SpatialResample
 

@@ -183,14 +183,15 @@ def run_training(cfg: DictConfig) -> Path:
         zero_shot = {f"zero_shot/{k}": float(v) for k, v in before.items()}
     if resume_ckpt is not None:
         log.info("resuming from %s", resume_ckpt)
-    trainer.fit(task, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    # checkpoints are read with torch.load(weights_only=True), as every weight file medimg opens
+    trainer.fit(task, datamodule=dm, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
 
     best = callbacks[0].best_model_path or None
     if best is None and not (ckpt_dir / "last.ckpt").is_file():  # max_epochs=0: the initial weights, as they are
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     if parts.before_final_validation is not None:
         parts.before_final_validation()
-    results = trainer.validate(task, datamodule=dm, ckpt_path=best, verbose=False)
+    results = trainer.validate(task, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     metrics.update(zero_shot)
     if trainer.is_global_zero:

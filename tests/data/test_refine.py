@@ -1,4 +1,4 @@
-"""Intensity refinement under the network's prior: it moves a blurred boundary to the scan's own, and when a bundle uses it."""
+"""Intensity refinement under the network's prior: it moves a blurred boundary to the scan's own; when to use it."""
 
 from __future__ import annotations
 

@@ -155,3 +155,29 @@ def test_only_negative_clicks_are_refused(lite):
     pred.set_volume(np.zeros((16, 16, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="positive"):
         pred.predict_volume(points=[[3, 3, 1]], point_labels=[0])
+
+
+def test_ordered_clicks_replay_the_session_with_the_previous_mask_fed_back(lite):
+    """A prompts file's clicks are a session's clicks: click 1 alone (best of three), then each next one
+    with the previous low-resolution logits as the mask input, as the model is trained to take corrections."""
+    from medimg.io.prompts import parse_prompts
+    from medimg.predictors.prompting import prompt_objects
+
+    img = np.random.default_rng(3).random((64, 72)).astype(np.float32) * 100
+    img[20:44, 16:50] += 150  # a bright object
+    pts, labels = [[30, 30], [40, 20], [22, 46]], [1, 1, 0]
+    pred = PromptablePredictor(lite)
+    pred.set_image(img)
+    mask, low = pred.predict_slice(0, points=pts, point_labels=labels, ordered=True)
+    _, session = pred.predict_slice(0, points=pts[:1], point_labels=labels[:1])
+    _, session = pred.predict_slice(0, points=pts[:2], point_labels=labels[:2], mask_input=session)
+    expect_mask, expect_low = pred.predict_slice(0, points=pts, point_labels=labels, mask_input=session)
+    torch.testing.assert_close(low, expect_low)
+    assert (mask == expect_mask).all()
+    together = pred.predict_slice(0, points=pts, point_labels=labels)[1]  # unordered: one decode, no mask input
+    assert not torch.allclose(low, together)
+    # a prompts file: clicks alone are ordered; clicks with a scribble are one unordered set
+    doc = {"points": pts, "point_labels": labels}
+    assert prompt_objects(parse_prompts(doc, (64, 72), np.eye(4)))[0]["ordered"]
+    doc["scribbles"] = [{"points": [[30, 30], [34, 40]], "label": 1}]
+    assert not prompt_objects(parse_prompts(doc, (64, 72), np.eye(4)))[0]["ordered"]

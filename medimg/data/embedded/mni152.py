@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medimg.data.embedded.locking import preparing
 from medimg.errors import DataError, atomic_output
 
 MNI_FILES = {
@@ -179,8 +180,11 @@ def prepare_mni152(root: str | Path | None = None) -> Path:
     ``data_manifests/mni152.json``.
     """
     root = Path(root) if root is not None else default_data_root() / "mni152"
-    if not (root / "labels_posterior.nii.gz").is_file():
-        _write_slabs(root, *_mni152_2009a())
+    if (root / "labels_posterior.nii.gz").is_file():
+        return root
+    with preparing(root):
+        if not (root / "labels_posterior.nii.gz").is_file():
+            _write_slabs(root, *_mni152_2009a())
     return root
 
 
@@ -192,9 +196,12 @@ def prepare_mni152_head(root: str | Path | None = None) -> Path:
     root = Path(root) if root is not None else default_data_root() / "mni152_head"
     if (root / "labels_posterior.nii.gz").is_file():
         return root
-    src = nlin6_source_dir()
-    t1, labels, affine = _mni152_2009a()
-    head = resample_to(nib.load(str(src / NLIN6_FILES["t1"])), t1.shape, affine, order=1)
-    brain = resample_to(nib.load(str(src / NLIN6_FILES["brain"])), t1.shape, affine, order=0)
-    _write_slabs(root, compose_head(t1, labels, head, brain), labels, affine)
+    with preparing(root):
+        if (root / "labels_posterior.nii.gz").is_file():
+            return root
+        src = nlin6_source_dir()
+        t1, labels, affine = _mni152_2009a()
+        head = resample_to(nib.load(str(src / NLIN6_FILES["t1"])), t1.shape, affine, order=1)
+        brain = resample_to(nib.load(str(src / NLIN6_FILES["brain"])), t1.shape, affine, order=0)
+        _write_slabs(root, compose_head(t1, labels, head, brain), labels, affine)
     return root

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medimg.data.embedded.locking import preparing
 from medimg.data.embedded.mni152 import save_nifti
 from medimg.errors import atomic_output
 
@@ -25,12 +26,21 @@ def prepare_phantom(root: str | Path, num_images: int = 6, size: int = 32, num_c
     Returns:
         The manifest path.
     """
-    from monai.data import create_test_image_3d
-
     root = Path(root)
     manifest = root / "dataset.json"
     if manifest.is_file():
         return manifest
+    with preparing(root):
+        if manifest.is_file():
+            return manifest
+        _write_phantom(root, manifest, num_images, size, num_classes, seed)
+    return manifest
+
+
+def _write_phantom(root: Path, manifest: Path, num_images: int, size: int, num_classes: int, seed: int) -> None:
+    """Write the volumes and, last, the manifest."""
+    from monai.data import create_test_image_3d
+
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(seed)
     entries = []
@@ -48,4 +58,3 @@ def prepare_phantom(root: str | Path, num_images: int = 6, size: int = 32, num_c
            "training": entries[:-n_val], "validation": entries[-n_val:]}
     with atomic_output(manifest) as tmp:
         tmp.write_text(json.dumps(doc, indent=2))
-    return manifest

@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medimg.data.embedded.locking import preparing
 from medimg.data.embedded.mni152 import (
     NLIN6_FILES,
     default_data_root,
@@ -200,6 +201,14 @@ def prepare_structures(root: str | Path | None = None, volumes: tuple[str, ...] 
     manifest = root / "structures.json"
     if manifest.is_file():
         return manifest
+    with preparing(root):
+        if not manifest.is_file():
+            _write_structures(root, manifest, volumes)
+    return manifest
+
+
+def _write_structures(root: Path, manifest: Path, volumes: tuple[str, ...]) -> None:
+    """Write the volumes, their training / held-out label files and, last, the manifest."""
     root.mkdir(parents=True, exist_ok=True)
     names: dict[int, str] = {}
     doc = {"name": "structures", "modality": "MR T1 and CT",
@@ -222,4 +231,3 @@ def prepare_structures(root: str | Path | None = None, volumes: tuple[str, ...] 
     doc["labels"] = {"0": "background", **{str(k): v for k, v in sorted(names.items())}}
     with atomic_output(manifest) as tmp:
         tmp.write_text(json.dumps(doc, indent=2))
-    return manifest
