@@ -90,7 +90,7 @@ class _Everything(PromptPredictorBase):
     def prepare(self, image, intensity):
         pass
 
-    def segment_object(self, image, box=None, points=None, point_labels=None, propagate=True):
+    def segment_object(self, image, box=None, points=None, point_labels=None, propagate=True, ordered=False):
         self.boxes.append(box)
         return np.ones(image.array.shape, dtype=bool)
 

@@ -133,7 +133,7 @@ def test_clicks_on_several_slices_are_all_honoured(lite):
     pred.set_volume(vol)
     calls = []
 
-    def fake_slice(k, box=None, points=None, point_labels=None, mask_input=None):
+    def fake_slice(k, box=None, points=None, point_labels=None, mask_input=None, ordered=False):
         calls.append((k, None if points is None else [list(map(float, p)) for p in points], point_labels))
         pred.last_iou = 1.0
         mask = np.zeros((32, 32), dtype=bool)
