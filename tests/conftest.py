@@ -83,7 +83,10 @@ def _data_root(tmp_path_factory):
     if SCHEMA.is_file():
         os.environ["MEDIMG_MONAI_SCHEMA"] = str(SCHEMA)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // workers))
+    threads = max(1, (os.cpu_count() or 2) // workers)  # the workers share the cores: no oversubscription
+    torch.set_num_threads(threads)
+    if workers > 1:  # the trainings and servers the tests start inherit it
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     return root
 
 
