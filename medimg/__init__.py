@@ -12,9 +12,18 @@ Names are imported on first use, so ``import medimg`` (and each CLI's start) sta
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 from medimg.lazy import lazy_attributes
 
 __version__ = "0.1.0"
+
+# MONAI's DICOM reader registry announces, on every reader it builds, that NVIDIA's optional GPU JPEG
+# codec (nvImageCodec) is not installed and pydicom's own decoders are used: what medimg relies on
+# (pylibjpeg). Two lines of noise on every command otherwise; any other MONAI warning still shows.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
 
 _API = {
     "load_bundle": "medimg.bundle.loader",

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,13 +89,27 @@ def collect_inputs(path: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> tu
     return items, True
 
 
-def _load_bundle(bundle: str, device: str | None):  # noqa: ANN202 - any predictor
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as bundle overrides; a value is read as JSON (``false``, ``0.5``), else text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", f"{item!r} is not KEY=VALUE (for example intensity_refinement=false)")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
+
+
+def _load_bundle(bundle: str, device: str | None, overrides: dict[str, Any] | None = None):  # noqa: ANN202
     """The bundle's predictor, MONAI imported lean (:mod:`medimg.fastimport`): the CLI's fast start."""
     from medimg.bundle.loader import load_bundle
     from medimg.fastimport import import_monai_lean
 
     import_monai_lean()
-    return load_bundle(bundle, device)
+    return load_bundle(bundle, device, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                              "with the bundle's names, prompts drawn (a folder of inputs: a folder of PNGs)")
     parser.add_argument("--format", default="nifti", choices=("nifti", "dicom-seg"),
                         help="nifti (default) or dicom-seg: a DICOM Segmentation referencing the input DICOM series")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the bundle's inference.json for this run, as monai.bundle "
+                             "run does (intensity_refinement=false, keep_main_component=false, overlap=0.5)")
     parser.add_argument("--keep-going", action="store_true",
                         help="a folder of inputs: go on past a failed input, skip outputs already written, and write "
                              "OUTPUT/summary.csv (always so under torchrun, which also shards the inputs)")
@@ -124,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         from medimg.bundle.loader import bundle_task
         from medimg.bundles import resolve_bundle
 
+        args.settings = parse_settings(args.set)
         if args.intensity is not None and args.prompts is None:
             raise ConfigError("--intensity", "applies to promptable bundles only (their volume window)")
 
@@ -168,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_intensity(args.intensity)
             prompts = load_prompts(args.prompts, prompt_shape(image.array), image.affine)
             seg_info = segment_names(args.bundle, True) if args.format == "dicom-seg" else None
-            labels = _load_bundle(args.bundle, args.device).segment_prompts(image, prompts, args.intensity,
-                                                                           args.prompts)
+            labels = _load_bundle(args.bundle, args.device, args.settings).segment_prompts(
+                image, prompts, args.intensity, args.prompts)
             write_labels(labels, image, out, args.format, seg_info)
             print(f"{inputs[0]} -> {out}")
             if preview is not None:
@@ -179,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompts:
             raise ConfigError(args.prompts, "this bundle is not promptable; drop --prompts")
         seg_info = segment_names(args.bundle, False) if args.format == "dicom-seg" else None
-        predictor = _load_bundle(args.bundle, args.device)
+        predictor = _load_bundle(args.bundle, args.device, args.settings)
         written: list[Path] = []
         try:
             for item in inputs:
@@ -207,7 +226,7 @@ def batch(args: argparse.Namespace, inputs: list[Path], out: Path, preview: Path
         raise ConfigError(out, "is a file; a folder of inputs writes to an output folder")
     info = segment_names(args.bundle, False)  # metadata read once: names, algorithm, version
     names, seg_info = info[0], (info if args.format == "dicom-seg" else None)
-    predictor = _load_bundle(args.bundle, shard.device(args.device))
+    predictor = _load_bundle(args.bundle, shard.device(args.device), args.settings)
 
     def predict_one(item: Path, target: Path) -> list[Path]:
         result = predictor.predict(item)
@@ -230,7 +249,7 @@ def classify(args: argparse.Namespace, out: Path) -> None:
     if out.suffix.lower() != ".json" or out.is_dir():
         raise ConfigError(out, "a classification bundle writes JSON: give an output file ending in .json")
     inputs, _ = collect_inputs(Path(args.input), IMAGE_SUFFIXES + PICTURE_SUFFIXES)
-    predictor = _load_bundle(args.bundle, args.device)
+    predictor = _load_bundle(args.bundle, args.device, args.settings)
     predictor.write_json([str(p) for p in inputs], out)
     print(f"{len(inputs)} input(s) -> {out}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # MONAI and PyTorch load only when a bundle is built, not to 
     from monai.bundle import ConfigParser
 
 log = logging.getLogger(__name__)
+_MISSING = object()
 
 
 def _parser(bundle_dir: Path) -> ConfigParser:
@@ -79,13 +81,18 @@ def load_bundle_network(bundle_dir: str | Path, device: str | torch.device | Non
     return network.to(_device(device)).eval()
 
 
-def load_bundle(path: str | Path, device: str | torch.device | None = None) -> Any:
+def load_bundle(path: str | Path, device: str | torch.device | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Any:
     """The predictor of an exported medimg bundle, whatever its kind.
 
     Args:
         path: the bundle folder, or the short name of a bundle shipped with medimg
             (``"tissue_t1"``; ``python -m medimg.bundles`` lists them).
         device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
+        overrides: top-level ``configs/inference.json`` values to replace for this load, as
+            ``monai.bundle run --key value`` does: ``{"intensity_refinement": False}``,
+            ``{"overlap": 0.5}``, ``{"keep_main_component": False}``. Only keys the bundle
+            already has; the folder is not changed.
 
     Returns:
         A :class:`~medimg.predictors.segmentation.SegmentationPredictor`
@@ -104,6 +111,11 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None) -> A
         raise BundleError(bundle_dir, "no such bundle folder")
     parser = _parser(bundle_dir)
     config = bundle_dir / "configs" / "inference.json"
+    for key, value in (overrides or {}).items():
+        fixed = key in ("network", "network_def", "predictor", "bundle_root", "device")
+        if fixed or parser.get(key, _MISSING) is _MISSING:
+            raise BundleError(config, f"has no setting {key!r} that can be overridden")
+        parser[key] = value
     if not isinstance(parser.get("predictor"), dict) or "_target_" not in parser.get("predictor"):
         raise BundleError(config, "has no 'predictor' component; export the run again with this medimg")
     dev = _device(device)

@@ -129,3 +129,34 @@ def test_lean_monai_import_hides_only_unused_packages():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "HIDDEN_LOADED []" in proc.stdout and "PANDAS pandas" in proc.stdout
+
+
+def test_set_overrides_a_bundle_setting_for_one_run_and_refuses_what_it_lacks(phantom_run, phantom_manifest,
+                                                                               tmp_path, capsys):
+    """``--set KEY=VALUE`` is ``monai.bundle run --KEY VALUE`` for medimg.infer: the folder stays as it is."""
+    import json
+
+    from medimg.bundle.loader import load_bundle
+
+    bundle = phantom_run / "bundle"
+    config = bundle / "configs" / "inference.json"
+    before = config.read_bytes()
+    image = phantom_manifest.parent / json.loads(phantom_manifest.read_text())["validation"][0]["image"]
+    flip = not json.loads(before)["intensity_refinement"]
+    plain, other = tmp_path / "plain.nii.gz", tmp_path / "other.nii.gz"
+    assert infer_main(["--bundle", str(bundle), "--input", str(image), "--output", str(plain)]) == 0
+    assert infer_main(["--bundle", str(bundle), "--input", str(image), "--output", str(other),
+                       "--set", f"intensity_refinement={json.dumps(flip)}", "--set", "overlap=0.5"]) == 0
+    a, b = (np.asarray(nib.load(str(p)).dataobj) for p in (plain, other))
+    assert a.shape == b.shape and not np.array_equal(a, b)  # the refinement really switched
+    predictor = load_bundle(bundle, "cpu", {"intensity_refinement": flip, "overlap": 0.5})
+    np.testing.assert_array_equal(np.asarray(predictor.predict(str(image)).array), b)
+    assert config.read_bytes() == before
+    capsys.readouterr()
+    for setting, problem in (("nosuch=1", "has no setting 'nosuch'"), ("network_def=1", "network_def"),
+                             ("oops", "is not KEY=VALUE")):
+        out = tmp_path / "bad.nii.gz"
+        code = infer_main(["--bundle", str(bundle), "--input", str(image), "--output", str(out), "--set", setting])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("error:") and problem in err[-1], err
+        assert not out.exists()
