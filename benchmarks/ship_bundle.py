@@ -96,20 +96,12 @@ def intensity_oracle(image: np.ndarray, brain: np.ndarray, gm: int, wm: int) -> 
     return out
 
 
-def network_alone(predictor, names: dict[int, str]) -> dict[str, float]:
+def network_alone(src: Path, names: dict[int, str]) -> dict[str, float]:
     """The headline figures with the intensity refinement switched off (empty when the bundle does not use it)."""
-    from medimg.data.refine import IntensityRefined
-
-    steps = [t for t in predictor.postprocessing.transforms if isinstance(t, IntensityRefined) and t.enabled]
-    if not steps:
+    if not json.loads((src / "configs" / "inference.json").read_text()).get("intensity_refinement"):
         return {}
-    for t in steps:
-        t.enabled = False
-    try:
-        return {**template_heldout(predictor, names), **colin(predictor, names)}
-    finally:
-        for t in steps:
-            t.enabled = True
+    plain = load_bundle(src, "cpu", {"intensity_refinement": False})
+    return {**template_heldout(plain, names), **colin(plain, names)}
 
 
 def refinement_section(m: dict[str, float]) -> str:
@@ -260,7 +252,7 @@ def main() -> None:
     network = json.loads((src / "configs" / "inference.json").read_text())["network_def"]
     meta["medimg_network"] = ", ".join(f"{k}={v}" for k, v in network.items() if k != "_target_")
     predictor = load_bundle(src, "cpu")
-    plain = network_alone(predictor, names)
+    plain = network_alone(src, names)
     m = template_heldout(predictor, names, surfaces=True)
     m.update({f"head_{k}": v for k, v in template_heldout(predictor, names, dataset="mni152_head").items()})
     m.update(colin(predictor, names))

@@ -101,12 +101,7 @@ class KeepMainComponent(Transform):
             return img
         arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
         spacing = spacing_of(img, arr.ndim - 1)
-        out = np.stack([keep_main_component(ch, spacing, self.opening_mm) for ch in arr])
-        if isinstance(img, torch.Tensor):
-            res = img.clone()
-            res.copy_(torch.as_tensor(out, dtype=img.dtype))
-            return res
-        return out
+        return like(img, np.stack([keep_main_component(ch, spacing, self.opening_mm) for ch in arr]))
 
 
 class KeepMainComponentd(MapTransform):
@@ -125,30 +120,58 @@ class KeepMainComponentd(MapTransform):
         return d
 
 
-def check_mode(value: Any) -> Any:
-    """``task.keep_main_component`` checked: ``auto``, ``true`` or ``false``."""
+def check_choice(value: Any, setting: str = "task.keep_main_component") -> Any:
+    """A validation-chosen post-processing setting checked: ``auto``, ``true`` or ``false``."""
     if value in MODES:
         return value
-    raise ConfigError("task.keep_main_component", f"{value!r} is not one of auto, true, false")
+    raise ConfigError(setting, f"{value!r} is not one of auto, true, false")
+
+
+def check_mode(value: Any) -> Any:
+    """``task.keep_main_component`` checked: ``auto``, ``true`` or ``false``."""
+    return check_choice(value, "task.keep_main_component")
+
+
+def choose_on_validation(mode: Any, metrics: dict[str, Any], setting: str, with_step: str,
+                         tolerance: float) -> bool:
+    """Whether a bundle applies a post-processing step, nnU-Net style.
+
+    Args:
+        mode: ``True`` / ``False`` as configured, or ``"auto"``: decide on validation.
+        metrics: the best checkpoint's validation metrics: ``val/dice`` (without the step) and
+            ``with_step`` (with it).
+        setting: the config key, for the error message.
+        with_step: the metric measured with the step.
+        tolerance: mean validation Dice the step may cost and still be chosen.
+
+    Returns:
+        ``auto``: ``True`` when the step costs at most ``tolerance``; ``False`` when nothing was
+        measured (outputs are never changed unseen).
+    """
+    mode = check_choice(mode, setting)
+    if mode != "auto":
+        return bool(mode)
+    before, after = metrics.get("val/dice"), metrics.get(with_step)
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
+        return False
+    return bool(after >= before - tolerance)
 
 
 def choose_main_component(mode: Any, metrics: dict[str, Any]) -> bool:
     """Whether the bundle applies :func:`keep_main_component`.
 
-    Args:
-        mode: ``True`` / ``False`` as configured, or ``"auto"``: decide on validation.
-        metrics: the best checkpoint's validation metrics, with ``val/dice`` (without the step)
-            and ``val/dice_main_component`` (with it).
-
-    Returns:
-        ``auto``: ``True`` when the step costs at most :data:`MAIN_COMPONENT_TOLERANCE` mean Dice
-        on validation. A validation set without heads (a skull-stripped template) cannot show
-        the gain, only a cost; that cost must stay within run-to-run noise.
+    ``auto``: when it costs at most :data:`MAIN_COMPONENT_TOLERANCE` mean validation Dice
+    (:func:`choose_on_validation`). A validation set without heads (a skull-stripped template)
+    cannot show the gain, only a cost; that cost must stay within run-to-run noise.
     """
-    mode = check_mode(mode)
-    if mode != "auto":
-        return bool(mode)
-    before, after = metrics.get("val/dice"), metrics.get("val/dice_main_component")
-    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
-        return False  # nothing measured (no validation): never change outputs unseen
-    return bool(after >= before - MAIN_COMPONENT_TOLERANCE)
+    return choose_on_validation(mode, metrics, "task.keep_main_component", "val/dice_main_component",
+                                MAIN_COMPONENT_TOLERANCE)
+
+
+def like(template: Any, values: np.ndarray) -> Any:
+    """``values`` in the type of ``template``: a tensor (MetaTensor: its metadata kept) or an array."""
+    if isinstance(template, torch.Tensor):
+        res = template.clone()
+        res.copy_(torch.as_tensor(values, dtype=template.dtype))
+        return res
+    return values

@@ -31,9 +31,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy.ndimage import gaussian_filter1d
 
-from medimg.errors import ConfigError
+from medimg.data.postprocess import check_choice, choose_on_validation, like
 
-MODES = ("auto", True, False)
 FIT_VOXELS = 250_000  # EM fits its Gaussians on about this many voxels
 
 
@@ -132,39 +131,20 @@ class IntensityRefined(MapTransform):
         for key in self.key_iterator(d):
             pred = d[key]
             arr = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-            refined = refine_with_intensities(arr, image[0], self.beta)
-            if isinstance(pred, torch.Tensor):
-                res = pred.clone()
-                res.copy_(torch.as_tensor(refined, dtype=pred.dtype))
-                d[key] = res
-            else:
-                d[key] = refined
+            d[key] = like(pred, refine_with_intensities(arr, image[0], self.beta))
         return d
 
 
 def check_refinement_mode(value: Any) -> Any:
     """``task.intensity_refinement`` checked: ``auto``, ``true`` or ``false``."""
-    if value in MODES:
-        return value
-    raise ConfigError("task.intensity_refinement", f"{value!r} is not one of auto, true, false")
+    return check_choice(value, "task.intensity_refinement")
 
 
 def choose_refinement(mode: Any, metrics: dict[str, Any]) -> bool:
     """Whether the bundle applies the intensity refinement.
 
-    Args:
-        mode: ``True`` / ``False`` as configured, or ``"auto"``: decide on validation.
-        metrics: the best checkpoint's validation metrics: ``val/dice`` (without the step) and
-            ``val/dice_refined`` (with it).
-
-    Returns:
-        ``auto``: ``True`` when the refined validation Dice is at least the plain one (the step
-        changes every boundary, so it must not cost anything); ``False`` when nothing was measured.
+    ``auto``: when the refined validation Dice (``val/dice_refined``) is at least the plain one
+    (:func:`~medimg.data.postprocess.choose_on_validation` with no tolerance: the step changes
+    every boundary, so it must not cost anything); ``False`` when nothing was measured.
     """
-    mode = check_refinement_mode(mode)
-    if mode != "auto":
-        return bool(mode)
-    before, after = metrics.get("val/dice"), metrics.get("val/dice_refined")
-    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
-        return False
-    return bool(after >= before)
+    return choose_on_validation(mode, metrics, "task.intensity_refinement", "val/dice_refined", 0.0)

@@ -117,29 +117,29 @@ class SegmentationTask(L.LightningModule):
         pred = logits.argmax(1, keepdim=True)
         overlay = (image[0, 0], label[0, 0] * (label[0, 0] != IGNORE_LABEL), pred[0, 0])
         native = self.invert is not None and "native_label" in batch
-        refined = None
-        if self.hparams.refine_intensities:  # in the model's space, before the inversion, as a bundle does it
-            probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
-            refined = torch.log(torch.as_tensor(refine_with_intensities(probs, image[0, 0].float().cpu().numpy()))
-                                .clamp_min(1e-8))[None].to(logits.device)
+        probs = torch.softmax(logits.float(), dim=1)
         if native:
             spacing = spacing_of(batch["native_label"], batch["native_label"].ndim - 2)
             label = _plain(batch["native_label"])
-            pred = self._native_prediction(batch["image"], logits)
+            pred = self._native_prediction(batch["image"], probs)
         else:
             spacing = spacing_of(batch["image"], batch["image"].ndim - 2)
         known = label != IGNORE_LABEL  # a region split's other region: no metric there
         label_oh = one_hot((label * known).long(), nc)
-        if refined is not None:
-            pred_r = self._native_prediction(batch["image"], refined) if native else refined.argmax(1, keepdim=True)
-            pred_r = pred_r * known.to(pred_r.device)
-            refined_dice = compute_dice(one_hot(pred_r, nc), label_oh, include_background=False, ignore_empty=False)[0]
-            self.log("val/dice_refined", torch.nanmean(refined_dice.float()), batch_size=1, sync_dist=True)
+
+        def log_variant(name: str, variant: torch.Tensor) -> None:  # the mean Dice of a post-processed prediction
+            variant_dice = compute_dice(one_hot(variant * known.to(variant.device), nc), label_oh,
+                                        include_background=False, ignore_empty=False)[0]
+            self.log(name, torch.nanmean(variant_dice.float()), batch_size=1, sync_dist=True)
+
+        if self.hparams.refine_intensities:  # in the model's space, before the inversion, as a bundle does it
+            refined = torch.as_tensor(refine_with_intensities(probs[0].cpu().numpy(),
+                                                              image[0, 0].float().cpu().numpy()))[None].to(probs.device)
+            log_variant("val/dice_refined", self._native_prediction(batch["image"], refined) if native
+                        else refined.argmax(1, keepdim=True))
         if self.hparams.main_component_opening_mm is not None:  # on the whole prediction, as a bundle would
             kept = keep_main_component(pred[0, 0].cpu().numpy(), spacing, float(self.hparams.main_component_opening_mm))
-            kept = torch.as_tensor(kept, device=pred.device)[None, None] * known.to(pred.device)
-            kept_dice = compute_dice(one_hot(kept, nc), label_oh, include_background=False, ignore_empty=False)[0]
-            self.log("val/dice_main_component", torch.nanmean(kept_dice.float()), batch_size=1, sync_dist=True)
+            log_variant("val/dice_main_component", torch.as_tensor(kept, device=pred.device)[None, None])
         pred = pred * known.to(pred.device)
         pred_oh = one_hot(pred, nc)
         dice = compute_dice(pred_oh, label_oh, include_background=False, ignore_empty=False)[0]
@@ -160,14 +160,14 @@ class SegmentationTask(L.LightningModule):
                          Path(self.hparams.overlay_dir) / f"epoch_{self.current_epoch:03d}.png",
                          title=f"epoch {self.current_epoch}  Dice {float(torch.nanmean(dice.float())):.3f}")
 
-    def _native_prediction(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax, inverted onto the input's grid (bilinear), argmax: the bundle's postprocessing."""
+    def _native_prediction(self, image: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Probabilities inverted onto the input's grid (bilinear), argmax: the bundle's postprocessing."""
         from monai.data import MetaTensor, decollate_batch
 
-        probs = MetaTensor(torch.softmax(logits.float(), dim=1).cpu())
-        item = decollate_batch({"image": image.cpu() if hasattr(image, "cpu") else image, "pred": probs})[0]
+        item = decollate_batch({"image": image.cpu() if hasattr(image, "cpu") else image,
+                                "pred": MetaTensor(probs.float().cpu())})[0]
         pred = _plain(self.invert(item)["pred"])
-        return pred.argmax(0, keepdim=True)[None].to(logits.device)
+        return pred.argmax(0, keepdim=True)[None].to(probs.device)
 
     def configure_optimizers(self) -> dict:
         """AdamW (or SGD) with linear warm-up then cosine decay over ``max_epochs``."""

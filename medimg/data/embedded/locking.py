@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
 
 
-@contextmanager
-def preparing(root: Path) -> Iterator[None]:
-    """Hold an inter-process lock (``.<name>.lock`` beside ``root``) while ``root`` is written.
+def prepare_once(root: Path, last: Path, write: Callable[[], object]) -> None:
+    """Run ``write`` to fill ``root`` unless ``last`` (the file it writes last) exists.
 
-    A second process that wants the same dataset waits, then finds it complete, instead of reading
-    (or writing) half-written files. Callers check for their dataset's last file again inside.
+    An inter-process lock (``.<name>.lock`` beside ``root``) is held while writing, and ``last`` is
+    checked again under it: a second process that wants the same dataset waits, then finds it
+    complete, instead of reading (or writing) half-written files. A finished dataset costs no lock.
     """
+    if last.is_file():
+        return
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root.parent / f".{root.name}.lock")):
-        yield
+        if not last.is_file():
+            write()

@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medimg.data.embedded.locking import preparing
+from medimg.data.embedded.locking import prepare_once
 from medimg.errors import DataError, atomic_output
 
 MNI_FILES = {
@@ -180,11 +180,7 @@ def prepare_mni152(root: str | Path | None = None) -> Path:
     ``data_manifests/mni152.json``.
     """
     root = Path(root) if root is not None else default_data_root() / "mni152"
-    if (root / "labels_posterior.nii.gz").is_file():
-        return root
-    with preparing(root):
-        if not (root / "labels_posterior.nii.gz").is_file():
-            _write_slabs(root, *_mni152_2009a())
+    prepare_once(root, root / "labels_posterior.nii.gz", lambda: _write_slabs(root, *_mni152_2009a()))
     return root
 
 
@@ -194,14 +190,14 @@ def prepare_mni152_head(root: str | Path | None = None) -> Path:
     Same files and split as :func:`prepare_mni152`; the manifest is ``data_manifests/mni152_head.json``.
     """
     root = Path(root) if root is not None else default_data_root() / "mni152_head"
-    if (root / "labels_posterior.nii.gz").is_file():
-        return root
-    with preparing(root):
-        if (root / "labels_posterior.nii.gz").is_file():
-            return root
-        src = nlin6_source_dir()
-        t1, labels, affine = _mni152_2009a()
-        head = resample_to(nib.load(str(src / NLIN6_FILES["t1"])), t1.shape, affine, order=1)
-        brain = resample_to(nib.load(str(src / NLIN6_FILES["brain"])), t1.shape, affine, order=0)
-        _write_slabs(root, compose_head(t1, labels, head, brain), labels, affine)
+    prepare_once(root, root / "labels_posterior.nii.gz", lambda: _write_head(root))
     return root
+
+
+def _write_head(root: Path) -> None:
+    """Write ``mni152_head``'s slabs: the 2009a brain inside the NLin6 head."""
+    src = nlin6_source_dir()
+    t1, labels, affine = _mni152_2009a()
+    head = resample_to(nib.load(str(src / NLIN6_FILES["t1"])), t1.shape, affine, order=1)
+    brain = resample_to(nib.load(str(src / NLIN6_FILES["brain"])), t1.shape, affine, order=0)
+    _write_slabs(root, compose_head(t1, labels, head, brain), labels, affine)

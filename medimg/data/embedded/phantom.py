@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medimg.data.embedded.locking import preparing
+from medimg.data.embedded.locking import prepare_once
 from medimg.data.embedded.mni152 import save_nifti
 from medimg.errors import atomic_output
 
@@ -28,12 +28,7 @@ def prepare_phantom(root: str | Path, num_images: int = 6, size: int = 32, num_c
     """
     root = Path(root)
     manifest = root / "dataset.json"
-    if manifest.is_file():
-        return manifest
-    with preparing(root):
-        if manifest.is_file():
-            return manifest
-        _write_phantom(root, manifest, num_images, size, num_classes, seed)
+    prepare_once(root, manifest, lambda: _write_phantom(root, manifest, num_images, size, num_classes, seed))
     return manifest
 
 

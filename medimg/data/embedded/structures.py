@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medimg.data.embedded.locking import preparing
+from medimg.data.embedded.locking import prepare_once
 from medimg.data.embedded.mni152 import (
     NLIN6_FILES,
     default_data_root,
@@ -199,11 +199,7 @@ def prepare_structures(root: str | Path | None = None, volumes: tuple[str, ...] 
     """
     root = Path(root) if root is not None else default_data_root() / "structures"
     manifest = root / "structures.json"
-    if manifest.is_file():
-        return manifest
-    with preparing(root):
-        if not manifest.is_file():
-            _write_structures(root, manifest, volumes)
+    prepare_once(root, manifest, lambda: _write_structures(root, manifest, volumes))
     return manifest
 
 
