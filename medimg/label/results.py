@@ -75,13 +75,17 @@ def write_result(labels: np.ndarray, image: Image, extension: str | None = None,
     labels = np.asarray(labels).reshape(image.array.shape)
     with tempfile.NamedTemporaryFile(prefix="medimg-label-", suffix=suffix, delete=False) as fh:
         out = Path(fh.name)  # MONAI Label deletes it once sent; the writers replace it atomically
-    if suffix == ".dcm":
-        from medimg.io.dicomseg import write_dicom_seg
+    try:
+        if suffix == ".dcm":
+            from medimg.io.dicomseg import write_dicom_seg
 
-        write_dicom_seg(labels.astype(np.uint8), image.path, out, dict(segment_names or {1: "segment"}),
-                        algorithm, version)
-    elif suffix in ITK_SUFFIXES:
-        write_itk_like(labels, image, out, np_dtype)
-    else:
-        write_like(labels, image, out, dtype=np_dtype)
+            write_dicom_seg(labels.astype(np.uint8), image.path, out, dict(segment_names or {1: "segment"}),
+                            algorithm, version)
+        elif suffix in ITK_SUFFIXES:
+            write_itk_like(labels, image, out, np_dtype)
+        else:
+            write_like(labels, image, out, dtype=np_dtype)
+    except BaseException:
+        out.unlink(missing_ok=True)  # no partial or empty result left in the temporary folder
+        raise
     return str(out)

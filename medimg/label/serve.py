@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -120,11 +121,33 @@ def is_dicomweb(studies: str) -> bool:
     return studies.startswith(("http://", "https://"))
 
 
-def prepare_app_dir(app_dir: Path) -> None:
-    """Write the app's ``main.py`` and the ``sitecustomize`` for MONAI Label's subprocesses."""
+def prepare_app_dir(app_dir: Path) -> Path:
+    """Write the app's ``main.py``, the ``sitecustomize`` for MONAI Label's subprocesses and the logging config.
+
+    Returns:
+        The logging config for ``--log_config``: MONAI Label's default with its log folder set to
+        the app's ``logs`` (left to itself, MONAI Label writes this file to a new temporary file
+        at every start and never deletes it).
+    """
+    import monailabel
+
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "main.py").write_text(APP_MAIN)
     (app_dir / "sitecustomize.py").write_text(SITE_CUSTOMIZE)
+    logs = app_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    config = json.loads((Path(monailabel.__file__).parent / "logging.json").read_text())
+
+    def fill(node: object) -> object:  # MONAI Label's ${LOGFILE} placeholder, replaced in the parsed values
+        if isinstance(node, dict):
+            return {k: fill(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fill(v) for v in node]
+        return node.replace("${LOGFILE}", str(logs / "app.log")) if isinstance(node, str) else node
+
+    path = app_dir / "logging.json"
+    path.write_text(json.dumps(fill(config), indent=2))
+    return path
 
 
 def copy_shipped(folder: Path) -> Path:
@@ -177,7 +200,7 @@ def serve(args: argparse.Namespace) -> int:
     temporary = args.app_dir is None
     app_dir = Path(tempfile.mkdtemp(prefix="medimg-label-app-")) if temporary else Path(args.app_dir)
     try:
-        prepare_app_dir(app_dir)
+        log_config = prepare_app_dir(app_dir)
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         origins = [f"http://{shown}:{args.port}", f"http://localhost:{args.port}", *args.cors]
         os.environ["MEDIMG_LABEL_CORS_ORIGINS"] = json.dumps(origins)
@@ -190,17 +213,30 @@ def serve(args: argparse.Namespace) -> int:
         studies = args.studies if is_dicomweb(args.studies) else str(Path(args.studies).resolve())
         argv = ["monailabel", "start_server", "--app", str(app_dir), "--studies", studies,
                 "--host", args.host, "--port", str(args.port), "--uvicorn_app", "medimg.label.asgi:app",
-                "--log_level", args.log_level]
+                "--log_level", args.log_level, "--log_config", str(log_config)]
         for key, value in conf:
             argv += ["--conf", key, value]
         from monailabel.main import Main
 
         sys.argv = argv
+        stop_on_sigterm()
         Main().run()
         return 0
     finally:
         if temporary:
             shutil.rmtree(app_dir, ignore_errors=True)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``docker stop``, systemd) leave through Python's ``finally`` blocks.
+
+    uvicorn catches SIGTERM, shuts the server down gracefully and then raises the signal again
+    with the handler it found; Python's default handler would end the process on the spot,
+    leaving the temporary app folder behind. This handler exits with the conventional status
+    ``128 + 15`` instead, after the clean-up.
+    """
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def main(argv: list[str] | None = None) -> int:

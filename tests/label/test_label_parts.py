@@ -15,20 +15,33 @@ from medimg.io.image import Image, read_image
 from tests.helpers import REPO, oblique_affine
 
 
+@pytest.fixture
+def own_tempdir(tmp_path, monkeypatch):
+    """Results go to the temporary folder (MONAI Label deletes each once sent): here, one of the test's own."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
-def test_results_keep_an_oblique_lps_geometry(suffix):
+def test_results_keep_an_oblique_lps_geometry(suffix, own_tempdir):
     from medimg.label.results import write_result
 
     affine = oblique_affine(np.diag([-0.7, -0.9, 2.5, 1.0]), 20.0)
     affine[:3, 3] = [12.0, -40.0, 7.5]
     image = Image(np.zeros((9, 11, 5), np.float32), affine, None, "nifti")
     labels = np.random.default_rng(0).integers(0, 4, (9, 11, 5))
-    out = read_image(write_result(labels, image, suffix), spatial_dims=None)
+    path = write_result(labels, image, suffix)
+    assert path.startswith(str(own_tempdir)) and path.endswith(suffix)
+    out = read_image(path, spatial_dims=None)
     np.testing.assert_allclose(out.affine, affine, atol=1e-5)
     np.testing.assert_array_equal(out.array, labels)
 
 
-def test_result_format_errors_name_the_problem():
+def test_result_format_errors_name_the_problem_and_leave_no_file(own_tempdir):
     from medimg.label.results import write_result
 
     image = Image(np.zeros((4, 4, 4), np.float32), np.eye(4), None, "nifti")
@@ -36,6 +49,7 @@ def test_result_format_errors_name_the_problem():
         write_result(np.zeros((4, 4, 4)), image, ".dcm")
     with pytest.raises(DataError, match="unsupported '.png'"):
         write_result(np.zeros((4, 4, 4)), image, ".png")
+    assert not any(own_tempdir.iterdir())  # the .dcm attempt's temporary file went with the error
 
 
 def test_slicer_roi_and_clicks_become_checked_voxel_prompts():

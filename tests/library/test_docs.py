@@ -63,7 +63,9 @@ def serve(command: str, cwd: Path, env: dict) -> None:
     import requests
 
     port = re.search(r"--port (\d+)", command).group(1)
-    proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env, start_new_session=True,
+    tmp = cwd / "server-tmp"  # the server's temporary app folder lands here and must be gone after SIGTERM
+    tmp.mkdir(exist_ok=True)
+    proc = subprocess.Popen(command, shell=True, cwd=cwd, env={**env, "TMPDIR": str(tmp)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 540
@@ -73,14 +75,17 @@ def serve(command: str, cwd: Path, env: dict) -> None:
                 info = requests.get(f"http://127.0.0.1:{port}/info/", timeout=5)
                 if info.ok:
                     assert {"toy_seg", "core2d"} <= set(info.json()["models"]), info.json()["models"]
-                    return
+                    break
             except requests.ConnectionError:
                 pass
             time.sleep(1)
-        pytest.fail("the tutorial's server did not answer")
+        else:
+            pytest.fail("the tutorial's server did not answer")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+    left = [p.name for p in (*tmp.glob("medimg-label-app-*"), *tmp.glob("tmp*.json"))]
+    assert not left, f"SIGTERM left the server's temporary files behind: {left}"  # app folder, log config
 
 
 def run_block(kind: str, lang: str, code: str, cwd: Path, env: dict, where: str) -> None:
