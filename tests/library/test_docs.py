@@ -58,6 +58,15 @@ def test_mkdocs_builds_strictly(tmp_path):
     assert "import_dataset" in api and "nnU-Net" in api  # the API reference comes from the docstrings
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def serve(command: str, cwd: Path, env: dict) -> None:
     """Start a long-running server command, wait until its /info/ lists the models, stop it."""
     import requests
@@ -84,6 +93,10 @@ def serve(command: str, cwd: Path, env: dict) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+        deadline = time.monotonic() + 60  # the shell may end first: wait for the server itself to finish
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not group_alive(proc.pid), "the server outlived SIGTERM by a minute"
     left = [p.name for p in (*tmp.glob("medimg-label-app-*"), *tmp.glob("tmp*.json"))]
     assert not left, f"SIGTERM left the server's temporary files behind: {left}"  # app folder, log config
 
