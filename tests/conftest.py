@@ -116,3 +116,13 @@ def phantom_manifest(_data_root) -> Path:
     from medimg.data.embedded.phantom import prepare_phantom
 
     return prepare_phantom(_data_root / "phantom")
+
+
+def pytest_runtest_logreport(report):
+    """With ``MEDIMG_TEST_TIMELINE=FILE``, append each phase's worker, start and stop (for balancing the workers)."""
+    path = os.environ.get("MEDIMG_TEST_TIMELINE")
+    if path and hasattr(report, "start"):
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"worker": worker, "test": report.nodeid, "when": report.when,
+                                 "start": report.start, "stop": report.stop}) + "\n")

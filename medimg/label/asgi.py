@@ -23,6 +23,7 @@ MONAI Label's ``start_server --uvicorn_app`` option exists for such custom apps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional
@@ -52,7 +53,16 @@ def infer_in_worker_thread(background_tasks: BackgroundTasks, model: str, image:
     """MONAI Label's inference endpoint, run in a worker thread; ``image`` must be a plain id."""
     plain_name("image id", image)
     json.loads(params or "{}")  # not JSON: 400 before any work (bad_request)
-    return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+    try:
+        return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+    except BaseException:
+        # FastAPI runs background tasks only after a successful response: the uploads' temporary
+        # copies MONAI Label scheduled for removal are removed now
+        for task in background_tasks.tasks:
+            if not task.is_async:
+                with contextlib.suppress(OSError):
+                    task.func(*task.args, **task.kwargs)
+        raise
 
 
 app.router.add_api_route(f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", infer_in_worker_thread, methods=["POST"],

@@ -14,12 +14,17 @@ studies folder, and links that lead outside are never listed. A violation is a
 
 A label upload is read whole before anything is stored: a corrupt, truncated or non-image file,
 or one whose grid differs from its image's, is refused (400) and the label already stored for
-that image stays as it was. A ``.dcm`` label must parse as a DICOM SEG.
+that image stays as it was. A ``.dcm`` label must parse as a DICOM SEG. MONAI Label copies every
+upload to a temporary file and deletes it after a successful answer only; a refused upload's copy
+is deleted here, so refusals cannot fill the disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,23 @@ from monailabel.datastore.local import LocalDatastore
 
 from medimg.errors import DataError
 from medimg.io.dicom import folder_has_dicom
+
+
+@contextlib.contextmanager
+def upload_removed_if_refused(path: str) -> Iterator[None]:
+    """On an error, delete ``path`` when it is MONAI Label's temporary copy of an upload.
+
+    MONAI Label's upload endpoints write the body to a new file in the temporary folder and
+    schedule its removal as a background task, which FastAPI runs only after a successful
+    response. Only a top-level file of the temporary folder is removed: never a studies file.
+    """
+    try:
+        yield
+    except BaseException:
+        upload = Path(path)
+        if upload.parent.resolve() == Path(tempfile.gettempdir()).resolve() and upload.is_file():
+            upload.unlink(missing_ok=True)
+        raise
 
 
 class StudiesPathError(DataError):
@@ -121,8 +143,9 @@ class SeriesDatastore(LocalDatastore):
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Store an uploaded image under a plain id."""
-        plain_name("image id", image_id or self._to_id(os.path.basename(image_filename))[0])
-        return super().add_image(image_id, image_filename, image_info)
+        with upload_removed_if_refused(image_filename):
+            plain_name("image id", image_id or self._to_id(os.path.basename(image_filename))[0])
+            return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id: str) -> None:
         """Remove an image (and its labels) by a plain id."""
@@ -131,10 +154,11 @@ class SeriesDatastore(LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Store a label under a plain image id and tag, inside the studies folder, once it reads as one."""
-        plain_name("image id", image_id)
-        self._inside(self._datastore.label_path(plain_name("label tag", label_tag)))
-        check_label_upload(label_filename, self.get_image_uri(image_id), image_id)
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        with upload_removed_if_refused(label_filename):
+            plain_name("image id", image_id)
+            self._inside(self._datastore.label_path(plain_name("label tag", label_tag)))
+            check_label_upload(label_filename, self.get_image_uri(image_id), image_id)
+            return super().save_label(image_id, label_filename, label_tag, label_info)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         """Remove a label by a plain id and tag."""
