@@ -68,7 +68,8 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(phantom_run, phantom_ma
     sharded = tmp_path / "sharded"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "medimg.infer", "--bundle", bundle, "--input", str(inputs), "--output", str(sharded)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun keeps its log folder (torchelastic_*) in the temporary folder; here, the test's own
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0, "one input failed: the run must say so"
     assert "Traceback" not in proc.stdout

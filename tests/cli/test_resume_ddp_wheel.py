@@ -66,7 +66,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, phantom_manifest, 
            "bundle=swin_unetr", "trainer=debug", f"runs_dir={tmp_path / 'ddp'}", *TINY, *common, "data.batch_size=1",
            "trainer.devices=2", "trainer.strategy=ddp", f"run_dir={tmp_path / 'ddp' / 'run'}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)})  # torchelastic_* logs
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = run_dir_of(proc)
     assert ddp == tmp_path / "ddp" / "run"
