@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from medimg.errors import DataError
 from medimg.io.dicomseg import raw_labels, seg_to_labels
 from medimg.io.image import read_image, write_like
-from medimg.label.datastore import SeriesDatastore, plain_name
+from medimg.label.datastore import SeriesDatastore, plain_name, upload_removed_if_refused
 
 log = logging.getLogger(__name__)
 NOT_IMAGES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTDOSE"}
@@ -121,7 +121,14 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
                    label_id: str = "") -> str:
-        """Keep the label locally; a final one also goes to the PACS as a DICOM SEG referencing the series."""
+        """Keep the label locally; a final one also goes to the PACS as a DICOM SEG referencing the series.
+
+        A refused upload's temporary copy is deleted (:func:`~medimg.label.datastore.upload_removed_if_refused`).
+        """
+        with upload_removed_if_refused(label_filename):
+            return self._save_label(image_id, label_filename, label_tag, label_info)
+
+    def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         from medimg.io.dicom import is_dicom_file
         from medimg.io.dicomseg import write_dicom_seg
 
