@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -80,6 +82,24 @@ def run_cli(main: Callable[[], int | None]) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end a CLI through its clean-ups, with status ``128 + 15``, instead of on the spot.
+
+    ``kill``, ``docker stop``, systemd and batch schedulers (SLURM preemption) send SIGTERM; with
+    Python's default handler the process ends before any ``finally`` or ``except BaseException``
+    block runs, so a half-written output or a temporary folder would be left behind. Installed
+    by the command-line entry points only (never on import), on the main thread, and only over
+    the default handler.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_for_signal)
+
+
+def _exit_for_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager

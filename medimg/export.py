@@ -9,7 +9,7 @@ from typing import Any
 
 import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.bundle.writer import write_bundle
-from medimg.errors import ConfigError, WeightsError, run_cli
+from medimg.errors import ConfigError, WeightsError, exit_on_sigterm, run_cli
 from medimg.models import build_network
 from medimg.models.weights import read_network_state
 from medimg.runs.parts import RECORD_FILE, RunRecord
@@ -103,4 +103,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # SIGTERM leaves through the clean-ups: no partial outputs
     sys.exit(main())

@@ -27,7 +27,7 @@ import numpy as np
 
 import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.batch import Shard, run_batch
-from medimg.errors import ConfigError, DataError, run_cli
+from medimg.errors import ConfigError, DataError, exit_on_sigterm, run_cli
 from medimg.io.dicom import folder_has_dicom
 from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, strip_suffix, write_like
 from medimg.io.preview import write_preview
@@ -255,4 +255,5 @@ def classify(args: argparse.Namespace, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # SIGTERM leaves through the clean-ups: no partial outputs
     sys.exit(main())

@@ -24,13 +24,12 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from medimg.errors import ConfigError, run_cli
+from medimg.errors import ConfigError, exit_on_sigterm, run_cli
 
 APP_MAIN = ('"""MONAI Label app folder written by python -m medimg.label serve."""\n'
             "from medimg.label.main import MedimgApp  # noqa: F401\n")
@@ -219,24 +218,12 @@ def serve(args: argparse.Namespace) -> int:
         from monailabel.main import Main
 
         sys.argv = argv
-        stop_on_sigterm()
+        exit_on_sigterm()  # uvicorn re-raises SIGTERM after its graceful stop: leave through finally
         Main().run()
         return 0
     finally:
         if temporary:
             shutil.rmtree(app_dir, ignore_errors=True)
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM (``kill``, ``docker stop``, systemd) leave through Python's ``finally`` blocks.
-
-    uvicorn catches SIGTERM, shuts the server down gracefully and then raises the signal again
-    with the handler it found; Python's default handler would end the process on the spot,
-    leaving the temporary app folder behind. This handler exits with the conventional status
-    ``128 + 15`` instead, after the clean-up.
-    """
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def main(argv: list[str] | None = None) -> int:

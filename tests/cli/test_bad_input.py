@@ -160,3 +160,28 @@ def test_set_overrides_a_bundle_setting_for_one_run_and_refuses_what_it_lacks(ph
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and err[-1].startswith("error:") and problem in err[-1], err
         assert not out.exists()
+
+
+SIGTERM_MIDWAY = """
+import os, signal, sys, time
+from medimg.errors import atomic_output, exit_on_sigterm
+if sys.argv[2] == "installed":
+    exit_on_sigterm()  # what python -m medimg.infer / medimg.export / medimg.label serve do first
+with atomic_output(sys.argv[1]) as tmp:
+    tmp.write_text("half an output")
+    os.kill(os.getpid(), signal.SIGTERM)  # kill, docker stop, a scheduler's preemption
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("handler", ["installed", "default"])
+def test_sigterm_midway_leaves_no_partial_output(tmp_path, handler):
+    out = tmp_path / "out" / "seg.nii.gz"
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_MIDWAY, str(out), handler], capture_output=True, text=True,
+                          timeout=120)
+    left = sorted(p.name for p in out.parent.iterdir())
+    if handler == "installed":
+        assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert left == []  # neither the output nor its partial file
+    else:  # Python's default: the process ends on the spot, the partial file stays (why the CLIs install it)
+        assert proc.returncode == -15 and len(left) == 1 and ".partial-" in left[0]
