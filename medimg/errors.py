@@ -84,7 +84,6 @@ def run_cli(main: Callable[[], int | None]) -> int:
         return EXIT_USER_ERROR
 
 
-
 def exit_on_sigterm() -> None:
     """Make SIGTERM end a CLI through its clean-ups, with status ``128 + 15``, instead of on the spot.
 

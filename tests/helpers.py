@@ -125,3 +125,12 @@ def sphere_phantom(rng: np.random.Generator, size: int = 32, num: int = 3) -> tu
         image[inside] += rng.uniform(0.3, 0.9)
         label[inside] = i
     return np.clip(image, 0, 1), label
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -99,7 +99,7 @@ class KeepMainComponent(Transform):
         """The label map with only its main component kept, same type, shape and meta data."""
         if not self.enabled:
             return img
-        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        arr = as_numpy(img)
         spacing = spacing_of(img, arr.ndim - 1)
         return like(img, np.stack([keep_main_component(ch, spacing, self.opening_mm) for ch in arr]))
 
@@ -166,6 +166,11 @@ def choose_main_component(mode: Any, metrics: dict[str, Any]) -> bool:
     """
     return choose_on_validation(mode, metrics, "task.keep_main_component", "val/dice_main_component",
                                 MAIN_COMPONENT_TOLERANCE)
+
+
+def as_numpy(values: Any) -> np.ndarray:
+    """A tensor's (or array's) values as a NumPy array on the CPU; :func:`like` turns them back."""
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
 def like(template: Any, values: np.ndarray) -> Any:

@@ -26,12 +26,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy.ndimage import gaussian_filter1d
 
-from medimg.data.postprocess import check_choice, choose_on_validation, like
+from medimg.data.postprocess import as_numpy, check_choice, choose_on_validation, like
 
 FIT_VOXELS = 250_000  # EM fits its Gaussians on about this many voxels
 
@@ -126,12 +125,9 @@ class IntensityRefined(MapTransform):
         d = dict(data)
         if not self.enabled:
             return d
-        image = d[self.image_key]
-        image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        image = as_numpy(d[self.image_key])[0]
         for key in self.key_iterator(d):
-            pred = d[key]
-            arr = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-            d[key] = like(pred, refine_with_intensities(arr, image[0], self.beta))
+            d[key] = like(d[key], refine_with_intensities(as_numpy(d[key]), image, self.beta))
         return d
 
 

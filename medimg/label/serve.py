@@ -135,17 +135,9 @@ def prepare_app_dir(app_dir: Path) -> Path:
     (app_dir / "sitecustomize.py").write_text(SITE_CUSTOMIZE)
     logs = app_dir / "logs"
     logs.mkdir(exist_ok=True)
-    config = json.loads((Path(monailabel.__file__).parent / "logging.json").read_text())
-
-    def fill(node: object) -> object:  # MONAI Label's ${LOGFILE} placeholder, replaced in the parsed values
-        if isinstance(node, dict):
-            return {k: fill(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fill(v) for v in node]
-        return node.replace("${LOGFILE}", str(logs / "app.log")) if isinstance(node, str) else node
-
-    path = app_dir / "logging.json"
-    path.write_text(json.dumps(fill(config), indent=2))
+    text = (Path(monailabel.__file__).parent / "logging.json").read_text()
+    path = app_dir / "logging.json"  # MONAI Label's ${LOGFILE} set to the app's log file, JSON-escaped
+    path.write_text(text.replace("${LOGFILE}", json.dumps(str(logs / "app.log"))[1:-1]))
     return path
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from tests.helpers import REPO
+from tests.helpers import REPO, group_alive
 
 
 def free_port() -> int:
@@ -95,11 +95,12 @@ class LabelServer:
 
     def alive(self) -> bool:
         """Whether any process of the server's group is left."""
-        try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        return group_alive(self.pgid)
+
+    def temp_files(self) -> set[str]:
+        """Files in the server's temporary folder (``TMPDIR`` in ``env``): where MONAI Label copies uploads."""
+        time.sleep(1)  # a successful answer removes its copies in a background task, just after the response
+        return {p.name for p in Path(self.env["TMPDIR"]).iterdir() if p.is_file()}
 
     def stop(self, timeout: float = 60) -> None:
         """SIGINT (uvicorn's graceful stop), then SIGKILL for whatever is left in the group."""

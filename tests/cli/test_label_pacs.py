@@ -135,14 +135,12 @@ def test_ohif_infers_on_pacs_series_saves_a_seg_into_the_pacs_and_trains_from_it
     assert [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")] == []
     assert server.get("/datastore/", params={"output": "stats"})["completed"] == 1
     # a label.bin that does not fit the series: 400, nothing goes to the PACS, the upload's copy is deleted
-    tmp = Path(server.env["TMPDIR"])
-    before = {p.name for p in tmp.iterdir() if p.is_file()}
+    before = server.temp_files()
     r = server.session.put(f"{server.url}/datastore/label", params={"image": uid},
                            data={"params": json.dumps(info_labels)},
                            files={"label": ("label.bin", labels.tobytes(order="F")[:-7])}, timeout=120)
     assert r.status_code == 400 and "not the" in r.text, r.text[:300]
-    time.sleep(1)
-    assert {p.name for p in tmp.iterdir() if p.is_file()} == before and len(orthanc.series("SEG")) == 1
+    assert server.temp_files() == before and len(orthanc.series("SEG")) == 1
     # the second subject labelled the same way; the next sample is then the series nobody labelled
     second = _uid(folder.parent / "mni2")
     second_labels = read_image(_infer(server, "swin_unetr", second, OHIF, tmp_path), spatial_dims=None).array

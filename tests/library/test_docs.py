@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
-from tests.helpers import REPO
+from tests.helpers import REPO, group_alive
 
 RUN_BLOCK = re.compile(r"<!-- run(?:: (\w+))? -->\s*```(bash|python)\n(.*?)```", re.S)
 TUTORIALS = ("own-data", "finetune-litemedsam", "monai-label-slicer")
@@ -56,15 +56,6 @@ def test_mkdocs_builds_strictly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     api = (tmp_path / "site" / "reference" / "data" / "index.html").read_text()
     assert "import_dataset" in api and "nnU-Net" in api  # the API reference comes from the docstrings
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the process group is left."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def serve(command: str, cwd: Path, env: dict) -> None:
