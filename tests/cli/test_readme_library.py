@@ -23,9 +23,9 @@ def snippets() -> dict[str, str]:
 def run_snippet(name: str, paths: dict[str, Path], cwd: Path, monkeypatch) -> dict:
     code = snippets()[name]
     assert len(code.strip().splitlines()) <= 12, f"the {name} snippet is longer than a short pipeline"
-    for placeholder, path in paths.items():
-        assert f'"{placeholder}"' in code, (name, placeholder)
-        code = code.replace(f'"{placeholder}"', repr(str(path)))
+    for example_path, path in paths.items():
+        assert f'"{example_path}"' in code, (name, example_path)
+        code = code.replace(f'"{example_path}"', repr(str(path)))
     monkeypatch.chdir(cwd)
     namespace: dict = {}
     exec(compile(code, f"README:{name}", "exec"), namespace)  # noqa: S102 - the README's own code
