@@ -52,6 +52,40 @@ def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, float]:
             "identical": int(sum(np.array_equal(x, y) for x, y in zip(a, b)))}
 
 
+ENCODER_LIMITATION = {
+    "encoder_frozen": "Trained on a CPU with the image encoder frozen: the encoder never adapted to these images "
+                      "(`encoder_adapters` / LoRA are the GPU recipe).",
+    "encoder_tail": "Trained on a CPU: of the image encoder only its last stage and neck adapted to these images "
+                    "(`encoder_adapters` / LoRA over every block are the GPU recipe).",
+}
+
+
+def trained(bundle: Path) -> dict:
+    """What the run trained: its freeze policy and the trainable / total parameter counts of the network."""
+    import yaml
+
+    from medimg.models.peft import apply_freeze_policy, trainable_share
+
+    freeze = yaml.safe_load((bundle / "configs" / "train_config.yaml").read_text())["task"]["freeze"]
+    if freeze not in ENCODER_LIMITATION:
+        sys.exit(f"error: {bundle}: a card for task.freeze={freeze} is not written yet")
+    network = load_bundle(bundle, device="cpu").network
+    apply_freeze_policy(network, freeze)
+    count, total = trainable_share(network)
+    return {"freeze": freeze, "trainable": count, "total": total}
+
+
+def trained_text(t: dict) -> str:
+    """The recipe's sentence on what trained."""
+    share = f"{t['trainable'] / 1e6:.2f} M of {t['total'] / 1e6:.2f} M parameters"
+    if t["freeze"] == "encoder_tail":
+        return ("The image encoder's last stage and neck trained over the cached features of its frozen "
+                "earlier stages (a CPU recipe that lets the encoder learn), with the prompt encoder and mask "
+                f"decoder ({share}).")
+    return ("Image encoder frozen, its slice embeddings cached (a CPU recipe); prompt encoder + mask decoder "
+            f"trained ({share}).")
+
+
 def table(before: dict, after: dict) -> str:
     rows = ["| held-out set | weights | " + " | ".join(PROMPTS) + " |", "|---|---|" + "---|" * len(PROMPTS)]
     for case in after:
@@ -89,8 +123,7 @@ Prompts: boxes, clicks (`points` / `point_labels`), `scribbles` and `lassos` (do
 {commands}
 ```
 {args.recipe_text}
-Wall time {args.wall} on {args.machine}. Image encoder frozen, its slice embeddings cached
-(a CPU recipe); prompt encoder + mask decoder trained (4.06 M of 9.79 M parameters). Each step: a
+Wall time {args.wall} on {args.machine}. {trained_text(args.trained)} Each step: a
 jittered box or one click (SAM's best-of-three for a lone click), then RITM-style correction rounds
 (0 to 7 without gradients, one that trains), previous mask logits fed back, plus distillation
 toward the released decoder on random boxes (weight 0.5) so that untrained structures keep their
@@ -113,8 +146,7 @@ when every mask stays the same.
 
 ## Limitations
 
-- Trained on a CPU with the image encoder frozen: the encoder never adapted to these images
-  (`encoder_adapters` / LoRA are the GPU recipe). Few training steps (see the recipe).
+- {ENCODER_LIMITATION[args.trained["freeze"]]} Few training steps (see the recipe).
 - The structures are atlas regions on two templates and two single CT scans; real pathology
   (tumours, lesions) was not in training.
 - One click on a thin or branching structure is ambiguous; add clicks, a scribble or a box.
@@ -151,6 +183,7 @@ def main() -> None:
     args.notes_text = Path(args.notes).read_text() if args.notes else ""
     args.recipe_text = f"\n{Path(args.recipe_notes).read_text()}" if args.recipe_notes else ""
     src = Path(args.bundle)
+    args.trained = trained(src)
     manifest = prepare_structures()
     all_cases = cases(manifest, TEMPLATES)
     before = next(iter(json.loads(Path(args.zero_shot_json).read_text()).values()))

@@ -17,7 +17,8 @@ from torch import nn
 from medimg.errors import ConfigError
 
 log = logging.getLogger(__name__)
-FREEZE_POLICIES = ("full", "encoder_frozen", "encoder_adapters", "adapters_only", "decoder_only", "spatial_adapters")
+FREEZE_POLICIES = ("full", "encoder_frozen", "encoder_adapters", "encoder_tail", "adapters_only", "decoder_only",
+                   "spatial_adapters")
 PEFT_MARKERS = ("adapter", "lora_")
 
 
@@ -75,6 +76,9 @@ def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "imag
     - ``encoder_frozen``: the image encoder is frozen (its adapters/LoRA too); prompt encoder and decoder train.
     - ``encoder_adapters`` (SAM-Med2D's recipe): in the encoder only its adapters / LoRA train;
       prompt encoder and decoder train.
+    - ``encoder_tail`` (2D SAM family): the encoder's last block / stage and its neck train
+      (``model.encoder_tail_modules()``), the rest of the encoder stays frozen; prompt encoder and
+      decoder train. On a CPU the frozen part's features are computed once per slice and cached.
     - ``adapters_only``: only adapter and LoRA parameters train.
     - ``decoder_only``: only the mask decoder trains.
     - ``spatial_adapters`` (3D SAM): in the encoder only its 3D adapters, normalisation layers and
@@ -89,6 +93,11 @@ def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "imag
         apply_freeze_policy(model, "encoder_frozen", encoder_name)
         encoder.freeze_pretrained()
         return
+    tail: set[int] = set()
+    if policy == "encoder_tail":
+        if not hasattr(model, "encoder_tail_modules"):
+            raise ConfigError("task.freeze", "encoder_tail needs a 2D SAM-family network (sam, medsam, litemedsam)")
+        tail = {id(p) for module in model.encoder_tail_modules() for p in module.parameters()}
     for name, param in model.named_parameters():
         is_peft = any(m in name for m in PEFT_MARKERS)
         if policy == "full":
@@ -97,6 +106,8 @@ def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "imag
             train = not name.startswith(encoder_name)
         elif policy == "encoder_adapters":
             train = is_peft or not name.startswith(encoder_name)
+        elif policy == "encoder_tail":
+            train = not name.startswith(encoder_name) or id(param) in tail
         elif policy == "adapters_only":
             train = is_peft
         else:

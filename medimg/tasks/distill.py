@@ -25,17 +25,30 @@ class DecoderTeacher(nn.Module):
     Args:
         network: a :class:`~medimg.models.sam.network.PromptableSAM`; call :meth:`snapshot` when
             training starts (after any ``init_weights``), so the teacher is the model being tuned.
+        with_encoder: also keep the image encoder as it started (when its tail trains), so the
+            teacher decodes its own embeddings (:meth:`embed`).
     """
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, with_encoder: bool = False) -> None:
         super().__init__()
         self.prompt_encoder = copy.deepcopy(network.prompt_encoder).requires_grad_(False)
         self.mask_decoder = copy.deepcopy(network.mask_decoder).requires_grad_(False)
+        self.encoder = copy.deepcopy(network.image_encoder).requires_grad_(False) if with_encoder else None
 
     def snapshot(self, network: nn.Module) -> None:
-        """Copy the network's current prompt encoder and mask decoder."""
+        """Copy the network's current prompt encoder and mask decoder (and image encoder, if kept)."""
         self.prompt_encoder.load_state_dict(network.prompt_encoder.state_dict())
         self.mask_decoder.load_state_dict(network.mask_decoder.state_dict())
+        if self.encoder is not None:
+            self.encoder.load_state_dict(network.image_encoder.state_dict())
+
+    @torch.no_grad()
+    def embed(self, stem_features: torch.Tensor) -> torch.Tensor:
+        """The teacher's embeddings from the frozen stem's features (:func:`~medimg.models.sam.network.encode_tail`)."""
+        from medimg.models.sam.network import encode_tail
+
+        self.eval()
+        return encode_tail(self.encoder, stem_features)
 
     @torch.no_grad()
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -65,11 +65,12 @@ class PromptableTask(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
         self.network = network
+        self.spatial_dims = 3 if isinstance(network, PromptableNetwork3D) else 2
         self.teacher = None
         if distill_weight > 0 and not isinstance(network, PromptableNetwork3D):
             from medimg.tasks.distill import DecoderTeacher
 
-            self.teacher = DecoderTeacher(network)
+            self.teacher = DecoderTeacher(network, with_encoder=self._cached_part() == "stem")
         if loss == "dice_bce":
             self.dice = DiceLoss(sigmoid=True)
             self.loss_fn = lambda logits, t: self.dice(logits, t) + F.binary_cross_entropy_with_logits(logits, t)
@@ -80,22 +81,25 @@ class PromptableTask(L.LightningModule):
         self.rng = np.random.default_rng(seed)
         self.volume_eval = False  # 3D: also measure the bundle's predictor on whole volumes (final validation)
         self._emb_cache: dict[tuple, torch.Tensor] = {}
-        self.spatial_dims = 3 if isinstance(network, PromptableNetwork3D) else 2
 
     def on_fit_start(self) -> None:
         """The distillation teacher is the network as training starts (a resumed run keeps its checkpoint's)."""
         if self.teacher is not None and self.trainer.ckpt_path is None:
             self.teacher.snapshot(self.network)
 
-    def _distillation(self, emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The tuned decoder against the teacher on random boxes over each slice's content."""
+    def _distillation(self, emb: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The tuned model against the teacher on random boxes over each slice's content.
+
+        When the encoder's tail trains, the teacher decodes its own (as-started) embeddings.
+        """
         from medimg.tasks.distill import distillation_loss, random_boxes
 
         k = int(self.hparams.distill_boxes)
-        boxes = random_boxes(x, k, self.rng)
-        emb_k = emb.repeat_interleave(k, 0)
-        student = self._decode(emb_k, boxes, None, None)[0]
-        teacher = self.teacher.decode(emb_k, torch.tensor(boxes, device=self.device, dtype=torch.float32))
+        boxes = random_boxes(batch["image"], k, self.rng)
+        student = self._decode(emb.repeat_interleave(k, 0), boxes, None, None)[0]
+        teacher_emb = self.teacher.embed(self._stem_features(batch, "train")) if self.teacher.encoder else emb
+        teacher = self.teacher.decode(teacher_emb.repeat_interleave(k, 0),
+                                      torch.tensor(boxes, device=self.device, dtype=torch.float32))
         return distillation_loss(student, teacher)
 
     def _encoder_frozen(self, except_peft: bool = False) -> bool:
@@ -110,23 +114,49 @@ class PromptableTask(L.LightningModule):
         validated, and the bundle would not reproduce the validation metrics. The same holds when
         only its adapters / LoRA train (``encoder_adapters``): the pretrained layers stay as released.
         """
-        if self.spatial_dims == 2 and self._encoder_frozen(except_peft=True):
+        if self.spatial_dims == 2 and (self._encoder_frozen(except_peft=True) or self._cached_part() == "stem"):
             self.network.image_encoder.eval()
 
-    def embed(self, batch: dict, split: str) -> Any:
-        """Image features; 2D embeddings are cached per slice while the image encoder is frozen."""
+    def _cached_part(self) -> str | None:
+        """What 2D training computes once per slice and caches.
+
+        ``embedding`` while the image encoder is frozen; ``stem`` (:meth:`PromptableSAM.encode_stem`)
+        while only its tail trains (``encoder_tail``); ``None`` otherwise (and in 3D).
+        """
+        if self.spatial_dims == 3:
+            return None
+        if self._encoder_frozen():
+            return "embedding"
+        tail = {id(p) for module in self.network.encoder_tail_modules() for p in module.parameters()}
+        stem_frozen = not any(p.requires_grad for p in self.network.image_encoder.parameters() if id(p) not in tail)
+        return "stem" if stem_frozen else None
+
+    def _cached(self, batch: dict, split: str, compute: Any) -> torch.Tensor:
+        """``compute(x)`` of each slice of the batch, computed once per slice (no gradient) and kept."""
         x = batch["image"]
-        if self.spatial_dims == 3 or not self._encoder_frozen():
-            return self.network.encode(x)
-        self.network.image_encoder.eval()
         keys = [(split, int(v), int(k)) for v, k in zip(batch["volume"], batch["slice"])]
         missing = [i for i, key in enumerate(keys) if key not in self._emb_cache]
         if missing:
             with torch.no_grad():
-                emb = self.network.encode(x[missing])
+                out = compute(x[missing])
             for j, i in enumerate(missing):
-                self._emb_cache[keys[i]] = emb[j].cpu()
+                self._emb_cache[keys[i]] = out[j].cpu()
         return torch.stack([self._emb_cache[key] for key in keys]).to(x.device)
+
+    def _stem_features(self, batch: dict, split: str) -> torch.Tensor:
+        """The frozen encoder stem's features of the batch's slices (cached)."""
+        self.network.image_encoder.eval()
+        return self._cached(batch, split, self.network.encode_stem)
+
+    def embed(self, batch: dict, split: str) -> Any:
+        """Image features; 2D embeddings (or the frozen stem's features) are cached per slice."""
+        part = self._cached_part()
+        if part is None:
+            return self.network.encode(batch["image"])
+        if part == "stem":
+            return self.network.encode_tail(self._stem_features(batch, split))
+        self.network.image_encoder.eval()
+        return self._cached(batch, split, self.network.encode)
 
     # ------------------------------------------------------------- prompt helpers
     def _low_res(self, target: torch.Tensor) -> torch.Tensor:
@@ -260,7 +290,7 @@ class PromptableTask(L.LightningModule):
         # would leave a lone click, the prompt users try first, 1/9 of the signal
         loss = losses[0] if len(losses) == 1 else 0.5 * (losses[0] + torch.stack(losses[1:]).mean())
         if self.teacher is not None:
-            distill = self._distillation(emb, x)
+            distill = self._distillation(emb, batch)
             self.log("train/distill", distill, on_step=False, on_epoch=True, batch_size=x.shape[0])
             loss = loss + self.hparams.distill_weight * distill
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])

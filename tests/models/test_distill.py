@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from medimg.models import build_network
+from medimg.models.peft import apply_freeze_policy
 from medimg.tasks.distill import DecoderTeacher, distillation_loss, random_boxes
 from medimg.tasks.promptable import PromptableTask
 
@@ -96,3 +98,48 @@ def test_ritm_rounds_decode_without_gradients_and_train_one(monkeypatch):
         assert calls[0] and calls[-1] and not any(calls[1:-1])  # first prompt and last round train
         lengths.add(len(calls))
     assert lengths <= {2, 3, 4, 5} and len(lengths) >= 3  # a random depth each step
+
+
+@pytest.mark.parametrize("name, kwargs", [("sam", {"size": "tiny", "img_size": 256}), ("litemedsam", {})])
+def test_the_encoder_splits_into_a_stem_and_a_tail_that_together_are_the_encoder(name, kwargs):
+    torch.manual_seed(0)
+    net = build_network(name, **kwargs).eval()
+    x = torch.rand(1, 3, net.img_size, net.img_size)
+    with torch.no_grad():
+        whole, split = net.encode(x), net.encode_tail(net.encode_stem(x))
+    torch.testing.assert_close(split, whole, rtol=0, atol=0)
+    apply_freeze_policy(net, "encoder_tail")
+    encoder = {n for n, p in net.image_encoder.named_parameters() if p.requires_grad}
+    last = "blocks.1." if name == "sam" else f"layers.{len(net.image_encoder.layers) - 1}."
+    assert encoder and all(n.startswith((last, "neck.")) for n in encoder)
+    assert any(n.startswith("neck.") for n in encoder) and any(n.startswith(last) for n in encoder)
+    assert all(p.requires_grad for p in net.mask_decoder.parameters())
+
+
+def test_a_tail_training_step_caches_the_stem_and_distils_from_the_teachers_own_embeddings(monkeypatch):
+    net = _tiny_sam()
+    apply_freeze_policy(net, "encoder_tail")
+    task = PromptableTask(net, click_rounds=2, box_prob=0.5, distill_weight=1.0, distill_boxes=1, rounds="last")
+    task.teacher.snapshot(net)
+    task.log = lambda *a, **k: None
+    assert task._cached_part() == "stem" and task.teacher.encoder is not None
+    stem_calls = []
+    stem = net.encode_stem
+    monkeypatch.setattr(net, "encode_stem", lambda x: stem_calls.append(len(x)) or stem(x))
+    target = torch.zeros(2, 1, 256, 256)
+    target[:, :, 60:140, 80:180] = 1
+    batch = {"image": torch.rand(2, 3, 256, 256), "target": target, "volume": torch.tensor([0, 0]),
+             "slice": torch.tensor([0, 1])}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):
+        opt.zero_grad()
+        task.training_step(batch, 0).backward()
+        tail_grads = [p.grad for m in net.encoder_tail_modules() for p in m.parameters()]
+        assert any(g is not None and float(g.abs().sum()) > 0 for g in tail_grads)
+        assert all(p.grad is None for n, p in net.image_encoder.named_parameters() if n.startswith("patch_embed"))
+        opt.step()
+    assert stem_calls == [2]  # the frozen stem ran once per slice, then came from the cache
+    features = task._stem_features(batch, "train")
+    with torch.no_grad():  # the tail moved; the teacher still embeds as the encoder was
+        assert not torch.allclose(net.encode_tail(features), task.teacher.embed(features))
+        torch.testing.assert_close(task.teacher.embed(features), _tiny_sam().encode(batch["image"]))

