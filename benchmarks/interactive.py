@@ -14,7 +14,9 @@ Two held-out sets, neither ever trained on:
 On ``--per-structure`` slices of each structure and plane (evenly spaced, area >= ``--min-area``),
 the largest connected piece is the target, prompted as a user would (box, 1 / 3 / 5 clicks,
 scribble, lasso: :mod:`medimg.predictors.evaluation`), each prompt a prompts-JSON document run
-through ``predictor.segment_prompts`` (what ``medimg.infer --prompts`` runs).
+through ``predictor.segment_prompts`` (what ``medimg.infer --prompts`` runs). Each set is also
+reported over its compact targets alone (solidity >= 0.9: a disc or an ellipse, not a bending
+gyrus), each target weighted equally.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ def evaluate(bundle: str, cases: list[tuple], per: int, min_area: int,
         res = score_case(base, image, label, intensity, planes, values or named_structures(label, names),
                          per, min_area, masks=masks)
         results[case] = {**res, "seconds": time.perf_counter() - start}
+        compact = res["compact"]
         print(f"{bundle} | {case} | " + " ".join(f"{p} {res['mean'][p]:.3f}" for p in PROMPTS)
-              + f" | {res['targets']} targets, {results[case]['seconds']:.0f} s", flush=True)
+              + f" | {res['targets']} targets, {results[case]['seconds']:.0f} s | compact ({compact['targets']} "
+              + "targets): " + " ".join(f"{p} {compact[p]:.3f}" for p in PROMPTS), flush=True)
     return results
 
 

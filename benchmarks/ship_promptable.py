@@ -93,6 +93,11 @@ def table(before: dict, after: dict) -> str:
             if res:
                 rows.append(f"| {case} ({res['targets']} targets) | {label} | "
                             + " | ".join(f"{res['mean'][p]:.3f}" for p in PROMPTS) + " |")
+        for label, res in (("released (zero-shot)", before.get(case)), ("**this bundle**", after[case])):
+            compact = (res or {}).get("compact")
+            if compact and compact["targets"]:  # the compact targets alone (solidity >= 0.9)
+                rows.append(f"| {case}, compact targets only ({compact['targets']}) | {label} | "
+                            + " | ".join(f"{compact[p]:.3f}" for p in PROMPTS) + " |")
     return "\n".join(rows)
 
 
@@ -138,6 +143,9 @@ region, 5 JHU tracts on both sides, the thoracic vertebral column), and a held-o
 `medimg.predictors.evaluation`), one slice per prompt, structures weighted equally:
 
 {table(before, after)}
+
+"Compact targets only": the targets that fill at least 90% of their convex hull (solidity >= 0.9:
+a disc or an ellipse, not a bending gyrus or a strip), each target weighted equally.
 
 Storage: {size_mb:.1f} MB, {storage['weights']} weights (model.pt and the OpenVINO IR of the encoder and of
 the decoder with and without a mask input). fp16 storage was measured and refused: over 384 masks

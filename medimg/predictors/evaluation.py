@@ -32,6 +32,14 @@ from medimg.io.image import Image, read_image
 from medimg.io.prompts import parse_prompts
 
 PROMPTS = ("box", "click1", "click3", "click5", "scribble", "lasso")
+COMPACT_SOLIDITY = 0.9  # a compact target fills at least this share of its convex hull
+
+
+def solidity(mask: np.ndarray) -> float:
+    """A 2D mask's area over its convex hull's: about 1 for a disc or an ellipse, less for a C, a ring or a bend."""
+    from skimage.morphology import convex_hull_image
+
+    return float(mask.sum() / max(int(convex_hull_image(mask).sum()), 1))
 
 
 def interior(mask: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
@@ -175,18 +183,25 @@ def score_case(predictor: Any, image: Image, label: np.ndarray, intensity: str, 
         masks: if given, every predicted slice mask is appended (to compare two predictors).
 
     Returns:
-        ``{"mean": {prompt: Dice}, "structures": {name: {prompt: Dice}}, "targets": n}``.
+        ``{"mean": {prompt: Dice}, "structures": {name: {prompt: Dice}}, "targets": n, "compact":
+        {"targets": m, prompt: Dice}}``; ``compact`` is the mean over the targets whose
+        :func:`solidity` reaches :data:`COMPACT_SOLIDITY`, each target weighted equally.
     """
     rows: dict[str, list[dict[str, float]]] = {}
+    compact: list[dict[str, float]] = []
     for plane in planes:
         scorer = Scorer(predictor.for_plane(plane), image, intensity, prompts)
         for name, k, truth in targets(scorer.frame.to_working(label), values, per, min_area):
             rows.setdefault(name, []).append(scorer.score(truth, k))
+            if solidity(truth) >= COMPACT_SOLIDITY:
+                compact.append(rows[name][-1])
         if masks is not None:
             masks += scorer.masks
     per_structure = {n: {p: float(np.mean([r[p] for r in v])) for p in prompts} for n, v in rows.items()}
     return {"mean": {p: float(np.mean([s[p] for s in per_structure.values()])) for p in prompts},
-            "structures": per_structure, "targets": sum(len(v) for v in rows.values())}
+            "structures": per_structure, "targets": sum(len(v) for v in rows.values()),
+            "compact": {"targets": len(compact),
+                        **{p: float(np.mean([r[p] for r in compact])) if compact else float("nan") for p in prompts}}}
 
 
 def validation_case(manifest: str | Path, case: str) -> tuple[Image, np.ndarray, str, dict[str, tuple[int, ...]]]:
