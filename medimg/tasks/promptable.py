@@ -19,8 +19,8 @@ from torch import nn
 
 from medimg.data.promptable.simulation import box_from_mask, sample_clicks
 from medimg.errors import ConfigError
-from medimg.models.peft import PEFT_MARKERS
 from medimg.predictors.protocols import PromptableNetwork3D
+from medimg.tasks.slice_features import SliceFeatures, cached_part, encoder_frozen
 
 
 class PromptableTask(L.LightningModule):
@@ -70,7 +70,7 @@ class PromptableTask(L.LightningModule):
         if distill_weight > 0 and not isinstance(network, PromptableNetwork3D):
             from medimg.tasks.distill import DecoderTeacher
 
-            self.teacher = DecoderTeacher(network, with_encoder=self._cached_part() == "stem")
+            self.teacher = DecoderTeacher(network, with_encoder=cached_part(network) == "stem")
         if loss == "dice_bce":
             self.dice = DiceLoss(sigmoid=True)
             self.loss_fn = lambda logits, t: self.dice(logits, t) + F.binary_cross_entropy_with_logits(logits, t)
@@ -80,7 +80,7 @@ class PromptableTask(L.LightningModule):
             raise ConfigError("task.loss", f"unknown loss {loss!r}; choose dice_bce or dice_focal")
         self.rng = np.random.default_rng(seed)
         self.volume_eval = False  # 3D: also measure the bundle's predictor on whole volumes (final validation)
-        self._emb_cache: dict[tuple, torch.Tensor] = {}
+        self.features = SliceFeatures(network) if self.spatial_dims == 2 else None
 
     def on_fit_start(self) -> None:
         """The distillation teacher is the network as training starts (a resumed run keeps its checkpoint's)."""
@@ -97,66 +97,25 @@ class PromptableTask(L.LightningModule):
         k = int(self.hparams.distill_boxes)
         boxes = random_boxes(batch["image"], k, self.rng)
         student = self._decode(emb.repeat_interleave(k, 0), boxes, None, None)[0]
-        teacher_emb = self.teacher.embed(self._stem_features(batch, "train")) if self.teacher.encoder else emb
+        teacher_emb = self.teacher.embed(self.features.stem(batch, "train")) if self.teacher.encoder else emb
         teacher = self.teacher.decode(teacher_emb.repeat_interleave(k, 0),
                                       torch.tensor(boxes, device=self.device, dtype=torch.float32))
         return distillation_loss(student, teacher)
-
-    def _encoder_frozen(self, except_peft: bool = False) -> bool:
-        """No encoder parameter trains (``except_peft``: none but its adapters / LoRA)."""
-        return not any(p.requires_grad for n, p in self.network.image_encoder.named_parameters()
-                       if not (except_peft and any(m in n for m in PEFT_MARKERS)))
 
     def on_train_epoch_start(self) -> None:
         """A frozen 2D image encoder stays in eval mode: its BatchNorm statistics must not drift.
 
         Otherwise the exported encoder would differ from the one whose (cached) embeddings were
         validated, and the bundle would not reproduce the validation metrics. The same holds when
-        only its adapters / LoRA train (``encoder_adapters``): the pretrained layers stay as released.
+        only its adapters / LoRA (``encoder_adapters``) or its tail (``encoder_tail``) train: the
+        pretrained layers' statistics stay as released.
         """
-        if self.spatial_dims == 2 and (self._encoder_frozen(except_peft=True) or self._cached_part() == "stem"):
+        if self.features is not None and (encoder_frozen(self.network, except_peft=True) or self.features.part):
             self.network.image_encoder.eval()
 
-    def _cached_part(self) -> str | None:
-        """What 2D training computes once per slice and caches.
-
-        ``embedding`` while the image encoder is frozen; ``stem`` (:meth:`PromptableSAM.encode_stem`)
-        while only its tail trains (``encoder_tail``); ``None`` otherwise (and in 3D).
-        """
-        if self.spatial_dims == 3:
-            return None
-        if self._encoder_frozen():
-            return "embedding"
-        tail = {id(p) for module in self.network.encoder_tail_modules() for p in module.parameters()}
-        stem_frozen = not any(p.requires_grad for p in self.network.image_encoder.parameters() if id(p) not in tail)
-        return "stem" if stem_frozen else None
-
-    def _cached(self, batch: dict, split: str, compute: Any) -> torch.Tensor:
-        """``compute(x)`` of each slice of the batch, computed once per slice (no gradient) and kept."""
-        x = batch["image"]
-        keys = [(split, int(v), int(k)) for v, k in zip(batch["volume"], batch["slice"])]
-        missing = [i for i, key in enumerate(keys) if key not in self._emb_cache]
-        if missing:
-            with torch.no_grad():
-                out = compute(x[missing])
-            for j, i in enumerate(missing):
-                self._emb_cache[keys[i]] = out[j].cpu()
-        return torch.stack([self._emb_cache[key] for key in keys]).to(x.device)
-
-    def _stem_features(self, batch: dict, split: str) -> torch.Tensor:
-        """The frozen encoder stem's features of the batch's slices (cached)."""
-        self.network.image_encoder.eval()
-        return self._cached(batch, split, self.network.encode_stem)
-
     def embed(self, batch: dict, split: str) -> Any:
-        """Image features; 2D embeddings (or the frozen stem's features) are cached per slice."""
-        part = self._cached_part()
-        if part is None:
-            return self.network.encode(batch["image"])
-        if part == "stem":
-            return self.network.encode_tail(self._stem_features(batch, split))
-        self.network.image_encoder.eval()
-        return self._cached(batch, split, self.network.encode)
+        """Image features; in 2D the frozen encoder part is computed once per slice (``slice_features``)."""
+        return self.network.encode(batch["image"]) if self.features is None else self.features.embed(batch, split)
 
     # ------------------------------------------------------------- prompt helpers
     def _low_res(self, target: torch.Tensor) -> torch.Tensor:

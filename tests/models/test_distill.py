@@ -122,7 +122,7 @@ def test_a_tail_training_step_caches_the_stem_and_distils_from_the_teachers_own_
     task = PromptableTask(net, click_rounds=2, box_prob=0.5, distill_weight=1.0, distill_boxes=1, rounds="last")
     task.teacher.snapshot(net)
     task.log = lambda *a, **k: None
-    assert task._cached_part() == "stem" and task.teacher.encoder is not None
+    assert task.features.part == "stem" and task.teacher.encoder is not None
     stem_calls = []
     stem = net.encode_stem
     monkeypatch.setattr(net, "encode_stem", lambda x: stem_calls.append(len(x)) or stem(x))
@@ -139,7 +139,7 @@ def test_a_tail_training_step_caches_the_stem_and_distils_from_the_teachers_own_
         assert all(p.grad is None for n, p in net.image_encoder.named_parameters() if n.startswith("patch_embed"))
         opt.step()
     assert stem_calls == [2]  # the frozen stem ran once per slice, then came from the cache
-    features = task._stem_features(batch, "train")
+    features = task.features.stem(batch, "train")
     with torch.no_grad():  # the tail moved; the teacher still embeds as the encoder was
         assert not torch.allclose(net.encode_tail(features), task.teacher.embed(features))
         torch.testing.assert_close(task.teacher.embed(features), _tiny_sam().encode(batch["image"]))
