@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from interactive import TEMPLATES, cases, evaluate  # noqa: E402
 
 from medimg.bundle.fp16 import store_fp16  # noqa: E402
-from medimg.bundle.loader import load_bundle  # noqa: E402
+from medimg.bundle.loader import load_bundle, load_bundle_network  # noqa: E402
 from medimg.bundles import ZOO, install_staged  # noqa: E402
 from medimg.data.embedded.structures import prepare_structures  # noqa: E402
 from medimg.predictors.evaluation import PROMPTS, card_check  # noqa: E402
@@ -69,7 +69,7 @@ def trained(bundle: Path) -> dict:
     freeze = yaml.safe_load((bundle / "configs" / "train_config.yaml").read_text())["task"]["freeze"]
     if freeze not in ENCODER_LIMITATION:
         sys.exit(f"error: {bundle}: a card for task.freeze={freeze} is not written yet")
-    network = load_bundle(bundle, device="cpu").network
+    network = load_bundle_network(bundle, device="cpu")
     apply_freeze_policy(network, freeze)
     count, total = trainable_share(network)
     return {"freeze": freeze, "trainable": count, "total": total}

@@ -97,7 +97,7 @@ def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "imag
     if policy == "encoder_tail":
         if not hasattr(model, "encoder_tail_modules"):
             raise ConfigError("task.freeze", "encoder_tail needs a 2D SAM-family network (sam, medsam, litemedsam)")
-        tail = {id(p) for module in model.encoder_tail_modules() for p in module.parameters()}
+        tail = tail_parameter_ids(model)
     for name, param in model.named_parameters():
         is_peft = any(m in name for m in PEFT_MARKERS)
         if policy == "full":
@@ -113,6 +113,11 @@ def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "imag
         else:
             train = name.startswith("mask_decoder")
         param.requires_grad_(train)
+
+
+def tail_parameter_ids(model: nn.Module) -> set[int]:
+    """``id`` of each parameter of the image encoder's tail (``model.encoder_tail_modules()``)."""
+    return {id(p) for module in model.encoder_tail_modules() for p in module.parameters()}
 
 
 def trainable_share(model: nn.Module) -> tuple[int, int]:

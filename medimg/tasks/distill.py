@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medimg.models.sam.network import decode_prompts
+from medimg.models.sam.network import decode_prompts, encode_tail
 
 
 class DecoderTeacher(nn.Module):
@@ -45,8 +45,6 @@ class DecoderTeacher(nn.Module):
     @torch.no_grad()
     def embed(self, stem_features: torch.Tensor) -> torch.Tensor:
         """The teacher's embeddings from the frozen stem's features (:func:`~medimg.models.sam.network.encode_tail`)."""
-        from medimg.models.sam.network import encode_tail
-
         self.eval()
         return encode_tail(self.encoder, stem_features)
 

@@ -97,7 +97,7 @@ class PromptableTask(L.LightningModule):
         k = int(self.hparams.distill_boxes)
         boxes = random_boxes(batch["image"], k, self.rng)
         student = self._decode(emb.repeat_interleave(k, 0), boxes, None, None)[0]
-        teacher_emb = self.teacher.embed(self.features.stem(batch, "train")) if self.teacher.encoder else emb
+        teacher_emb = self.features.teacher(batch, "train", self.teacher.embed) if self.teacher.encoder else emb
         teacher = self.teacher.decode(teacher_emb.repeat_interleave(k, 0),
                                       torch.tensor(boxes, device=self.device, dtype=torch.float32))
         return distillation_loss(student, teacher)

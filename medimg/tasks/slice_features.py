@@ -4,7 +4,8 @@ With the image encoder frozen (``encoder_frozen``) each slice's embedding is com
 only its last stage and neck training (``encoder_tail``) the frozen stem's features are
 (:meth:`~medimg.models.sam.network.PromptableSAM.encode_stem`) and the tail runs every step. Either
 way the cost of the encoder's early, high-resolution stages is paid once per slice, which is what
-makes click training fit on a CPU.
+makes click training fit on a CPU. Under ``encoder_tail`` the distillation teacher's embeddings
+(its frozen copy of the tail over the same stem features) are kept per slice as well.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from medimg.models.peft import PEFT_MARKERS
+from medimg.models.peft import PEFT_MARKERS, tail_parameter_ids
 
 
 def encoder_frozen(network: nn.Module, except_peft: bool = False) -> bool:
@@ -27,7 +28,7 @@ def cached_part(network: nn.Module) -> str | None:
     """``embedding`` (the encoder is frozen), ``stem`` (only its tail trains) or ``None`` (nothing is cached)."""
     if encoder_frozen(network):
         return "embedding"
-    tail = {id(p) for module in network.encoder_tail_modules() for p in module.parameters()}
+    tail = tail_parameter_ids(network)
     stem_frozen = not any(p.requires_grad for p in network.image_encoder.parameters() if id(p) not in tail)
     return "stem" if stem_frozen else None
 
@@ -48,28 +49,31 @@ class SliceFeatures:
         """What is cached now (:func:`cached_part`)."""
         return cached_part(self.network)
 
-    def _cached(self, batch: dict, split: str, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``compute(x)`` of each slice of the batch, computed once per slice (no gradient) and kept."""
-        x = batch["image"]
+    def _cached(self, batch: dict, split: str, compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """``compute(indices)`` for the batch's slices not seen before (no gradient); each slice's result is kept."""
         keys = [(split, int(v), int(k)) for v, k in zip(batch["volume"], batch["slice"])]
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         if missing:
             self.network.image_encoder.eval()
             with torch.no_grad():
-                out = compute(x[missing])
+                out = compute(missing)
             for j, i in enumerate(missing):
                 self.cache[keys[i]] = out[j].cpu()
-        return torch.stack([self.cache[key] for key in keys]).to(x.device)
+        return torch.stack([self.cache[key] for key in keys]).to(batch["image"].device)
 
     def stem(self, batch: dict, split: str) -> torch.Tensor:
         """The frozen encoder stem's features of the batch's slices."""
-        return self._cached(batch, split, self.network.encode_stem)
+        return self._cached(batch, split, lambda idx: self.network.encode_stem(batch["image"][idx]))
+
+    def teacher(self, batch: dict, split: str, embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A frozen teacher's embeddings of the batch's slices, ``embed(stem features)``, computed once per slice."""
+        return self._cached(batch, f"{split}/teacher", lambda idx: embed(self.stem(batch, split)[idx]))
 
     def embed(self, batch: dict, split: str) -> torch.Tensor:
         """The batch's image embeddings: cached, the tail over cached stem features, or the whole encoder."""
         part = self.part
         if part == "embedding":
-            return self._cached(batch, split, self.network.encode)
+            return self._cached(batch, split, lambda idx: self.network.encode(batch["image"][idx]))
         if part == "stem":
             self.network.image_encoder.eval()  # the tail's normalisation statistics stay as released
             return self.network.encode_tail(self.stem(batch, split))
