@@ -96,26 +96,45 @@ def intensity_oracle(image: np.ndarray, brain: np.ndarray, gm: int, wm: int) -> 
     return out
 
 
-def network_alone(src: Path, names: dict[int, str]) -> dict[str, float]:
-    """The headline figures with the intensity refinement switched off (empty when the bundle does not use it)."""
-    if not json.loads((src / "configs" / "inference.json").read_text()).get("intensity_refinement"):
+def headline(predictor, names: dict[int, str]) -> dict[str, float]:
+    """Held-out template region (alone and inside a head) and Colin27's figures for one predictor."""
+    return {**template_heldout(predictor, names),
+            **{f"head_{k}": v for k, v in template_heldout(predictor, names, dataset="mni152_head").items()},
+            **colin(predictor, names)}
+
+
+def variants(src: Path, names: dict[int, str]) -> dict[str, float]:
+    """The headline figures of the network alone (``plain_``) and with plain-EM refinement (``em1_``)."""
+    config = json.loads((src / "configs" / "inference.json").read_text())
+    if not config.get("intensity_refinement"):
         return {}
-    plain = load_bundle(src, "cpu", {"intensity_refinement": False})
-    return {**template_heldout(plain, names), **colin(plain, names)}
+    alone = load_bundle(src, "cpu", {"intensity_refinement": False})
+    out = {f"plain_{k}": v for k, v in headline(alone, names).items()}
+    if float(config.get("intensity_fit_power", 1.0)) != 1.0:
+        em1 = load_bundle(src, "cpu", {"intensity_fit_power": 1.0})
+        out.update({f"em1_{k}": v for k, v in headline(em1, names).items()})
+    return out
 
 
-def refinement_section(m: dict[str, float]) -> str:
+def refinement_section(m: dict[str, float], fit_power: float) -> str:
     """The card's comparison of the network alone and the network with the scan's intensities under it."""
     if "plain_template_mean" not in m:
         return ""
     rows = [("held-out template region: mean Dice", "template_mean", ".3f"),
+            ("the same, the template inside a real head", "head_template_mean", ".3f"),
             ("Colin27: tissue outside the brain mask", "colin_outside", ".1%"),
             ("Colin27: brain Dice", "colin_brain_dice", ".3f"),
             ("Colin27: AAL grey matter predicted grey", "colin_gm_in_aal", ".3f"),
             ("Colin27: GM Dice against the intensity reference", "colin_vs_oracle_gm", ".3f"),
             ("Colin27: WM Dice against the intensity reference", "colin_vs_oracle_wm", ".3f"),
             ("Colin27: prediction wall time, s", "colin_seconds", ".1f")]
-    table = "\n".join(f"| {label} | {format(m['plain_' + k], f)} | {format(m[k], f)} |" for label, k, f in rows)
+    em1 = "em1_template_mean" in m
+    table = "\n".join(f"| {label} | {format(m['plain_' + k], f)} | "
+                      + (f"{format(m['em1_' + k], f)} | " if em1 else "") + f"{format(m[k], f)} |"
+                      for label, k, f in rows if "plain_" + k in m)
+    header = ("| measure | network alone | refinement, plain EM | refinement, pure-tissue fit (shipped) |\n"
+              "|---|---|---|---|" if em1 else
+              "| measure | network alone | with refinement (shipped) |\n|---|---|---|")
     return f"""
 ## Intensity refinement (on in this bundle)
 
@@ -123,12 +142,18 @@ The network's softmax is the spatial prior of a per-scan intensity model fitted 
 (`medimg.data.refine`, as SPM's unified segmentation and FSL FAST combine an atlas with the scan's
 own intensities): one Gaussian per tissue class, the background's density taken from the
 intensities the network calls background, posterior = prior × likelihood (Bayes' rule, prior
-weight 1, nothing tuned on these figures). It runs in the model's space before the probabilities
-are mapped back onto the input's grid, and adds about 2 s to a 1 mm head. Set
-`"intensity_refinement": false` in `configs/inference.json` for the network alone:
+weight 1). Each Gaussian is fitted to its *pure* tissue: the EM weights are the posterior to the
+power {fit_power:g} (`intensity_fit_power`), so a partial-volume voxel split between grey matter and
+the CSF or dura beyond it counts little. With plain EM weights (power 1) the network's grey-matter
+prior over that darker rim pulls the grey-matter Gaussian down and widens it, and the rim stays
+grey. The power was chosen on the MNI152 template's held-out region, alone and inside a head
+(1, 2, 3, 4, 6 and 8 measured; 4 has the best mean of the two; BENCHMARKS.md); Colin27's figures
+were measured for every power too, so they are not blind to the choice. The refinement runs in the
+model's space before the probabilities are mapped back onto the input's grid, and adds about 2 s to
+a 1 mm head. Set `"intensity_refinement": false` in `configs/inference.json` (or `--set
+intensity_refinement=false`) for the network alone, `intensity_fit_power=1` for plain EM:
 
-| measure | network alone | with refinement (shipped) |
-|---|---|---|
+{header}
 {table}
 """
 
@@ -139,6 +164,7 @@ def card(name: str, meta: dict, m: dict[str, float], args: argparse.Namespace, s
     rows = "\n".join(f"| {c} | {m[f'template_{c}']:.3f} | {m[f'hd95_{c}']:.2f} | {m[f'nsd_{c}']:.3f} |"
                      for c in classes)
     notes = Path(args.notes).read_text() if args.notes else ""
+    fit_power = float(m.get("fit_power", 1.0))
     recipe = "\n".join(f"    {c}" for c in args.command)
     head_rows = ", ".join(f"{c} {m[f'head_template_{c}']:.3f}" for c in classes)
     return f"""# `{name}`: 1 mm T1 brain tissue segmentation (shipped with medimg)
@@ -208,7 +234,7 @@ any model that follows the image, and the Dice against the reference says more a
 boundary.
 
 Suite check (`tests/cli/test_shipped_bundles.py`): mean Dice {m['slab_check']:.3f} on the held-out slab alone.
-{refinement_section(m)}
+{refinement_section(m, fit_power)}
 ## Limitations
 
 - Trained on one template (a population average) with synthetic contrasts: real scans' anatomy
@@ -252,12 +278,13 @@ def main() -> None:
     network = json.loads((src / "configs" / "inference.json").read_text())["network_def"]
     meta["medimg_network"] = ", ".join(f"{k}={v}" for k, v in network.items() if k != "_target_")
     predictor = load_bundle(src, "cpu")
-    plain = network_alone(src, names)
+    others = variants(src, names)
     m = template_heldout(predictor, names, surfaces=True)
     m.update({f"head_{k}": v for k, v in template_heldout(predictor, names, dataset="mni152_head").items()})
     m.update(colin(predictor, names))
     m["slab_check"] = slab_check(predictor, names)
-    m.update({f"plain_{k}": v for k, v in plain.items()})
+    m.update(others)
+    m["fit_power"] = float(json.loads((src / "configs" / "inference.json").read_text()).get("intensity_fit_power", 1.0))
     print(json.dumps(m, indent=1))
     meta["medimg_headline"] = {
         "template held-out mean Dice": round(m["template_mean"], 3),

@@ -54,6 +54,24 @@ def test_refinement_draws_the_scans_own_boundary():
     assert (strong == before).mean() > (after == before).mean()
 
 
+def test_partial_volume_rim_does_not_widen_grey_matter():
+    """A darker rim outside the brain (half cortex, half CSF) under a grey prior: pure-tissue Gaussians drop it."""
+    lab, image = brain_phantom(3)
+    grid = np.mgrid[:40, :40, :40]
+    z, r = grid[0], np.sqrt(sum((g - 20.0) ** 2 for g in grid))
+    rim = (r >= 14) & (r < 15.2) & (z >= 24)  # outside the brain: truth is background
+    image[rim] = 0.33 + np.random.default_rng(5).normal(0, 0.03, int(rim.sum())).astype(np.float32)
+    prior = blurred_prior(lab, 0)
+    prior[:, rim] = np.array([0.25, 0.75, 1e-3], np.float32)[:, None]  # the network leans grey there
+    pure = refine_with_intensities(prior, image).argmax(0)
+    plain = refine_with_intensities(prior, image, fit_power=1.0).argmax(0)
+    assert (plain[rim] > 0).mean() > 0.9  # plain EM: the rim drags grey matter's Gaussian down and stays grey
+    assert (pure[rim] > 0).mean() < 0.1
+    assert dice(pure == 1, lab == 1) > 0.99 > dice(plain == 1, lab == 1)
+    with pytest.raises(ValueError, match="fit_power"):
+        refine_with_intensities(prior, image, fit_power=0.0)
+
+
 def test_probabilities_stay_probabilities_and_certain_background_is_left_alone():
     lab, image = brain_phantom(1)
     prior = blurred_prior(lab)
