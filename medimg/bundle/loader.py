@@ -22,6 +22,37 @@ if TYPE_CHECKING:  # MONAI and PyTorch load only when a bundle is built, not to 
 
 log = logging.getLogger(__name__)
 _MISSING = object()
+# ranges of the numeric settings medimg's bundles share: (lowest, highest, is the highest allowed)
+_RANGES = {"overlap": (0.0, 1.0, False), "intensity_fit_power": (0.0, None, False),
+           "main_component_opening_mm": (0.0, None, True), "sw_batch_size": (1, None, True)}
+_POSITIVE = ("intensity_fit_power",)
+
+
+def check_override(key: str, value: Any, current: Any) -> str | None:
+    """Why ``value`` cannot replace the bundle's ``current`` value of ``key`` (``None``: it can).
+
+    A value keeps the kind of the one it replaces (a switch stays ``true``/``false``, a number a
+    number, a size a list of as many numbers), and the shared numeric settings stay in range.
+    """
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(current, bool) and not isinstance(value, bool):
+        return f"must be true or false, got {value!r}"
+    if number(current) and not number(value):
+        return f"must be a number, got {value!r}"
+    if isinstance(current, list) and not (isinstance(value, list) and len(value) == len(current)
+                                          and all(number(v) for v in value)):
+        return f"must be a list of {len(current)} numbers, got {value!r}"
+    if isinstance(current, int) and not isinstance(current, bool) and key == "sw_batch_size" and value != int(value):
+        return f"must be a whole number, got {value!r}"
+    if key in _RANGES and number(value):
+        low, high, closed = _RANGES[key]
+        if value < low or (key in _POSITIVE and value == low):
+            return f"must be {'>' if key in _POSITIVE else '>='} {low:g}, got {value!r}"
+        if high is not None and (value > high or (value == high and not closed)):
+            return f"must be {'<=' if closed else '<'} {high:g}, got {value!r}"
+    return None
 
 
 def _parser(bundle_dir: Path) -> ConfigParser:
@@ -92,7 +123,8 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None,
         overrides: top-level ``configs/inference.json`` values to replace for this load, as
             ``monai.bundle run --key value`` does: ``{"intensity_refinement": False}``,
             ``{"overlap": 0.5}``, ``{"keep_main_component": False}``. Only keys the bundle
-            already has; the folder is not changed.
+            already has, each keeping its kind and range (:func:`check_override`); the
+            folder is not changed.
 
     Returns:
         A :class:`~medimg.predictors.segmentation.SegmentationPredictor`
@@ -102,7 +134,8 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None,
         (:class:`~medimg.predictors.protocols.Classifier`).
 
     Raises:
-        BundleError: a missing file, weights that do not fit, or no ``predictor`` component.
+        BundleError: a missing file, weights that do not fit, no ``predictor`` component, or an
+            override the bundle lacks or whose value cannot stand in for the bundle's.
     """
     from medimg.bundles import resolve_bundle
 
@@ -113,8 +146,12 @@ def load_bundle(path: str | Path, device: str | torch.device | None = None,
     config = bundle_dir / "configs" / "inference.json"
     for key, value in (overrides or {}).items():
         fixed = key in ("network", "network_def", "predictor", "bundle_root", "device")
-        if fixed or parser.get(key, _MISSING) is _MISSING:
+        current = parser.get(key, _MISSING)
+        if fixed or current is _MISSING:
             raise BundleError(config, f"has no setting {key!r} that can be overridden")
+        problem = check_override(key, value, current)
+        if problem is not None:
+            raise BundleError(config, f"setting {key!r} {problem}")
         parser[key] = value
     if not isinstance(parser.get("predictor"), dict) or "_target_" not in parser.get("predictor"):
         raise BundleError(config, "has no 'predictor' component; export the run again with this medimg")

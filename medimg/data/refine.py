@@ -129,6 +129,8 @@ class IntensityRefined(MapTransform):
     def __init__(self, keys: KeysCollection, image_key: str = "image", enabled: bool = True, beta: float = 1.0,
                  fit_power: float = FIT_POWER, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        if not (float(beta) > 0 and float(fit_power) > 0):
+            raise ValueError(f"beta and fit_power must be positive, got {beta} and {fit_power}")
         self.image_key, self.enabled, self.beta = image_key, bool(enabled), float(beta)
         self.fit_power = float(fit_power)
 

@@ -154,7 +154,9 @@ def test_set_overrides_a_bundle_setting_for_one_run_and_refuses_what_it_lacks(ph
     assert config.read_bytes() == before
     capsys.readouterr()
     for setting, problem in (("nosuch=1", "has no setting 'nosuch'"), ("network_def=1", "network_def"),
-                             ("oops", "is not KEY=VALUE")):
+                             ("oops", "is not KEY=VALUE"), ("overlap=5", "'overlap' must be < 1, got 5"),
+                             ("intensity_refinement=maybe", "must be true or false"),
+                             ("roi_size=[64,64]", "must be a list of 3 numbers")):
         out = tmp_path / "bad.nii.gz"
         code = infer_main(["--bundle", str(bundle), "--input", str(image), "--output", str(out), "--set", setting])
         err = capsys.readouterr().err.strip().splitlines()
