@@ -41,10 +41,12 @@ def check_override(key: str, value: Any, current: Any) -> str | None:
         return f"must be true or false, got {value!r}"
     if number(current) and not number(value):
         return f"must be a number, got {value!r}"
-    if isinstance(current, list) and not (isinstance(value, list) and len(value) == len(current)
-                                          and all(number(v) for v in value)):
-        return f"must be a list of {len(current)} numbers, got {value!r}"
-    if isinstance(current, int) and not isinstance(current, bool) and key == "sw_batch_size" and value != int(value):
+    if isinstance(current, list) and current and all(number(v) for v in current):
+        if not (isinstance(value, list) and len(value) == len(current) and all(number(v) for v in value)):
+            return f"must be a list of {len(current)} numbers, got {value!r}"
+    elif isinstance(current, list) and not isinstance(value, list):
+        return f"must be a list, got {value!r}"
+    if key == "sw_batch_size" and number(value) and not float(value).is_integer():
         return f"must be a whole number, got {value!r}"
     if key in _RANGES and number(value):
         low, high, closed = _RANGES[key]
