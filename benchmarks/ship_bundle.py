@@ -103,9 +103,11 @@ def headline(predictor, names: dict[int, str]) -> dict[str, float]:
             **colin(predictor, names)}
 
 
-def variants(src: Path, names: dict[int, str]) -> dict[str, float]:
-    """The headline figures of the network alone (``plain_``) and with plain-EM refinement (``em1_``)."""
-    config = json.loads((src / "configs" / "inference.json").read_text())
+def variants(src: Path, names: dict[int, str], config: dict) -> dict[str, float]:
+    """The headline figures of the network alone (``plain_``) and with plain-EM refinement (``em1_``).
+
+    ``config``: the bundle's ``inference.json``.
+    """
     if not config.get("intensity_refinement"):
         return {}
     alone = load_bundle(src, "cpu", {"intensity_refinement": False})
@@ -131,7 +133,7 @@ def refinement_section(m: dict[str, float], fit_power: float) -> str:
     em1 = "em1_template_mean" in m
     table = "\n".join(f"| {label} | {format(m['plain_' + k], f)} | "
                       + (f"{format(m['em1_' + k], f)} | " if em1 else "") + f"{format(m[k], f)} |"
-                      for label, k, f in rows if "plain_" + k in m)
+                      for label, k, f in rows)
     header = ("| measure | network alone | refinement, plain EM | refinement, pure-tissue fit (shipped) |\n"
               "|---|---|---|---|" if em1 else
               "| measure | network alone | with refinement (shipped) |\n|---|---|---|")
@@ -158,13 +160,13 @@ intensity_refinement=false`) for the network alone, `intensity_fit_power=1` for 
 """
 
 
-def card(name: str, meta: dict, m: dict[str, float], args: argparse.Namespace, size_mb: float) -> str:
+def card(name: str, meta: dict, m: dict[str, float], args: argparse.Namespace, size_mb: float,
+         fit_power: float) -> str:
     """The model card (``docs/README.md``) from the measured figures."""
     classes = [n for n, v in sorted(meta["labels"].items(), key=lambda kv: kv[1]) if v]
     rows = "\n".join(f"| {c} | {m[f'template_{c}']:.3f} | {m[f'hd95_{c}']:.2f} | {m[f'nsd_{c}']:.3f} |"
                      for c in classes)
     notes = Path(args.notes).read_text() if args.notes else ""
-    fit_power = float(m.get("fit_power", 1.0))
     recipe = "\n".join(f"    {c}" for c in args.command)
     head_rows = ", ".join(f"{c} {m[f'head_template_{c}']:.3f}" for c in classes)
     return f"""# `{name}`: 1 mm T1 brain tissue segmentation (shipped with medimg)
@@ -275,16 +277,16 @@ def main() -> None:
     meta_path = src / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     names = {int(v): k for k, v in meta["labels"].items()}
-    network = json.loads((src / "configs" / "inference.json").read_text())["network_def"]
+    config = json.loads((src / "configs" / "inference.json").read_text())
+    network = config["network_def"]
     meta["medimg_network"] = ", ".join(f"{k}={v}" for k, v in network.items() if k != "_target_")
     predictor = load_bundle(src, "cpu")
-    others = variants(src, names)
+    others = variants(src, names, config)
     m = template_heldout(predictor, names, surfaces=True)
     m.update({f"head_{k}": v for k, v in template_heldout(predictor, names, dataset="mni152_head").items()})
     m.update(colin(predictor, names))
     m["slab_check"] = slab_check(predictor, names)
     m.update(others)
-    m["fit_power"] = float(json.loads((src / "configs" / "inference.json").read_text()).get("intensity_fit_power", 1.0))
     print(json.dumps(m, indent=1))
     meta["medimg_headline"] = {
         "template held-out mean Dice": round(m["template_mean"], 3),
@@ -303,7 +305,8 @@ def main() -> None:
     for fmt in ("torch.export", "ONNX"):
         if fmt in meta.get("medimg_exports", {}):
             meta["medimg_exports"][fmt].update(written=False, shipped=False)
-    install_staged(tmp, args.name, meta, lambda size: card(args.name, meta, m, args, size), args.schema)
+    fit_power = float(config.get("intensity_fit_power", 1.0))
+    install_staged(tmp, args.name, meta, lambda size: card(args.name, meta, m, args, size, fit_power), args.schema)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ if TYPE_CHECKING:  # MONAI and PyTorch load only when a bundle is built, not to 
 
 log = logging.getLogger(__name__)
 _MISSING = object()
-# ranges of the numeric settings medimg's bundles share: (lowest, highest, is the highest allowed)
-_RANGES = {"overlap": (0.0, 1.0, False), "intensity_fit_power": (0.0, None, False),
-           "main_component_opening_mm": (0.0, None, True), "sw_batch_size": (1, None, True)}
-_POSITIVE = ("intensity_fit_power",)
+# ranges of the numeric settings medimg's bundles share: (lowest, lowest allowed?, highest, highest allowed?)
+_RANGES = {"overlap": (0.0, True, 1.0, False), "intensity_fit_power": (0.0, False, None, False),
+           "main_component_opening_mm": (0.0, True, None, False), "sw_batch_size": (1, True, None, False)}
 
 
 def check_override(key: str, value: Any, current: Any) -> str | None:
@@ -49,11 +48,11 @@ def check_override(key: str, value: Any, current: Any) -> str | None:
     if key == "sw_batch_size" and number(value) and not float(value).is_integer():
         return f"must be a whole number, got {value!r}"
     if key in _RANGES and number(value):
-        low, high, closed = _RANGES[key]
-        if value < low or (key in _POSITIVE and value == low):
-            return f"must be {'>' if key in _POSITIVE else '>='} {low:g}, got {value!r}"
-        if high is not None and (value > high or (value == high and not closed)):
-            return f"must be {'<=' if closed else '<'} {high:g}, got {value!r}"
+        low, low_ok, high, high_ok = _RANGES[key]
+        if value < low or (value == low and not low_ok):
+            return f"must be {'>=' if low_ok else '>'} {low:g}, got {value!r}"
+        if high is not None and (value > high or (value == high and not high_ok)):
+            return f"must be {'<=' if high_ok else '<'} {high:g}, got {value!r}"
     return None
 
 
