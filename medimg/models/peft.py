@@ -69,6 +69,25 @@ def apply_lora(module: nn.Module, target_modules: list[str], r: int = 4, alpha: 
     return inject_adapter_in_model(config, module)
 
 
+def into_peft_layout(network: nn.Module, state: dict) -> tuple[dict, list[str]]:
+    """Weights saved without adapters / LoRA, laid out for ``network`` that has them.
+
+    ``peft`` moves a wrapped layer's own tensors under ``base_layer`` (``qkv.weight`` becomes
+    ``qkv.base_layer.weight``); those are renamed. Adapter and LoRA tensors the weights lack keep
+    the network's own (zero-effect) initialisation. Returns ``(state, added)``: the new state and
+    the names of the adapter / LoRA tensors that were not in the weights.
+    """
+    own = network.state_dict()
+    out = dict(state)
+    for key in own:
+        plain = key.replace(".base_layer.", ".")
+        if key not in out and plain != key and plain in out:
+            out[key] = out.pop(plain)
+    added = [k for k in own if k not in out and any(m in k for m in PEFT_MARKERS)]
+    out.update({k: own[k] for k in added})
+    return out, added
+
+
 def apply_freeze_policy(model: nn.Module, policy: str, encoder_name: str = "image_encoder") -> None:
     """Set ``requires_grad`` by policy.
 

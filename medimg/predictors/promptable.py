@@ -58,13 +58,17 @@ class PromptablePredictor(PromptPredictorBase):
         runtime_dir: the bundle's stored OpenVINO IR (``None``: convert the network in memory).
         precision: OpenVINO inference precision: ``f32`` (default; masks equal eager), or ``auto``
             (OpenVINO picks: bf16 on AMX CPUs, 2.4x faster; masks differ, Dice down to 0.90).
+        negative_clicks_remove: a negative click decoded with the previous answer fed back (a
+            correction) only removes from that answer: the new logits are capped by the previous
+            ones, so no pixel the user had not got before turns foreground. SAM-family decoders
+            otherwise often grow the mask elsewhere after a negative click (see BENCHMARKS.md).
     """
 
     def __init__(self, network: PromptableNetwork2D, device: str | None = None, plane: str = "axial",
                  intensity: str = "mr", cache_mb: float = DEFAULT_CACHE_MB, min_area: int = 10,
                  box_margin: int = 2, min_iou: float = 0.5, intensity_tolerance: float = 0.25,
                  backend: str = "torch", runtime_dir: str | None = None, precision: str = "f32",
-                 cache: EmbeddingCache | None = None) -> None:
+                 cache: EmbeddingCache | None = None, negative_clicks_remove: bool = True) -> None:
         self.plane = check_plane(plane)
         self.intensity = check_intensity(intensity)
         self.frame: SliceFrame | None = None
@@ -77,6 +81,7 @@ class PromptablePredictor(PromptPredictorBase):
         self.box_margin = int(box_margin)
         self.min_iou = float(min_iou)
         self.intensity_tolerance = float(intensity_tolerance)
+        self.negative_clicks_remove = bool(negative_clicks_remove)
         self.last_iou = float("nan")
         self._volume: np.ndarray | None = None
         self._key: str | None = None
@@ -150,7 +155,8 @@ class PromptablePredictor(PromptPredictorBase):
         """A predictor sharing this one's network, settings and embedding cache that slices along another ``plane``."""
         other = PromptablePredictor(self.network, str(self.device), plane, self.intensity, min_area=self.min_area,
                                     box_margin=self.box_margin, min_iou=self.min_iou,
-                                    intensity_tolerance=self.intensity_tolerance, cache=self.cache)
+                                    intensity_tolerance=self.intensity_tolerance, cache=self.cache,
+                                    negative_clicks_remove=self.negative_clicks_remove)
         other.backend, other.runtime_dir, other.precision, other.runtime = (
             self.backend, self.runtime_dir, self.precision, self.runtime)
         other._root = self._root
@@ -207,7 +213,8 @@ class PromptablePredictor(PromptPredictorBase):
             box: the box, if any.
             points: the clicks, if any.
             point_labels: 1 positive / 0 negative per click (default: all positive).
-            mask_input: the low-resolution logits of the previous answer (a live session).
+            mask_input: the low-resolution logits of the previous answer (a live session). When the
+                last click is negative, the answer stays inside it (``negative_clicks_remove``).
             ordered: the points are clicks in the order made: with no ``mask_input``, the session
                 is replayed (the first click, then each next one with the previous mask fed back),
                 which is how the model is trained to take corrections. Otherwise all points are
@@ -237,6 +244,8 @@ class PromptablePredictor(PromptPredictorBase):
                                      device=self.device)
             pts = (self.network.scale_coords(p, size)[None], labels[None].int())
         low, iou = decode_best(self.runtime.decode, emb, points=pts, boxes=boxes, masks=mask_input)
+        if self.negative_clicks_remove and mask_input is not None and pts is not None and int(pts[1][0, -1]) == 0:
+            low = torch.minimum(low, mask_input.to(low.dtype))  # a negative correction only removes
         self.last_iou = float(iou[0, 0])
         full = self.network.postprocess(low, resized, size)
         return (full[0, 0] > 0).cpu().numpy().T, low

@@ -103,12 +103,15 @@ def load_init_weights(network: torch.nn.Module, source: str | Path) -> None:
     """Start from trained weights: a bundle folder or shipped name, its ``models/model.pt``, or a run checkpoint.
 
     This is how an exported bundle is fine-tuned on new data (the MONAI Label train task does it).
-    The weights must fit the configured network exactly.
+    The weights must fit the configured network exactly, with one exception: adapters or LoRA the
+    run adds (``model.lora_r``, ``model.adapters``) that the weights lack keep their zero-effect
+    initialisation, so a bundle is tuned further through new adapters (logged by count).
 
     Raises:
         WeightsError: no such file, or weights that do not fit the network.
     """
     from medimg.bundles import shipped_bundles
+    from medimg.models.peft import into_peft_layout
     from medimg.models.weights import read_checkpoint, read_network_state
 
     path = Path(source)
@@ -119,12 +122,14 @@ def load_init_weights(network: torch.nn.Module, source: str | Path) -> None:
     if not path.is_file():
         raise WeightsError(path, "init_weights: no such bundle or weight file")
     state = read_network_state(path) if path.suffix == ".ckpt" else dict(read_checkpoint(path))
+    state, new_peft = into_peft_layout(network, state)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise WeightsError(path, f"init_weights do not fit the configured network ({first})") from exc
-    log.info("initialised all %d tensors from %s", len(state), path)
+    log.info("initialised all %d tensors from %s%s", len(state) - len(new_peft), path,
+             f"; {len(new_peft)} new adapter / LoRA tensors keep their initialisation" if new_peft else "")
 
 
 TASK_KINDS = ("segmentation", "promptable", "classification", "mae")

@@ -157,6 +157,30 @@ def test_only_negative_clicks_are_refused(lite):
         pred.predict_volume(points=[[3, 3, 1]], point_labels=[0])
 
 
+def test_a_negative_correction_only_removes(lite):
+    """With the previous answer fed back, a negative click's answer stays inside that answer (the
+    logits are capped by the previous ones); a positive click, or the switch off, decodes as is."""
+    img = np.random.default_rng(5).random((64, 72)).astype(np.float32) * 100
+    img[20:44, 16:50] += 150
+    on, off = PromptablePredictor(lite), PromptablePredictor(lite, negative_clicks_remove=False)
+    assert on.with_plane("coronal").negative_clicks_remove and not off.with_plane("coronal").negative_clicks_remove
+    for pred in (on, off):
+        pred.set_image(img)
+    pts, labels = [[30, 30], [46, 22]], [1, 0]
+    first, session = on.predict_slice(0, points=pts[:1], point_labels=labels[:1])
+    raw_mask, raw = off.predict_slice(0, points=pts, point_labels=labels, mask_input=session)
+    mask, low = on.predict_slice(0, points=pts, point_labels=labels, mask_input=session)
+    torch.testing.assert_close(low, torch.minimum(raw, session))
+    assert (raw > session).any()  # the decoder alone does add somewhere: the cap has work to do
+    assert not (mask & ~first).any() and (mask <= raw_mask).all()
+    positive = on.predict_slice(0, points=[pts[0], [40, 40]], point_labels=[1, 1], mask_input=session)[1]
+    torch.testing.assert_close(positive, off.predict_slice(0, points=[pts[0], [40, 40]], point_labels=[1, 1],
+                                                             mask_input=session)[1])
+    # ordered replay (a prompts file) applies the rule at each negative click of the session
+    replay = on.predict_slice(0, points=pts, point_labels=labels, ordered=True)[1]
+    torch.testing.assert_close(replay, low)
+
+
 def test_ordered_clicks_replay_the_session_with_the_previous_mask_fed_back(lite):
     """A prompts file's clicks are a session's clicks: click 1 alone (best of three), then each next one
     with the previous low-resolution logits as the mask input, as the model is trained to take corrections."""

