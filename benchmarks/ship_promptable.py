@@ -57,8 +57,6 @@ ENCODER_LIMITATION = {
                       "(`encoder_adapters` / LoRA are the GPU recipe).",
     "encoder_tail": "Trained on a CPU: of the image encoder only its last stage and neck adapted to these images "
                     "(`encoder_adapters` / LoRA over every block are the GPU recipe).",
-    "encoder_adapters": "Trained on a CPU: the image encoder adapted only through LoRA on its last stage "
-                        "(`model.lora_scope=tail`); LoRA or adapters over every block are the GPU recipe.",
 }
 
 
@@ -80,9 +78,6 @@ def trained(bundle: Path) -> dict:
 def trained_text(t: dict) -> str:
     """The recipe's sentence on what trained."""
     share = f"{t['trainable'] / 1e6:.2f} M of {t['total'] / 1e6:.2f} M parameters"
-    if t["freeze"] == "encoder_adapters":
-        return ("LoRA on the image encoder's last stage trained over the cached features of the frozen rest, with "
-                f"the prompt encoder and mask decoder ({share}).")
     if t["freeze"] == "encoder_tail":
         return ("The image encoder's last stage and neck trained over the cached features of its frozen "
                 "earlier stages (a CPU recipe that lets the encoder learn), with the prompt encoder and mask "

@@ -235,6 +235,7 @@ class PromptablePredictor(PromptPredictorBase):
         emb, resized = self.embedding(k)
         size = self._volume.shape[1], self._volume.shape[0]  # (rows, cols) of the transposed slice
         boxes = pts = None
+        negative_last = False  # the newest click is a negative one
         if box is not None:
             b = torch.as_tensor(np.asarray(box, dtype=np.float32), device=self.device).view(2, 2)
             boxes = self.network.scale_coords(b, size).view(1, 4)
@@ -243,8 +244,9 @@ class PromptablePredictor(PromptPredictorBase):
             labels = torch.as_tensor(np.asarray(point_labels if point_labels is not None else [1] * len(points)),
                                      device=self.device)
             pts = (self.network.scale_coords(p, size)[None], labels[None].int())
+            negative_last = int(labels[-1]) == 0
         low, iou = decode_best(self.runtime.decode, emb, points=pts, boxes=boxes, masks=mask_input)
-        if self.negative_clicks_remove and mask_input is not None and pts is not None and int(pts[1][0, -1]) == 0:
+        if self.negative_clicks_remove and negative_last and mask_input is not None:
             low = torch.minimum(low, mask_input.to(low.dtype))  # a negative correction only removes
         self.last_iou = float(iou[0, 0])
         full = self.network.postprocess(low, resized, size)
