@@ -58,7 +58,7 @@ def evaluate(bundle: str, cases: list[tuple], per: int, min_area: int,
         compact = res["compact"]
         print(f"{bundle} | {case} | " + " ".join(f"{p} {res['mean'][p]:.3f}" for p in PROMPTS)
               + f" | {res['targets']} targets, {results[case]['seconds']:.0f} s | compact ({compact['targets']} "
-              + "targets): " + " ".join(f"{p} {compact[p]:.3f}" for p in PROMPTS), flush=True)
+              + "targets): " + " ".join(f"{p} {compact[p]:.3f}" for p in PROMPTS if p in compact), flush=True)
     return results
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medimg.errors import BundleError
+from medimg.io.jsonfile import dumps_strict
 
 ZOO = Path(__file__).resolve().parent / "zoo"
 
@@ -61,7 +62,7 @@ def install_staged(staged: Path, name: str, meta: dict[str, Any], card: Callable
     """
     from medimg.bundle.verify import verify_bundle
 
-    (staged / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
+    (staged / "configs" / "metadata.json").write_text(dumps_strict(meta, indent=2))
     size = folder_mb(staged)
     (staged / "docs" / "README.md").write_text(card(size))
     verify_bundle(staged, schema)

@@ -27,6 +27,7 @@ import numpy as np
 
 import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.batch import Shard, run_batch
+from medimg.bundle.loader import segment_names
 from medimg.errors import ConfigError, DataError, exit_on_sigterm, run_cli
 from medimg.io.dicom import folder_has_dicom
 from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, strip_suffix, write_like
@@ -38,17 +39,6 @@ FORMATS = {"nifti": (".nii.gz", ".nii"), "dicom-seg": (".dcm",), "png": (".png",
 def output_name(path: Path, fmt: str = "nifti") -> str:
     """``scan.nii.gz`` -> ``scan_seg.nii.gz``; a DICOM folder ``series/`` -> ``series_seg.nii.gz`` (or ``.dcm``)."""
     return f"{strip_suffix(path.name) or path.name}_seg{FORMATS[fmt][0]}"
-
-
-def segment_names(bundle: str | Path, promptable: bool) -> tuple[dict[int, str], str, str]:
-    """``({label value: segment name}, algorithm name, version)`` from the bundle's metadata."""
-    meta = json.loads((Path(bundle) / "configs" / "metadata.json").read_text())
-    channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
-    names = {int(k): str(v) for k, v in channels.items() if int(k) > 0}
-    if promptable:  # label n is the n-th prompted object of the bundle's target
-        target = names.get(1, "object")
-        names = {v: f"{target} {v}" for v in range(1, 256)}
-    return names, str(meta.get("name") or f"medimg {Path(bundle).name}"), str(meta.get("version", "0"))
 
 
 def check_preview(preview: str | None, many: bool) -> Path | None:

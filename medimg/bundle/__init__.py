@@ -10,6 +10,7 @@ from medimg.lazy import lazy_attributes
 
 _API = {
     "bundle_task": "medimg.bundle.loader",
+    "export_run": "medimg.bundle.export",
     "load_bundle": "medimg.bundle.loader",
     "load_bundle_network": "medimg.bundle.loader",
     "find_schema": "medimg.bundle.verify",

@@ -88,6 +88,22 @@ def bundle_task(bundle_dir: str | Path) -> str:
         raise BundleError(meta, f"is not valid JSON ({exc})") from exc
 
 
+def segment_names(bundle: str | Path, promptable: bool) -> tuple[dict[int, str], str, str]:
+    """``({label value: segment name}, algorithm name, version)`` from the bundle's metadata.
+
+    Args:
+        bundle: the bundle folder.
+        promptable: label ``n`` is the ``n``-th prompted object of the bundle's target (names for 1..255).
+    """
+    meta = json.loads((Path(bundle) / "configs" / "metadata.json").read_text())
+    channels = meta.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+    names = {int(k): str(v) for k, v in channels.items() if int(k) > 0}
+    if promptable:
+        target = names.get(1, "object")
+        names = {v: f"{target} {v}" for v in range(1, 256)}
+    return names, str(meta.get("name") or f"medimg {Path(bundle).name}"), str(meta.get("version", "0"))
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     import torch
 

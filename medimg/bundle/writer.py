@@ -18,6 +18,7 @@ from torch import nn
 from medimg.bundle.standard import export_standard
 from medimg.bundle.verify import verify_bundle
 from medimg.errors import BundleError
+from medimg.io.jsonfile import dumps_strict
 from medimg.resources import resource_dir
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
                                                          for s in image_fmt["spatial_shape"]]
             shape = [2, int(image_fmt["num_channels"]), *[int(r) for r in spatial]]
             meta["medimg_exports"] = export_standard(network, shape, tmp / "models")
-        (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "configs" / "metadata.json").write_text(dumps_strict(meta, indent=2))
         if "runtime_dir" in inference:  # the CPU fast path's OpenVINO IR, checked against eager first
             _write_runtime(network, inference, int(image_fmt["num_channels"]), tmp)
         if verify:

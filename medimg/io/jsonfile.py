@@ -1,9 +1,17 @@
-"""JSON documents users give us (manifests, prompts): one reader, one error line on failure."""
+"""JSON documents: the ones users give us, and strict JSON for the ones we write.
+
+Manifests and prompts have one reader with one error line on failure; bundle cards are written
+without ``NaN`` or ``Infinity``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from medimg.errors import DataError
 
@@ -25,3 +33,29 @@ def read_json_object(path: str | Path, what: str) -> dict:
     if not isinstance(doc, dict):
         raise DataError(path, f"{what} must be a JSON object")
     return doc
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (NumPy's too) replaced by ``None``, recursively.
+
+    A metric that could not be computed must not make a document non-JSON: ``json.dumps`` writes
+    ``NaN`` by default, which JavaScript's ``JSON.parse`` (OHIF), strict parsers and Starlette's
+    JSON responses refuse.
+    """
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def dumps_strict(doc: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`finite` ``(doc)``: always strict JSON (no ``NaN`` / ``Infinity``)."""
+    return json.dumps(finite(doc), allow_nan=False, **kwargs)
+
+
+def loads_finite(text: str) -> Any:
+    """``json.loads`` that reads a ``NaN`` / ``Infinity`` an older writer left as ``None``."""
+    return json.loads(text, parse_constant=lambda _: None)

@@ -11,8 +11,12 @@ It also narrows cross-origin access to the origins ``python -m medimg.label serv
 ``MEDIMG_LABEL_CORS_ORIGINS`` (MONAI Label allows every origin by default, and its own
 ``MONAI_LABEL_CORS_ORIGINS`` setting crashes its start-up under pydantic 2).
 
-With ``serve --token-file`` it demands the bearer token on every endpoint
-(:class:`medimg.label.auth.BearerTokenMiddleware`, outermost). Request bodies are limited
+Outermost, on every request, :class:`medimg.label.origin.OriginGuardMiddleware` answers only the
+hosts ``serve`` passes in ``MEDIMG_LABEL_ALLOWED_HOSTS`` besides loopback (DNS rebinding: 421)
+and refuses writes from other web pages' origins (CSRF: 403), token or not; without ``serve``
+(the variables unset) it answers loopback names and takes writes from its own origin only.
+Next, with ``serve --token-file``, it demands the bearer token on every endpoint
+(:class:`medimg.label.auth.BearerTokenMiddleware`). Request bodies are limited
 (``serve --max-upload-mb``, :mod:`medimg.label.limits`). Image ids must be plain names inside the
 studies folder: MONAI Label would read any existing server path given as ``image``
 (:mod:`medimg.label.datastore`). Malformed requests (a body FastAPI cannot parse, ``params`` that
@@ -41,6 +45,7 @@ from medimg.errors import DataError
 from medimg.label.auth import DIGEST_ENV, BearerTokenMiddleware
 from medimg.label.datastore import plain_name
 from medimg.label.limits import DEFAULT_MAX_UPLOAD_MB, UPLOAD_ENV, BodyLimitMiddleware
+from medimg.label.origin import HOSTS_ENV, ORIGINS_ENV, OriginGuardMiddleware
 
 __all__ = ["app"]
 
@@ -69,7 +74,6 @@ app.router.add_api_route(f"{settings.MONAI_LABEL_API_STR}/infer/{{model}}", infe
                          summary=f"{RBAC_USER}Run Inference for supported model", tags=["Infer"])
 app.router.routes.insert(0, app.router.routes.pop())  # ahead of MONAI Label's blocking route
 
-ORIGINS_ENV = "MEDIMG_LABEL_CORS_ORIGINS"
 if os.environ.get(ORIGINS_ENV):
     for middleware in app.user_middleware:
         if middleware.cls is CORSMiddleware:
@@ -91,5 +95,8 @@ for error in (RequestValidationError, json.JSONDecodeError, DataError):  # DataE
     app.add_exception_handler(error, bad_request)
 app.add_middleware(BodyLimitMiddleware,
                    max_bytes=int(float(os.environ.get(UPLOAD_ENV, DEFAULT_MAX_UPLOAD_MB)) * 2**20))
-if os.environ.get(DIGEST_ENV):  # outermost: nothing is reached without the token
+if os.environ.get(DIGEST_ENV):  # nothing is reached without the token
     app.add_middleware(BearerTokenMiddleware, token_sha256=os.environ[DIGEST_ENV])
+# outermost, ahead of the token: a foreign Host or a cross-site write is refused whatever the credentials
+app.add_middleware(OriginGuardMiddleware, allowed_hosts=json.loads(os.environ.get(HOSTS_ENV) or "[]"),
+                   allowed_origins=json.loads(os.environ.get(ORIGINS_ENV) or "[]"))

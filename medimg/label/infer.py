@@ -10,7 +10,9 @@ indices ``[i, j, k]`` of the image file as stored, ``scribbles`` (``[{"points": 
 "label": 1 | 0}]``) add clicks along their strokes, ``lasso`` (a closed contour on one slice) bounds
 its object there, ``roi`` is ``[i0, i1, j0, j1, k0, k1]`` (each
 pair in either order: Slicer converts RAS corners, which flips them on non-RAS images), and 2D
-models get ``slice``, the ``k`` the user is looking at.
+models get ``slice``, the ``k`` the user is looking at. A one-slice image (``(X, Y, 1)`` or 2D)
+takes Slicer's 3D indices with ``k`` at its slice. ``"propagate": false`` keeps the answer on the
+slice the user is on (``slice``, else the first foreground click's, else the ROI's middle ``k``).
 
 Models load on the first request, not at app start (MONAI Label re-creates the app in every train
 subprocess), and reload when the bundle's weights change (:mod:`medimg.label.publish`). One lock
@@ -19,6 +21,7 @@ per task serialises its requests; other models and other endpoints are not block
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -31,23 +34,24 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from medimg.bundle.loader import bundle_task, load_bundle
+from medimg.bundle.loader import bundle_task, load_bundle, segment_names
 from medimg.data.slicing import axis_plane
 from medimg.errors import MedimgError
 from medimg.io.drawn import Lasso
 from medimg.io.image import Image, read_image
+from medimg.io.jsonfile import loads_finite
 from medimg.io.prompts import parse_prompts
 from medimg.label.publish import bundle_version, load_locked
 from medimg.label.results import write_result
 from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB, EmbeddingCache
-from medimg.predictors.prompting import lasso_box, prompt_shape
+from medimg.predictors.prompting import lasso_box, prompt_shape, slicer_shape
 
 log = logging.getLogger(__name__)
 
 
 def bundle_meta(bundle: Path) -> dict[str, Any]:
-    """A bundle's ``configs/metadata.json``."""
-    return json.loads((Path(bundle) / "configs" / "metadata.json").read_text())
+    """A bundle's ``configs/metadata.json`` (an older writer's ``NaN`` metric read as ``None``)."""
+    return loads_finite((Path(bundle) / "configs" / "metadata.json").read_text())
 
 
 def bundle_labels(meta: dict[str, Any], background: bool = False) -> dict[str, int]:
@@ -71,8 +75,8 @@ class BundleInfer(InferTask):
     def __init__(self, bundle: Path, type: InferType, dimension: int, description: str,
                  device: str | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> None:
         self.bundle = Path(bundle)
-        self.meta = bundle_meta(self.bundle)
-        super().__init__(type=type, labels=bundle_labels(self.meta), dimension=dimension, description=description,
+        self.meta, self.meta_version = bundle_meta(self.bundle), bundle_version(self.bundle)
+        super().__init__(type=type, labels=self.task_labels(self.meta), dimension=dimension, description=description,
                          config={"bundle": str(self.bundle), "bundle_version": str(self.meta.get("version", ""))})
         self.device, self.cache_mb = device, float(cache_mb)
         self.predictor: Any = None
@@ -84,15 +88,28 @@ class BundleInfer(InferTask):
         """The bundle has weights."""
         return bundle_version(self.bundle) is not None
 
+    def task_labels(self, meta: dict[str, Any]) -> Any:
+        """The labels MONAI Label shows for a bundle's metadata (its foreground labels)."""
+        return bundle_labels(meta)
+
+    def _read_meta(self) -> None:
+        """Labels, version and metrics from the served bundle's card (after a publication too)."""
+        self.meta, self.meta_version = bundle_meta(self.bundle), bundle_version(self.bundle)
+        self.labels = self.task_labels(self.meta)
+        self._config["bundle_version"] = str(self.meta.get("version", ""))
+
     def info(self) -> dict[str, Any]:
-        """MONAI Label's model info plus the bundle's name and validated metrics."""
+        """MONAI Label's model info plus the bundle's name and validated metrics, of the bundle served now."""
+        if bundle_version(self.bundle) != self.meta_version:
+            with contextlib.suppress(OSError, ValueError):  # mid-swap: the next call reads it
+                self._read_meta()
         return {**super().info(), "bundle": self.meta.get("name"), "eval_metrics": self.meta.get("eval_metrics", {})}
 
     def _ensure_loaded(self) -> None:
         if self.predictor is not None and bundle_version(self.bundle) == self.loaded_version:
             return
         self.predictor, self.loaded_version = load_locked(self.bundle, lambda b: load_bundle(b, self.device))
-        self.meta = bundle_meta(self.bundle)
+        self._read_meta()
         self.loads += 1
         log.info("loaded %s (weights version %s)", self.bundle, self.loaded_version)
         if isinstance(getattr(self.predictor, "cache", None), EmbeddingCache):
@@ -117,8 +134,6 @@ class BundleInfer(InferTask):
                 labels, fields = self.run(image, request)
                 path = None
                 if labels is not None:
-                    from medimg.infer import segment_names
-
                     names, algorithm, version = segment_names(self.bundle, self.type == InferType.DEEPGROW)
                     path = write_result(labels, image, request.get("result_extension"), request.get("result_dtype"),
                                         names, algorithm, version)
@@ -147,7 +162,10 @@ class ClassificationInfer(BundleInfer):
 
     def __init__(self, bundle: Path, device: str | None = None) -> None:
         super().__init__(bundle, InferType.CLASSIFICATION, 3, f"medimg classification ({bundle.name})", device)
-        self.labels = list(bundle_labels(self.meta, background=True))  # every class, in output order
+
+    def task_labels(self, meta: dict[str, Any]) -> Any:
+        """Every class, in output order."""
+        return list(bundle_labels(meta, background=True))
 
     def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
         """Class probabilities and the most probable class."""
@@ -156,19 +174,37 @@ class ClassificationInfer(BundleInfer):
 
 
 def _clicks(request: dict[str, Any], image: Image) -> tuple[np.ndarray, np.ndarray]:
-    """``(points (N, D), labels (N,))`` from ``foreground`` / ``background``, checked against the image."""
-    shape = prompt_shape(image.array)
+    """``(points (N, D), labels (N,))`` from ``foreground`` / ``background``, checked against the image.
+
+    On a one-slice image (``(X, Y, 1)`` or 2D) Slicer's ``[i, j, k]`` clicks are taken with ``k`` at 0.
+    """
+    shape, full = prompt_shape(image.array), slicer_shape(image.array)
     pts, labels = [], []
     for key, value in (("foreground", 1), ("background", 0)):
         for p in request.get(key) or []:
             if not isinstance(p, (list, tuple)) or len(p) < len(shape):
                 raise ValueError(f"{image.path}: {key} click {p!r} needs {len(shape)} voxel indices")
-            q = [float(c) for c in p[:len(shape)]]
-            if any(not 0 <= c <= n - 1 for c, n in zip(q, shape)):
-                raise ValueError(f"{image.path}: {key} click {p!r} lies outside the image of shape {shape}")
-            pts.append(q)
+            q = [float(c) for c in p[:len(full)]]
+            if any(not 0 <= c <= n - 1 for c, n in zip(q, full)):
+                raise ValueError(f"{image.path}: {key} click {p!r} lies outside the image of shape {full}")
+            pts.append(q[:len(shape)])
             labels.append(value)
     return np.asarray(pts, dtype=np.float64).reshape(-1, len(shape)), np.asarray(labels, dtype=np.int64)
+
+
+def _on_the_slice(points: Any, image: Image, what: str) -> Any:
+    """A one-slice image's ``[i, j, k]`` vertices (Slicer's) as ``[i, j]``, ``k`` checked; others as given."""
+    if len(slicer_shape(image.array)) == len(prompt_shape(image.array)) or not isinstance(points, list):
+        return points
+    out = []
+    for p in points:
+        if isinstance(p, list) and len(p) == 3 and isinstance(p[2], (int, float)):
+            if not -0.5 <= p[2] <= 0.5:  # the tolerance of prompts JSON (parse_prompts)
+                raise ValueError(f"{image.path}: {what} point {p!r} lies outside the image of shape "
+                                 f"{slicer_shape(image.array)}")
+            p = p[:2]
+        out.append(p)
+    return out
 
 
 def _drawn(request: dict[str, Any], image: Image) -> tuple[np.ndarray, np.ndarray, Lasso | None]:
@@ -178,8 +214,10 @@ def _drawn(request: dict[str, Any], image: Image) -> tuple[np.ndarray, np.ndarra
     contour ``[[i, j, k], ...]`` on the viewed slice.
     """
     shape = prompt_shape(image.array)
-    doc = {"scribbles": request.get("scribbles") or [],
-           "lassos": [request["lasso"]] if request.get("lasso") else []}
+    scribbles = [{**s, "points": _on_the_slice(s.get("points"), image, "scribble")} if isinstance(s, dict) else s
+                 for s in request.get("scribbles") or []]
+    doc = {"scribbles": scribbles,
+           "lassos": [_on_the_slice(request["lasso"], image, "lasso")] if request.get("lasso") else []}
     if not doc["scribbles"] and not doc["lassos"]:
         return np.zeros((0, len(shape))), np.zeros(0, dtype=np.int64), None
     try:
@@ -190,18 +228,24 @@ def _drawn(request: dict[str, Any], image: Image) -> tuple[np.ndarray, np.ndarra
 
 
 def _roi(request: dict[str, Any], image: Image) -> np.ndarray | None:
-    """Slicer's ``roi`` ``[i0, i1, j0, j1(, k0, k1)]`` -> box ``[i0, j0, (k0,) i1, j1, (k1)]``, clipped to the image."""
+    """Slicer's ``roi`` ``[i0, i1, j0, j1(, k0, k1)]`` -> box ``[i0, j0, (k0,) i1, j1, (k1)]``, clipped to the image.
+
+    A one-slice image (``(X, Y, 1)`` or 2D) takes 4 numbers, or Slicer's 6 with ``k0..k1`` around
+    its slice; the box is 2D.
+    """
     roi = request.get("roi") or []
     if not roi:
         return None
-    shape = prompt_shape(image.array)
-    if len(roi) != 2 * len(shape):
-        raise ValueError(f"{image.path}: roi {roi!r} needs {2 * len(shape)} numbers [i0, i1, j0, j1, ...]")
-    pairs = np.asarray(roi, dtype=np.float64).reshape(len(shape), 2)
-    lo = np.clip(pairs.min(axis=1), 0, np.asarray(shape) - 1)
-    hi = np.clip(pairs.max(axis=1), 0, np.asarray(shape) - 1)
-    if (pairs.max(axis=1) < 0).any() or (pairs.min(axis=1) > np.asarray(shape) - 1).any():
-        raise ValueError(f"{image.path}: roi {roi!r} lies outside the image of shape {shape}")
+    shape, full = prompt_shape(image.array), slicer_shape(image.array)
+    if len(roi) not in (2 * len(shape), 2 * len(full)):
+        extra = " (or 6 with k0..k1 around the one slice)" if len(full) > len(shape) else ""
+        raise ValueError(f"{image.path}: roi {roi!r} needs {2 * len(shape)} numbers [i0, i1, j0, j1, ...]{extra}")
+    pairs = np.asarray(roi, dtype=np.float64).reshape(-1, 2)
+    upper = np.asarray(full[:len(pairs)]) - 1
+    if (pairs.max(axis=1) < 0).any() or (pairs.min(axis=1) > upper).any():
+        raise ValueError(f"{image.path}: roi {roi!r} lies outside the image of shape {full[:len(pairs)]}")
+    lo = np.clip(pairs.min(axis=1), 0, upper)[:len(shape)]
+    hi = np.clip(pairs.max(axis=1), 0, upper)[:len(shape)]
     return np.concatenate([lo, hi])
 
 
@@ -228,12 +272,45 @@ def viewed_plane(affine: np.ndarray) -> str:
     return axis_plane(affine, 2)
 
 
+def _propagate(request: dict[str, Any]) -> bool:
+    """The request's ``propagate`` (default true; ``false``: only the slice the user is on)."""
+    value = request.get("propagate", True)
+    if isinstance(value, str):  # a form field
+        return value.strip().lower() not in ("false", "0", "no", "off")
+    return True if value is None else bool(value)
+
+
+def _viewed_slice(request: dict[str, Any], image: Image, pts: np.ndarray, labels: np.ndarray,
+                  box: np.ndarray | None) -> int:
+    """The ``k`` the user is on: ``slice``, else the first foreground click's, else the ROI's middle, else a click's."""
+    k = request.get("slice")
+    if k is None:
+        if (labels == 1).any():
+            k = pts[labels == 1][0, 2]
+        elif box is not None:
+            k = (box[2] + box[5]) // 2
+        elif len(pts):
+            k = pts[0, 2]
+        else:
+            raise ValueError(f"{image.path}: give foreground clicks or an roi")
+    try:
+        k = int(round(float(k)))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{image.path}: slice {k!r} is not a slice index") from exc
+    if not 0 <= k < image.array.shape[2]:
+        raise ValueError(f"{image.path}: slice {k} lies outside the image of shape {image.array.shape}")
+    if box is not None and not np.floor(box[2]) <= k <= np.ceil(box[5]):
+        raise ValueError(f"{image.path}: slice {k} lies outside the roi (k {box[2]:g} to {box[5]:g})")
+    return k
+
+
 class PromptInfer2D(BundleInfer):
     """An interactive 2D bundle (``litemedsam``, ``medsam2d``): clicks on a slice, or an ROI through the volume.
 
     Clicks are segmented on the slice the user clicked (``slice``, a ``k`` of the file), whatever
     plane the bundle was trained on. An ``roi`` (with any clicks inside it) is followed through the
-    volume along the bundle's own slicing plane. One predictor per plane keeps its slice
+    volume along the bundle's own slicing plane, or, with ``propagate`` false, segmented on the
+    viewed slice only (its in-plane extent as the box). One predictor per plane keeps its slice
     embeddings across requests, so a new click on the same image runs no image encoder.
     """
 
@@ -251,17 +328,18 @@ class PromptInfer2D(BundleInfer):
         before = self.encoder_calls
         pts, labels, box, lasso = _prompts(request, image, flat_boxes=True)
         volume = len(prompt_shape(image.array)) == 3
-        if box is not None or not volume:  # an ROI propagates in the bundle's plane; a 2D image is one slice
-            predictor, propagate = self.predictor, True
-        else:
-            if not len(pts):
-                raise ValueError(f"{image.path}: give foreground clicks or an roi")
-            k = request.get("slice")
-            k = int(pts[labels == 1][0, 2] if k is None and (labels == 1).any() else pts[0, 2] if k is None else k)
+        propagate = _propagate(request)
+        if not volume or (box is not None and (propagate or lasso is not None)):
+            # a 2D image is one slice; an ROI propagates in the bundle's plane; a lasso's box is on its own slice
+            predictor = self.predictor
+        else:  # clicks, or an ROI with propagate false: the slice the user is on, in the plane they view
+            k = _viewed_slice(request, image, pts, labels, box)
             on_slice = np.round(pts[:, 2]) == k
             pts, labels = pts[on_slice], labels[on_slice]
-            if not (labels == 1).any():
+            if box is None and not (labels == 1).any():
                 raise ValueError(f"{image.path}: no foreground click on slice {k}")
+            if box is not None:
+                box = np.concatenate([box[:2], [k], box[3:5], [k]])
             predictor, propagate = self.predictor.for_plane(viewed_plane(image.affine)), False
         predictor.prepare(image, None)
         mask = predictor.segment_object(image, box=box, points=pts if len(pts) else None,
@@ -276,7 +354,10 @@ class PromptInfer2D(BundleInfer):
 
 
 class PromptInfer3D(BundleInfer):
-    """An interactive 3D bundle (``medsam3d``): 3D clicks and/or the ROI box on the whole volume."""
+    """An interactive 3D bundle (``medsam3d``): 3D clicks and/or the ROI box on the whole volume.
+
+    With ``propagate`` false the answer is kept on the slice the user is on (zero elsewhere).
+    """
 
     def __init__(self, bundle: Path, device: str | None = None) -> None:
         super().__init__(bundle, InferType.DEEPGROW, 3, f"medimg interactive 3D ({bundle.name}): clicks or ROI",
@@ -287,11 +368,20 @@ class PromptInfer3D(BundleInfer):
         pts, labels, box, lasso = _prompts(request, image, flat_boxes=False)
         if box is None and not (labels == 1).any():
             raise ValueError(f"{image.path}: give at least one foreground click, a scribble, a lasso or an roi")
+        viewed = None  # (axis, index) of the one slice kept with propagate false
+        if not _propagate(request):
+            viewed = (lasso.axis, lasso.index) if lasso is not None else (
+                2, _viewed_slice(request, image, pts, labels, box))
         self.predictor.prepare(image, None)
         mask = self.predictor.segment_object(image, box=box, points=pts if len(pts) else None,
                                              point_labels=labels if len(pts) else None)
         if lasso is not None:
             mask = lasso.cut(np.asarray(mask, dtype=bool))
+        if viewed is not None:
+            axis, index = viewed
+            kept = np.zeros_like(mask, dtype=bool)
+            np.moveaxis(kept, axis, 0)[index] = True
+            mask = np.asarray(mask, dtype=bool) & kept
         return mask.astype(np.uint8), {}
 
 

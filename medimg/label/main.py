@@ -27,6 +27,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
+from medimg.io.jsonfile import finite
 from medimg.label.datastore import SeriesDatastore
 from medimg.label.infer import BundleInfer, infer_task
 from medimg.label.train import TRAINABLE, BundleTrain
@@ -84,5 +85,9 @@ class MedimgApp(MONAILabelApp):
         return trainers
 
     def info(self) -> dict[str, Any]:
-        """MONAI Label's app info plus the models folder."""
-        return {**super().info(), "models_dir": str(self.models)}
+        """MONAI Label's app info plus the models folder, as strict JSON (a card's NaN metric is ``null``).
+
+        ``/info/`` is the first call 3D Slicer and OHIF make: one bundle whose card holds a metric
+        that could not be computed must not answer it with HTTP 500 for every model.
+        """
+        return finite({**super().info(), "models_dir": str(self.models)})

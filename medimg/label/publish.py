@@ -28,6 +28,7 @@ from filelock import FileLock
 
 T = TypeVar("T")
 LOCK_TIMEOUT_S = 120.0
+KEEP_PREVIOUS = 2  # replaced bundles kept beside a served one, newest first
 
 
 def bundle_lock(bundle: str | Path) -> FileLock:
@@ -80,7 +81,7 @@ def publish_bundle(new_bundle: str | Path, served: str | Path, keep_previous: bo
 
     ``new_bundle`` is copied next to ``served`` first (same file system), then swapped in under
     the lock. The previous bundle is kept as ``<name>.previous-<timestamp>`` unless
-    ``keep_previous`` is false.
+    ``keep_previous`` is false; only the newest :data:`KEEP_PREVIOUS` of those stay.
 
     Returns:
         The served path.
@@ -103,4 +104,23 @@ def publish_bundle(new_bundle: str | Path, served: str | Path, keep_previous: bo
         weights.touch()  # the copy kept the run's mtime; a publication always moves it forward
     if not keep_previous:
         shutil.rmtree(old, ignore_errors=True)
+    prune_previous(served, KEEP_PREVIOUS if keep_previous else 0)
     return served
+
+
+def prune_previous(served: str | Path, keep: int = 2) -> list[Path]:
+    """Delete all but the newest ``keep`` ``.<name>.previous-*`` copies of a served bundle.
+
+    Every publication keeps the bundle it replaced, for a roll-back; without a bound a server that
+    fine-tunes daily would fill its disk with them.
+
+    Returns:
+        The copies deleted.
+    """
+    served = Path(served)
+    with bundle_lock(served):
+        previous = sorted(served.parent.glob(f".{served.name}.previous-*"))
+        gone = previous[:max(len(previous) - keep, 0)]
+        for old in gone:
+            shutil.rmtree(old, ignore_errors=True)
+    return gone

@@ -2,7 +2,8 @@
 
 The format follows the request's ``result_extension`` (3D Slicer asks for ``.nrrd``):
 ``.nii``/``.nii.gz`` (the input's NIfTI header reused), ``.nrrd``/``.mha``/``.nhdr`` (SimpleITK,
-direction, spacing and origin from the input's affine), or ``.dcm``: a DICOM SEG referencing the
+direction, spacing and origin from the input's affine; a 2D image off the axial plane, e.g. a
+coronal slice, as a one-slice volume), or ``.dcm``: a DICOM SEG referencing the
 input series (DICOM inputs only). Without an extension a DICOM series gets a DICOM SEG and any
 other input NIfTI.
 """
@@ -36,11 +37,20 @@ def result_suffix(image: Image, extension: str | None) -> str:
 
 
 def write_itk_like(array: np.ndarray, reference: Image, out: Path, dtype: np.dtype) -> Path:
-    """Write ``array`` with SimpleITK in the reference's exact geometry (any orientation)."""
+    """Write ``array`` with SimpleITK in the reference's exact geometry (any orientation).
+
+    A 2D image is written as a 2D file only when its affine is what a 2D file reads back as (the
+    LPS plane ``z = 0``, ``k`` a 1 mm step along ``z``); any other (a coronal, sagittal or oblique
+    slice, a slice thickness) is kept whole in a one-slice volume.
+    """
     import SimpleITK as sitk
 
-    nd = array.ndim
     lps = np.linalg.inv(LPS_TO_RAS) @ reference.affine
+    array = np.asarray(array).reshape(reference.array.shape)
+    planar = np.allclose(lps[2], [0.0, 0.0, 1.0, 0.0], atol=1e-9) and np.allclose(lps[:2, 2], 0.0, atol=1e-9)
+    if array.ndim == 2 and not planar:
+        array = array[..., None]  # its geometry is 3D: the third axis is the slice's normal
+    nd = array.ndim
     spacing = np.sqrt((lps[:nd, :nd] ** 2).sum(axis=0))
     img = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype).transpose(tuple(range(nd - 1, -1, -1)))))
     img.SetSpacing([float(s) for s in spacing])

@@ -8,11 +8,21 @@
   ``--insecure`` is the explicit way out, and it prints the warning box. A token works on
   loopback too.
 - Cross-origin requests are allowed only from the server's own origin and the ``--cors`` origins
-  (MONAI Label's default is every origin).
+  (MONAI Label's default is every origin). Writes from other web pages (CSRF) and requests with a
+  ``Host`` that is not loopback, ``--host`` or an ``--allowed-host`` (DNS rebinding) are refused,
+  token or not; a wildcard ``--host`` without authentication needs ``--allowed-host``
+  (:mod:`medimg.label.origin`).
 - It needs no network: nothing is downloaded (bundles load from ``--models``; no DICOMweb tools).
 - Without ``--models`` it serves copies of every bundle shipped with medimg (``python -m medimg.bundles``).
-- The app folder MONAI Label wants (``main.py`` plus its ``logs``/``model`` folders) is created
-  under ``--app-dir`` (default: a temporary folder removed at exit).
+- The app folder MONAI Label wants (``main.py`` plus its ``logs`` folder), the served copies of
+  the shipped bundles and the fine-tuning runs live under ``--app-dir``, by default a lasting
+  folder per studies source: ``$MEDIMG_LABEL_HOME`` or ``$XDG_DATA_HOME/medimg/label`` (else
+  ``~/.local/share/medimg/label``), then ``<studies name>-<hash>``. A fine-tuned model published
+  there survives a restart, ``docker stop`` and a reboot; a restart copies a shipped bundle only
+  where no served copy of it exists, so it never overwrites a published model.
+- SIGTERM (``docker stop``, systemd) or Ctrl-C stops a running training (MONAI Label's train
+  subprocess and the ``medimg.train`` it runs) before the server exits; the train subprocess also
+  ends when the server is killed outright (:mod:`medimg.label.train`).
 
 MONAI Label itself comes from the ``[label]`` extra (see the README).
 """
@@ -20,12 +30,14 @@ MONAI Label itself comes from the ``[label]`` extra (see the README).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -75,9 +87,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="bind beyond loopback without authentication (prints a warning)")
     serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
     serve.add_argument("--runs", default=None, help="folder for fine-tuning runs (default: <app-dir>/runs)")
-    serve.add_argument("--app-dir", default=None, help="MONAI Label app folder to create (default: temporary)")
+    serve.add_argument("--app-dir", default=None,
+                       help="MONAI Label app folder (served models, runs, logs; kept across restarts; default: "
+                            "a folder per studies source under $MEDIMG_LABEL_HOME or ~/.local/share/medimg/label)")
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                        help="an extra origin allowed to call the server from a browser (OHIF), repeatable")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a Host name (or NAME:PORT) the server answers besides loopback and --host, "
+                            "repeatable; needed with --host 0.0.0.0 --insecure ('*': any)")
     serve.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                        help="more app conf values (see medimg.label.main)")
     serve.add_argument("--log-level", default="info")
@@ -141,14 +158,61 @@ def prepare_app_dir(app_dir: Path) -> Path:
     return path
 
 
+def default_app_dir(studies: str) -> Path:
+    """The lasting app folder of a studies source (a folder or a DICOMweb URL); see the module docstring."""
+    home = os.environ.get("MEDIMG_LABEL_HOME") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "medimg", "label")
+    source = studies if is_dicomweb(studies) else str(Path(studies).resolve())
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", urlsplit(source).netloc if is_dicomweb(source) else Path(source).name)
+    return Path(home) / f"{name.strip('-.') or 'studies'}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+
+
 def copy_shipped(folder: Path) -> Path:
-    """Copy every shipped bundle into ``folder`` (training publishes into the served copies, never the package)."""
+    """Copy each shipped bundle into ``folder`` where it has no served copy yet (never over one).
+
+    Training publishes into the served copies, never into the package. A served copy, fine-tuned or
+    not, is left as it is: a restart must not replace a published model, nor mix a shipped
+    ``model.pt`` with a fine-tuned one's OpenVINO IR. Each copy is made beside its place and
+    renamed in, under the bundle's publication lock, so a copy interrupted by a kill is never served.
+    """
     from medimg.bundles import shipped_bundles
+    from medimg.label.publish import bundle_lock, recover
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, src in shipped_bundles().items():
-        shutil.copytree(src, folder / name, dirs_exist_ok=True)
+        served = folder / name
+        with bundle_lock(served):
+            recover(served)  # a publication a kill left half done is finished first
+            partial = served.with_name(f".{name}.shipped.partial")
+            shutil.rmtree(partial, ignore_errors=True)  # a copy a kill left half done
+            if served.exists():
+                card = Path("configs") / "metadata.json"
+                if (served / card).read_text() != (src / card).read_text():
+                    print(f"medimg: serving {served} as it is (fine-tuned or from another medimg version; "
+                          f"delete it to serve the shipped {name} again)", file=sys.stderr, flush=True)
+                continue
+            shutil.copytree(src, partial)
+            partial.rename(served)
     return folder
+
+
+def stop_descendants(grace_s: float = 20.0) -> None:
+    """End every process this one started (MONAI Label's train subprocess and its ``medimg.train``).
+
+    SIGTERM first (the train task then stops its run and publishes nothing), SIGKILL for whatever
+    is left after ``grace_s``. MONAI Label itself leaves them running when its server stops.
+    """
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def check_auth(args: argparse.Namespace) -> str | None:
@@ -177,6 +241,7 @@ def serve(args: argparse.Namespace) -> int:
     """Check the folders, write the app folder, and run MONAI Label's server until it stops."""
     from medimg.label.auth import DIGEST_ENV, TOKEN_ENV, digest
     from medimg.label.limits import UPLOAD_ENV
+    from medimg.label.origin import HOSTS_ENV, allowed_hosts
 
     token = check_auth(args)
     check(args)
@@ -184,12 +249,13 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.pop(DIGEST_ENV, None)
     if token:
         os.environ[DIGEST_ENV] = digest(token)
+    os.environ[HOSTS_ENV] = json.dumps(allowed_hosts(args.host, args.allowed_host, authenticated=token is not None))
     if args.max_upload_mb is not None:
         if not args.max_upload_mb > 0:
             raise ConfigError("--max-upload-mb", f"{args.max_upload_mb} is not a positive size")
         os.environ[UPLOAD_ENV] = str(args.max_upload_mb)
-    temporary = args.app_dir is None
-    app_dir = Path(tempfile.mkdtemp(prefix="medimg-label-app-")) if temporary else Path(args.app_dir)
+    app_dir = (Path(args.app_dir) if args.app_dir else default_app_dir(args.studies)).resolve()
+    print(f"medimg: app folder {app_dir} (served models, runs, logs)", file=sys.stderr, flush=True)
     try:
         log_config = prepare_app_dir(app_dir)
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
@@ -214,8 +280,7 @@ def serve(args: argparse.Namespace) -> int:
         Main().run()
         return 0
     finally:
-        if temporary:
-            shutil.rmtree(app_dir, ignore_errors=True)
+        stop_descendants()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,15 +6,24 @@ MONAI Label runs a train request in a subprocess and streams that process's outp
 initialised from the served weights (``init_weights``), prints its log line by line, and, when the
 run has trained, validated, exported and verified its bundle, publishes it over the served one
 (:func:`medimg.label.publish.publish_bundle`). Infer tasks load it on their next request.
+
+A SIGTERM to the train subprocess (the server stopping: ``serve`` ends its descendants) stops
+``medimg.train`` and publishes nothing; the subprocess and its run also end when the server is
+killed outright (:func:`die_with_parent`). A bundle's embedded-dataset options (``subjects``,
+``region_split``) are cleared, since the datastore's manifest replaces that dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +32,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from medimg.bundle.loader import bundle_task
+from medimg.io.jsonfile import finite
 from medimg.label.infer import bundle_labels, bundle_meta
 from medimg.label.publish import bundle_version, publish_bundle
 
@@ -31,6 +41,50 @@ DEFAULTS: dict[str, Any] = {"max_epochs": 5, "val_every": 1, "limit_train_batche
                             "classes": None}
 HYDRA = {"job": {"chdir": False}, "run": {"dir": "."}, "output_subdir": None}
 TRAINABLE = ("segmentation", "promptable")
+# data options that select parts of a bundle's embedded training dataset (not of a manifest)
+EMBEDDED_ONLY = ("subjects", "region_split")
+STOP_GRACE_S = 10.0  # a stopped medimg.train gets this long before SIGKILL
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent ends (``PR_SET_PDEATHSIG``; elsewhere nothing).
+
+    MONAI Label starts its train subprocess with a plain ``Popen``: a server killed with SIGKILL,
+    or by the out-of-memory killer, would leave the training running, and it would publish a
+    model nobody asked for any more. Used in the train subprocess for itself and, before ``exec``,
+    for the ``medimg.train`` it starts.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm(proc: subprocess.Popen) -> Iterator[None]:
+    """While the block runs, SIGTERM to this process stops ``proc`` and leaves with status 143, unpublished."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class TrainingFailed(RuntimeError):
@@ -56,7 +110,7 @@ class BundleTrain(TrainTask):
 
     def stats(self) -> dict[str, Any]:
         """The served bundle's validation metrics."""
-        return bundle_meta(self.bundle).get("eval_metrics", {}) if bundle_version(self.bundle) else {}
+        return finite(bundle_meta(self.bundle).get("eval_metrics", {})) if bundle_version(self.bundle) else {}
 
     def manifest(self, datastore: Datastore, work: Path, val_images: int) -> Path:
         """Write the datastore's labelled images as a manifest, holding out the last ``val_images`` for validation."""
@@ -81,6 +135,9 @@ class BundleTrain(TrainTask):
         cfg = yaml.safe_load(source.read_text())
         opts = {**DEFAULTS, **{k: request[k] for k in DEFAULTS if k in request}}
         cfg["data"].update(dataset=None, manifest=str(manifest), dataset_dir=str(manifest.parent), val_fraction=None)
+        for key in EMBEDDED_ONLY:  # the shipped dataset's own subjects and regions mean nothing here
+            if key in cfg["data"]:
+                cfg["data"][key] = None
         if cfg.get("bundle", {}).get("task") == "promptable":
             cfg["data"]["classes"] = opts["classes"]
         cfg["bundle"].update(max_epochs=int(opts["max_epochs"]), val_every=int(opts["val_every"]))
@@ -107,7 +164,9 @@ class BundleTrain(TrainTask):
         cmd = [sys.executable, "-m", "medimg.train", "--config-path", str(run_dir), "--config-name", "finetune"]
         print(f"medimg: fine-tuning {self.bundle.name}: {' '.join(cmd)}", flush=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        die_with_parent()  # this train subprocess ends with the server, even one killed outright
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              preexec_fn=die_with_parent) as proc, stopped_by_sigterm(proc):
             assert proc.stdout is not None
             for line in proc.stdout:
                 print(line.rstrip(), flush=True)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from medimg.errors import BundleError, ConfigError
+from medimg.models.exporting import quiet_export
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "openvino")
@@ -234,8 +235,6 @@ def convert_network(network: nn.Module, example_shape: Sequence[int]) -> Any:
 
     network = network.cpu().eval()
     example = torch.zeros(*[int(s) for s in example_shape])
-    from medimg.bundle.standard import quiet_export
-
     with torch.no_grad(), quiet_export():  # OpenVINO traces with TorchScript: its deprecation chatter is muted
         return ov.convert_model(network, example_input=example, input=[[-1, *example.shape[1:]]])
 

@@ -185,7 +185,9 @@ def score_case(predictor: Any, image: Image, label: np.ndarray, intensity: str, 
     Returns:
         ``{"mean": {prompt: Dice}, "structures": {name: {prompt: Dice}}, "targets": n, "compact":
         {"targets": m, prompt: Dice}}``; ``compact`` is the mean over the targets whose
-        :func:`solidity` reaches :data:`COMPACT_SOLIDITY`, each target weighted equally.
+        :func:`solidity` reaches :data:`COMPACT_SOLIDITY`, each target weighted equally. With no
+        compact target it holds ``targets: 0`` and a ``note`` instead of Dice values (a mean of
+        nothing is not a number, and a card must stay strict JSON).
     """
     rows: dict[str, list[dict[str, float]]] = {}
     compact: list[dict[str, float]] = []
@@ -201,7 +203,8 @@ def score_case(predictor: Any, image: Image, label: np.ndarray, intensity: str, 
     return {"mean": {p: float(np.mean([s[p] for s in per_structure.values()])) for p in prompts},
             "structures": per_structure, "targets": sum(len(v) for v in rows.values()),
             "compact": {"targets": len(compact),
-                        **{p: float(np.mean([r[p] for r in compact])) if compact else float("nan") for p in prompts}}}
+                        **({p: float(np.mean([r[p] for r in compact])) for p in prompts} if compact else
+                           {"note": f"no target with solidity >= {COMPACT_SOLIDITY} in this case"})}}
 
 
 def validation_case(manifest: str | Path, case: str) -> tuple[Image, np.ndarray, str, dict[str, tuple[int, ...]]]:

@@ -28,6 +28,16 @@ def prompt_shape(array: np.ndarray) -> tuple[int, ...]:
     return array.shape[:2] if array.ndim == 3 and array.shape[2] == 1 else array.shape
 
 
+def slicer_shape(array: np.ndarray) -> tuple[int, ...]:
+    """The 3D shape 3D Slicer's voxel indices refer to: every image is a volume there, a 2D one has one slice.
+
+    Slicer's ``[i, j, k]`` clicks and ``[i0, i1, j0, j1, k0, k1]`` ROIs on a one-slice volume
+    ``(X, Y, 1)`` or a 2D image ``(X, Y)`` carry a ``k`` that must be that one slice (0);
+    :func:`prompt_shape` drops it.
+    """
+    return tuple(array.shape) if array.ndim == 3 else (*array.shape, 1)
+
+
 def prompt_objects(prompts: Prompts) -> list[dict[str, Any]]:
     """The objects to segment: each box, each lasso, then all the clicks."""
     objects: list[dict[str, Any]] = [dict(box=b) for b in prompts.boxes]

@@ -6,7 +6,7 @@ positive click (or the box centre). Whenever the mask reaches a face of the curr
 neighbouring window on that side (stride ``roi_size / 2``) is queued; a window with no click of
 the user's inside gets a positive click at the most interior voxel of the mask found so far
 there, so the structure is followed across the volume. With a box, windows stay inside the box
-and the mask is kept within the box plus a 10% margin.
+(each also gets the clicks that fall in it) and the mask is kept within the box plus a 10% margin.
 Window probabilities are blended with MONAI's Gaussian importance map. The result is resampled
 back to the input grid (``SpatialResample`` to the input's affine and shape) and thresholded, so
 the output has the input's exact geometry whatever its orientation.
@@ -137,17 +137,21 @@ class VolumePromptPredictor(PromptPredictorBase):
                        ordered: bool = False) -> np.ndarray:
         """One object's mask on the input grid (voxel prompts of the input; windows always grow).
 
-        The 3D network takes all clicks at once and has no mask input: ``ordered`` changes nothing.
+        A box and clicks go to the network together (Slicer's ROI with clicks inside it). The 3D
+        network takes all clicks at once and has no mask input: ``ordered`` changes nothing.
         """
         from monai.data import MetaTensor
         from monai.transforms import SpatialResample
 
+        prompts: dict[str, np.ndarray | None] = {}
+        if points is not None and len(points):
+            prompts["points"] = self.to_model(np.asarray(points, dtype=np.float64).reshape(-1, 3), image.affine)
+            prompts["point_labels"] = None if point_labels is None else np.asarray(point_labels)
         if box is not None:  # all 8 corners into the model frame: an oblique input gives a rotated box
             corners = np.array(np.meshgrid(*[[box[a], box[a + 3]] for a in range(3)], indexing="ij")).reshape(3, -1).T
             c = self.to_model(corners, image.affine)
-            prob = self.predict_probability(box=np.concatenate([c.min(0), c.max(0)]))
-        else:
-            prob = self.predict_probability(points=self.to_model(points, image.affine), point_labels=point_labels)
+            prompts["box"] = np.concatenate([c.min(0), c.max(0)])
+        prob = self.predict_probability(**prompts)
         back = SpatialResample(mode="bilinear", padding_mode="zeros")(
             MetaTensor(torch.from_numpy(prob)[None], affine=torch.as_tensor(self.model_affine)),
             dst_affine=torch.as_tensor(image.affine), spatial_size=image.array.shape)

@@ -74,7 +74,9 @@ def build_promptable(cfg: DictConfig, run_dir: Path) -> TaskParts:
     volume_eval = None
     if isinstance(network, PromptableNetwork3D):  # the final validation also runs the whole-volume predictor
         def volume_eval() -> None:
-            task.volume_eval = True
+            from medimg.predictors.volumetric import VolumePromptPredictor
+
+            task.volume_predictor = VolumePromptPredictor
     return TaskParts(task, dm, "val/dice_box", report_prompts, record, zero_shot=bool(t.zero_shot_eval),
                      before_final_validation=volume_eval)
 

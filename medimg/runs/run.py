@@ -210,7 +210,7 @@ def run_training(cfg: DictConfig) -> Path:
         if parts.finish is not None:
             parts.finish(best)
         if cfg.export.enabled and parts.export:
-            from medimg.export import export_run
+            from medimg.bundle.export import export_run
 
             bundle = export_run(run_dir, run_dir / "bundle", schema=cfg.export.schema, overwrite=True,
                                 standard_exports=bool(cfg.export.get("standard", True)))

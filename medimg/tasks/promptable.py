@@ -7,6 +7,7 @@ One task for 2D (:class:`~medimg.models.sam.network.PromptableSAM`, slices) and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -79,7 +80,8 @@ class PromptableTask(L.LightningModule):
         else:
             raise ConfigError("task.loss", f"unknown loss {loss!r}; choose dice_bce or dice_focal")
         self.rng = np.random.default_rng(seed)
-        self.volume_eval = False  # 3D: also measure the bundle's predictor on whole volumes (final validation)
+        # 3D, final validation: the bundle's predictor class, set by the run, also measured on whole volumes
+        self.volume_predictor: Callable[..., Any] | None = None
         self.features = SliceFeatures(network) if self.spatial_dims == 2 else None
 
     def on_fit_start(self) -> None:
@@ -268,7 +270,7 @@ class PromptableTask(L.LightningModule):
         if self.spatial_dims == 2 and "mask" in batch:
             self._validate_native(batch, emb, batch_idx)
             return
-        if self.volume_eval and "volume_click" in batch:
+        if self.volume_predictor is not None and "volume_click" in batch:
             self._validate_volume(batch, batch_idx)
         region = self._region(batch)
         low_t = self._low_res(target) if region is None else self._low_res(target) * region
@@ -345,13 +347,12 @@ class PromptableTask(L.LightningModule):
         does; Dice is measured inside the validation region against the target part connected to the
         click. Logged as ``val/volume_dice_box`` and ``val/volume_dice_point1``: the numbers users get.
         (Correction clicks stay with the per-epoch patch metrics: each whole-volume prediction costs
-        a full window sweep.)
+        a full window sweep.) The predictor class is :attr:`volume_predictor`, given by the run: a task
+        does not import the predictors.
         """
-        from medimg.predictors.volumetric import VolumePromptPredictor
-
         dataset = self.trainer.datamodule.val_set
-        predictor = VolumePromptPredictor(self.network, device=self.device, roi_size=batch["image"].shape[2:],
-                                          pixdim=None, intensity="none", amp=False)
+        predictor = self.volume_predictor(self.network, device=self.device, roi_size=batch["image"].shape[2:],
+                                           pixdim=None, intensity="none", amp=False)
         scores: dict[str, list[float]] = {}
         for i in range(batch["image"].shape[0]):
             vi, t = int(batch["volume"][i]), int(batch["target_index"][i])

@@ -27,16 +27,17 @@ def free_port() -> int:
 class LabelServer:
     """``python -m medimg.label serve`` on a free loopback port."""
 
-    def __init__(self, models: Path, studies: Path | str, work: Path, token: str | None = None,
+    def __init__(self, models: Path | None, studies: Path | str, work: Path, token: str | None = None,
                  extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = work / "server.log"
         self.app_dir, self.runs = work / "app", work / "runs"
         self.session = requests.Session()  # every call carries the token, as Slicer's client does
-        cmd = [sys.executable, "-m", "medimg.label", "serve", "--models", str(models), "--studies", str(studies),
-               "--port", str(self.port), "--device", "cpu", "--app-dir", str(self.app_dir), "--runs", str(self.runs),
-               *(extra or [])]
+        cmd = [sys.executable, "-m", "medimg.label", "serve", "--studies", str(studies), "--port", str(self.port),
+               "--device", "cpu", *(extra or [])]
+        if models is not None:  # None: the shipped bundles in the default app folder, as a new user starts it
+            cmd += ["--models", str(models), "--app-dir", str(self.app_dir), "--runs", str(self.runs)]
         if token:
             token_file = work / "token"
             token_file.write_text(token)

@@ -99,6 +99,25 @@ def test_every_endpoint_wants_the_token(server):
     assert "swin_unetr" in client.info()["models"]
 
 
+def test_a_web_page_cannot_reach_the_server(server):
+    """DNS rebinding (a foreign Host) and cross-site writes (CSRF) are refused, the right token or not."""
+    import requests
+
+    url, s, train = server.url, server.session, f"{server.url}/train/swin_unetr"  # s sends the token
+    for r in (requests.get(f"{url}/info/", headers={"Host": "attacker.example"}, timeout=30),
+              s.get(f"{url}/info/", headers={"Host": f"attacker.example:{server.port}"}, timeout=30),
+              s.delete(f"{url}/datastore/image?id=mni_series", headers={"Host": "attacker.example"}, timeout=30)):
+        assert r.status_code == 421 and "attacker.example" in r.json()["detail"], r.status_code
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        for r in (requests.post(train, headers=headers, timeout=30), s.post(train, headers=headers, timeout=30)):
+            assert r.status_code == 403 and "cross-site" in r.json()["detail"], (headers, r.status_code)  # bodiless
+    assert s.get(f"{url}/train/?check_if_running=true", timeout=30).status_code == 404  # no training started
+    assert "mni_series" in server.get("/datastore/", params={"output": "all"})["objects"]  # nor deleted
+    r = s.post(f"{url}/activelearning/random", headers={"Origin": f"http://localhost:{server.port}"}, json={},
+               timeout=60)  # the server's own origin, and the normal host, still work
+    assert r.status_code == 200 and r.json()["id"] and server.get("/info/")["models"], r.text
+
+
 def test_paths_uploads_and_bodies_are_refused_with_400_or_413(server, studies, mni_dir, tmp_path):
     url, s = server.url, server.session
     before = server.temp_files()

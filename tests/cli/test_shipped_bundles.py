@@ -33,6 +33,17 @@ def test_tissue_and_interactive_bundles_ship_and_the_zoo_fits_the_budget():
     assert total <= BUDGET_MB
 
 
+def _refuse(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_card_is_strict_json(name):
+    """JavaScript's JSON.parse (OHIF) and Starlette's responses (MONAI Label's /info/) refuse NaN and Infinity."""
+    for doc in (shipped_bundles()[name] / "configs").glob("*.json"):
+        json.loads(doc.read_text(), parse_constant=_refuse)
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_each_bundle_is_complete_and_carded(name, schema):
     from medimg.bundle.verify import verify_bundle

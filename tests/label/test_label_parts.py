@@ -41,6 +41,38 @@ def test_results_keep_an_oblique_lps_geometry(suffix, own_tempdir):
     np.testing.assert_array_equal(out.array, labels)
 
 
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+@pytest.mark.parametrize("plane", ["coronal", "axial"])
+def test_a_2d_image_result_keeps_its_plane_in_nrrd_and_mha(suffix, plane, own_tempdir, tmp_path):
+    """A 2D NIfTI of a coronal slice lies in 3D space: its NRRD/MHA result is a one-slice volume there."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from medimg.io.image import LPS_TO_RAS
+    from medimg.label.results import write_result
+
+    if plane == "coronal":  # i -> R, j -> S, k -> P
+        affine = np.array([[0.8, 0, 0, -12.0], [0, 0, -2.5, 40.0], [0, 0.6, 0, -7.0], [0, 0, 0, 1]])
+    else:  # in the axial plane through z = 0: what a 2D NRRD holds
+        affine = np.diag([-0.8, -0.6, 1.0, 1.0])
+        affine[:2, 3] = [12.0, 40.0]
+    nib.save(nib.Nifti1Image(np.zeros((9, 11), np.float32), affine), str(tmp_path / "slice.nii.gz"))
+    image = read_image(tmp_path / "slice.nii.gz", spatial_dims=None)
+    assert image.array.shape == (9, 11)
+    labels = np.random.default_rng(0).integers(0, 3, (9, 11))
+    path = write_result(labels, image, suffix)
+    out = read_image(path, spatial_dims=None)
+    np.testing.assert_allclose(out.affine, image.affine, atol=1e-6)
+    np.testing.assert_array_equal(out.array.reshape(9, 11), labels)
+    itk, lps = sitk.ReadImage(path), np.linalg.inv(LPS_TO_RAS) @ affine
+    nd = 3 if plane == "coronal" else 2
+    assert itk.GetSize() == (9, 11, 1)[:nd] and out.array.shape == (9, 11, 1)[:nd]
+    spacing = np.sqrt((lps[:nd, :nd] ** 2).sum(0))
+    np.testing.assert_allclose(itk.GetSpacing(), spacing, atol=1e-6)
+    np.testing.assert_allclose(itk.GetOrigin(), lps[:nd, 3], atol=1e-6)
+    np.testing.assert_allclose(np.reshape(itk.GetDirection(), (nd, nd)), lps[:nd, :nd] / spacing, atol=1e-6)
+
 def test_result_format_errors_name_the_problem_and_leave_no_file(own_tempdir):
     from medimg.label.results import write_result
 
@@ -69,6 +101,32 @@ def test_slicer_roi_and_clicks_become_checked_voxel_prompts():
     assert viewed_plane(np.diag([-1.0, -1.0, 1.0, 1.0])) == "axial"
     assert viewed_plane(np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])) == "coronal"
 
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 1), (20, 30)])
+def test_a_one_slice_image_takes_slicers_3d_roi_and_clicks(shape):
+    """Slicer shows a one-slice volume (or a 2D file) as a volume: 6-number ROIs, 3-number clicks at k = 0."""
+    from medimg.label.infer import _clicks, _prompts, _roi
+
+    image = Image(np.zeros(shape, np.float32), np.eye(4), "slice.nii.gz", "nifti")
+    for roi in ([15, 3, 25, 40, 0, 0], [15, 3, 25, 40, 2, -1], [3, 15, 25, 29]):  # the 2D form still works
+        np.testing.assert_array_equal(_roi({"roi": roi}, image), [3, 25, 15, 29])
+    with pytest.raises(ValueError, match=r"roi .* lies outside the image"):
+        _roi({"roi": [3, 15, 25, 29, 1, 2]}, image)  # the k pair must contain the one slice
+    with pytest.raises(ValueError, match="needs 4 numbers"):
+        _roi({"roi": [3, 15, 25]}, image)
+    pts, labels = _clicks({"foreground": [[1, 2, 0]], "background": [[4, 5]]}, image)
+    np.testing.assert_array_equal(pts, [[1, 2], [4, 5]])
+    np.testing.assert_array_equal(labels, [1, 0])
+    with pytest.raises(ValueError, match="slice.nii.gz: foreground click .* outside the image"):
+        _clicks({"foreground": [[1, 2, 1]]}, image)
+    request = {"scribbles": [{"points": [[5, 5, 0], [5, 15, 0]], "label": 0}],
+               "lasso": [[2, 3, 0], [2, 12, 0], [9, 12, 0], [9, 3, 0]]}
+    pts, labels, box, lasso = _prompts(request, image, flat_boxes=True)
+    assert pts.shape[1] == 2 and (pts[:, 0] == 5).all() and labels.tolist() == [0] * len(pts)
+    assert box.tolist() == [2, 3, 9, 12] and lasso.cut(np.ones((20, 30), bool)).sum() > 0
+    with pytest.raises(ValueError, match="outside the image"):
+        _prompts({"lasso": [[2, 3, 1], [2, 12, 1], [9, 12, 1]]}, image, flat_boxes=True)
 
 def test_slicer_scribbles_and_lasso_become_clicks_and_a_bounded_box():
     from medimg.label.infer import _prompts

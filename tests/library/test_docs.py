@@ -65,7 +65,8 @@ def serve(command: str, cwd: Path, env: dict) -> None:
     port = re.search(r"--port (\d+)", command).group(1)
     tmp = cwd / "server-tmp"  # the server's temporary app folder lands here and must be gone after SIGTERM
     tmp.mkdir(exist_ok=True)
-    proc = subprocess.Popen(command, shell=True, cwd=cwd, env={**env, "TMPDIR": str(tmp)}, start_new_session=True,
+    env = {**env, "TMPDIR": str(tmp), "MEDIMG_LABEL_HOME": str(cwd / "label-home")}  # its lasting app folder
+    proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 540
@@ -89,7 +90,8 @@ def serve(command: str, cwd: Path, env: dict) -> None:
             time.sleep(0.2)
         assert not group_alive(proc.pid), "the server outlived SIGTERM by a minute"
     left = [p.name for p in (*tmp.glob("medimg-label-app-*"), *tmp.glob("tmp*.json"))]
-    assert not left, f"SIGTERM left the server's temporary files behind: {left}"  # app folder, log config
+    assert not left, f"SIGTERM left the server's temporary files behind: {left}"  # log config
+    assert [p.name for p in (cwd / "label-home").glob("*/main.py")] == ["main.py"]  # the app folder lasts
 
 
 def run_block(kind: str, lang: str, code: str, cwd: Path, env: dict, where: str) -> None:

@@ -1,9 +1,11 @@
-"""The package's shape: no import cycles, small files, the public API where the README says."""
+"""The package's shape: layers, no import cycles, small files, the public API where the README says."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 import medimg
 
@@ -77,6 +79,46 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# Leaf modules (they import nothing from medimg but errors) stating a contract that layers below
+# their package also name: the run record export reads, the Protocols, the slicing / intensity contract.
+LEAF_CONTRACTS = ("medimg.runs.parts", "medimg.predictors.protocols", "medimg.data.slicing")
+# The layers, lowest first: a module imports only its own layer or lower ones. An entry names a
+# module, or a package with everything in it; the longest entry that fits a module places it.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("medimg.errors", "medimg.lazy", "medimg.resources", "medimg.cpu", "medimg.fastimport"),
+    LEAF_CONTRACTS,
+    ("medimg.io",),
+    ("medimg.data",),
+    ("medimg.models",),
+    ("medimg.tasks",),
+    ("medimg.predictors",),
+    ("medimg.bundle", "medimg.bundles"),
+    ("medimg.runs",),
+    ("medimg.label",),
+    # entry points: the public API, the CLIs and their helpers
+    ("medimg", "medimg.train", "medimg.infer", "medimg.export", "medimg.batch", "medimg.data.__main__",
+     "medimg.label.serve", "medimg.label.__main__"),
+)
+
+
+def layer_of(module: str, layers: tuple[tuple[str, ...], ...] = LAYERS) -> int:
+    """The index in ``layers`` of the longest entry that is ``module`` or a package holding it.
+
+    The root package's entry names only ``medimg/__init__.py``, never the whole package.
+    """
+    fits = [(len(entry), i) for i, layer in enumerate(layers) for entry in layer
+            if module == entry or ("." in entry and module.startswith(entry + "."))]
+    if not fits:
+        raise KeyError(f"{module} has no layer: add it to LAYERS")
+    return max(fits)[1]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], ...] = LAYERS) -> list[str]:
+    """Every edge ``a -> b`` of ``graph`` where ``b`` sits in a higher layer than ``a``."""
+    return [f"{a} -> {b}" for a in sorted(graph) for b in sorted(graph[a])
+            if layer_of(b, layers) > layer_of(a, layers)]
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
@@ -88,9 +130,25 @@ def test_no_module_imports_one_that_imports_it_back():
     assert cycles(graph) == []
 
 
+def test_the_layer_checker_flags_an_upward_import():
+    layers = (("p.low",), ("p.mid",), ("p", "p.top"))
+    graph = {"p.low.a": {"p.mid.b"}, "p.mid.b": {"p.low.a", "p.mid.c"}, "p.mid.c": set(), "p.top": {"p.mid.b"},
+             "p": {"p.top"}}
+    assert upward_imports(graph, layers) == ["p.low.a -> p.mid.b"]
+    assert layer_of("p.top", layers) == 2 and layer_of("p.low.x.y", layers) == 0
+    with pytest.raises(KeyError, match="no layer"):  # the root's entry is its __init__ alone
+        layer_of("p.unplaced", layers)
+
+
+def test_no_module_imports_a_higher_layer():
+    """Lazy (function-level) imports count: a lower layer never reaches up into a higher one."""
+    upward = upward_imports(import_graph())
+    assert not upward, "imports into a higher layer (see LAYERS):\n" + "\n".join(upward)
+
+
 def test_leaves_import_nothing_from_medimg_but_errors():
     graph = import_graph()
-    for leaf in ("medimg.models.registry", "medimg.runs.parts", "medimg.predictors.protocols"):
+    for leaf in ("medimg.models.registry", *LEAF_CONTRACTS):
         assert graph[leaf] <= {"medimg.errors"}, (leaf, graph[leaf])
 
 

@@ -65,3 +65,17 @@ def test_compact_targets_are_reported_apart_and_weighted_equally():
     assert arc_box < 0.8 and res["mean"]["box"] == pytest.approx((res["structures"]["disc"]["box"] + arc_box) / 2)
     assert res["compact"]["click1"] == pytest.approx(res["structures"]["disc"]["click1"])
     assert res["compact"]["click1"] < 1.0
+
+
+def test_a_case_without_compact_targets_reports_none_and_stays_strict_json():
+    """Only the arc: the compact mean is of nothing, and a card written from it must parse in a browser."""
+    import json
+
+    y, x = np.mgrid[:64, :64]
+    arc = (((y - 44) ** 2 + (x - 44) ** 2 < 225) & ((y - 44) ** 2 + (x - 44) ** 2 > 100) & (x < 50))
+    label = 2 * arc[..., None].repeat(4, axis=2).astype(np.int64)
+    image = Image(np.zeros(label.shape, np.float32), np.eye(4), Path("phantom.nii.gz"), "nifti")
+    res = score_case(Scripted(label > 0), image, label, "mr", ["axial"], {"arc": (2,)}, 2, 20, ("box", "click1"))
+    assert res["targets"] == 2 and res["compact"]["targets"] == 0
+    assert "box" not in res["compact"] and "solidity" in res["compact"]["note"]
+    json.dumps(res, allow_nan=False)

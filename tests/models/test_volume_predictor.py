@@ -153,3 +153,44 @@ def test_several_prompts_on_one_image_resample_it_once(tmp_path, monkeypatch):
     pred.segment_prompts(image, prompts, intensity="mr")  # another window: loaded again
     pred.segment_prompts(read_image(str(path)), prompts)  # another image: loaded again
     assert len(loads) == 3
+
+
+class NegativeClickNet(BrightNet):
+    """Bright voxels, less a ball of radius 3 around each negative click (window coordinates)."""
+
+    def decode(self, x, points=None, boxes=None, masks=None):
+        logits, iou = super().decode(x, points, boxes, masks)
+        if points is not None:
+            grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in x.shape[2:]],
+                                              indexing="ij"), dim=-1)
+            for p, label in zip(points[0][0], points[1][0]):
+                if int(label) == 0:
+                    logits[0, 0][((grid - p) ** 2).sum(-1) <= 9] = -10.0
+        return logits, iou
+
+
+def test_an_roi_and_its_clicks_reach_the_network_together(tmp_path):
+    """Slicer's ROI plus a background click: both reach each window, the click in the model frame."""
+    from medimg.io.image import read_image
+
+    vol = np.zeros((32, 32, 32), np.float32)
+    vol[6:26, 6:26, 6:26] = 1.0
+    affine = np.diag([-1.5, -1.5, 1.5, 1.0])  # LPS: the model frame (RAS) reverses i and j
+    affine[:3, 3] = [20.0, 30.0, -10.0]
+    image = read_image(str(_write(tmp_path, vol, affine)))
+    net = NegativeClickNet()
+    pred = VolumePromptPredictor(net, roi_size=(32, 32, 32), pixdim=None, intensity="none")
+    pred.prepare(image, None)
+    box = np.array([4.0, 4.0, 4.0, 27.0, 27.0, 27.0])
+    alone = pred.segment_object(image, box=box)
+    assert alone.sum() == 20 ** 3 and net.calls[0]["points"] is None
+    net.calls.clear()
+    click = np.array([[10.0, 12.0, 16.0]])
+    with_click = pred.segment_object(image, box=box, points=click, point_labels=np.array([0]))
+    points, labels = net.calls[0]["points"]  # one window covers the volume: window = model frame
+    np.testing.assert_allclose(points[0].numpy(), [[31 - 10.0, 31 - 12.0, 16.0]])
+    assert labels.tolist() == [[0]]
+    np.testing.assert_allclose(net.calls[0]["boxes"][0].numpy(), [4.0, 4.0, 4.0, 27.0, 27.0, 27.0])
+    ball = ((np.indices(vol.shape) - click[0][:, None, None, None]) ** 2).sum(0) <= 9
+    assert ball.sum() == 123 and not with_click[10, 12, 16]
+    np.testing.assert_array_equal(with_click, alone & ~ball)  # the click removed its ball, nothing else

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medimg.models.exporting import quiet_export
 from medimg.models.openvino_ir import (
     RUNTIME_DIR,
     check_outputs,
@@ -209,8 +210,6 @@ def convert_openvino(network: nn.Module) -> tuple[Any, Any, Any]:
         ``(encoder, decoder without a mask input, decoder with one)``.
     """
     import openvino as ov
-
-    from medimg.bundle.standard import quiet_export
 
     network = network.cpu().eval()
     img = int(network.img_size)
