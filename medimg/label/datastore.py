@@ -12,26 +12,63 @@ separator, not ``.`` or ``..``, not absolute), every path handed out must resolv
 studies folder, and links that lead outside are never listed. A violation is a
 :class:`StudiesPathError`, which the server answers with 400.
 
+Ids: MONAI Label takes every short dotted tail of a name for an extension (``file_ext``), so
+series named by their SeriesInstanceUID lose their last components: GE's ``….299`` and ``….303``
+become one id, Siemens' ``….0.0.0`` another series' id, a Toshiba/Canon ``1.2.392.….89.7007`` the
+id ``1``. Here an extension is only one of the datastore's configured patterns (``*.nii.gz``,
+``*.nrrd``...) or a real image/label suffix (:data:`FILE_SUFFIXES`), never a numeric UID
+component, and only at the end of the name; a series folder has none (its id is its name).
+Entries an older datastore file recorded under a collapsed id are dropped and listed afresh.
+
+A series folder is served to clients as ``<id>.nrrd`` (:mod:`medimg.label.routes`): its image
+info names it so (3D Slicer's "Next sample" picks its reader by that name) and gives no ``path``
+(Slicer would try to load the folder itself when it sees one).
+
 A label upload is read whole before anything is stored: a corrupt, truncated or non-image file,
-or one whose grid differs from its image's, is refused (400) and the label already stored for
-that image stays as it was. A ``.dcm`` label must parse as a DICOM SEG. MONAI Label copies every
-upload to a temporary file and deletes it after a successful answer only; a refused upload's copy
-is deleted here, so refusals cannot fill the disk.
+or one whose grid (shape, and affine to 1e-3 mm) differs from its image's, is refused (400) and the
+label already stored for that image stays as it was. A ``.dcm`` label must parse as a DICOM SEG of
+the image's own series: it is read onto the series' grid (:func:`~medimg.io.dicomseg.seg_to_labels`,
+each segment as its label value: medimg's SEGs hold it, another tool's segments are mapped by name
+to the labels of the segmentation bundles served, :func:`served_labels`, else by segment number)
+and stored as ``<id>.nii.gz``; a SEG for an image file, or one referencing another series, is
+refused. An upload with no label voxel (all zeros) clears: the label stored under that tag is
+removed and nothing is stored, so a wrong label can be undone and the image counts as unlabelled
+again. MONAI Label stores a label as ``<id><upload's extension>``: a label saved as ``.nii.gz`` and
+then as ``.nrrd`` would leave both, and clearing one would bring the other back. Saving or
+clearing removes the tag's other ``<id>.<known extension>`` files (the exact id: never those of an
+id it is a prefix of). MONAI Label copies every upload to a temporary file and deletes it after a
+successful answer only; a refused upload's copy is deleted here, so refusals cannot fill the disk.
+
+``datastore_v2.json`` is written to a temporary file and renamed over the old one, so a kill
+midway leaves the old file whole (MONAI Label writes it in place: a kill left it truncated and the
+server never started again). A file that does not load at start (an older server's truncated
+one) is rebuilt from the folder, with a warning: images and labels are found again, their extra
+info (timestamps, label names) is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monailabel.datastore.local import LocalDatastore
 
 from medimg.errors import DataError
 from medimg.io.dicom import folder_has_dicom
+from medimg.io.dicomseg import label_key
+
+log = logging.getLogger(__name__)
+_SAVING = threading.Lock()  # a label stored and its other formats removed, one save at a time
+# real file suffixes an image or label may carry besides the configured patterns
+FILE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".bin", ".zip")
 
 
 @contextlib.contextmanager
@@ -51,6 +88,35 @@ def upload_removed_if_refused(path: str) -> Iterator[None]:
         raise
 
 
+def served_labels() -> dict[str, int]:
+    """``{name: value}`` of the labels (metadata ``labels``) of the segmentation bundles this process serves.
+
+    Names compared as :func:`unambiguous` does; a name two bundles give different values is left out.
+    """
+    from monailabel.interfaces.tasks.infer_v2 import InferType
+    from monailabel.interfaces.utils import app as app_module
+
+    pairs = [(str(name), int(value)) for app in list(getattr(app_module, "apps", {}).values())
+             for task in getattr(app, "_infers", {}).values()
+             if getattr(task, "type", None) == InferType.SEGMENTATION and isinstance(getattr(task, "meta", None), dict)
+             for name, value in (task.meta.get("labels") or {}).items()]
+    return unambiguous(pairs)
+
+
+def unambiguous(pairs: list[tuple[str, int]]) -> dict[str, int]:
+    """The pairs as ``{name: value}``, names compared as segments are (:func:`medimg.io.dicomseg.label_key`).
+
+    A name given two values is dropped.
+    """
+    values: dict[str, set[int]] = {}
+    names: dict[str, str] = {}
+    for name, value in pairs:
+        key = label_key(name)
+        values.setdefault(key, set()).add(int(value))
+        names.setdefault(key, name)
+    return {names[k]: v.pop() for k, v in values.items() if len(v) == 1}
+
+
 class StudiesPathError(DataError):
     """An image id, label tag or studies entry that would reach outside the studies folder."""
 
@@ -65,39 +131,67 @@ def plain_name(kind: str, value: str | None) -> str | None:
     return value
 
 
-def grid_shape(path: str) -> tuple[int, ...]:
-    """The spatial shape of an image: from the header for NIfTI, else by reading it."""
+def image_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """The spatial shape and RAS affine of an image: from the header for NIfTI, else by reading it."""
     from medimg.io.image import NIFTI_SUFFIXES, has_suffix, read_image
 
     if has_suffix(Path(path), NIFTI_SUFFIXES):
         import nibabel as nib
 
-        return tuple(int(n) for n in nib.load(path).shape[:3])
-    return tuple(read_image(path, spatial_dims=None).array.shape[:3])
+        header = nib.load(path).header
+        return tuple(int(n) for n in header.get_data_shape()[:3]), np.asarray(header.get_best_affine(), np.float64)
+    image = read_image(path, spatial_dims=None)
+    return tuple(image.array.shape[:3]), image.affine
 
 
-def check_label_upload(label_file: str, image_file: str, image_id: str) -> None:
-    """Read an uploaded label whole; :class:`~medimg.errors.DataError` unless it is an image on its image's grid."""
+def check_label_upload(label_file: str, image_file: str, image_id: str) -> bool:
+    """Read an uploaded label image whole; :class:`~medimg.errors.DataError` unless it lies on its image's grid.
+
+    Returns:
+        Whether it holds a label voxel; ``False``: all zeros.
+    """
     from medimg.io.image import read_image
 
-    if label_file.lower().endswith(".dcm"):  # a DICOM SEG (3D Slicer, OHIF): it must parse as one
-        import pydicom
-
-        try:
-            modality = pydicom.dcmread(label_file, stop_before_pixels=True).get("Modality")
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad upload
-            raise DataError(f"label upload for {image_id!r}", f"not a readable DICOM file ({exc})") from exc
-        if modality != "SEG":
-            raise DataError(f"label upload for {image_id!r}", f"a DICOM label must be a SEG, not {modality!r}")
-        return
     try:
         label = read_image(label_file, spatial_dims=None)
     except DataError as exc:
         raise DataError(f"label upload for {image_id!r}", exc.problem) from exc
     shape = tuple(label.array.shape[:3])
-    expected = grid_shape(image_file) if image_file else shape  # the image read once
+    expected, affine = image_grid(image_file) if image_file else (shape, label.affine)  # the image read once
     if shape != expected:
         raise DataError(f"label upload for {image_id!r}", f"shape {shape} differs from the image's {expected}")
+    apart = float(np.abs(label.affine - affine).max())
+    if apart > 1e-3:
+        raise DataError(f"label upload for {image_id!r}", f"does not lie on the image's grid: its affine differs "
+                                                          f"from the image's by up to {apart:.4g} (mm)")
+    return bool(np.any(label.array))
+
+
+def read_seg_upload(label_file: str, image_file: str, image_id: str, out: Path) -> Path | None:
+    """A DICOM SEG upload as NIfTI ``out`` on its series' grid; ``None`` when it labels no voxel.
+
+    Raises:
+        DataError: not a readable SEG, an image that is not a series folder, a SEG of another series.
+    """
+    import pydicom
+
+    from medimg.io.dicomseg import seg_to_labels
+    from medimg.io.image import read_image, write_like
+
+    try:
+        modality = pydicom.dcmread(label_file, stop_before_pixels=True).get("Modality")
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad upload
+        raise DataError(f"label upload for {image_id!r}", f"not a readable DICOM file ({exc})") from exc
+    if modality != "SEG":
+        raise DataError(f"label upload for {image_id!r}", f"a DICOM label must be a SEG, not {modality!r}")
+    if not os.path.isdir(image_file):
+        raise DataError(f"label upload for {image_id!r}", "a DICOM SEG label is for a DICOM series; "
+                                                          "this image is a file: upload NIfTI or NRRD")
+    try:
+        labels = seg_to_labels(label_file, image_file, served_labels() or None)
+    except DataError as exc:
+        raise DataError(f"label upload for {image_id!r}", exc.problem) from exc
+    return write_like(labels, read_image(image_file), out) if labels.any() else None
 
 
 class SeriesDatastore(LocalDatastore):
@@ -114,6 +208,26 @@ class SeriesDatastore(LocalDatastore):
         if real != root and not real.startswith(root + os.sep):
             raise StudiesPathError(Path(path).name, "resolves outside the studies folder")
         return path
+
+    def _to_id(self, file: str) -> tuple[str, str]:
+        """``(id, extension)`` of a file or folder name in the studies folder (module docstring)."""
+        if os.path.isdir(os.path.join(self._datastore.image_path(), file)):
+            return file, ""  # a series folder
+        configured = [p[1:] for p in self._extensions if p.startswith("*.") and not any(c in p[1:] for c in "*?[")]
+        lower = file.lower()
+        for ext in sorted({e.lower() for e in (*configured, *FILE_SUFFIXES)}, key=len, reverse=True):
+            if any(c.isalpha() for c in ext) and lower.endswith(ext) and len(file) > len(ext):
+                return file[:-len(ext)], file[-len(ext):]
+        return file, ""
+
+    def _remove_non_existing(self) -> int:
+        """MONAI Label's clean-up, plus entries recorded under an id this datastore would not give their file."""
+        invalidate = super()._remove_non_existing()
+        stale = [k for k, v in self._datastore.objects.items()
+                 if self._to_id(self._filename(k, v.image.ext)) != (k, v.image.ext)]
+        for image_id in stale:  # e.g. GE's ….299 once recorded as ….1601318184 + ".299"
+            del self._datastore.objects[image_id]
+        return invalidate + len(stale)
 
     def _list_files(self, path, patterns):  # noqa: ANN001, ANN202 - MONAI Label's signature
         root = os.path.realpath(path)
@@ -138,8 +252,13 @@ class SeriesDatastore(LocalDatastore):
         return self._inside(super().get_label_uri(label_id, plain_name("label tag", label_tag)))
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
-        """MONAI Label's image info, for a plain id."""
-        return super().get_image_info(plain_name("image id", image_id))
+        """MONAI Label's image info, for a plain id; a series folder is named ``<id>.nrrd`` and has no path."""
+        info = super().get_image_info(plain_name("image id", image_id))
+        obj = self._datastore.objects.get(image_id)
+        if obj is not None and not obj.image.ext and os.path.isdir(info.get("path", "")):
+            info.pop("path")
+            info["name"] = f"{image_id}.nrrd"
+        return info
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Store an uploaded image under a plain id."""
@@ -153,17 +272,85 @@ class SeriesDatastore(LocalDatastore):
         super().remove_image(image_id)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        """Store a label under a plain image id and tag, inside the studies folder, once it reads as one."""
-        with upload_removed_if_refused(label_filename):
+        """Store a label under a plain image id and tag, inside the studies folder, once it reads as one.
+
+        A DICOM SEG is stored as NIfTI on its series' grid. An all-zero label clears: the label
+        stored under that tag is removed, nothing is stored. The tag's files of this id in other
+        formats are removed either way (module docstring).
+        """
+        with upload_removed_if_refused(label_filename), tempfile.TemporaryDirectory() as tmp:
             plain_name("image id", image_id)
             self._inside(self._datastore.label_path(plain_name("label tag", label_tag)))
-            check_label_upload(label_filename, self.get_image_uri(image_id), image_id)
-            return super().save_label(image_id, label_filename, label_tag, label_info)
+            image_file = self.get_image_uri(image_id)
+            if not image_file:
+                raise DataError(repr(image_id), "no such image in the datastore")
+            if label_filename.lower().endswith(".dcm"):  # a DICOM SEG (3D Slicer, OHIF)
+                upload = read_seg_upload(label_filename, image_file, image_id, Path(tmp) / f"{image_id}.nii.gz")
+            else:
+                upload = label_filename if check_label_upload(label_filename, image_file, image_id) else None
+            with _SAVING:
+                if upload is None:
+                    if self._remove_label_files(image_id, label_tag) or self._datastore.label(image_id, label_tag):
+                        self.refresh()  # at once, not when the file watcher notices
+                    return image_id
+                stored = super().save_label(image_id, str(upload), label_tag, label_info)
+                self._remove_label_files(image_id, label_tag, keep=self._datastore.label(image_id, label_tag).ext)
+                return stored
+
+    def _remove_label_files(self, image_id: str, label_tag: str, keep: str | None = None) -> int:
+        """Delete the tag's label files of exactly ``image_id`` with a known extension, but ``keep``; how many."""
+        folder = Path(self._datastore.label_path(label_tag))
+        removed = 0
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else ():
+            file_id, ext = self._to_id(entry.name)
+            if file_id == image_id and ext and ext != keep and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """Write ``datastore_v2.json`` to a temporary file and rename it over the old one (module docstring)."""
+        from filelock import FileLock
+
+        def write() -> None:
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            path = self._datastore_config_path
+            fd, tmp = tempfile.mkstemp(prefix=".datastore", suffix=".tmp", dir=os.path.dirname(path) or ".")
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self._config_ts = os.stat(path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        """MONAI Label's loading; a file that does not load at start is rebuilt from the folder (module docstring)."""
+        try:
+            super()._init_from_datastore_file(throw_exception=True)
+        except ValueError as exc:
+            if not throw_exception:
+                return  # later reloads: MONAI Label keeps what it has (and logged the error)
+            log.warning("%s does not load (%s); rebuilt from the folder", self._datastore_config_path,
+                        str(exc).splitlines()[0])
+            self._update_datastore_file()
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        """Remove a label by a plain id and tag."""
-        self.get_label_uri(label_id, label_tag)
-        super().remove_label(label_id, label_tag)
+        """Remove a label by a plain id and tag, in every format (module docstring)."""
+        stored = self.get_label_uri(label_id, label_tag)
+        with _SAVING:
+            self._remove_label_files(label_id, label_tag, keep=self._datastore.label(label_id, label_tag).ext
+                                     if stored else None)
+            super().remove_label(label_id, label_tag)
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         """Update image info by a plain id."""

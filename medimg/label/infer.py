@@ -5,14 +5,10 @@ bundle's own predictor (:func:`medimg.load_bundle`), so the server returns exact
 validated. ``request["image"]`` is a local file or a DICOM series folder; the returned label has
 that image's exact shape and geometry (:mod:`medimg.label.results`).
 
-Prompts follow 3D Slicer's MONAI Label client: ``foreground`` / ``background`` clicks are voxel
-indices ``[i, j, k]`` of the image file as stored, ``scribbles`` (``[{"points": [[i, j, k], ...],
-"label": 1 | 0}]``) add clicks along their strokes, ``lasso`` (a closed contour on one slice) bounds
-its object there, ``roi`` is ``[i0, i1, j0, j1, k0, k1]`` (each
-pair in either order: Slicer converts RAS corners, which flips them on non-RAS images), and 2D
-models get ``slice``, the ``k`` the user is looking at. A one-slice image (``(X, Y, 1)`` or 2D)
-takes Slicer's 3D indices with ``k`` at its slice. ``"propagate": false`` keeps the answer on the
-slice the user is on (``slice``, else the first foreground click's, else the ROI's middle ``k``).
+Prompts follow 3D Slicer's MONAI Label client (:mod:`medimg.label.prompts`). ``"propagate":
+false`` keeps the answer on the slice the user is on (``slice``, else the first foreground
+click's, else the ROI's middle ``k``). A 2D model's clicks are segmented on the one slice they lie
+on, whichever of the file's axes it crosses.
 
 Models load on the first request, not at app start (MONAI Label re-creates the app in every train
 subprocess), and reload when the bundle's weights change (:mod:`medimg.label.publish`). One lock
@@ -37,14 +33,13 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from medimg.bundle.loader import bundle_task, load_bundle, segment_names
 from medimg.data.slicing import axis_plane
 from medimg.errors import MedimgError
-from medimg.io.drawn import Lasso
 from medimg.io.image import Image, read_image
 from medimg.io.jsonfile import loads_finite
-from medimg.io.prompts import parse_prompts
+from medimg.label.prompts import clicks_plane, request_prompts, request_propagate, viewed_plane, viewed_slice
 from medimg.label.publish import bundle_version, load_locked
 from medimg.label.results import write_result
 from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB, EmbeddingCache
-from medimg.predictors.prompting import lasso_box, prompt_shape, slicer_shape
+from medimg.predictors.prompting import prompt_shape
 
 log = logging.getLogger(__name__)
 
@@ -173,137 +168,6 @@ class ClassificationInfer(BundleInfer):
         return None, {"probabilities": probs, "prediction": max(probs, key=probs.get)}
 
 
-def _clicks(request: dict[str, Any], image: Image) -> tuple[np.ndarray, np.ndarray]:
-    """``(points (N, D), labels (N,))`` from ``foreground`` / ``background``, checked against the image.
-
-    On a one-slice image (``(X, Y, 1)`` or 2D) Slicer's ``[i, j, k]`` clicks are taken with ``k`` at 0.
-    """
-    shape, full = prompt_shape(image.array), slicer_shape(image.array)
-    pts, labels = [], []
-    for key, value in (("foreground", 1), ("background", 0)):
-        for p in request.get(key) or []:
-            if not isinstance(p, (list, tuple)) or len(p) < len(shape):
-                raise ValueError(f"{image.path}: {key} click {p!r} needs {len(shape)} voxel indices")
-            q = [float(c) for c in p[:len(full)]]
-            if any(not 0 <= c <= n - 1 for c, n in zip(q, full)):
-                raise ValueError(f"{image.path}: {key} click {p!r} lies outside the image of shape {full}")
-            pts.append(q[:len(shape)])
-            labels.append(value)
-    return np.asarray(pts, dtype=np.float64).reshape(-1, len(shape)), np.asarray(labels, dtype=np.int64)
-
-
-def _on_the_slice(points: Any, image: Image, what: str) -> Any:
-    """A one-slice image's ``[i, j, k]`` vertices (Slicer's) as ``[i, j]``, ``k`` checked; others as given."""
-    if len(slicer_shape(image.array)) == len(prompt_shape(image.array)) or not isinstance(points, list):
-        return points
-    out = []
-    for p in points:
-        if isinstance(p, list) and len(p) == 3 and isinstance(p[2], (int, float)):
-            if not -0.5 <= p[2] <= 0.5:  # the tolerance of prompts JSON (parse_prompts)
-                raise ValueError(f"{image.path}: {what} point {p!r} lies outside the image of shape "
-                                 f"{slicer_shape(image.array)}")
-            p = p[:2]
-        out.append(p)
-    return out
-
-
-def _drawn(request: dict[str, Any], image: Image) -> tuple[np.ndarray, np.ndarray, Lasso | None]:
-    """Scribbles (as clicks) and a lasso from the request, in voxel indices, read as the prompts JSON reads them.
-
-    ``scribbles``: ``[{"points": [[i, j, k], ...], "label": 1 | 0}, ...]``; ``lasso``: one closed
-    contour ``[[i, j, k], ...]`` on the viewed slice.
-    """
-    shape = prompt_shape(image.array)
-    scribbles = [{**s, "points": _on_the_slice(s.get("points"), image, "scribble")} if isinstance(s, dict) else s
-                 for s in request.get("scribbles") or []]
-    doc = {"scribbles": scribbles,
-           "lassos": [_on_the_slice(request["lasso"], image, "lasso")] if request.get("lasso") else []}
-    if not doc["scribbles"] and not doc["lassos"]:
-        return np.zeros((0, len(shape))), np.zeros(0, dtype=np.int64), None
-    try:
-        prompts = parse_prompts(doc, shape, image.affine, "request")
-    except MedimgError as exc:
-        raise ValueError(f"{image.path}: {exc.problem}") from exc
-    return prompts.points, prompts.point_labels, (prompts.lassos[0] if prompts.lassos else None)
-
-
-def _roi(request: dict[str, Any], image: Image) -> np.ndarray | None:
-    """Slicer's ``roi`` ``[i0, i1, j0, j1(, k0, k1)]`` -> box ``[i0, j0, (k0,) i1, j1, (k1)]``, clipped to the image.
-
-    A one-slice image (``(X, Y, 1)`` or 2D) takes 4 numbers, or Slicer's 6 with ``k0..k1`` around
-    its slice; the box is 2D.
-    """
-    roi = request.get("roi") or []
-    if not roi:
-        return None
-    shape, full = prompt_shape(image.array), slicer_shape(image.array)
-    if len(roi) not in (2 * len(shape), 2 * len(full)):
-        extra = " (or 6 with k0..k1 around the one slice)" if len(full) > len(shape) else ""
-        raise ValueError(f"{image.path}: roi {roi!r} needs {2 * len(shape)} numbers [i0, i1, j0, j1, ...]{extra}")
-    pairs = np.asarray(roi, dtype=np.float64).reshape(-1, 2)
-    upper = np.asarray(full[:len(pairs)]) - 1
-    if (pairs.max(axis=1) < 0).any() or (pairs.min(axis=1) > upper).any():
-        raise ValueError(f"{image.path}: roi {roi!r} lies outside the image of shape {full[:len(pairs)]}")
-    lo = np.clip(pairs.min(axis=1), 0, upper)[:len(shape)]
-    hi = np.clip(pairs.max(axis=1), 0, upper)[:len(shape)]
-    return np.concatenate([lo, hi])
-
-
-def _prompts(request: dict[str, Any], image: Image,
-             flat_boxes: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Lasso | None]:
-    """Clicks (scribbles' included), the box (``roi``, or a lasso's) and the lasso of a request.
-
-    ``flat_boxes``: a lasso's box stays flat on its slice (2D slice models), else it grows along
-    the slice's normal (:func:`~medimg.predictors.prompting.lasso_box`).
-    """
-    pts, labels = _clicks(request, image)
-    spts, slabels, lasso = _drawn(request, image)
-    pts, labels = np.concatenate([pts, spts]), np.concatenate([labels, slabels]).astype(np.int64)
-    box = _roi(request, image)
-    if lasso is not None:
-        if box is not None:
-            raise ValueError(f"{image.path}: give an roi or a lasso, not both")
-        box = lasso_box(lasso, prompt_shape(image.array), flat_boxes)
-    return pts, labels, box, lasso
-
-
-def viewed_plane(affine: np.ndarray) -> str:
-    """The anatomical plane of the file's slices ``[:, :, k]`` (what 3D Slicer's ``slice`` indexes)."""
-    return axis_plane(affine, 2)
-
-
-def _propagate(request: dict[str, Any]) -> bool:
-    """The request's ``propagate`` (default true; ``false``: only the slice the user is on)."""
-    value = request.get("propagate", True)
-    if isinstance(value, str):  # a form field
-        return value.strip().lower() not in ("false", "0", "no", "off")
-    return True if value is None else bool(value)
-
-
-def _viewed_slice(request: dict[str, Any], image: Image, pts: np.ndarray, labels: np.ndarray,
-                  box: np.ndarray | None) -> int:
-    """The ``k`` the user is on: ``slice``, else the first foreground click's, else the ROI's middle, else a click's."""
-    k = request.get("slice")
-    if k is None:
-        if (labels == 1).any():
-            k = pts[labels == 1][0, 2]
-        elif box is not None:
-            k = (box[2] + box[5]) // 2
-        elif len(pts):
-            k = pts[0, 2]
-        else:
-            raise ValueError(f"{image.path}: give foreground clicks or an roi")
-    try:
-        k = int(round(float(k)))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{image.path}: slice {k!r} is not a slice index") from exc
-    if not 0 <= k < image.array.shape[2]:
-        raise ValueError(f"{image.path}: slice {k} lies outside the image of shape {image.array.shape}")
-    if box is not None and not np.floor(box[2]) <= k <= np.ceil(box[5]):
-        raise ValueError(f"{image.path}: slice {k} lies outside the roi (k {box[2]:g} to {box[5]:g})")
-    return k
-
-
 class PromptInfer2D(BundleInfer):
     """An interactive 2D bundle (``litemedsam``, ``medsam2d``): clicks on a slice, or an ROI through the volume.
 
@@ -326,20 +190,22 @@ class PromptInfer2D(BundleInfer):
     def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
         """The mask of clicks on a slice, or of an ROI (plus clicks) followed through the volume."""
         before = self.encoder_calls
-        pts, labels, box, lasso = _prompts(request, image, flat_boxes=True)
+        pts, labels, box, lasso = request_prompts(request, image, flat_boxes=True)
         volume = len(prompt_shape(image.array)) == 3
-        propagate = _propagate(request)
+        propagate = request_propagate(request)
         if not volume or (box is not None and (propagate or lasso is not None)):
             # a 2D image is one slice; an ROI propagates in the bundle's plane; a lasso's box is on its own slice
             predictor = self.predictor
-        else:  # clicks, or an ROI with propagate false: the slice the user is on, in the plane they view
-            k = _viewed_slice(request, image, pts, labels, box)
+        elif box is None:  # clicks: the one slice they lie on, in the plane the user views
+            if not (labels == 1).any():
+                raise ValueError(f"{image.path}: give foreground clicks or an roi")
+            axis, _ = clicks_plane(request, image, pts, labels)
+            predictor, propagate = self.predictor.for_plane(axis_plane(image.affine, axis)), False
+        else:  # an ROI with propagate false: the slice the user is on
+            k = viewed_slice(request, image, pts, labels, box)
             on_slice = np.round(pts[:, 2]) == k
             pts, labels = pts[on_slice], labels[on_slice]
-            if box is None and not (labels == 1).any():
-                raise ValueError(f"{image.path}: no foreground click on slice {k}")
-            if box is not None:
-                box = np.concatenate([box[:2], [k], box[3:5], [k]])
+            box = np.concatenate([box[:2], [k], box[3:5], [k]])
             predictor, propagate = self.predictor.for_plane(viewed_plane(image.affine)), False
         predictor.prepare(image, None)
         mask = predictor.segment_object(image, box=box, points=pts if len(pts) else None,
@@ -365,13 +231,13 @@ class PromptInfer3D(BundleInfer):
 
     def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
         """The 3D mask of the clicks or the ROI box."""
-        pts, labels, box, lasso = _prompts(request, image, flat_boxes=False)
+        pts, labels, box, lasso = request_prompts(request, image, flat_boxes=False)
         if box is None and not (labels == 1).any():
             raise ValueError(f"{image.path}: give at least one foreground click, a scribble, a lasso or an roi")
         viewed = None  # (axis, index) of the one slice kept with propagate false
-        if not _propagate(request):
+        if not request_propagate(request):
             viewed = (lasso.axis, lasso.index) if lasso is not None else (
-                2, _viewed_slice(request, image, pts, labels, box))
+                2, viewed_slice(request, image, pts, labels, box))
         self.predictor.prepare(image, None)
         mask = self.predictor.segment_object(image, box=box, points=pts if len(pts) else None,
                                              point_labels=labels if len(pts) else None)

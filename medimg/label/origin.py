@@ -1,4 +1,4 @@
-"""The MONAI Label server answers only its own names, and takes writes only from its own pages.
+"""The MONAI Label server answers only its own names, and works only for its own (and ``--cors``) pages.
 
 A web page the annotator has open can reach a server on loopback. Two attacks follow, with or
 without a token:
@@ -9,10 +9,15 @@ without a token:
   ``attacker.example``: every HTTP and websocket request with a ``Host`` the server does not
   answer to gets 421 with one line naming it.
 - **Cross-site requests (CSRF).** A page may *send* a request it cannot read, such as a bodiless
-  ``POST /train/<model>`` from a form, which retrains and republishes the served model. Every
-  state-changing request (POST, PUT, DELETE, PATCH: any method but GET, HEAD and OPTIONS) and
-  every websocket from a browser page of another origin gets 403 (closed with 1008, for a
-  websocket).
+  ``POST /train/<model>`` from a form, which retrains and republishes the served model, or an
+  ``<img src>`` GET of ``/datastore/dataset`` (a ZIP of every image and label, written to disk) or
+  of ``/datastore/?output=train`` (in PACS mode, every labelled series fetched). Every request
+  from a browser page of another origin gets 403 (a websocket is closed with 1008), whatever its
+  method, except CORS pre-flights (OPTIONS) and GET / HEAD of the pages a link from another site
+  may open: ``/``, ``/docs``, ``/favicon.ico``, ``/static/...``, ``/ohif/...`` (the viewer) and
+  ``/info/`` (:data:`PAGES`, :data:`PAGE_FOLDERS`). A read of anything else (the datastore, the
+  DICOM proxy, models, logs, training and inference status) is refused: a foreign page could not
+  read the answer anyway (CORS), so the only effect refused is the work it causes.
 
 Hosts answered (:func:`allowed_hosts` computes the list ``serve`` passes in ``MEDIMG_LABEL_ALLOWED_HOSTS``):
 
@@ -27,18 +32,19 @@ Hosts answered (:func:`allowed_hosts` computes the list ``serve`` passes in ``ME
   and the page has no way to learn the token). Without authentication (``--insecure``) it refuses
   to start until ``--allowed-host`` names them (``--allowed-host '*'`` is the explicit way out).
 
-Origins allowed to write: the server's own and the ``--cors`` ones (``MEDIMG_LABEL_CORS_ORIGINS``,
-the list CORS uses; ``*`` there allows any but ``null``), and the request's own origin (its
-scheme plus its checked ``Host``: the pages the server itself serves, under any name it
-answers). A write is refused when its
-``Origin`` is another one, ``null`` included (sandboxed frames, ``file:`` pages), or when it
-carries no ``Origin`` but ``Sec-Fetch-Site: cross-site`` or ``same-site``. A request with neither
+Origins allowed: the server's own and the ``--cors`` ones (``MEDIMG_LABEL_CORS_ORIGINS``, the
+list CORS uses; ``*`` there allows any but ``null``), and the request's own origin (its scheme
+plus its checked ``Host``: the pages the server itself serves, under any name it answers). A
+request is refused when its ``Origin`` is another one, ``null`` included (sandboxed frames,
+``file:`` pages), or when it carries no ``Origin`` but ``Sec-Fetch-Site: cross-site`` or
+``same-site``. A request with neither
 header comes from no browser page (3D Slicer's and MONAI Label's Python clients, ``curl``) and
-passes. GET, HEAD and OPTIONS pass the origin check (CORS keeps a foreign page from reading the
-answers, and pre-flights must reach the CORS middleware), never the host check.
+passes, and so does a page typed or bookmarked (``Sec-Fetch-Site: none``). Allowed origins (OHIF
+at a ``--cors`` origin) pass for every method and path. Pre-flights pass the origin check (they
+must reach the CORS middleware), never the host check.
 
 :class:`OriginGuardMiddleware` runs outermost (:mod:`medimg.label.asgi`), ahead of the bearer
-token: a foreign Host or a cross-site write is refused whatever the credentials.
+token: a foreign Host or a cross-site request is refused whatever the credentials.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ from medimg.errors import ConfigError
 HOSTS_ENV = "MEDIMG_LABEL_ALLOWED_HOSTS"  # JSON list of hosts besides loopback; "*" is any host
 ORIGINS_ENV = "MEDIMG_LABEL_CORS_ORIGINS"  # JSON list of origins (the server's own and --cors)
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # every other method is a write (POST, PUT, DELETE, PATCH)
+# what a page of another site may GET (a link to the server's pages); MONAI Label's API prefix comes first
+PAGES = ("/", "/docs", "/favicon.ico", "{api}/info", "{api}/info/", "{api}/ohif")
+PAGE_FOLDERS = ("/static/", "{api}/ohif/")
 _NAME = re.compile(r"[a-z0-9_.-]+|\[[0-9a-f:.]+\]")  # a DNS name, IPv4 address or [IPv6] address
 
 
@@ -133,17 +141,21 @@ def _origin(value: str) -> str:
 
 
 class OriginGuardMiddleware:
-    """Pure ASGI middleware: 421 for a foreign ``Host``, 403 for a cross-site write.
+    """Pure ASGI middleware: 421 for a foreign ``Host``, 403 for a cross-site request (module docstring).
 
     Args:
         app: the ASGI app to protect.
         allowed_hosts: hosts answered besides loopback (``NAME`` or ``NAME:PORT``; ``*`` for any).
         allowed_origins: origins (``scheme://host[:port]``) allowed to write besides the request's
             own; ``*`` for any but ``null``.
+        api_prefix: MONAI Label's API prefix (``MONAI_LABEL_API_STR``) before ``/info/`` and ``/ohif/``.
     """
 
-    def __init__(self, app: Any, allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = ()) -> None:
+    def __init__(self, app: Any, allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+                 api_prefix: str = "") -> None:
         self.app = app
+        self.pages = {p.format(api=api_prefix) for p in PAGES}
+        self.page_folders = tuple(p.format(api=api_prefix) for p in PAGE_FOLDERS)
         hosts = list(allowed_hosts)
         self.any_host = "*" in hosts
         self.hosts = {parsed for parsed in (split_host(h) for h in hosts if h != "*") if parsed is not None}
@@ -165,6 +177,14 @@ class OriginGuardMiddleware:
             return False
         return origin == own or self.any_origin or origin in self.origins
 
+    def exempt(self, scope: dict) -> bool:
+        """Whether any origin may send this request: a CORS pre-flight, or a GET / HEAD of a page a link may open."""
+        if scope["type"] != "http":
+            return False
+        method, path = scope.get("method", "GET").upper(), scope.get("path", "")
+        return method == "OPTIONS" or (method in ("GET", "HEAD") and (path in self.pages
+                                                                      or path.startswith(self.page_folders)))
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         """Pass the request on when its Host and Origin are allowed; otherwise answer 421/403 (HTTP) or close."""
         if scope["type"] not in ("http", "websocket"):
@@ -179,7 +199,7 @@ class OriginGuardMiddleware:
             await self._refuse(scope, receive, send, 421, f"host {host!r} is not one this server answers to "
                                                           "(DNS rebinding?); serve --allowed-host NAME adds one")
             return
-        checked = scope["type"] == "websocket" or scope.get("method", "GET").upper() not in SAFE_METHODS
+        checked = not self.exempt(scope)
         origins, fetch_site = headers.get(b"origin", []), headers.get(b"sec-fetch-site", [""])[0].strip().lower()
         scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
         own = _origin(f"{scheme}://{host}")

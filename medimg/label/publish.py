@@ -12,12 +12,14 @@ never a mix and never none: the new bundle is copied to ``.<name>.incoming.parti
 ``.<name>.incoming`` only when complete, and the swap is two renames under the lock. The only
 state between them (the served folder moved aside, the complete incoming one not yet in) is
 finished by :func:`recover`, which every reader and the next publisher run under the lock first:
-it rolls the complete incoming bundle forward, or, with none, the newest previous one back.
-Partial copies are removed.
+it rolls the complete incoming bundle forward, or, with none, the bundle the swap moved aside
+back. Each publisher copies into its own ``.<name>.incoming-<pid>.partial``, removed by
+:func:`recover` only once that process is gone (a reader never deletes a live publisher's copy).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -46,25 +48,45 @@ def bundle_version(bundle: str | Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+def _owner_alive(partial: Path) -> bool:
+    """Whether the publisher that is copying into ``partial`` (``…incoming-<pid>.partial``) still runs."""
+    try:
+        pid = int(partial.name.rsplit("-", 1)[1].split(".")[0])
+        os.kill(pid, 0)
+    except (IndexError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def recover(served: str | Path) -> str | None:
     """Finish or undo a publication a killed publisher left half done; call it holding the lock.
 
+    A partial copy is removed only when its publisher is gone: a reader must never delete the copy
+    a live publisher is still making. The newest previous bundle is moved back only when a swap
+    was under way (``.<name>.swap`` names it), never because a user deleted the served folder.
+
     Returns:
-        ``"forward"`` (the complete incoming bundle was moved in), ``"back"`` (the newest previous
-        bundle was moved back), or ``None`` (nothing to do).
+        ``"forward"`` (the complete incoming bundle was moved in), ``"back"`` (the bundle the
+        interrupted swap had moved aside was moved back), or ``None`` (nothing to do).
     """
     served = Path(served)
     incoming = served.with_name(f".{served.name}.incoming")
-    shutil.rmtree(incoming.with_name(incoming.name + ".partial"), ignore_errors=True)
+    swap = served.with_name(f".{served.name}.swap")
+    for partial in served.parent.glob(f".{served.name}.incoming*.partial"):
+        if not _owner_alive(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+    moved_aside = served.with_name(swap.read_text().strip()) if swap.is_file() else None
+    swap.unlink(missing_ok=True)
     if served.exists():
         shutil.rmtree(incoming, ignore_errors=True)  # a complete copy never swapped in: the swap is redone
         return None
     if incoming.is_dir():
         incoming.rename(served)
         return "forward"
-    previous = sorted(served.parent.glob(f".{served.name}.previous-*"))
-    if previous:
-        previous[-1].rename(served)
+    if moved_aside is not None and moved_aside.is_dir():
+        moved_aside.rename(served)
         return "back"
     return None
 
@@ -88,18 +110,21 @@ def publish_bundle(new_bundle: str | Path, served: str | Path, keep_previous: bo
     """
     served = Path(served)
     staging = served.with_name(f".{served.name}.incoming")
-    partial = staging.with_name(staging.name + ".partial")
+    partial = served.with_name(f".{served.name}.incoming-{os.getpid()}.partial")  # this publisher's own
     with bundle_lock(served):  # a publication a killed publisher left half done is finished first
         recover(served)
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(new_bundle, partial)
     old = served.with_name(f".{served.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}")
+    swap = served.with_name(f".{served.name}.swap")
     with bundle_lock(served):
         shutil.rmtree(staging, ignore_errors=True)
         partial.rename(staging)  # complete: from here a killed publication rolls forward
         if served.exists():
+            swap.write_text(old.name)  # what recover moves back should the complete copy be lost
             served.rename(old)
         staging.rename(served)
+        swap.unlink(missing_ok=True)
         weights = served / "models" / "model.pt"
         weights.touch()  # the copy kept the run's mtime; a publication always moves it forward
     if not keep_previous:

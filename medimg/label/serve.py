@@ -162,9 +162,15 @@ def default_app_dir(studies: str) -> Path:
     """The lasting app folder of a studies source (a folder or a DICOMweb URL); see the module docstring."""
     home = os.environ.get("MEDIMG_LABEL_HOME") or os.path.join(
         os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "medimg", "label")
-    source = studies if is_dicomweb(studies) else str(Path(studies).resolve())
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", urlsplit(source).netloc if is_dicomweb(source) else Path(source).name)
-    return Path(home) / f"{name.strip('-.') or 'studies'}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+    if is_dicomweb(studies):  # credentials in the URL name no folder: host, port and path only
+        url = urlsplit(studies)
+        where = f"{url.hostname or ''}:{url.port}" if url.port else (url.hostname or "")
+        source, label = f"{url.scheme}://{where}{url.path.rstrip('/')}", where
+    else:
+        source = str(Path(studies).resolve())
+        label = Path(source).name
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-.") or "studies"
+    return Path(home) / f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
 
 
 def copy_shipped(folder: Path) -> Path:

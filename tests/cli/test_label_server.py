@@ -133,9 +133,14 @@ def test_paths_uploads_and_bodies_are_refused_with_400_or_413(server, studies, m
                   files={"label": ("label.nii.gz", payload)}, data={"params": "{}"}, timeout=60)
         assert r.status_code == 400 and "plain name" in r.text
     assert not list(studies.parent.glob("escape*")) and not Path("/tmp/escape").exists()
-    # a corrupt label upload is refused; the label stored before it stays
+    # a label on another grid (the RAS one for the LPS copy) is refused; so is a corrupt one; the stored one stays
     r = s.put(f"{url}/datastore/label", params={"image": "mni_t1_lps", "tag": "guard"},
               files={"label": ("label.nii.gz", payload)}, data={"params": "{}"}, timeout=60)
+    assert r.status_code == 400 and "does not lie on the image's grid" in r.text
+    nib.save(labels.as_reoriented(LPS), tmp_path / "lps.nii.gz")
+    r = s.put(f"{url}/datastore/label", params={"image": "mni_t1_lps", "tag": "guard"},
+              files={"label": ("label.nii.gz", (tmp_path / "lps.nii.gz").read_bytes())}, data={"params": "{}"},
+              timeout=60)
     assert r.ok, r.text
     stored = s.get(f"{url}/datastore/label", params={"label": "mni_t1_lps", "tag": "guard"}, timeout=60).content
     r = s.put(f"{url}/datastore/label", params={"image": "mni_t1_lps", "tag": "guard"},

@@ -66,3 +66,20 @@ def test_bad_label_maps_are_data_errors(series, tmp_path):
     with pytest.raises(DataError, match="empty"):
         write_dicom_seg(np.zeros_like(label), folder, tmp_path / "b.dcm", {})
     assert not (tmp_path / "a.dcm").exists() and not (tmp_path / "b.dcm").exists()
+
+
+def test_label_values_that_are_not_1_to_n_come_back_unchanged(series, tmp_path):
+    """Values 2 and 3 alone: the SEG's segments are numbered 1, 2 (BINARY SEGs must be), each keeps its value."""
+    import highdicom as hd
+
+    from medimg.io.dicomseg import seg_to_labels
+
+    folder, label = series
+    labels = np.where(label >= 2, label, 0).astype(np.uint8)  # white_matter (2) and csf (3), no grey_matter (1)
+    assert np.unique(labels).tolist() == [0, 2, 3]
+    out = write_dicom_seg(labels, folder, tmp_path / "seg.dcm", {1: "grey_matter", 2: "white_matter", 3: "csf"})
+    seg = hd.seg.segread(out)
+    assert [(d.SegmentNumber, d.SegmentLabel) for d in seg.SegmentSequence] == [(1, "white_matter"), (2, "csf")]
+    np.testing.assert_array_equal(seg_to_labels(out, folder), labels)
+    # the bundle's labels given: mapped by name (case and underscores aside), the same values
+    np.testing.assert_array_equal(seg_to_labels(out, folder, {"Grey Matter": 1, "WHITE MATTER": 2, "csf": 3}), labels)

@@ -85,7 +85,9 @@ def test_result_format_errors_name_the_problem_and_leave_no_file(own_tempdir):
 
 
 def test_slicer_roi_and_clicks_become_checked_voxel_prompts():
-    from medimg.label.infer import _clicks, _roi, viewed_plane
+    from medimg.label.prompts import request_clicks as _clicks
+    from medimg.label.prompts import request_roi as _roi
+    from medimg.label.prompts import viewed_plane
 
     image = Image(np.zeros((20, 30, 10), np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]), "scan.nii.gz", "nifti")
     # Slicer converts RAS corners: on an LPS image i and j come reversed; corners beyond the image are clipped
@@ -106,7 +108,9 @@ def test_slicer_roi_and_clicks_become_checked_voxel_prompts():
 @pytest.mark.parametrize("shape", [(20, 30, 1), (20, 30)])
 def test_a_one_slice_image_takes_slicers_3d_roi_and_clicks(shape):
     """Slicer shows a one-slice volume (or a 2D file) as a volume: 6-number ROIs, 3-number clicks at k = 0."""
-    from medimg.label.infer import _clicks, _prompts, _roi
+    from medimg.label.prompts import request_clicks as _clicks
+    from medimg.label.prompts import request_prompts as _prompts
+    from medimg.label.prompts import request_roi as _roi
 
     image = Image(np.zeros(shape, np.float32), np.eye(4), "slice.nii.gz", "nifti")
     for roi in ([15, 3, 25, 40, 0, 0], [15, 3, 25, 40, 2, -1], [3, 15, 25, 29]):  # the 2D form still works
@@ -129,7 +133,7 @@ def test_a_one_slice_image_takes_slicers_3d_roi_and_clicks(shape):
         _prompts({"lasso": [[2, 3, 1], [2, 12, 1], [9, 12, 1]]}, image, flat_boxes=True)
 
 def test_slicer_scribbles_and_lasso_become_clicks_and_a_bounded_box():
-    from medimg.label.infer import _prompts
+    from medimg.label.prompts import request_prompts as _prompts
 
     image = Image(np.zeros((20, 30, 10), np.float32), np.eye(4), "scan.nii.gz", "nifti")
     request = {"foreground": [[1, 2, 3]], "scribbles": [{"points": [[5, 5, 4], [5, 21, 4]], "label": 0}],
@@ -206,6 +210,7 @@ def test_a_publication_stopped_at_any_rename_leaves_old_or_new(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         publish_bundle(new, served)
     monkeypatch.setattr(Path, "rename", real)
+    monkeypatch.setattr("medimg.label.publish._owner_alive", lambda partial: False)  # the publisher is dead
     # 0: incoming never complete -> old; 1: complete but not swapped -> old; 2: served moved aside -> new
     assert _served_text(served) == ["old", "old", "new"][crash_at]
     assert not list(served.parent.glob(".seg.incoming*"))

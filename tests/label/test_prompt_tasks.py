@@ -122,3 +122,15 @@ def test_a_one_slice_volume_takes_slicers_6_number_roi_end_to_end():
     image = Image(_cube().array[:, :, 10:11].copy(), np.eye(4), "slice.nii.gz", "memory")
     mask, _ = _task2d().run(image, {"roi": [6, 25, 6, 25, 0, 0], "foreground": [[16, 16, 0]], "slice": 0})
     assert mask.shape == (32, 32, 1) and mask.sum() == 16 * 16 and mask[8:24, 8:24, 0].all()
+
+
+def test_2d_clicks_made_across_the_files_slices_are_segmented_on_their_own_slice():
+    """An axial view of a sagittally stored volume: Slicer's clicks share an i, not a k; none is dropped."""
+    image = _cube()
+    task = _task2d()
+    clicks = {"foreground": [[12, 16, 10], [12, 20, 14]], "background": [[12, 9, 18]]}
+    mask, fields = task.run(image, clicks)
+    assert np.nonzero(mask.any(axis=(1, 2)))[0].tolist() == [12]  # the slice i = 12, not one k
+    assert mask[12].sum() == 16 * 16 and fields["plane"] != task.predictor.for_plane("axial").plane
+    with pytest.raises(ValueError, match=r"clicks \[\[9.0, 9.0, 18.0\]\] are not on slice 10"):
+        task.run(image, {"foreground": [[12, 16, 10]], "background": [[9, 9, 18]]})

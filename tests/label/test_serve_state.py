@@ -185,3 +185,62 @@ def test_a_publication_refreshes_the_labels_version_and_metrics_clients_see(tmp_
     after = task.info()
     assert after["labels"] == {"GM": 1, "WM": 2} and after["config"]["bundle_version"] == "0.3.0"
     assert after["eval_metrics"] == {"mean_dice": 0.5}
+
+
+def test_a_reader_loading_during_the_copy_never_destroys_a_publication(tmp_path, monkeypatch):
+    """A model's first load (another process, another thread) while a training's bundle is being copied in."""
+    import threading
+
+    import medimg.label.publish as publish
+
+    served = tmp_path / "models" / "seg"
+    new = tmp_path / "run" / "bundle"
+    for folder, text in ((served, "old"), (new, "new")):
+        (folder / "models").mkdir(parents=True)
+        (folder / "models" / "model.pt").write_text(text)
+    copying, proceed = threading.Event(), threading.Event()
+    real_copy = shutil.copytree
+
+    def slow_copy(src, dst, *args, **kw):
+        out = real_copy(src, dst, *args, **kw)
+        if str(dst).endswith(".partial"):  # the publisher's copy, still under way
+            copying.set()
+            proceed.wait(30)
+        return out
+
+    monkeypatch.setattr(publish.shutil, "copytree", slow_copy)
+    errors: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _catch(errors, publish.publish_bundle, new, served))
+    worker.start()
+    assert copying.wait(30), errors
+    text, _ = publish.load_locked(served, lambda b: (b / "models" / "model.pt").read_text())
+    assert text == "old"
+    proceed.set()
+    worker.join(30)
+    assert not errors, errors
+    assert (served / "models" / "model.pt").read_text() == "new"
+
+
+def _catch(errors: list, fn, *args) -> None:
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported by the test
+        errors.append(exc)
+
+
+def test_deleting_the_served_copy_serves_the_shipped_bundle_not_an_old_fine_tune(tmp_path, monkeypatch):
+    import medimg.bundles
+    from medimg.label.publish import publish_bundle
+    from medimg.label.serve import copy_shipped
+
+    shipped = shipped_bundles()["tissue_t1"]
+    monkeypatch.setattr(medimg.bundles, "shipped_bundles", lambda: {"tissue_t1": shipped})
+    served = copy_shipped(tmp_path / "models") / "tissue_t1"
+    for n in (1, 2):
+        tuned = tmp_path / f"run{n}"
+        shutil.copytree(shipped, tuned)
+        (tuned / "models" / "model.pt").write_bytes(f"fine-tune {n}".encode())
+        publish_bundle(tuned, served)
+    shutil.rmtree(served)  # what the start-up message tells a user to do
+    copy_shipped(tmp_path / "models")
+    assert (served / "models" / "model.pt").read_bytes() == (shipped / "models" / "model.pt").read_bytes()
