@@ -54,6 +54,7 @@ import os
 import re
 from collections.abc import Iterator
 from typing import IO, Any, Optional
+from urllib.parse import parse_qs
 
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -64,6 +65,7 @@ from monailabel.config import RBAC_ANNOTATOR, RBAC_USER, settings
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.async_tasks.task import AsyncTask
 
 from medimg.errors import DataError
 from medimg.label import routes  # noqa: F401 - registers GET/HEAD /datastore/image for DICOM series (NRRD)
@@ -73,7 +75,7 @@ from medimg.label.limits import DEFAULT_MAX_UPLOAD_MB, UPLOAD_ENV, BodyLimitMidd
 from medimg.label.main import REQUEST_FILES
 from medimg.label.origin import HOSTS_ENV, ORIGINS_ENV, OriginGuardMiddleware
 
-__all__ = ["app", "checked_params", "proxy_refusal"]
+__all__ = ["app", "checked_params", "proxy_refusal", "session_refusal"]
 
 API = settings.MONAI_LABEL_API_STR
 DICOMWEB_WORDS = frozenset({"studies", "series", "instances", "metadata", "frames", "rendered", "thumbnail",
@@ -104,7 +106,52 @@ def checked_params(params: str, image: str, model: str) -> dict[str, Any]:
         if key in value and value[key] != own:
             raise DataError("params", f"{key!r} cannot be set in params, only by the request itself "
                                       "(image=ID in the query, the model in the path, session_id)")
+    if value.get("save_label") or "label_tag" in value:  # an inference never overwrites annotators' labels
+        raise DataError("params", "save_label / label_tag: an inference does not store labels; save with "
+                                  "PUT /datastore/label")
     return value
+
+
+_SESSION_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def session_refusal(method: str, path: str, query: str) -> tuple[int, str] | None:
+    """``(status, reason)`` refusing a session id that is no UUID, or an archive to unpack; else ``None``.
+
+    MONAI Label joins a ``session_id`` onto its session folder as given (an absolute one replaces
+    it, and a session whose image is missing is removed with ``rmtree``), and unpacks
+    ``uncompress=true`` uploads with ``shutil.unpack_archive``, which writes ``../`` members and
+    links anywhere. Its own session ids are UUIDs; neither Slicer nor OHIF uploads archives.
+    """
+    fields = parse_qs(query, keep_blank_values=True)
+    ids = fields.get("session_id", [])
+    if path.startswith(f"{API}/session/") and path.rstrip("/") != f"{API}/session":
+        ids = [*ids, path[len(f"{API}/session/"):].strip("/")]
+    if any(i and not _SESSION_ID.fullmatch(i) for i in ids):
+        return 400, "session_id: not a session id (MONAI Label's are UUIDs)"
+    unpack = any(v.lower() in ("1", "true", "yes") for v in fields.get("uncompress", []))
+    if path.rstrip("/") == f"{API}/session" and unpack:
+        return 400, "uncompress: archives are not unpacked on this server; upload the image itself"
+    return None
+
+
+def _server_keys_refused(run: Any) -> Any:
+    """``AsyncTask.run`` refusing request bodies that set what only the server sets (``bundle_path``).
+
+    MONAI Label adds a request's ``bundle_path`` to the ``PYTHONPATH`` of the train, scoring or
+    batch subprocess it starts: a caller naming an uploaded folder there would run its code.
+    """
+    def checked(method: str, request: Any = None, params: Any = None, force_sync: bool = False,
+                enqueue: bool = False) -> Any:
+        for doc in (request, params):
+            if isinstance(doc, dict) and "bundle_path" in doc:
+                raise HTTPException(status_code=400, detail="bundle_path: set by the server, not by a request")
+        return run(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
+
+    return staticmethod(checked)
+
+
+AsyncTask.run = _server_keys_refused(AsyncTask.run)
 
 
 def infer_in_worker_thread(background_tasks: BackgroundTasks, model: str, image: str = "",  # noqa: B008 - FastAPI
@@ -194,7 +241,9 @@ class DicomProxyGuardMiddleware:
         """Refuse (one line) what :func:`proxy_refusal` refuses; pass everything else on."""
         if scope["type"] == "http":
             raw = (scope.get("raw_path") or b"").split(b"?", 1)[0]
-            refusal = proxy_refusal(scope.get("method", "GET"), scope.get("path", ""), raw)
+            refusal = (proxy_refusal(scope.get("method", "GET"), scope.get("path", ""), raw)
+                       or session_refusal(scope.get("method", "GET"), scope.get("path", ""),
+                                          (scope.get("query_string") or b"").decode("latin-1")))
             if refusal is not None:
                 await JSONResponse({"detail": refusal[1]}, status_code=refusal[0])(scope, receive, send)
                 return

@@ -237,3 +237,58 @@ def test_inference_reads_studies_and_uploads_only(server, tmp_path):
 def test_the_server_stops_and_leaves_no_process(server):
     server.srv.stop()
     assert not server.srv.alive()
+
+
+def test_session_ids_are_uuids_and_archives_are_not_unpacked(served, monkeypatch, tmp_path):
+    """An absolute ``session_id`` made MONAI Label rmtree a folder; a tar with ``../`` members wrote anywhere."""
+    import io
+    import tarfile
+
+    http, asgi, _, _ = served
+    from monailabel.endpoints import session as ml_session
+
+    calls = []
+    monkeypatch.setattr(asgi, "run_inference", lambda *args: calls.append(args) or {})
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "meta.info").write_text(json.dumps({"image": "/nonexistent"}))
+    for session_id in (str(victim), "../victim", "x"):
+        r = http.post("/infer/m", params={"image": "scan", "session_id": session_id}, data={"params": "{}"})
+        assert r.status_code == 400 and "session_id" in _one_line(r), (session_id, r.status_code)
+        assert http.get(f"/session/{session_id.strip('/')}").status_code in (400, 404)
+    assert calls == [] and (victim / "meta.info").is_file()  # nothing was removed
+    uuid = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    assert http.post("/infer/m", params={"image": "scan", "session_id": uuid}, data={"params": "{}"}).status_code == 200
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        member = tarfile.TarInfo("../../escaped.txt")
+        member.size = 2
+        tar.addfile(member, io.BytesIO(b"hi"))
+    unpacked = []
+    monkeypatch.setattr(ml_session, "create_session", lambda *a, **k: unpacked.append(a) or {})
+    r = http.put("/session/", params={"uncompress": "true"}, files={"files": ("x.tar", buf.getvalue())})
+    assert r.status_code == 400 and "uncompress" in _one_line(r)
+    assert unpacked == []
+
+
+def test_a_request_body_cannot_set_the_subprocess_bundle_path(served, monkeypatch):
+    """MONAI Label adds a request's ``bundle_path`` to its train / scoring / batch subprocess's PYTHONPATH."""
+    http, _, _, _ = served
+    from monailabel.utils.async_tasks import task as ml_task
+
+    started = []
+    monkeypatch.setattr(ml_task, "run_background_task", lambda request, method: started.append(request) or {})
+    monkeypatch.setattr(ml_task, "app_instance", lambda: SimpleNamespace(info=lambda: {}, bundle_path=lambda m: None))
+    for path in ("/scoring/x", "/train/m", "/batch/infer/m"):
+        r = http.post(path, json={"bundle_path": "/tmp/uploaded-code"})
+        assert r.status_code == 400 and "bundle_path" in _one_line(r), (path, r.status_code, r.text)
+    assert started == []
+    assert http.post("/scoring/x", json={}).status_code == 200 and len(started) == 1
+
+
+def test_an_inference_cannot_overwrite_the_annotators_labels(served, monkeypatch):
+    http, asgi, _, _ = served
+    monkeypatch.setattr(asgi, "run_inference", lambda *args: {})
+    for params in ({"save_label": True}, {"label_tag": "final"}):
+        r = http.post("/infer/m", params={"image": "scan"}, data={"params": json.dumps(params)})
+        assert r.status_code == 400 and "PUT /datastore/label" in _one_line(r)
