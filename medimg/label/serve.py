@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from medimg.errors import ConfigError, exit_on_sigterm, run_cli
+from medimg.label.origin import HOSTS_ENV, allowed_hosts, is_loopback_name
 
 APP_MAIN = ('"""MONAI Label app folder written by python -m medimg.label serve."""\n'
             "from medimg.label.main import MedimgApp  # noqa: F401\n")
@@ -54,16 +54,6 @@ WARNING = """
 #  start training. Bind 127.0.0.1 (the default), give --token-file, or enable
 #  MONAI_LABEL_AUTH_ENABLE with Keycloak.
 ################################################################################"""
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -233,7 +223,7 @@ def check_auth(args: argparse.Namespace) -> str | None:
     keycloak = os.environ.get("MONAI_LABEL_AUTH_ENABLE", "").lower() in ("1", "true")
     if token and keycloak:
         raise ConfigError("--token-file", "MONAI_LABEL_AUTH_ENABLE (Keycloak) is on as well; choose one")
-    if token or keycloak or is_loopback(args.host):
+    if token or keycloak or is_loopback_name(args.host):
         return token
     if not args.insecure:
         raise ConfigError("--host", f"{args.host} is reachable from other machines and no authentication is set: "
@@ -247,7 +237,6 @@ def serve(args: argparse.Namespace) -> int:
     """Check the folders, write the app folder, and run MONAI Label's server until it stops."""
     from medimg.label.auth import DIGEST_ENV, TOKEN_ENV, digest
     from medimg.label.limits import UPLOAD_ENV
-    from medimg.label.origin import HOSTS_ENV, allowed_hosts
 
     token = check_auth(args)
     check(args)

@@ -117,3 +117,17 @@ class LabelServer:
         if self.alive():
             os.killpg(self.pgid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+def pacs_server(tmp_path_factory, dicomweb: str, runs: dict[str, Path], token: str) -> LabelServer:
+    """A token-guarded server over a PACS (``dicomweb``) serving ``runs``' bundles (``{name: run}``), with
+    its DICOMweb cache and TMPDIR in its own folder (checked for leftovers)."""
+    import shutil
+
+    models = tmp_path_factory.mktemp("models")
+    for name, run in runs.items():
+        shutil.copytree(run / "bundle", models / name)
+    work = tmp_path_factory.mktemp("label")
+    (work / "tmp").mkdir()
+    return LabelServer(models, dicomweb, work, token=token,
+                       env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"), "TMPDIR": str(work / "tmp")})

@@ -23,7 +23,7 @@ from pydicom.data import get_testdata_file
 from scipy import ndimage
 
 from medimg.io.image import read_image
-from tests.cli.label_client import LabelServer
+from tests.cli.label_client import LabelServer, pacs_server
 from tests.cli.orthanc import OrthancServer
 from tests.helpers import dciodvfy, write_dicom_series
 
@@ -51,15 +51,7 @@ def pacs(tmp_path_factory, mni_dir):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pacs, mni_run, lite_run):
-    import shutil
-
-    models = tmp_path_factory.mktemp("models")
-    for name, run in (("swin_unetr", mni_run), ("litemedsam", lite_run)):
-        shutil.copytree(run / "bundle", models / name)
-    work = tmp_path_factory.mktemp("label")
-    (work / "tmp").mkdir()
-    srv = LabelServer(models, pacs[0].dicomweb, work, token=TOKEN,
-                      env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"), "TMPDIR": str(work / "tmp")})
+    srv = pacs_server(tmp_path_factory, pacs[0].dicomweb, {"swin_unetr": mni_run, "litemedsam": lite_run}, TOKEN)
     yield srv
     srv.stop()
 

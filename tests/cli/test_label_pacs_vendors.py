@@ -9,7 +9,6 @@ after storing its SEG. Orthanc and the server start and stop here.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from medimg.io.image import read_image
-from tests.cli.label_client import LabelServer
+from tests.cli.label_client import LabelServer, pacs_server
 from tests.cli.orthanc import OrthancServer
 from tests.helpers import write_dicom_series
 from tests.label.vendors import GE_299, GE_303, SIEMENS, copy_files, one_volume, vendor_series
@@ -50,12 +49,7 @@ def pacs(tmp_path_factory, mni_dir):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pacs, mni_run):
-    models = tmp_path_factory.mktemp("models")
-    shutil.copytree(mni_run / "bundle", models / "swin_unetr")
-    work = tmp_path_factory.mktemp("label")
-    (work / "tmp").mkdir()
-    srv = LabelServer(models, pacs[0].dicomweb, work, token=TOKEN,
-                      env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"), "TMPDIR": str(work / "tmp")})
+    srv = pacs_server(tmp_path_factory, pacs[0].dicomweb, {"swin_unetr": mni_run}, TOKEN)
     yield srv
     srv.stop()
 

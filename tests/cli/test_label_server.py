@@ -225,6 +225,17 @@ def wm_prompts(mni_dir: Path) -> tuple[list[int], list[int], list[int]]:
     return pos, neg, roi
 
 
+def axial_negative(mni_dir: Path, pos: list[int]) -> list[int]:
+    """The darkest voxel, away from white matter, on ``pos``'s axial slice and row, within 40 voxels."""
+    t1 = np.asarray(nib.load(mni_dir / "t1.nii.gz").dataobj)
+    wm = np.asarray(nib.load(mni_dir / "labels.nii.gz").dataobj) == 2
+    far = ~ndimage.binary_dilation(wm, iterations=3)[:, pos[1], pos[2]]
+    row = np.where(far, t1[:, pos[1], pos[2]], np.inf)
+    lo = max(pos[0] - 40, 0)
+    i = lo + int(np.argmin(row[lo:pos[0] + 40]))
+    return [i, pos[1], pos[2]]
+
+
 def test_litemedsam_clicks_and_roi_and_no_second_encoding(server, studies, mni_dir, tmp_path):
     pos, neg, roi = wm_prompts(mni_dir)
     params = {"foreground": [pos], "background": [neg], "roi": roi, "slice": pos[2], "label": "white matter",
@@ -350,6 +361,7 @@ def test_monai_label_client_clicks_saves_trains_and_picks_the_next_sample(server
     assert sorted(info["models"]) == ["litemedsam", "medsam3d", "swin_unetr", "vit_cls"]
     # clicks on the viewed slice
     pos, neg, _ = wm_prompts(mni_dir)
+    neg = axial_negative(mni_dir, pos)  # on the viewed slice too: clicks sharing only j come from a coronal view
     click_file, click = client.infer("litemedsam", "mni_t1", {"foreground": [pos], "background": [neg],
                                                               "slice": pos[2], "result_extension": ".nii.gz"})
     mask = same_geometry(Path(click_file), studies / "mni_t1.nii.gz")

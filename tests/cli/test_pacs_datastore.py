@@ -28,6 +28,7 @@ from tests.label.vendors import (
     SIEMENS,
     SLICER_SEG,
     copy_files,
+    foreign_seg,
     one_volume,
     slicer_seg,
     slicer_seg_source,
@@ -152,29 +153,8 @@ def _philips_seg(folder: Path, labels: np.ndarray) -> bytes:
 
 
 def _tool_seg(folder: Path, numbered: np.ndarray, names: list[str], out: Path) -> Path:
-    """A SEG another tool (3D Slicer / dcmqi) wrote: segments 1..n of ``numbered``, known by ``names``."""
-    import highdicom as hd
-    from pydicom.sr.coding import Code
-
-    from medimg.io.dicom import read_dicom_series
-    from medimg.io.dicomseg import TYPE2_COPIED
-
-    series = read_dicom_series(folder)
-    sources = [pydicom.dcmread(p) for p in series.files]
-    for ds in sources:
-        for keyword in TYPE2_COPIED:
-            setattr(ds, keyword, ds.get(keyword, ""))
-    segments = [hd.seg.SegmentDescription(
-        segment_number=n, segment_label=name, segmented_property_category=Code("91723000", "SCT", "Anatomical"),
-        segmented_property_type=Code("85756007", "SCT", "Tissue"), algorithm_type="MANUAL")
-        for n, name in enumerate(names, start=1)]
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=np.ascontiguousarray(numbered.transpose(2, 1, 0)),
-        segmentation_type="BINARY", segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=77,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="another tool", manufacturer_model_name="x",
-        software_versions="1", device_serial_number="1")
-    seg.save_as(out)
-    return out
+    """A SEG another tool wrote (:func:`tests.label.vendors.foreign_seg`), stored by that tool's maker."""
+    return foreign_seg(folder, numbered, names, out, manufacturer="another tool", series_number=77)
 
 
 def test_training_reads_segs_this_server_did_not_write(pacs, tmp_path):

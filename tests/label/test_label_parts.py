@@ -267,7 +267,7 @@ def test_serve_checks_its_folders_with_one_line(tmp_path):
 
 
 def test_only_loopback_hosts_count_as_local():
-    from medimg.label.serve import is_loopback
+    from medimg.label.origin import is_loopback_name as is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")

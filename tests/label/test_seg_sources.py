@@ -101,27 +101,7 @@ def test_3d_slicers_seg_is_read_by_frame_position(tmp_path):
 
 def _foreign_seg(folder, labels: np.ndarray, names: list[str], out) -> str:
     """A SEG another tool (3D Slicer / dcmqi) wrote: segments numbered 1..n, known only by their labels."""
-    import highdicom as hd
-    from pydicom.sr.coding import Code
-
-    from medimg.io.dicom import read_dicom_series
-    from medimg.io.dicomseg import TYPE2_COPIED
-
-    sources = [pydicom.dcmread(p) for p in read_dicom_series(folder).files]
-    for ds in sources:  # what highdicom copies from a source
-        for keyword in TYPE2_COPIED:
-            setattr(ds, keyword, ds.get(keyword, ""))
-    segments = [hd.seg.SegmentDescription(
-        segment_number=n, segment_label=name, segmented_property_category=Code("91723000", "SCT", "Anatomical"),
-        segmented_property_type=Code("85756007", "SCT", "Tissue"), algorithm_type="MANUAL")
-        for n, name in enumerate(names, start=1)]
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=np.ascontiguousarray(labels.transpose(2, 1, 0)), segmentation_type="BINARY",
-        segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="Slicer", manufacturer_model_name="dcmqi", software_versions="1",
-        device_serial_number="1")
-    seg.save_as(out)
-    return str(out)
+    return str(vendors.foreign_seg(folder, labels, names, out))
 
 
 def test_another_tools_segments_map_to_the_bundles_values_by_name(series, tmp_path):

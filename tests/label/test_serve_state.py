@@ -121,6 +121,13 @@ def test_a_datastore_fine_tune_of_medsam3d_drops_its_embedded_dataset_options(tm
     assert cfg["init_weights"] == str(bundle)
 
 
+def _spawn(body: str) -> tuple[subprocess.Popen, int]:
+    """A Python process running ``body`` (in :data:`WAIT`), and the pid of the child it prints first."""
+    proc = subprocess.Popen([sys.executable, "-c", WAIT.format(body=body)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    return proc, int(proc.stdout.readline())
+
+
 def test_sigterm_stops_the_training_it_runs_and_exits_143(tmp_path):
     """What the train subprocess does when the server stops: ``medimg.train`` (here a sleeper) ends too."""
     body = ("with subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
@@ -128,9 +135,7 @@ def test_sigterm_stops_the_training_it_runs_and_exits_143(tmp_path):
             "    print(proc.pid, flush=True)\n"
             "    proc.wait()\n"
             "print('published', flush=True)\n")
-    runner = subprocess.Popen([sys.executable, "-c", WAIT.format(body=body)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO)
-    child = int(runner.stdout.readline())
+    runner, child = _spawn(body)
     assert _alive(child)
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(30) == 143
@@ -144,9 +149,7 @@ def test_a_training_ends_when_the_server_is_killed_outright(tmp_path):
             " preexec_fn=die_with_parent)\n"
             "print(proc.pid, flush=True)\n"
             "time.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", WAIT.format(body=body)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO)
-    child = int(parent.stdout.readline())
+    parent, child = _spawn(body)
     assert _alive(child)
     parent.kill()
     parent.wait(10)

@@ -110,3 +110,30 @@ def slicer_seg_source(folder: Path, first: int = 148, count: int = 21) -> Path:
         ds.PixelData = np.zeros((512, 512), np.int16).tobytes()
         ds.save_as(folder / f"{k}.dcm")
     return folder
+
+
+def foreign_seg(folder: Path, numbered: np.ndarray, names: list[str], out: Path, *, manufacturer: str = "Slicer",
+                series_number: int = 5) -> Path:
+    """A SEG another tool (3D Slicer / dcmqi) wrote with highdicom: segments 1..n of ``numbered`` (the series'
+    ``(X, Y, Z)`` grid), known only by ``names``, algorithm type MANUAL."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    from medimg.io.dicom import read_dicom_series
+    from medimg.io.dicomseg import TYPE2_COPIED
+
+    sources = [pydicom.dcmread(p) for p in read_dicom_series(folder).files]
+    for ds in sources:  # what highdicom copies from a source
+        for keyword in TYPE2_COPIED:
+            setattr(ds, keyword, ds.get(keyword, ""))
+    segments = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=name, segmented_property_category=Code("91723000", "SCT", "Anatomical"),
+        segmented_property_type=Code("85756007", "SCT", "Tissue"), algorithm_type="MANUAL")
+        for n, name in enumerate(names, start=1)]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=np.ascontiguousarray(numbered.transpose(2, 1, 0)),
+        segmentation_type="BINARY", segment_descriptions=segments, series_instance_uid=hd.UID(),
+        series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1, manufacturer=manufacturer,
+        manufacturer_model_name="dcmqi", software_versions="1", device_serial_number="1")
+    seg.save_as(out)
+    return Path(out)
