@@ -248,11 +248,27 @@ def _labels_by_position(ds: pydicom.Dataset, series: DicomSeries, seg_file: str 
     return labels
 
 
+def label_map(array: np.ndarray, what: str | Path) -> np.ndarray:
+    """``array`` as a uint8 label map, or :class:`DataError` naming ``what`` for values a SEG cannot hold.
+
+    A SEG stores label values 1..255 (:data:`VALUE_NOTE`): a value outside 0..255 or not a whole
+    number is refused, never wrapped (256 would become 0 and the label read as empty).
+    """
+    array = np.asarray(array)
+    if array.size:
+        lo, hi = float(np.min(array)), float(np.max(array))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+            raise DataError(what, f"label values must lie in 0..255, found {lo:g}..{hi:g}")
+        if array.dtype.kind == "f" and not np.array_equal(array, np.rint(array)):
+            raise DataError(what, "label values must be whole numbers")
+    return np.rint(array).astype(np.uint8) if array.dtype.kind == "f" else array.astype(np.uint8)
+
+
 def raw_labels(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:
     """OHIF's ``label.bin``: uint8 (or uint16) voxels of the series grid, column fastest (Fortran order)."""
     data = Path(path).read_bytes()
     n = int(np.prod(shape))
     for dtype in (np.uint8, np.uint16):
         if len(data) == n * np.dtype(dtype).itemsize:
-            return np.frombuffer(data, dtype=dtype).reshape(shape, order="F").astype(np.uint8)
+            return label_map(np.frombuffer(data, dtype=dtype).reshape(shape, order="F"), Path(path).name)
     raise DataError(Path(path).name, f"holds {len(data)} bytes, not the {n} voxels of the series (uint8 or uint16)")

@@ -68,7 +68,11 @@ def _meta_image(path: Path) -> None:
         if "=" in line:
             key, value = line.split("=", 1)
             fields[key.strip().lower()] = value.strip()
-    if fields.get("compresseddata", "false").lower() == "true" or "elementdatafile" not in fields:
+    if "elementdatafile" not in fields:
+        return
+    if fields["elementdatafile"].upper() != "LOCAL":
+        _beside(path, fields["elementdatafile"])
+    if fields.get("compresseddata", "false").lower() == "true":
         return
     dims = [int(v) for v in fields.get("dimsize", "0").split()]
     size = MET_TYPES.get(fields.get("elementtype", "").upper())
@@ -86,6 +90,23 @@ def _meta_image(path: Path) -> None:
         _declared(target, needed, target.stat().st_size)
 
 
+def _beside(path: Path, spec: str) -> None:
+    """Refuse a detached header whose data file is not a plain file name in the header's own folder.
+
+    A header names its voxels' file (NRRD ``data file``, MetaImage ``ElementDataFile``), and readers
+    follow it anywhere: an uploaded header-only file would make a server read any file it can
+    (``/etc/...``, ``../..``) as voxels, or block on a FIFO. ``LIST`` and ``%``-pattern file sets
+    are refused too (their names are not checked here).
+    """
+    if spec.upper().startswith("LIST") or "%" in spec:
+        raise DataError(path, f"its data file {spec!r} is a set of files; give one data file beside the header")
+    if "/" in spec or "\\" in spec or spec in (".", "..") or Path(spec).is_absolute() or Path(spec).drive:
+        raise DataError(path, f"its data file {spec!r} must be a plain file name beside the header")
+    target = path.parent / spec
+    if target.exists() and not target.is_file():
+        raise DataError(path, f"its data file {spec!r} is not a regular file")
+
+
 def _nrrd(path: Path) -> None:
     lines, offset = _text_header(path, lambda t: t == "")
     fields = {}
@@ -93,6 +114,8 @@ def _nrrd(path: Path) -> None:
         if ":" in line and not line.startswith("#"):
             key, value = line.split(":", 1)
             fields[key.strip().lower()] = value.lstrip("=").strip()
+    if fields.get("data file") or fields.get("datafile"):
+        _beside(path, fields.get("data file") or fields.get("datafile"))
     if fields.get("encoding", "raw").lower() != "raw":
         return
     sizes = [int(v) for v in fields.get("sizes", "0").split()]

@@ -170,6 +170,30 @@ def sitk_array_affine(img: Any, source: str | Path) -> tuple[np.ndarray, np.ndar
     return np.ascontiguousarray(arr), LPS_TO_RAS @ lps
 
 
+def itk_affine(path: str | Path) -> np.ndarray | None:
+    """The RAS+ affine ITK (3D Slicer, SimpleITK) places a NIfTI file's voxels by; ``None`` for other files.
+
+    nibabel (and so medimg) places a NIfTI by its sform when one is set; ITK may take the qform
+    instead when the two disagree (an sform written by a registration). A label answered to, or
+    saved from, such a client lies on ITK's grid.
+    """
+    import SimpleITK as sitk
+
+    if not has_suffix(path, NIFTI_SUFFIXES):
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    nd = reader.GetDimension()
+    lps = np.eye(4)
+    lps[:nd, :nd] = np.asarray(reader.GetDirection()).reshape(nd, nd) * np.asarray(reader.GetSpacing())[None, :]
+    lps[:nd, 3] = reader.GetOrigin()
+    return LPS_TO_RAS @ lps
+
+
 def fit_dims(path: Path, array: np.ndarray, spatial_dims: int | None) -> np.ndarray:
     """Drop trailing singleton axes; reject data with more (or fewer) axes than expected."""
     want = spatial_dims or (2 if array.ndim == 2 else 3)

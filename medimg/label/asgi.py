@@ -5,7 +5,10 @@ inside it, so one inference blocks every other request (``/info/``, ``/train/`` 
 models) until it ends. This module registers the same endpoint (MONAI Label's own
 ``run_inference``, same parameters and authorisation) as a plain function ahead of the original;
 FastAPI runs plain endpoints in its worker threads, so the server stays responsive. Each medimg
-infer task serialises its own requests (:class:`medimg.label.infer.BundleInfer`).
+infer task serialises its own requests (:class:`medimg.label.infer.BundleInfer`). ``output=dicom_seg``
+(OHIF) answers medimg's own DICOM SEG of the result (``result_extension`` ``.dcm``,
+:mod:`medimg.label.results`): MONAI Label's converter needs dcmqi and a NIfTI image path, and
+answered 500 for a folder and a PACS datastore alike. A non-DICOM image gets 400.
 
 It also narrows cross-origin access to the origins ``python -m medimg.label serve`` passes in
 ``MEDIMG_LABEL_CORS_ORIGINS`` (MONAI Label allows every origin by default, and its own
@@ -116,7 +119,7 @@ _SESSION_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA
 
 
 def session_refusal(method: str, path: str, query: str) -> tuple[int, str] | None:
-    """``(status, reason)`` refusing a session id that is no UUID, or an archive to unpack; else ``None``.
+    """``(status, reason)`` refusing a bad session id, an archive to unpack or ``run_sync``; else ``None``.
 
     MONAI Label joins a ``session_id`` onto its session folder as given (an absolute one replaces
     it, and a session whose image is missing is removed with ``rmtree``), and unpacks
@@ -132,6 +135,10 @@ def session_refusal(method: str, path: str, query: str) -> tuple[int, str] | Non
     unpack = any(v.lower() in ("1", "true", "yes") for v in fields.get("uncompress", []))
     if path.rstrip("/") == f"{API}/session" and unpack:
         return 400, "uncompress: archives are not unpacked on this server; upload the image itself"
+    if path.startswith(f"{API}/train/") and any(v.lower() in ("1", "true", "yes") for v in fields.get("run_sync", [])):
+        # a training inside the server process: on its event loop, and the train task's parent-death
+        # signal would then bind the server itself to the shell that started it
+        return 400, "run_sync: trainings run in their own process; poll GET /train/ for their status"
     return None
 
 
@@ -161,7 +168,9 @@ def infer_in_worker_thread(background_tasks: BackgroundTasks, model: str, image:
                            user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):  # noqa: B008
     """MONAI Label's inference endpoint, run in a worker thread; ``image`` must be a plain id."""
     plain_name("image id", image)
-    checked_params(params, image, model)  # 400 before any work (bad_request)
+    checked = checked_params(params, image, model)  # 400 before any work (bad_request)
+    if output == ResultType.dicom_seg:  # medimg writes the SEG (MONAI Label's converter: dcmqi, NIfTI paths only)
+        params, output = json.dumps({**checked, "result_extension": ".dcm"}), ResultType.image
     # the files MONAI Label copies this request's uploads to: the only paths MedimgApp.infer reads as is
     files = REQUEST_FILES.set(lambda: {str(t.args[0]) for t in background_tasks.tasks if t.args})
     try:
@@ -256,14 +265,17 @@ if os.environ.get(ORIGINS_ENV):
 
 
 async def bad_request(request: Request, exc: Exception) -> JSONResponse:
-    """400 with the reason: an unparsable body, ``params`` not JSON, a path outside the studies, a bad upload."""
+    """400 with the reason: an unparsable body, ``params`` not JSON, a path outside the studies, a bad upload.
+
+    An upload under another image's id answers 409 (``http_status`` of the error).
+    """
     if isinstance(exc, RequestValidationError):
         detail: object = exc.errors()
     elif isinstance(exc, json.JSONDecodeError):
         detail = f"params: not valid JSON ({exc.msg} at character {exc.pos})"
     else:
         detail = str(exc)
-    return JSONResponse({"detail": detail}, status_code=400)
+    return JSONResponse({"detail": detail}, status_code=int(getattr(exc, "http_status", 400)))
 
 
 for error in (RequestValidationError, json.JSONDecodeError, DataError):  # DataError: paths, uploads

@@ -39,6 +39,15 @@ clearing removes the tag's other ``<id>.<known extension>`` files (the exact id:
 id it is a prefix of). MONAI Label copies every upload to a temporary file and deletes it after a
 successful answer only; a refused upload's copy is deleted here, so refusals cannot fill the disk.
 
+An image upload (``PUT /datastore/image``) is read whole first: a file that does not read as an
+image is refused (400). Under the id of a stored image, the same image (same voxels on the same
+grid: 3D Slicer uploads the volume it shows again) stores nothing, and another image is refused
+with 409: replacing a study would leave its labels on a scan they were not drawn on.
+
+A label is written to a hidden temporary file beside the stored one, flushed to disk and renamed
+over it: a full disk or a kill midway leaves the previous label whole (MONAI Label copies over it
+in place). Hidden files (``.name``) are never listed as images or labels.
+
 ``datastore_v2.json`` is written to a temporary file and renamed over the old one, so a kill
 midway leaves the old file whole (MONAI Label writes it in place: a kill left it truncated and the
 server never started again). A file that does not load at start (an older server's truncated
@@ -61,7 +70,7 @@ from typing import Any
 import numpy as np
 from monailabel.datastore.local import LocalDatastore
 
-from medimg.errors import DataError
+from medimg.errors import DataError, atomic_output
 from medimg.io.dicom import folder_has_dicom
 from medimg.io.dicomseg import label_key
 
@@ -117,6 +126,24 @@ def unambiguous(pairs: list[tuple[str, int]]) -> dict[str, int]:
     return {names[k]: v.pop() for k, v in values.items() if len(v) == 1}
 
 
+class ImageExists(DataError):
+    """An upload under the id of another stored image (HTTP 409)."""
+
+    http_status = 409
+
+
+def same_image(image: Any, path: str) -> bool:
+    """Whether ``image`` (read) holds the same voxels on the same grid as the stored image at ``path``."""
+    from medimg.io.image import read_image
+
+    try:
+        stored = read_image(path, spatial_dims=None)
+    except DataError:
+        return False
+    return (stored.array.shape == image.array.shape and np.allclose(stored.affine, image.affine, atol=1e-4)
+            and np.array_equal(stored.array, image.array))
+
+
 class StudiesPathError(DataError):
     """An image id, label tag or studies entry that would reach outside the studies folder."""
 
@@ -150,7 +177,7 @@ def check_label_upload(label_file: str, image_file: str, image_id: str) -> bool:
     Returns:
         Whether it holds a label voxel; ``False``: all zeros.
     """
-    from medimg.io.image import read_image
+    from medimg.io.image import itk_affine, read_image
 
     try:
         label = read_image(label_file, spatial_dims=None)
@@ -161,6 +188,9 @@ def check_label_upload(label_file: str, image_file: str, image_id: str) -> bool:
     if shape != expected:
         raise DataError(f"label upload for {image_id!r}", f"shape {shape} differs from the image's {expected}")
     apart = float(np.abs(label.affine - affine).max())
+    itk = itk_affine(image_file) if image_file else None  # 3D Slicer saves on the grid ITK reads (qform)
+    if apart > 1e-3 and itk is not None and itk.shape == label.affine.shape:
+        apart = min(apart, float(np.abs(label.affine - itk).max()))
     if apart > 1e-3:
         raise DataError(f"label upload for {image_id!r}", f"does not lie on the image's grid: its affine differs "
                                                           f"from the image's by up to {apart:.4g} (mm)")
@@ -231,8 +261,8 @@ class SeriesDatastore(LocalDatastore):
 
     def _list_files(self, path, patterns):  # noqa: ANN001, ANN202 - MONAI Label's signature
         root = os.path.realpath(path)
-        files = {k: v for k, v in super()._list_files(path, patterns).items()
-                 if os.path.realpath(os.path.join(path, v)).startswith(root + os.sep)}  # no links leading out
+        files = {k: v for k, v in super()._list_files(path, patterns).items()  # hidden: a file being written
+                 if not v.startswith(".") and os.path.realpath(os.path.join(path, v)).startswith(root + os.sep)}
         if root != self._root():
             return files
         labels = Path(self._datastore.label_path(None)).resolve()
@@ -261,9 +291,27 @@ class SeriesDatastore(LocalDatastore):
         return info
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        """Store an uploaded image under a plain id."""
+        """Store an uploaded image under a plain id, once it reads as an image; never over another image.
+
+        The same image again (3D Slicer uploads the volume it shows before each request) is a no-op.
+        Another image under a stored id is :class:`ImageExists` (HTTP 409): replacing it would leave
+        that study's labels on a scan they were not drawn on.
+        """
+        from medimg.io.image import read_image
+
         with upload_removed_if_refused(image_filename):
-            plain_name("image id", image_id or self._to_id(os.path.basename(image_filename))[0])
+            image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
+            plain_name("image id", image_id)
+            try:
+                upload = read_image(image_filename, spatial_dims=None)
+            except DataError as exc:
+                raise DataError(f"image upload {image_id!r}", exc.problem) from exc
+            stored = self.get_image_uri(image_id) if image_id in self._datastore.objects else ""
+            if stored:
+                if same_image(upload, stored):
+                    return image_id  # MONAI Label deletes its copy of the upload after the answer
+                raise ImageExists(f"image upload {image_id!r}", "the datastore already holds another image under "
+                                                                "this id; upload it under a new name")
             return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id: str) -> None:
@@ -293,9 +341,37 @@ class SeriesDatastore(LocalDatastore):
                     if self._remove_label_files(image_id, label_tag) or self._datastore.label(image_id, label_tag):
                         self.refresh()  # at once, not when the file watcher notices
                     return image_id
-                stored = super().save_label(image_id, str(upload), label_tag, label_info)
+                stored = self._store_label(image_id, str(upload), label_tag, label_info)
                 self._remove_label_files(image_id, label_tag, keep=self._datastore.label(image_id, label_tag).ext)
                 return stored
+
+    def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """MONAI Label's ``save_label``, but the file replaced atomically (module docstring).
+
+        MONAI Label copies the upload over the stored label in place: a full disk or a kill midway
+        left the previous label truncated, still listed, and every later training failed on it.
+        """
+        import shutil
+        import time
+
+        from filelock import FileLock
+        from monailabel.datastore.local import DataModel
+
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            raise DataError(repr(image_id), "no such image in the datastore")
+        ext = self._to_id(os.path.basename(label_filename))[1]
+        name = self._filename(image_id, ext)
+        dest = Path(self._inside(os.path.join(self._datastore.label_path(label_tag), name)))
+        with FileLock(self._lock_file):
+            with atomic_output(dest) as tmp:
+                shutil.copyfile(label_filename, tmp)
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            obj.labels[label_tag] = DataModel(info={**(label_info or {}), "ts": int(time.time()), "name": name},
+                                              ext=ext)
+            self._update_datastore_file(lock=False)
+        return image_id
 
     def _remove_label_files(self, image_id: str, label_tag: str, keep: str | None = None) -> int:
         """Delete the tag's label files of exactly ``image_id`` with a known extension, but ``keep``; how many."""

@@ -59,6 +59,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from medimg.errors import DataError
-from medimg.io.dicomseg import MANUFACTURER, label_key, raw_labels, seg_to_labels
+from medimg.io.dicomseg import MANUFACTURER, label_key, label_map, raw_labels, seg_to_labels
 from medimg.io.image import read_image, write_like
 from medimg.label.datastore import (
     SeriesDatastore,
@@ -90,6 +92,7 @@ from medimg.label.pacs import (
 
 log = logging.getLogger(__name__)
 NOT_IMAGES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTDOSE"}
+LISTING_TTL_S = float(os.environ.get("MEDIMG_PACS_LISTING_TTL_S", "30"))  # the PACS listing is reused this long
 FINAL = DefaultLabelTag.FINAL
 
 
@@ -141,6 +144,8 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
                                  wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
         self._segs_seen: dict[str, SegSeries] = {}
+        self._listing: tuple[float, list[str], list[SegSeries]] | None = None
+        self._listing_lock = threading.Lock()
         super().__init__(client=client, search_filter={}, cache_path=cache_path, fetch_by_frame=False,
                          convert_to_nifti=False)
         removed = [name for folder in (self._datastore.image_path(), self._datastore.label_path(FINAL))
@@ -151,19 +156,38 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
     def _to_id(self, file: str) -> tuple[str, str]:
         return SeriesDatastore._to_id(self, file)  # not MONAI Label's DICOMweb rule (str.replace anywhere)
 
-    def list_images(self) -> list[str]:
-        """Every series in the PACS that is an image (not a SEG, structure set, report...)."""
-        series = []
-        for ds in search_series(self._client):
-            d = Dataset.from_json(ds)
-            if str(d.get("Modality", "")).upper() not in NOT_IMAGES:
-                series.append(str(d.SeriesInstanceUID))
-        return series
+    def _snapshot(self, fresh: bool = False) -> tuple[list[str], list[SegSeries]]:
+        """The PACS's image series and SEG series, listed at most once per :data:`LISTING_TTL_S`.
 
-    def _latest_segs(self, images: set[str]) -> dict[str, SegSeries]:
+        MONAI Label asks for the datastore's status on every ``/info/`` and every inference, and
+        each status lists the PACS twice; on a hospital PACS that is thousands of QIDO pages per
+        click. One listing serves every caller until it expires or this server stores or clears
+        a SEG (:meth:`invalidate_listing`); concurrent callers wait for the one being made.
+        ``fresh``: list again now (training reads what is labelled at its start).
+        """
+        with self._listing_lock:
+            if fresh or self._listing is None or time.monotonic() - self._listing[0] > LISTING_TTL_S:
+                images = []
+                for ds in search_series(self._client):
+                    d = Dataset.from_json(ds)
+                    if str(d.get("Modality", "")).upper() not in NOT_IMAGES:
+                        images.append(str(d.SeriesInstanceUID))
+                self._listing = (time.monotonic(), images, seg_series(self._client, self._segs_seen))
+            return list(self._listing[1]), list(self._listing[2])
+
+    def invalidate_listing(self) -> None:
+        """Forget the PACS listing: the next question lists the PACS again."""
+        with self._listing_lock:
+            self._listing = None
+
+    def list_images(self) -> list[str]:
+        """Every series in the PACS that is an image (not a SEG, structure set, report...), as last listed."""
+        return self._snapshot()[0]
+
+    def _latest_segs(self, images: set[str], fresh: bool = False) -> dict[str, SegSeries]:
         """For each of ``images`` that a SEG references: its newest final label from medimg, else its newest SEG."""
         latest: dict[str, SegSeries] = {}
-        for seg in seg_series(self._client, self._segs_seen):
+        for seg in self._snapshot(fresh)[1]:
             for ref in seg.references & images:
                 if ref not in latest or (seg.final, seg.made, seg.uid) > (latest[ref].final, latest[ref].made,
                                                                            latest[ref].uid):
@@ -226,12 +250,13 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
             values = self._segment_values(seg, list(self._segs_seen.values())) if seg else None
             labels = seg_to_labels(next(seg_dir.glob("*.dcm")), image_dir, values)
             nifti = write_like(labels, read_image(image_dir), Path(tmp) / f"{image_id}.nii.gz")
-            LocalDatastore.save_label(self, image_id, str(nifti), FINAL, {"SeriesInstanceUID": label_id})
+            self._store_label(image_id, str(nifti), FINAL, {"SeriesInstanceUID": label_id})
         return SeriesDatastore.get_label_uri(self, image_id, FINAL)
 
     def _download_labeled_data(self) -> None:
         """Cache the SEG training reads of each labelled series; drop cached labels with none; skip what fails."""
-        latest = self._latest_segs(set(self.list_images()))
+        images, _ = self._snapshot(fresh=True)  # what is labelled now, not half a minute ago
+        latest = self._latest_segs(set(images))
         gone = [i for i in LocalDatastore.get_labeled_images(self) if i not in latest]
         skipped = []
         for image_id, seg in sorted(latest.items()):
@@ -276,7 +301,7 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
             raise DataError(f"label upload for {image_id!r}", exc.problem) from exc
         if upload.array.shape != image.array.shape or not np.allclose(upload.affine, image.affine, atol=1e-3):
             raise DataError(Path(label_filename).name, f"does not lie on the grid of series {image_id}")
-        return np.rint(upload.array).astype(np.uint8), image
+        return label_map(upload.array, f"label upload for {image_id!r}"), image
 
     def _save_final(self, image_id: str, label_filename: str, label_info: dict[str, Any]) -> str:
         from medimg.io.dicomseg import write_dicom_seg
@@ -297,6 +322,7 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
                                   content_label=FINAL_MARK)
             nifti = write_like(labels, image, Path(tmp) / f"{image_id}.nii.gz")
             series_uid = self._store(seg)  # everything checked: now the PACS
+            self.invalidate_listing()
             for old in older:
                 try:
                     delete_series(self._client, old.study, old.uid)
@@ -304,7 +330,7 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
                 except Exception as exc:  # noqa: BLE001 - the new SEG is stored; the old one is superseded
                     log.warning("kept the superseded SEG %s of %s: %s", old.uid, image_id, exc)
             info = {**label_info, "SeriesInstanceUID": series_uid, "SegmentAlgorithmType": kind}
-            return LocalDatastore.save_label(self, image_id, str(nifti), FINAL, info)
+            return self._store_label(image_id, str(nifti), FINAL, info)
 
     def _store(self, seg_file: Path) -> str:
         """STOW-RS one SEG; its SeriesInstanceUID. :class:`DataError` when the PACS refuses it."""
@@ -325,6 +351,7 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
         for seg in self._own_finals(image_id):
             delete_series(self._client, seg.study, seg.uid)
             self._segs_seen.pop(seg.uid, None)
+            self.invalidate_listing()
         if self._datastore.label(image_id, FINAL):
             LocalDatastore.remove_label(self, image_id, FINAL)
             self.refresh()

@@ -102,8 +102,9 @@ def publish_bundle(new_bundle: str | Path, served: str | Path, keep_previous: bo
     """Replace the served bundle with ``new_bundle`` atomically for readers.
 
     ``new_bundle`` is copied next to ``served`` first (same file system), then swapped in under
-    the lock. The previous bundle is kept as ``<name>.previous-<timestamp>`` unless
-    ``keep_previous`` is false; only the newest :data:`KEEP_PREVIOUS` of those stay.
+    the lock. The first bundle ever replaced (the shipped or exported one) is kept for good as
+    ``.<name>.original`` (:func:`original_copy`); later ones as ``.<name>.previous-<timestamp>``
+    unless ``keep_previous`` is false, and only the newest :data:`KEEP_PREVIOUS` of those stay.
 
     Returns:
         The served path.
@@ -115,7 +116,9 @@ def publish_bundle(new_bundle: str | Path, served: str | Path, keep_previous: bo
         recover(served)
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(new_bundle, partial)
-    old = served.with_name(f".{served.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}")
+    original = original_copy(served)
+    old = original if not original.exists() else served.with_name(
+        f".{served.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}")
     swap = served.with_name(f".{served.name}.swap")
     with bundle_lock(served):
         shutil.rmtree(staging, ignore_errors=True)
@@ -127,10 +130,20 @@ def publish_bundle(new_bundle: str | Path, served: str | Path, keep_previous: bo
         swap.unlink(missing_ok=True)
         weights = served / "models" / "model.pt"
         weights.touch()  # the copy kept the run's mtime; a publication always moves it forward
-    if not keep_previous:
+    if not keep_previous and old != original:
         shutil.rmtree(old, ignore_errors=True)
     prune_previous(served, KEEP_PREVIOUS if keep_previous else 0)
     return served
+
+
+def original_copy(served: str | Path) -> Path:
+    """Where the first bundle a publication replaced is kept for good: ``.<name>.original`` beside it.
+
+    Fine-tunes stack; without it the bundle a department started from would be pruned after
+    :data:`KEEP_PREVIOUS` + 1 publications, and a bad run of fine-tunes could not be undone.
+    """
+    served = Path(served)
+    return served.with_name(f".{served.name}.original")
 
 
 def prune_previous(served: str | Path, keep: int = 2) -> list[Path]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medimg.errors import DataError, atomic_output
-from medimg.io.image import LPS_TO_RAS, Image, write_like
+from medimg.io.image import LPS_TO_RAS, Image, itk_affine, write_like
 
 ITK_SUFFIXES = (".nrrd", ".mha", ".mhd", ".nhdr")
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
@@ -39,13 +39,20 @@ def result_suffix(image: Image, extension: str | None) -> str:
 def write_itk_like(array: np.ndarray, reference: Image, out: Path, dtype: np.dtype) -> Path:
     """Write ``array`` with SimpleITK in the reference's exact geometry (any orientation).
 
-    A 2D image is written as a 2D file only when its affine is what a 2D file reads back as (the
+    For a NIfTI reference the geometry is the one ITK reads from it
+    (:func:`~medimg.io.image.itk_affine`), which differs from nibabel's only when its qform and
+    sform disagree: 3D Slicer shows the image there, so the label must lie there too. A 2D image
+    is written as a 2D file only when its affine is what a 2D file reads back as (the
     LPS plane ``z = 0``, ``k`` a 1 mm step along ``z``); any other (a coronal, sagittal or oblique
     slice, a slice thickness) is kept whole in a one-slice volume.
     """
     import SimpleITK as sitk
 
-    lps = np.linalg.inv(LPS_TO_RAS) @ reference.affine
+    affine = reference.affine
+    itk = itk_affine(reference.path) if reference.path is not None and reference.array.ndim == 3 else None
+    if itk is not None and itk.shape == affine.shape:
+        affine = itk  # a NIfTI whose qform and sform disagree: where ITK clients (3D Slicer) show the image
+    lps = np.linalg.inv(LPS_TO_RAS) @ affine
     array = np.asarray(array).reshape(reference.array.shape)
     planar = np.allclose(lps[2], [0.0, 0.0, 1.0, 0.0], atol=1e-9) and np.allclose(lps[:2, 2], 0.0, atol=1e-9)
     if array.ndim == 2 and not planar:

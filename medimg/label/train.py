@@ -5,7 +5,9 @@ MONAI Label runs a train request in a subprocess and streams that process's outp
 ``python -m medimg.train`` on the bundle's own training config (``configs/train_config.yaml``)
 initialised from the served weights (``init_weights``), prints its log line by line, and, when the
 run has trained, validated, exported and verified its bundle, publishes it over the served one
-(:func:`medimg.label.publish.publish_bundle`). Infer tasks load it on their next request.
+(:func:`medimg.label.publish.publish_bundle`), unless it validates worse than the served weights on
+the same held-out images (:func:`publication_verdict`; ``publish=always`` overrides). Infer tasks
+load it on their next request.
 
 A SIGTERM to the train subprocess (the server stopping: ``serve`` ends its descendants) stops
 ``medimg.train`` and publishes nothing; the subprocess and its run also end when the server is
@@ -38,7 +40,8 @@ from medimg.label.publish import bundle_version, publish_bundle
 
 # request fields a client may set (MONAI Label shows these in its train options)
 DEFAULTS: dict[str, Any] = {"max_epochs": 5, "val_every": 1, "limit_train_batches": None, "val_images": 1,
-                            "classes": None}
+                            "classes": None, "publish": "if_better"}
+PUBLISH = ("if_better", "always")  # the fine-tuned bundle replaces the served one only if it validates better
 HYDRA = {"job": {"chdir": False}, "run": {"dir": "."}, "output_subdir": None}
 TRAINABLE = ("segmentation", "promptable")
 # data options that select parts of a bundle's embedded training dataset (not of a manifest)
@@ -87,6 +90,19 @@ def stopped_by_sigterm(proc: subprocess.Popen) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def snapshot(label: str, folder: Path) -> str:
+    """The label file as it is now, hard-linked (else copied) into ``folder``: saves replace, never edit, a file."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / Path(label).name
+    try:
+        os.link(label, out)
+    except OSError:  # another file system, or no hard links
+        shutil.copy2(label, out)
+    return str(out)
+
+
 class TrainingFailed(RuntimeError):
     """``medimg.train`` ended with an error (its log is in the train status)."""
 
@@ -113,12 +129,18 @@ class BundleTrain(TrainTask):
         return finite(bundle_meta(self.bundle).get("eval_metrics", {})) if bundle_version(self.bundle) else {}
 
     def manifest(self, datastore: Datastore, work: Path, val_images: int) -> Path:
-        """Write the datastore's labelled images as a manifest, holding out the last ``val_images`` for validation."""
+        """Write the datastore's labelled images as a manifest, holding out the last ``val_images`` for validation.
+
+        The labels are the run's own copies (:func:`snapshot`): a save or clear during a long
+        fine-tune neither breaks it nor mixes label versions, and the run can be repeated.
+        """
         items = sorted(({"image": d["image"], "label": d["label"]} for d in datastore.datalist()),
                        key=lambda d: d["image"])
         if len(items) <= val_images:
             raise TrainingFailed(f"the datastore has {len(items)} labelled image(s); training needs more than "
                                  f"{val_images} (held out for validation)")
+        items = [{**item, "label": snapshot(item["label"], work / "labels" / f"{n:05d}")}
+                 for n, item in enumerate(items)]
         meta = bundle_meta(self.bundle)
         labels = {str(v): k for k, v in bundle_labels(meta, background=True).items()}
         doc = {"name": f"MONAI Label datastore ({len(items)} labelled images)", "labels": labels,
@@ -145,7 +167,8 @@ class BundleTrain(TrainTask):
                               enable_progress_bar=False)
         if opts["limit_train_batches"] is not None:
             cfg["trainer"]["limit_train_batches"] = opts["limit_train_batches"]
-        cfg.update(init_weights=str(self.bundle), run_dir=str(run_dir), runs_dir=str(run_dir.parent), resume=False)
+        cfg.update(init_weights=str(self.bundle), run_dir=str(run_dir), runs_dir=str(run_dir.parent), resume=False,
+                   validate_init=True)  # the served weights on the same held-out images: the publication gate
         cfg["export"] = {"enabled": True, "schema": self.schema}
         cfg["defaults"] = ["_self_", {"override hydra/job_logging": "stdout"}]
         cfg["hydra"] = HYDRA
@@ -153,6 +176,8 @@ class BundleTrain(TrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         """Train, stream the log, publish; raise on failure (MONAI Label then reports ERROR)."""
+        if str(request.get("publish", DEFAULTS["publish"])) not in PUBLISH:
+            raise TrainingFailed(f"publish={request['publish']!r}: use one of {', '.join(PUBLISH)}")
         task = bundle_task(self.bundle)
         if task not in TRAINABLE:
             raise TrainingFailed(f"{self.bundle}: {task} bundles are not trained from the datastore")
@@ -173,7 +198,36 @@ class BundleTrain(TrainTask):
             code = proc.wait()
         if code != 0 or not (run_dir / "bundle" / "models" / "model.pt").is_file():
             raise TrainingFailed(f"medimg.train failed (exit code {code}); see {run_dir}")
-        publish_bundle(run_dir / "bundle", self.bundle)
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        print(f"medimg: published {self.bundle} (validation: {metrics})", flush=True)
-        return {"run_dir": str(run_dir), "bundle": str(self.bundle), "metrics": metrics}
+        publish, why = publication_verdict(metrics, str(request.get("publish", DEFAULTS["publish"])))
+        if publish:
+            publish_bundle(run_dir / "bundle", self.bundle)
+            print(f"medimg: published {self.bundle} ({why}; validation: {metrics})", flush=True)
+        else:
+            print(f"medimg: not published, the served {self.bundle.name} is kept: {why} (the run and its bundle "
+                  f"stay in {run_dir}; train with publish=always to publish anyway)", flush=True)
+        return {"run_dir": str(run_dir), "bundle": str(self.bundle), "metrics": metrics, "published": publish}
+
+
+def publication_verdict(metrics: dict[str, Any], publish: str = "if_better") -> tuple[bool, str]:
+    """Whether a fine-tuned run replaces the served bundle, and why, from the run's ``metrics.json``.
+
+    With ``if_better`` (the default) the run's monitored validation metric must be at least the
+    served weights' on the same held-out images (``initial/<metric>``, validated before training):
+    a fine-tune on a few fresh labels must not silently replace a better model. ``always``
+    publishes whatever the numbers.
+
+    Raises:
+        TrainingFailed: an unknown ``publish`` value.
+    """
+    if publish not in PUBLISH:
+        raise TrainingFailed(f"publish={publish!r}: use one of {', '.join(PUBLISH)}")
+    monitor = metrics.get("monitor")
+    new, old = metrics.get(monitor) if monitor else None, metrics.get(f"initial/{monitor}") if monitor else None
+    if publish == "always":
+        return True, "publish=always"
+    if not isinstance(new, (int, float)) or not isinstance(old, (int, float)) or new != new or old != old:
+        return False, f"no comparable validation of the served and the fine-tuned weights ({monitor}: {old} / {new})"
+    if new < old:
+        return False, f"{monitor} {new:.4f} on the held-out images is below the served weights' {old:.4f}"
+    return True, f"{monitor} {new:.4f} on the held-out images, the served weights' {old:.4f}"

@@ -183,9 +183,11 @@ def run_training(cfg: DictConfig) -> Path:
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers,
                         plugins=[AtomicCheckpointIO()])
     zero_shot: dict[str, float] = {}
-    if parts.zero_shot and resume_ckpt is None:  # the pretrained model before any fine-tuning
-        before = trainer.validate(task, datamodule=dm, verbose=False)[0]
-        zero_shot = {f"zero_shot/{k}": float(v) for k, v in before.items()}
+    if (parts.zero_shot or cfg.get("validate_init")) and resume_ckpt is None:  # the weights before fine-tuning
+        before = {k: float(v) for k, v in trainer.validate(task, datamodule=dm, verbose=False)[0].items()}
+        zero_shot = {f"{'zero_shot' if parts.zero_shot else 'initial'}/{k}": v for k, v in before.items()}
+        if parts.zero_shot and cfg.get("validate_init"):
+            zero_shot.update({f"initial/{k}": v for k, v in before.items()})
     if resume_ckpt is not None:
         log.info("resuming from %s", resume_ckpt)
     # checkpoints are read with torch.load(weights_only=True), as every weight file medimg opens
@@ -201,6 +203,7 @@ def run_training(cfg: DictConfig) -> Path:
     metrics.update(zero_shot)
     if trainer.is_global_zero:
         metrics["epochs"] = trainer.current_epoch
+        metrics["monitor"] = parts.monitor
         metrics["validation_split"] = parts.record.validation_split or "validation split"
         metrics["checkpoint"] = str(best or ckpt_dir / "last.ckpt")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -142,7 +142,7 @@ def test_ohif_infers_on_pacs_series_saves_a_seg_into_the_pacs_and_trains_from_it
     ct = _ohif(server, "POST", "/activelearning/random", body={}).json()["id"]
     assert ct not in (uid, second)  # the enhanced CT
     # training runs from the labels in the PACS
-    _ohif(server, "POST", "/train/swin_unetr", body={"max_epochs": 1})
+    _ohif(server, "POST", "/train/swin_unetr", body={"max_epochs": 1, "publish": "always"})
     deadline, status = time.monotonic() + 900, {}
     while time.monotonic() < deadline:
         status = server.get("/train/", params={"check_if_running": "false"})

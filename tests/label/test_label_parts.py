@@ -167,7 +167,7 @@ def test_publication_replaces_the_bundle_for_readers_under_the_lock(tmp_path):
     worker.join(30)
     text, version = load_locked(served, lambda b: (b / "models" / "model.pt").read_text())
     assert text == "new" and version != before and version == bundle_version(served)
-    assert [p.name.split("-")[0] for p in served.parent.glob(".seg.previous-*")] == [".seg.previous"]
+    assert (served.parent / ".seg.original" / "models" / "model.pt").read_text() == "old"  # the first one replaced
 
 
 def _bundles(tmp_path, size: int = 1):

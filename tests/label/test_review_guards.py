@@ -269,6 +269,9 @@ def test_session_ids_are_uuids_and_archives_are_not_unpacked(served, monkeypatch
     r = http.put("/session/", params={"uncompress": "true"}, files={"files": ("x.tar", buf.getvalue())})
     assert r.status_code == 400 and "uncompress" in _one_line(r)
     assert unpacked == []
+    # a training inside the server process (run_sync) would bind the server to its shell's life
+    r = http.post("/train/m", params={"run_sync": "true"}, json={})
+    assert r.status_code == 400 and "run_sync" in _one_line(r)
 
 
 def test_a_request_body_cannot_set_the_subprocess_bundle_path(served, monkeypatch):

@@ -89,7 +89,7 @@ def test_a_restart_never_overwrites_a_published_model(tmp_path, monkeypatch):
     assert not partial.exists()
 
 
-def test_publications_keep_only_the_newest_previous_bundles(tmp_path):
+def test_publications_keep_the_original_and_only_the_newest_previous_bundles(tmp_path):
     from medimg.label.publish import KEEP_PREVIOUS, publish_bundle
 
     served = tmp_path / "models" / "seg"
@@ -104,6 +104,8 @@ def test_publications_keep_only_the_newest_previous_bundles(tmp_path):
     assert len(previous) == KEEP_PREVIOUS == 2
     assert [(p / "models" / "model.pt").read_text() for p in previous] == ["v2", "v3"]
     assert (served / "models" / "model.pt").read_text() == "v4"
+    # the bundle the department started from is never pruned: a run of bad fine-tunes can be undone
+    assert (served.parent / ".seg.original" / "models" / "model.pt").read_text() == "v0"
 
 
 def test_a_datastore_fine_tune_of_medsam3d_drops_its_embedded_dataset_options(tmp_path):
@@ -247,3 +249,18 @@ def test_deleting_the_served_copy_serves_the_shipped_bundle_not_an_old_fine_tune
     shutil.rmtree(served)  # what the start-up message tells a user to do
     copy_shipped(tmp_path / "models")
     assert (served / "models" / "model.pt").read_bytes() == (shipped / "models" / "model.pt").read_bytes()
+
+
+def test_a_fine_tune_that_validates_worse_than_the_served_weights_is_not_published():
+    """The gate compares the run's monitored metric with the served weights' on the same held-out images."""
+    from medimg.label.train import TrainingFailed, publication_verdict
+
+    run = {"monitor": "val/dice", "val/dice": 0.61, "initial/val/dice": 0.64, "validation_split": "datastore"}
+    ok, why = publication_verdict(run)
+    assert not ok and "0.6100" in why and "0.6400" in why
+    assert publication_verdict({**run, "val/dice": 0.64})[0]  # as good: the newer labels win
+    assert publication_verdict(run, "always") == (True, "publish=always")
+    assert not publication_verdict({"monitor": "val/dice", "val/dice": 0.9})[0]  # nothing to compare: kept
+    assert not publication_verdict({**run, "initial/val/dice": float("nan")})[0]
+    with pytest.raises(TrainingFailed, match="publish='sometimes'"):
+        publication_verdict(run, "sometimes")
