@@ -300,7 +300,7 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     ZOO.mkdir(exist_ok=True)
     # the zoo's budget is shared: the standard exports stay with the run (medimg.export writes them again)
-    # and the OpenVINO IR is derived from model.pt on first use (medimg.models.openvino_ir.derived_ir_dir)
+    # and the OpenVINO IR is derived from model.pt on first use (medimg.models.ir_cache.cached_models)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("sample", "eval", "model.onnx", "model.pt2", "openvino"))
     for fmt in ("torch.export", "ONNX"):
         if fmt in meta.get("medimg_exports", {}):

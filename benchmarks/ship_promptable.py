@@ -201,7 +201,7 @@ def main() -> None:
     tmp = ZOO / f".{args.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     ZOO.mkdir(exist_ok=True)
-    # the OpenVINO IR is derived from model.pt on first use (medimg.models.openvino_ir.derived_ir_dir): the
+    # the OpenVINO IR is derived from model.pt on first use (medimg.models.ir_cache.cached_models): the
     # zoo's 150 MB budget is shared
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("sample", "eval", "openvino"))
     masks32: list[np.ndarray] = []

@@ -25,22 +25,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from medimg.models.exporting import quiet_export
+from medimg.models.exporting import SAMPLE_SEED, one_line, quiet_export, sample_input
 
 log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 PROGRAM_FILE = "model.pt2"
 TOLERANCE = 1e-3
-SAMPLE_SEED = 0
 
 
 def export_sample(shape: Sequence[int]) -> torch.Tensor:
-    """The export sample: uniform noise from a fixed seed (reproducible by anyone checking a file).
+    """The export sample: :func:`medimg.models.exporting.sample_input` (the OpenVINO IR's check input too).
 
     Args:
         shape: the network input shape, batch and channel first.
     """
-    return torch.rand(*[int(s) for s in shape], generator=torch.Generator().manual_seed(SAMPLE_SEED))
+    return sample_input(shape, SAMPLE_SEED)
 
 
 def max_difference(out: np.ndarray, ref: torch.Tensor) -> float:
@@ -49,11 +48,6 @@ def max_difference(out: np.ndarray, ref: torch.Tensor) -> float:
     if out.shape != ref_np.shape:
         return float("inf")
     return float(np.abs(out - ref_np).max()) / max(float(np.abs(ref_np).max()), 1.0)
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
 
 def _program(network: nn.Module, sample: torch.Tensor) -> torch.export.ExportedProgram:
@@ -154,7 +148,7 @@ def export_standard(network: nn.Module, input_shape: Sequence[int], models_dir: 
             raise TypeError(f"forward returns {type(ref).__name__}, not one tensor")
         program = _program(network, sample)
     except Exception as exc:  # noqa: BLE001 - export fails in many ways; the bundle is still complete
-        reason = _reason(exc)
+        reason = one_line(exc)
         for name, fmt in ((ONNX_FILE, "ONNX"), (PROGRAM_FILE, "torch.export")):
             log.warning("models/%s not written: the network does not export to %s (%s)", name, fmt, reason)
             report[fmt] = {"written": False, "reason": reason}
@@ -163,8 +157,8 @@ def export_standard(network: nn.Module, input_shape: Sequence[int], models_dir: 
         try:
             diff, accepts = write(program, sample, ref, models_dir / name)
         except Exception as exc:  # noqa: BLE001
-            log.warning("models/%s not written: the network does not export to %s (%s)", name, fmt, _reason(exc))
-            report[fmt] = {"written": False, "reason": _reason(exc)}
+            log.warning("models/%s not written: the network does not export to %s (%s)", name, fmt, one_line(exc))
+            report[fmt] = {"written": False, "reason": one_line(exc)}
             continue
         log.info("models/%s written and checked against eager on the export sample (difference %.1e)", name, diff)
         report[fmt] = {"written": True, "file": f"models/{name}", "input_shape": accepts,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -33,3 +33,26 @@ def quiet_export() -> Iterator[None]:
         finally:
             for q, level in zip(quiet, levels):
                 q.setLevel(level)
+
+
+SAMPLE_SEED = 0
+
+
+def sample_input(shape: Sequence[int], seed: int = SAMPLE_SEED) -> torch.Tensor:
+    """A check input: uniform noise from a fixed seed, so every batch item and channel differs.
+
+    Conversions are compared with the eager network on it (the ONNX and ``torch.export`` files, the
+    OpenVINO IR). A conversion that mixes batch items or channels, or that froze a data-dependent
+    branch, shows on it; one repeated pattern would hide both.
+
+    Args:
+        shape: the network input shape, batch and channel first.
+        seed: the generator's seed (reproducible by anyone checking a file).
+    """
+    return torch.rand(*[int(s) for s in shape], generator=torch.Generator().manual_seed(seed))
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line (``Type: message``), for warnings that name why something was skipped."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import shutil
 
 import nibabel as nib
@@ -149,3 +151,38 @@ def test_export_check_refuses_a_conversion_that_disagrees(tmp_path):
     with pytest.raises(BundleError, match="disagrees") as err:
         check_outputs([(ref.numpy(), ref), (np.zeros(3, np.float32), torch.ones(3))], tmp_path, 1e-3)
     assert str(tmp_path) in str(err.value)
+
+
+def test_the_sam_check_compares_every_mask_and_iou(lite, tmp_path):
+    """The export check compared one box and mask 0 only: an IR whose masks 1-3 and IoU are wrong passed it."""
+    from medimg.models.sam.runtime import check_conversion, convert_openvino
+
+    other = copy.deepcopy(lite)
+    with torch.no_grad():
+        other.mask_decoder.output_hypernetworks_mlps[2].layers[-1].bias.add_(0.5)
+        other.mask_decoder.iou_prediction_head.layers[-1].bias.add_(0.5)
+    enc, _, _ = convert_openvino(lite)
+    _, dec, dec_mask = convert_openvino(other)
+    with pytest.raises(BundleError, match="disagrees"):
+        check_conversion(lite, (enc, dec, dec_mask), tmp_path)
+
+
+def test_a_stale_stored_ir_gives_a_working_runtime_and_one_warning(lite, ir_dir, tmp_path, monkeypatch, caplog):
+    """A bundle's IR from other weights is replaced by a checked conversion in the cache, never a traceback."""
+    monkeypatch.setenv("MEDIMG_IR_CACHE", str(tmp_path / "cache"))
+    other = copy.deepcopy(lite)
+    with torch.no_grad():
+        other.mask_decoder.iou_token.weight.add_(0.1)
+    stored = tmp_path / "mybundle" / "models" / "openvino"
+    shutil.copytree(ir_dir, stored)
+    with caplog.at_level(logging.WARNING):
+        runtime = make_runtime(other, "openvino", stored)
+    assert runtime.name == "openvino"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "mybundle" in warnings[0] and "was not made from" in warnings[0], warnings
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    box = torch.tensor([[60.0, 50.0, 190.0, 210.0]])
+    ref = TorchSAMRuntime(other)
+    emb = ref.encode(x)
+    torch.testing.assert_close(runtime.encode(x), emb, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(runtime.decode(emb, boxes=box)[0], ref.decode(emb, boxes=box)[0], atol=1e-3, rtol=1e-3)

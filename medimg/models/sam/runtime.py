@@ -24,15 +24,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from medimg.models.exporting import quiet_export
+from medimg.errors import BundleError
+from medimg.models.exporting import one_line, quiet_export, sample_input
+from medimg.models.ir_cache import cache_key, cached_models
 from medimg.models.openvino_ir import (
     RUNTIME_DIR,
+    TOLERANCE,
     check_outputs,
     compile_config,
     cpu_core,
-    derived_ir_dir,
     has_ir,
+    owner_name,
+    paired,
     read_ir,
+    run_compiled,
     use_openvino,
     weights_digest,
     write_ir,
@@ -144,7 +149,9 @@ class OpenVINOSAMRuntime:
 
     Args:
         network: the loaded :class:`~medimg.models.sam.network.PromptableSAM` (2D, batch-1 prompts).
-        ir_dir: a folder with the IR files :func:`save_openvino_ir` wrote (``None``: convert in memory).
+        ir_dir: a folder with the IR files :func:`save_openvino_ir` wrote; without them (or when they
+            are stale or damaged) the IR is converted into the user's cache (see :func:`sam_ir`).
+            ``None``: convert in memory.
         precision: OpenVINO's inference precision: ``f32`` (default: the eager model's arithmetic),
             ``bf16`` / ``f16``, or ``auto`` (what OpenVINO picks for the CPU: bf16 on AMX Xeons).
         threads: CPU threads (0: OpenVINO's choice).
@@ -158,12 +165,7 @@ class OpenVINOSAMRuntime:
         self.network = network
         self.precision = precision
         t0 = time.perf_counter()
-        if ir_dir is not None and not has_ir(list(IR_FILES.values()), ir_dir):  # shipped without its IR
-            ir_dir = derived_ir_dir(network, list(IR_FILES.values()), lambda out: save_openvino_ir(network, out))
-        if ir_dir is not None:
-            enc_model, dec_model, mask_model = read_openvino_ir(network, ir_dir)
-        else:
-            enc_model, dec_model, mask_model = convert_openvino(network)
+        enc_model, dec_model, mask_model = sam_ir(network, ir_dir)
         core = cpu_core()
         self._encoder = core.compile_model(enc_model, "CPU", config)
         # OpenVINO's fused-attention snippets are slower than plain kernels on the decoder's 56 x 4096 attention
@@ -230,12 +232,10 @@ def convert_openvino(network: nn.Module) -> tuple[Any, Any, Any]:
 
 
 def save_openvino_ir(network: nn.Module, out_dir: str | Path, fp16: bool = False) -> dict[str, str]:
-    """Write the OpenVINO IR of both parts into ``out_dir``, tagged with the weights' digest.
+    """Write the OpenVINO IR of both parts into ``out_dir``, tagged with the weights' digest and hashed.
 
     ``fp16`` stores the weights in half precision (see :func:`~medimg.models.openvino_ir.write_ir`).
-
-    Before anything is written the converted parts are compiled in f32 and run beside the eager
-    network on one fixed image and box; an IR that does not reproduce the eager logits is refused.
+    Before anything is written the conversion is checked (:func:`check_conversion`).
 
     Returns:
         The files written (part -> file name).
@@ -244,47 +244,101 @@ def save_openvino_ir(network: nn.Module, out_dir: str | Path, fp16: bool = False
         BundleError: the converted network disagrees with the eager one.
     """
     out_dir = Path(out_dir)
-    network = network.cpu().eval()
-    models = convert_openvino(network)
-    check_conversion(network, models, out_dir)
+    models = checked_openvino(network, out_dir)
     write_ir(dict(zip(IR_FILES.values(), models)), out_dir, weights_digest(network), fp16)
     return {part: f"{name}.xml" for part, name in IR_FILES.items()}
 
 
-def check_conversion(network: nn.Module, models: tuple[Any, Any, Any], where: Path, tol: float = 1e-3) -> float:
+def checked_openvino(network: nn.Module, where: str | Path) -> tuple[Any, Any, Any]:
+    """:func:`convert_openvino`, then :func:`check_conversion` (raises when they disagree)."""
+    network = network.cpu().eval()
+    models = convert_openvino(network)
+    check_conversion(network, models, where)
+    return models
+
+
+def all_masks(network: nn.Module, embeddings: torch.Tensor, **prompts: Any) -> list[torch.Tensor]:
+    """The eager decoder's four masks and IoU predictions, as :class:`PromptDecoderGraph` returns them."""
+    one = network.decode(embeddings, multimask_output=False, **prompts)
+    three = network.decode(embeddings, multimask_output=True, **prompts)
+    return [torch.cat([one[0], three[0]], 1), torch.cat([one[1], three[1]], 1)]
+
+
+def check_conversion(network: nn.Module, models: tuple[Any, Any, Any], where: str | Path,
+                     tol: float = TOLERANCE) -> float:
     """Largest difference between the converted parts (f32) and the eager network; raises over ``tol``.
 
-    The input is a fixed smooth image (a bright disc), a box around it, then the same box with the
-    first mask fed back; differences are relative to the eager outputs' range.
+    The image is noise that differs per channel; the prompts are a box, three clicks of both
+    labels, and a click with a box, each decoded without and with the first mask fed back. Every
+    output (all four masks, all four IoU predictions) is compared, shapes exactly
+    (:func:`~medimg.models.openvino_ir.check_outputs`).
     """
-    import openvino as ov
-
-    core = ov.Core()
-    enc, dec, dec_mask = (core.compile_model(m, "CPU", compile_config("f32")) for m in models)
-    size = int(network.img_size)
-    yy, xx = np.mgrid[:size, :size]
-    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2).astype(np.float32)
-    x = torch.from_numpy(np.repeat(disc[None, None], 3, axis=1))
-    box = torch.tensor([[size / 4 - 2, size / 4 - 2, 3 * size / 4 + 2, 3 * size / 4 + 2]], dtype=torch.float32)
+    enc, dec, dec_mask = (cpu_core().compile_model(m, "CPU", compile_config("f32")) for m in models)
+    size = float(network.img_size)
+    x = sample_input([1, 3, int(size), int(size)])
+    box = torch.tensor([[0.25 * size, 0.2 * size, 0.7 * size, 0.8 * size]])
+    clicks = (torch.tensor([[[0.4 * size, 0.5 * size], [0.6 * size, 0.3 * size], [0.5 * size, 0.7 * size]]]),
+              torch.tensor([[1, 0, 1]]))
+    prompt_sets = [{"boxes": box}, {"points": clicks}, {"points": (clicks[0][:, :1], clicks[1][:, :1]), "boxes": box}]
     with torch.inference_mode():
         emb = network.encode(x)
-        low, _ = network.decode(emb, boxes=box)
-        refined, _ = network.decode(emb, boxes=box, masks=low)
-    coords, labels = prompt_arrays(None, box)
-    return check_outputs([(np.array(enc([x.numpy()])[0]), emb),
-                          (np.array(dec([emb.numpy(), coords, labels])[0])[:, :1], low),
-                          (np.array(dec_mask([emb.numpy(), coords, labels, low.numpy()])[0])[:, :1], refined)],
-                         where, tol)
+    pairs = paired(run_compiled(enc, [x.numpy()]), [emb], where)
+    for prompts in prompt_sets:
+        coords, labels = prompt_arrays(prompts.get("points"), prompts.get("boxes"))
+        with torch.inference_mode():
+            plain = all_masks(network, emb, **prompts)
+            previous = plain[0][:, :1]
+            refined = all_masks(network, emb, masks=previous, **prompts)
+        pairs += paired(run_compiled(dec, [emb.numpy(), coords, labels]), plain, where)
+        pairs += paired(run_compiled(dec_mask, [emb.numpy(), coords, labels, previous.numpy()]), refined, where)
+    return check_outputs(pairs, where, tol)
 
 
 def read_openvino_ir(network: nn.Module, ir_dir: str | Path) -> tuple[Any, Any, Any]:
-    """Read the stored IR and check it was made from exactly these weights.
+    """Read the stored IR and check it was made from exactly these weights, its bytes intact.
 
     Raises:
-        BundleError: a missing IR file, or one made from other weights (a stale or swapped file).
+        BundleError: a missing IR file, one made from other weights (a stale or swapped file), or
+            one whose bytes differ from its manifest's hash.
     """
     enc, dec, dec_mask = read_ir(list(IR_FILES.values()), ir_dir, weights_digest(network))
     return enc, dec, dec_mask
+
+
+def sam_ir(network: nn.Module, ir_dir: str | Path | None) -> tuple[Any, Any, Any]:
+    """The checked IR of a 2D SAM network: the stored one, else converted once into the user's cache.
+
+    A stored IR that is missing, stale (other weights) or damaged is replaced by a conversion from
+    the weights, keyed and hashed in the cache (:mod:`medimg.models.ir_cache`); ``ir_dir`` ``None``
+    converts in memory. Every conversion is checked (:func:`check_conversion`).
+
+    Raises:
+        BundleError: the conversion disagrees with the eager network (the caller runs eager).
+    """
+    names = list(IR_FILES.values())
+    where = owner_name(ir_dir, network)
+    if ir_dir is None:
+        return checked_openvino(network, where)
+    problem = None
+    if has_ir(names, ir_dir):
+        try:
+            return read_openvino_ir(network, ir_dir)
+        except (BundleError, OSError, RuntimeError) as exc:
+            problem = one_line(exc)
+    size = int(network.img_size)
+    emb, mask = network.prompt_encoder.image_embedding_size, network.prompt_encoder.mask_input_size
+    digest = weights_digest(network)
+    key = cache_key(digest, names, [[1, 3, size, size], [1, 256, *emb], [1, 1, *mask]])
+    try:
+        models = cached_models(names, key, lambda: list(checked_openvino(network, where)),
+                               lambda models, out: write_ir(dict(zip(names, models)), out, digest), where)
+    except Exception as exc:
+        if problem:
+            raise BundleError(Path(ir_dir), f"stored IR: {problem}; conversion: {one_line(exc)}") from exc
+        raise
+    if problem:
+        log.warning("%s: stored OpenVINO IR not used (%s); using an IR converted from the weights", where, problem)
+    return models[0], models[1], models[2]
 
 
 def make_runtime(network: nn.Module, backend: str = "torch", ir_dir: str | Path | None = None,
@@ -292,8 +346,15 @@ def make_runtime(network: nn.Module, backend: str = "torch", ir_dir: str | Path 
     """The backend that runs a 2D SAM network.
 
     ``torch`` (eager), ``openvino`` (CPU only) or ``auto``: OpenVINO on the CPU, eager PyTorch on a
-    GPU. ``openvino`` asked for on a CUDA device is a configuration error, not a silent switch.
+    GPU. ``openvino`` asked for on a CUDA device is a configuration error, not a silent switch. An
+    OpenVINO IR that cannot be read, converted or checked gives the eager runtime and one warning
+    line naming the bundle and the reason.
     """
     if use_openvino(backend, device):
-        return OpenVINOSAMRuntime(network, ir_dir=ir_dir, precision=precision)
+        compile_config(precision)  # an unknown precision is a configuration error, not a fallback
+        try:
+            return OpenVINOSAMRuntime(network, ir_dir=ir_dir, precision=precision)
+        except Exception as exc:  # noqa: BLE001 - any failure of the fast path means eager, with one line
+            log.warning("%s: OpenVINO IR not used (%s); running eager PyTorch", owner_name(ir_dir, network),
+                        one_line(exc))
     return TorchSAMRuntime(network)
