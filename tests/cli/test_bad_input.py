@@ -10,6 +10,7 @@ import pytest
 
 from medimg.infer import main as infer_main
 from tests.helpers import run_module
+from tests.label.vendors import philips_volume
 
 
 def _make(tmp_path, case):
@@ -162,6 +163,17 @@ def test_set_overrides_a_bundle_setting_for_one_run_and_refuses_what_it_lacks(ph
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and err[-1].startswith("error:") and problem in err[-1], err
         assert not out.exists()
+
+
+def test_dicom_slice_without_orientation_exits_2_naming_file_and_tag(tmp_path, capsys):
+    """A real Philips series with one slice stripped of ImageOrientationPatient: one line, exit 2, no output."""
+    stripped = philips_volume(tmp_path / "series", "ImageOrientationPatient", 4)[4]
+    out = tmp_path / "seg.nii.gz"
+    code = infer_main(["--bundle", "tissue_t1", "--input", str(tmp_path / "series"), "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {stripped}: slice has no ImageOrientationPatient (0020,0037)")
+    assert not out.exists()
 
 
 SIGTERM_MIDWAY = """
