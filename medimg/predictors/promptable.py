@@ -224,14 +224,13 @@ class PromptablePredictor(PromptPredictorBase):
             ``(mask (I, J) bool, low_res_logits (1, 1, 256, 256))``; pass the logits back as
             ``mask_input`` to refine with more clicks.
         """
-        if box is None and not points:
+        clicks, click_labels = _clicks(points, point_labels)
+        if box is None and clicks is None:
             raise ValueError("give a box or at least one point")
-        if ordered and points is not None and len(points) > 1 and mask_input is None:
-            labels_all = list(point_labels) if point_labels is not None else [1] * len(points)
-            for n in range(1, len(points)):
-                _, mask_input = self.predict_slice(k, box=box, points=points[:n], point_labels=labels_all[:n],
+        if ordered and clicks is not None and len(clicks) > 1 and mask_input is None:
+            for n in range(1, len(clicks)):
+                _, mask_input = self.predict_slice(k, box=box, points=clicks[:n], point_labels=click_labels[:n],
                                                    mask_input=mask_input)
-            point_labels = labels_all
         emb, resized = self.embedding(k)
         size = self._volume.shape[1], self._volume.shape[0]  # (rows, cols) of the transposed slice
         boxes = pts = None
@@ -239,10 +238,9 @@ class PromptablePredictor(PromptPredictorBase):
         if box is not None:
             b = torch.as_tensor(np.asarray(box, dtype=np.float32), device=self.device).view(2, 2)
             boxes = self.network.scale_coords(b, size).view(1, 4)
-        if points:
-            p = torch.as_tensor(np.asarray(points, dtype=np.float32)[:, :2], device=self.device)
-            labels = torch.as_tensor(np.asarray(point_labels if point_labels is not None else [1] * len(points)),
-                                     device=self.device)
+        if clicks is not None:
+            p = torch.as_tensor(clicks, device=self.device)
+            labels = torch.as_tensor(click_labels, device=self.device)
             pts = (self.network.scale_coords(p, size)[None], labels[None].int())
             negative_last = int(labels[-1]) == 0
         low, iou = decode_best(self.runtime.decode, emb, points=pts, boxes=boxes, masks=mask_input)
@@ -348,6 +346,22 @@ class PromptablePredictor(PromptPredictorBase):
             inside[lo[0]:hi[0], lo[1]:hi[1], k_lo:k_hi + 1] = True
             out &= inside
         return self.frame.from_working(out)
+
+
+def _clicks(points: Sequence[Sequence[float]] | np.ndarray | None,
+            point_labels: Sequence[int] | np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Clicks (lists or arrays) as ``(N, 2)`` float32 ``(i, j)`` and ``(N,)`` int64 labels; ``(None, None)`` for none.
+
+    Raises:
+        ValueError: the labels are not one per click.
+    """
+    if points is None or len(points) == 0:
+        return None, None
+    clicks = np.asarray(points, dtype=np.float32).reshape(len(points), -1)[:, :2]
+    labels = np.ones(len(clicks), np.int64) if point_labels is None else np.asarray(point_labels, np.int64).reshape(-1)
+    if len(labels) != len(clicks):
+        raise ValueError(f"{len(labels)} point labels for {len(clicks)} points")
+    return clicks, labels
 
 
 def _flat_box_plane(box: Sequence[float] | None, affine: np.ndarray) -> str | None:
