@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 import sys
 
@@ -199,3 +200,34 @@ def test_sigterm_midway_leaves_no_partial_output(tmp_path, handler):
         assert left == []  # neither the output nor its partial file
     else:  # Python's default: the process ends on the spot, the partial file stays (why the CLIs install it)
         assert proc.returncode == -15 and len(left) == 1 and ".partial-" in left[0]
+
+
+CONSOLE_SCRIPT = """
+import runpy, signal, sys
+from medimg.errors import _exit_for_signal
+module, func, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.argv = [module, *args]
+try:
+    if func == "-m":  # python -m MODULE
+        runpy.run_module(module, run_name="__main__")
+    else:  # what pip's console-script wrapper does: sys.exit(func())
+        sys.exit(getattr(__import__(module, fromlist=[func]), func)())
+except SystemExit as exc:
+    print("exit", exc.code, "handler", signal.getsignal(signal.SIGTERM) is _exit_for_signal)
+"""
+
+
+@pytest.mark.parametrize("script,args", [("medimg-infer", ["--bundle", "nosuch", "--input", "x", "--output", "y"]),
+                                         ("medimg-export", ["nosuch", "--out", "y"])])
+def test_console_scripts_install_the_sigterm_handler_like_python_m(tmp_path, script, args):
+    """``medimg-infer`` / ``medimg-export`` (pyproject's console scripts) leave through the clean-ups on SIGTERM."""
+    import tomllib
+
+    from tests.helpers import REPO
+
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][script]
+    module, func = entry.split(":")
+    for how in (func, "-m"):
+        proc = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, module, how, *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.stdout.split() == ["exit", "2", "handler", "True"], (how, proc.stdout, proc.stderr[-2000:])
