@@ -18,7 +18,6 @@ the starting slice's by more than ``intensity_tolerance`` of the intensity range
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ from medimg.data.slicing import SliceFrame, axis_plane, check_intensity, check_p
 from medimg.io.image import Image
 from medimg.models.sam.network import decode_best
 from medimg.models.sam.runtime import make_runtime
-from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB, EmbeddingCache
+from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB, EmbeddingCache, content_key
 from medimg.predictors.prompting import PromptPredictorBase
 from medimg.predictors.protocols import PromptableNetwork2D
 
@@ -124,7 +123,7 @@ class PromptablePredictor(PromptPredictorBase):
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2:
             raise ValueError(f"set_image expects a 2D array, got shape {image.shape}")
-        key = _fingerprint(image, None, intensity or self.intensity, self.plane)
+        key = content_key(image, None, intensity or self.intensity, self.plane)
         if key == self._key:  # the same image again: keep its embeddings
             return
         self.frame = None
@@ -143,7 +142,7 @@ class PromptablePredictor(PromptPredictorBase):
         if volume.ndim != 3:
             raise ValueError(f"set_volume expects a 3D array, got shape {volume.shape}")
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-        key = _fingerprint(volume, affine, intensity or self.intensity, self.plane)
+        key = content_key(volume, affine, intensity or self.intensity, self.plane)
         if key == self._key:  # the same volume again (a new click on it): keep its slice embeddings
             return
         self._volume, self.frame = prepare_volume(volume, affine, self.plane,
@@ -371,13 +370,3 @@ def _flat_box_plane(box: Sequence[float] | None, affine: np.ndarray) -> str | No
     b = np.asarray(box, dtype=np.float64)
     flat = [a for a in range(3) if b[a + 3] - b[a] < 0.5]
     return axis_plane(affine, flat[0]) if len(flat) == 1 else None
-
-
-def _fingerprint(array: np.ndarray, affine: np.ndarray | None, intensity: str, plane: str) -> str:
-    """A digest of what an embedding depends on: voxels, geometry, window and plane."""
-    h = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).reshape(-1), digest_size=16)
-    h.update(str(array.shape).encode())
-    if affine is not None:
-        h.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
-    h.update(f"{intensity}|{plane}".encode())
-    return h.hexdigest()
