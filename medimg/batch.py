@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medimg.errors import EXIT_USER_ERROR, atomic_output, find_medimg_error
+from medimg.errors import EXIT_USER_ERROR, DataError, atomic_output, find_medimg_error
 
 SUMMARY = "summary.csv"
 FIELDS = ("input", "output", "seconds", "status", "error")
@@ -57,6 +57,28 @@ class Shard:
         import torch
 
         return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def check_distinct_targets(items: Sequence[Path], target_of: Callable[[Path], Path]) -> None:
+    """Refuse inputs whose outputs would be one file, before any work.
+
+    A DICOM series folder ``case01/`` and ``case01.nii.gz`` both give ``case01_seg.nii.gz``: one would
+    overwrite the other, or be skipped as already done. Names that differ only in case count as one,
+    as they are on macOS, Windows and SMB file systems.
+
+    Args:
+        items: every input (all ranks').
+        target_of: the output file of an input.
+
+    Raises:
+        DataError: naming both inputs and the output they share.
+    """
+    seen: dict[str, Path] = {}
+    for item in items:
+        target = target_of(item)
+        first = seen.setdefault(str(target).casefold(), item)
+        if first != item:
+            raise DataError(item, f"writes the same output {target.name} as {first}; rename one of them")
 
 
 def error_line(exc: BaseException) -> str:
@@ -128,7 +150,11 @@ def run_batch(items: Sequence[Path], out_dir: Path, target_of: Callable[[Path], 
 
     Returns:
         0 when no input failed, else 2 (on every rank).
+
+    Raises:
+        DataError: two inputs would write the same output (:func:`check_distinct_targets`).
     """
+    check_distinct_targets(items, target_of)
     shard = shard or Shard.from_env()
     out_dir.mkdir(parents=True, exist_ok=True)
     dist = _process_group(shard)

@@ -84,6 +84,22 @@ def run_cli(main: Callable[[], int | None]) -> int:
         return EXIT_USER_ERROR
 
 
+def console_main(main: Callable[[list[str] | None], int]) -> int:
+    """Start a command line: the SIGTERM handler (:func:`exit_on_sigterm`), then ``main`` on ``sys.argv``.
+
+    The one path of every medimg program: ``python -m medimg.infer`` and the ``medimg-infer``
+    console script (pyproject's ``[project.scripts]``) both call it, so neither skips the handler.
+
+    Args:
+        main: the CLI's ``main(argv)``; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit code for :func:`sys.exit`.
+    """
+    exit_on_sigterm()
+    return main(None)
+
+
 def exit_on_sigterm() -> None:
     """Make SIGTERM end a CLI through its clean-ups, with status ``128 + 15``, instead of on the spot.
 

@@ -7,9 +7,9 @@ import sys
 
 import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.bundle.export import export_run
-from medimg.errors import exit_on_sigterm, run_cli
+from medimg.errors import console_main, run_cli
 
-__all__ = ["export_run", "main"]
+__all__ = ["cli", "export_run", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(body)
 
 
+def cli() -> int:
+    """The ``medimg-export`` console script and ``python -m medimg.export``: SIGTERM leaves through the clean-ups."""
+    return console_main(main)
+
+
 if __name__ == "__main__":
-    exit_on_sigterm()  # SIGTERM leaves through the clean-ups: no partial outputs
-    sys.exit(main())
+    sys.exit(cli())

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
-from medimg.batch import Shard, run_batch
+from medimg.batch import Shard, check_distinct_targets, run_batch
 from medimg.bundle.loader import segment_names
-from medimg.errors import ConfigError, DataError, exit_on_sigterm, run_cli
+from medimg.errors import ConfigError, DataError, console_main, run_cli
 from medimg.io.dicom import folder_has_dicom
 from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, strip_suffix, write_like
 from medimg.io.preview import write_preview
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             classify(args, out)
             return
         inputs, many = collect_inputs(Path(args.input))
+        check_distinct_targets(inputs, lambda item: out / output_name(item, args.format))  # every rank, first
         shard = Shard.from_env()
         if not many and (args.keep_going or shard.world > 1):
             raise ConfigError(args.input, "--keep-going and torchrun sharding take a folder of inputs")
@@ -244,6 +245,10 @@ def classify(args: argparse.Namespace, out: Path) -> None:
     print(f"{len(inputs)} input(s) -> {out}")
 
 
+def cli() -> int:
+    """The ``medimg-infer`` console script and ``python -m medimg.infer``: SIGTERM leaves through the clean-ups."""
+    return console_main(main)
+
+
 if __name__ == "__main__":
-    exit_on_sigterm()  # SIGTERM leaves through the clean-ups: no partial outputs
-    sys.exit(main())
+    sys.exit(cli())

@@ -120,23 +120,18 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Dico
     if len(items) == 1 and int(items[0][1].get("NumberOfFrames", 1) or 1) > 1:
         return _read_multiframe(items[0][0], str(series_uid))
     first = items[0][1]
-    try:
-        iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
-        spacing_rc = np.asarray(first.PixelSpacing, dtype=np.float64)
-    except AttributeError as exc:
-        raise DataError(items[0][0], f"missing geometry tag ({exc})") from exc
+    iop = geometry_tag(items[0][0], first, "ImageOrientationPatient")
+    spacing_rc = geometry_tag(items[0][0], first, "PixelSpacing")
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     shape = (int(first.Rows), int(first.Columns))
     positions = []
     for path, ds in items:
-        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
+        if not np.allclose(geometry_tag(path, ds, "ImageOrientationPatient"), iop, atol=1e-4):
             raise DataError(path, "slice orientation differs from the rest of the series")
         if (int(ds.Rows), int(ds.Columns)) != shape:
             raise DataError(path, f"slice size {ds.Rows}x{ds.Columns} differs from {shape[0]}x{shape[1]}")
-        if "ImagePositionPatient" not in ds:
-            raise DataError(path, "slice has no ImagePositionPatient (0020,0032): it cannot be placed in the volume")
-        positions.append(np.asarray(ds.ImagePositionPatient, dtype=np.float64))
+        positions.append(geometry_tag(path, ds, "ImagePositionPatient"))
     dist = np.array([float(p @ normal) for p in positions])
     order = np.argsort(dist, kind="stable")
     dist = dist[order]
@@ -167,6 +162,35 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Dico
     volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
     return DicomSeries(np.ascontiguousarray(volume), LPS_TO_RAS @ affine_lps, str(series_uid),
                        [p for p, _ in items], [str(ds.get("SOPInstanceUID", "")) for _, ds in items])
+
+
+GEOMETRY_TAGS = {"ImageOrientationPatient": ("(0020,0037)", 6), "ImagePositionPatient": ("(0020,0032)", 3),
+                 "PixelSpacing": ("(0028,0030)", 2)}
+
+
+def geometry_tag(path: Path, ds: pydicom.Dataset, keyword: str, what: str = "slice") -> np.ndarray:
+    """The numbers of a geometry tag (orientation, position, pixel spacing) of one slice or frame.
+
+    Args:
+        path: the file, named in the error.
+        ds: the dataset (a slice, or a frame's functional-group item).
+        keyword: ``ImageOrientationPatient``, ``ImagePositionPatient`` or ``PixelSpacing``.
+        what: how the error calls ``ds`` (``slice``, ``frame 3``).
+
+    Raises:
+        DataError: naming ``path`` and the tag, when the tag is missing, empty, not numbers or of the wrong length.
+    """
+    tag, count = GEOMETRY_TAGS[keyword]
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise DataError(path, f"{what} has no {keyword} {tag}: it cannot be placed in the volume")
+    try:
+        numbers = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise DataError(path, f"{what} has a {keyword} {tag} that is not numbers ({exc})") from exc
+    if numbers.size != count or not np.all(np.isfinite(numbers)):
+        raise DataError(path, f"{what} has a {keyword} {tag} of {numbers.size} values; {count} finite numbers expected")
+    return numbers
 
 
 def _affine_lps(row_dir: np.ndarray, col_dir: np.ndarray, spacing_rc: np.ndarray, slice_vec: np.ndarray,
@@ -226,11 +250,11 @@ def _read_multiframe(path: Path, series_uid: str) -> DicomSeries:
         plane = _frame_item(ds, i, "PlanePositionSequence")
         orient = _frame_item(ds, i, "PlaneOrientationSequence")
         measures = _frame_item(ds, i, "PixelMeasuresSequence")
-        if plane is None or orient is None or measures is None or "PixelSpacing" not in measures:
+        if plane is None or orient is None or measures is None:
             raise DataError(path, f"frame {i + 1} lacks its position, orientation or pixel spacing")
-        positions.append(np.asarray(plane.ImagePositionPatient, dtype=np.float64))
-        orients.append(np.asarray(orient.ImageOrientationPatient, dtype=np.float64))
-        spacings.append(np.asarray(measures.PixelSpacing, dtype=np.float64))
+        positions.append(geometry_tag(path, plane, "ImagePositionPatient", f"frame {i + 1}"))
+        orients.append(geometry_tag(path, orient, "ImageOrientationPatient", f"frame {i + 1}"))
+        spacings.append(geometry_tag(path, measures, "PixelSpacing", f"frame {i + 1}"))
         value = _frame_item(ds, i, "PixelValueTransformationSequence")
         rescale.append((float(value.get("RescaleSlope", 1.0)), float(value.get("RescaleIntercept", 0.0)))
                        if value is not None else (1.0, 0.0))

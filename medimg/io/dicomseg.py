@@ -217,7 +217,7 @@ def segment_values(ds: pydicom.Dataset, label_values: Mapping[str, int] | None =
 def _labels_by_position(ds: pydicom.Dataset, series: DicomSeries, seg_file: str | Path,
                         series_folder: str | Path) -> np.ndarray:
     """Each SEG frame's segment number onto the series slice at its position (origin and orientation must agree)."""
-    from medimg.io.dicom import LPS_TO_RAS, _frame_item
+    from medimg.io.dicom import LPS_TO_RAS, _frame_item, geometry_tag
 
     if ds.get("Modality") != "SEG" or "PixelData" not in ds:
         raise DataError(seg_file, "is not a DICOM SEG with frames")
@@ -234,10 +234,11 @@ def _labels_by_position(ds: pydicom.Dataset, series: DicomSeries, seg_file: str 
         ident = _frame_item(ds, i, "SegmentIdentificationSequence")
         if plane is None or ident is None or frame.shape != series.array.shape[1::-1]:
             continue
-        if orient is not None and not np.allclose(np.asarray(orient.ImageOrientationPatient, dtype=np.float64),
+        what = f"frame {i + 1}"
+        if orient is not None and not np.allclose(geometry_tag(seg_file, orient, "ImageOrientationPatient", what),
                                                   axes.T.reshape(-1), atol=1e-3):
             continue  # another orientation than the series'
-        ijk = to_voxel @ np.append(np.asarray(plane.ImagePositionPatient, dtype=np.float64), 1.0)
+        ijk = to_voxel @ np.append(geometry_tag(seg_file, plane, "ImagePositionPatient", what), 1.0)
         k = int(round(ijk[2]))
         if abs(ijk[0]) > 0.05 or abs(ijk[1]) > 0.05 or abs(ijk[2] - k) > 0.05 or not 0 <= k < labels.shape[2]:
             continue  # not on one of the series' slices

@@ -37,7 +37,8 @@ class Image:
     """An image as read from disk.
 
     Predictors return their label maps for file inputs as an ``Image`` too (uint8 labels, the
-    input's affine and header): ``.save(path)`` writes them as NIfTI.
+    input's affine and header). ``.save(path)`` writes any ``Image`` as NIfTI in a data type that
+    keeps its values (uint8 labels, int16 CT Hounsfield units, float32 otherwise).
 
     Attributes:
         array: voxels in the file's own index order, float32.
@@ -54,11 +55,11 @@ class Image:
     header: Any = field(default=None, repr=False)
 
     def save(self, path: str | Path) -> Path:
-        """Write this image (a prediction) as NIfTI with its exact geometry, atomically."""
+        """Write this image as NIfTI with its exact geometry and values (:func:`exact_dtype`), atomically."""
         return write_like(self.array, self, path)
 
     def to_nibabel(self) -> nib.Nifti1Image:
-        """The image as a ``nibabel.Nifti1Image`` (uint8, its exact affine)."""
+        """The image as a ``nibabel.Nifti1Image`` (its exact affine and values, :func:`exact_dtype`)."""
         return nifti_like(self.array, self.affine, self.header)
 
     @property
@@ -300,9 +301,53 @@ def probe_image(path: str | Path) -> None:
         raise DataError(path, "unsupported file type; expected .nii, .nii.gz, .nrrd, .mha, .mhd or a DICOM folder")
 
 
-def nifti_like(array: np.ndarray, affine: np.ndarray, header: Any = None, dtype: Any = np.uint8) -> nib.Nifti1Image:
-    """A NIfTI image of ``array`` with exactly ``affine``; a NIfTI ``header``'s qform/sform codes are kept."""
-    data = np.asarray(array).astype(dtype)
+INTEGER_DTYPES = (np.uint8, np.int16, np.int32)  # smallest first; NIfTI readers everywhere take these
+
+
+def exact_dtype(array: np.ndarray) -> np.dtype:
+    """The smallest on-disk data type that holds every value of ``array`` exactly.
+
+    Integer values (labels, CT Hounsfield units, raw MR counts) get ``uint8``, ``int16`` or ``int32``,
+    whichever first holds their range; anything else (probabilities, rescaled intensities,
+    non-finite values) gets ``float32``.
+    """
+    array = np.asarray(array)
+    if array.dtype == np.bool_ or array.size == 0:
+        return np.dtype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer) or np.array_equal(array, np.round(array)):  # NaN != NaN: float
+        lo, hi = array.min(), array.max()
+        for dtype in INTEGER_DTYPES:
+            info = np.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return np.dtype(dtype)
+    return np.dtype(np.float32)
+
+
+def _holds(array: np.ndarray, dtype: np.dtype) -> bool:
+    """True when casting ``array`` to ``dtype`` keeps its values (floats may round; integers must fit)."""
+    if not np.issubdtype(dtype, np.integer) or array.size == 0:
+        return True
+    info = np.iinfo(dtype)
+    return bool(info.min <= array.min() and array.max() <= info.max and np.array_equal(array, np.round(array)))
+
+
+def nifti_like(array: np.ndarray, affine: np.ndarray, header: Any = None, dtype: Any = None) -> nib.Nifti1Image:
+    """A NIfTI image of ``array`` with exactly ``affine``; a NIfTI ``header``'s qform/sform codes are kept.
+
+    Args:
+        array: the voxels.
+        affine: the 4x4 RAS+ voxel-to-world matrix.
+        header: the NIfTI header of the image ``array`` belongs to (``None``: a fresh one).
+        dtype: the on-disk data type (``None``: :func:`exact_dtype`, the smallest that keeps the values).
+
+    Raises:
+        DataError: ``dtype`` is an integer type that cannot hold the values (they are never wrapped).
+    """
+    array = np.asarray(array)
+    dtype = exact_dtype(array) if dtype is None else np.dtype(dtype)
+    if not _holds(array, dtype):
+        raise DataError("dtype", f"values {array.min()}..{array.max()} do not fit {dtype.name}")
+    data = array.astype(dtype)
     if header is not None and isinstance(header, nib.Nifti1Header):
         out = header.copy()
         out.set_data_dtype(dtype)
@@ -317,7 +362,7 @@ def nifti_like(array: np.ndarray, affine: np.ndarray, header: Any = None, dtype:
     return img
 
 
-def write_like(array: np.ndarray, reference: Image, out_path: str | Path, dtype: Any = np.uint8) -> Path:
+def write_like(array: np.ndarray, reference: Image, out_path: str | Path, dtype: Any = None) -> Path:
     """Write ``array`` as NIfTI with exactly the reference image's shape and affine.
 
     For NIfTI references the header (qform/sform codes, units) is reused, so the output's affine
@@ -327,16 +372,22 @@ def write_like(array: np.ndarray, reference: Image, out_path: str | Path, dtype:
         array: data in the reference's index order and shape.
         reference: the image the prediction belongs to.
         out_path: destination ``.nii``/``.nii.gz``.
-        dtype: on-disk data type.
+        dtype: on-disk data type (``None``: the smallest that holds the values exactly, :func:`exact_dtype`).
 
     Returns:
         The written path.
+
+    Raises:
+        DataError: the shape differs from the reference's, or ``dtype`` cannot hold the values.
     """
     out_path = Path(out_path)
     if tuple(array.shape) != tuple(reference.array.shape):
         raise DataError(out_path, f"prediction shape {tuple(array.shape)} differs from input shape "
                                   f"{tuple(reference.array.shape)}")
-    img = nifti_like(array, reference.affine, reference.header, dtype)
+    try:
+        img = nifti_like(array, reference.affine, reference.header, dtype)
+    except DataError as exc:
+        raise DataError(out_path, exc.problem) from None
     with atomic_output(out_path) as tmp:
         nib.save(img, str(tmp))
     return out_path

@@ -18,7 +18,6 @@ the starting slice's by more than ``intensity_tolerance`` of the intensity range
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ from medimg.data.slicing import SliceFrame, axis_plane, check_intensity, check_p
 from medimg.io.image import Image
 from medimg.models.sam.network import decode_best
 from medimg.models.sam.runtime import make_runtime
-from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB, EmbeddingCache
+from medimg.predictors.embedding_cache import DEFAULT_CACHE_MB, EmbeddingCache, content_key
 from medimg.predictors.prompting import PromptPredictorBase
 from medimg.predictors.protocols import PromptableNetwork2D
 
@@ -124,7 +123,7 @@ class PromptablePredictor(PromptPredictorBase):
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2:
             raise ValueError(f"set_image expects a 2D array, got shape {image.shape}")
-        key = _fingerprint(image, None, intensity or self.intensity, self.plane)
+        key = content_key(image, None, intensity or self.intensity, self.plane)
         if key == self._key:  # the same image again: keep its embeddings
             return
         self.frame = None
@@ -143,7 +142,7 @@ class PromptablePredictor(PromptPredictorBase):
         if volume.ndim != 3:
             raise ValueError(f"set_volume expects a 3D array, got shape {volume.shape}")
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-        key = _fingerprint(volume, affine, intensity or self.intensity, self.plane)
+        key = content_key(volume, affine, intensity or self.intensity, self.plane)
         if key == self._key:  # the same volume again (a new click on it): keep its slice embeddings
             return
         self._volume, self.frame = prepare_volume(volume, affine, self.plane,
@@ -224,14 +223,13 @@ class PromptablePredictor(PromptPredictorBase):
             ``(mask (I, J) bool, low_res_logits (1, 1, 256, 256))``; pass the logits back as
             ``mask_input`` to refine with more clicks.
         """
-        if box is None and not points:
+        clicks, click_labels = _clicks(points, point_labels)
+        if box is None and clicks is None:
             raise ValueError("give a box or at least one point")
-        if ordered and points is not None and len(points) > 1 and mask_input is None:
-            labels_all = list(point_labels) if point_labels is not None else [1] * len(points)
-            for n in range(1, len(points)):
-                _, mask_input = self.predict_slice(k, box=box, points=points[:n], point_labels=labels_all[:n],
+        if ordered and clicks is not None and len(clicks) > 1 and mask_input is None:
+            for n in range(1, len(clicks)):
+                _, mask_input = self.predict_slice(k, box=box, points=clicks[:n], point_labels=click_labels[:n],
                                                    mask_input=mask_input)
-            point_labels = labels_all
         emb, resized = self.embedding(k)
         size = self._volume.shape[1], self._volume.shape[0]  # (rows, cols) of the transposed slice
         boxes = pts = None
@@ -239,10 +237,9 @@ class PromptablePredictor(PromptPredictorBase):
         if box is not None:
             b = torch.as_tensor(np.asarray(box, dtype=np.float32), device=self.device).view(2, 2)
             boxes = self.network.scale_coords(b, size).view(1, 4)
-        if points:
-            p = torch.as_tensor(np.asarray(points, dtype=np.float32)[:, :2], device=self.device)
-            labels = torch.as_tensor(np.asarray(point_labels if point_labels is not None else [1] * len(points)),
-                                     device=self.device)
+        if clicks is not None:
+            p = torch.as_tensor(clicks, device=self.device)
+            labels = torch.as_tensor(click_labels, device=self.device)
             pts = (self.network.scale_coords(p, size)[None], labels[None].int())
             negative_last = int(labels[-1]) == 0
         low, iou = decode_best(self.runtime.decode, emb, points=pts, boxes=boxes, masks=mask_input)
@@ -350,6 +347,22 @@ class PromptablePredictor(PromptPredictorBase):
         return self.frame.from_working(out)
 
 
+def _clicks(points: Sequence[Sequence[float]] | np.ndarray | None,
+            point_labels: Sequence[int] | np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Clicks (lists or arrays) as ``(N, 2)`` float32 ``(i, j)`` and ``(N,)`` int64 labels; ``(None, None)`` for none.
+
+    Raises:
+        ValueError: the labels are not one per click.
+    """
+    if points is None or len(points) == 0:
+        return None, None
+    clicks = np.asarray(points, dtype=np.float32).reshape(len(points), -1)[:, :2]
+    labels = np.ones(len(clicks), np.int64) if point_labels is None else np.asarray(point_labels, np.int64).reshape(-1)
+    if len(labels) != len(clicks):
+        raise ValueError(f"{len(labels)} point labels for {len(clicks)} points")
+    return clicks, labels
+
+
 def _flat_box_plane(box: Sequence[float] | None, affine: np.ndarray) -> str | None:
     """The plane of a 3D box that is flat along exactly one stored axis (a box drawn on one slice), else ``None``."""
     if box is None or len(box) != 6:
@@ -357,13 +370,3 @@ def _flat_box_plane(box: Sequence[float] | None, affine: np.ndarray) -> str | No
     b = np.asarray(box, dtype=np.float64)
     flat = [a for a in range(3) if b[a + 3] - b[a] < 0.5]
     return axis_plane(affine, flat[0]) if len(flat) == 1 else None
-
-
-def _fingerprint(array: np.ndarray, affine: np.ndarray | None, intensity: str, plane: str) -> str:
-    """A digest of what an embedding depends on: voxels, geometry, window and plane."""
-    h = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).reshape(-1), digest_size=16)
-    h.update(str(array.shape).encode())
-    if affine is not None:
-        h.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
-    h.update(f"{intensity}|{plane}".encode())
-    return h.hexdigest()

@@ -31,6 +31,7 @@ from scipy import ndimage
 from medimg.errors import ConfigError, DataError
 from medimg.io.image import Image
 from medimg.io.memory import memory_key
+from medimg.predictors.embedding_cache import content_key
 from medimg.predictors.prompting import PromptPredictorBase
 from medimg.predictors.protocols import PromptableNetwork3D
 
@@ -76,7 +77,7 @@ class VolumePromptPredictor(PromptPredictorBase):
         self.importance = compute_importance_map(tuple(self.roi), mode="gaussian", sigma_scale=0.125,
                                                  device="cpu").numpy()
         self.volume = None
-        self._prepared: tuple[np.ndarray, str | None] | None = None  # (image.array, intensity) of prepare()
+        self._prepared: str | None = None  # content_key of what prepare() brought into the model frame
 
     # ------------------------------------------------------------------ volume
     def set_volume(self, path: str, intensity: str | None = None) -> None:
@@ -123,14 +124,19 @@ class VolumePromptPredictor(PromptPredictorBase):
         return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
     def prepare(self, image: Image, intensity: str | None) -> None:
-        """Bring a 3D volume as read into the model frame (once for several prompts on the same array)."""
+        """Bring a 3D volume as read into the model frame (once for several prompts on the same image).
+
+        The model-frame volume is kept while the voxels, the affine and ``intensity`` stay the same
+        (:func:`~medimg.predictors.embedding_cache.content_key`), whatever array object holds them.
+        """
         if image.array.ndim != 3 or 1 in image.array.shape:
             raise DataError(image.path, f"a 3D promptable model needs a 3D volume, got shape {image.array.shape}")
-        if self._prepared is not None and self._prepared[0] is image.array and self._prepared[1] == intensity:
+        key = content_key(image.array, image.affine, str(intensity))
+        if key == self._prepared:
             return
-        with memory_key(image) as key:
-            self.set_volume(key, intensity)
-        self._prepared = (image.array, intensity)
+        with memory_key(image) as name:
+            self.set_volume(name, intensity)
+        self._prepared = key
 
     def segment_object(self, image: Image, box: np.ndarray | None = None, points: np.ndarray | None = None,
                        point_labels: np.ndarray | None = None, propagate: bool = True,

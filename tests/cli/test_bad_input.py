@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from medimg.infer import main as infer_main
 from tests.helpers import run_module
+from tests.label.vendors import philips_volume
 
 
 def _make(tmp_path, case):
@@ -164,6 +166,17 @@ def test_set_overrides_a_bundle_setting_for_one_run_and_refuses_what_it_lacks(ph
         assert not out.exists()
 
 
+def test_dicom_slice_without_orientation_exits_2_naming_file_and_tag(tmp_path, capsys):
+    """A real Philips series with one slice stripped of ImageOrientationPatient: one line, exit 2, no output."""
+    stripped = philips_volume(tmp_path / "series", "ImageOrientationPatient", 4)[4]
+    out = tmp_path / "seg.nii.gz"
+    code = infer_main(["--bundle", "tissue_t1", "--input", str(tmp_path / "series"), "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {stripped}: slice has no ImageOrientationPatient (0020,0037)")
+    assert not out.exists()
+
+
 SIGTERM_MIDWAY = """
 import os, signal, sys, time
 from medimg.errors import atomic_output, exit_on_sigterm
@@ -187,3 +200,34 @@ def test_sigterm_midway_leaves_no_partial_output(tmp_path, handler):
         assert left == []  # neither the output nor its partial file
     else:  # Python's default: the process ends on the spot, the partial file stays (why the CLIs install it)
         assert proc.returncode == -15 and len(left) == 1 and ".partial-" in left[0]
+
+
+CONSOLE_SCRIPT = """
+import runpy, signal, sys
+from medimg.errors import _exit_for_signal
+module, func, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.argv = [module, *args]
+try:
+    if func == "-m":  # python -m MODULE
+        runpy.run_module(module, run_name="__main__")
+    else:  # what pip's console-script wrapper does: sys.exit(func())
+        sys.exit(getattr(__import__(module, fromlist=[func]), func)())
+except SystemExit as exc:
+    print("exit", exc.code, "handler", signal.getsignal(signal.SIGTERM) is _exit_for_signal)
+"""
+
+
+@pytest.mark.parametrize("script,args", [("medimg-infer", ["--bundle", "nosuch", "--input", "x", "--output", "y"]),
+                                         ("medimg-export", ["nosuch", "--out", "y"])])
+def test_console_scripts_install_the_sigterm_handler_like_python_m(tmp_path, script, args):
+    """``medimg-infer`` / ``medimg-export`` (pyproject's console scripts) leave through the clean-ups on SIGTERM."""
+    import tomllib
+
+    from tests.helpers import REPO
+
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][script]
+    module, func = entry.split(":")
+    for how in (func, "-m"):
+        proc = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, module, how, *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.stdout.split() == ["exit", "2", "handler", "True"], (how, proc.stdout, proc.stderr[-2000:])

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from medimg.batch import Shard, run_shard
 from medimg.infer import main as infer_main
 from tests.helpers import REPO
+from tests.label.vendors import philips_volume
 
 
 def _folder(phantom_manifest: Path, tmp_path: Path) -> Path:
@@ -98,3 +100,28 @@ def test_keep_going_takes_a_folder(phantom_run, phantom_manifest, tmp_path, caps
     code = infer_main(["--bundle", str(phantom_run / "bundle"), "--input", one, "--output", str(tmp_path / "o.nii.gz"),
                        "--keep-going"])
     assert code == 2 and "take a folder of inputs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["one process", "--keep-going", "torchrun rank 1 of 2"])
+def test_inputs_writing_the_same_output_are_refused_before_any_work(tmp_path, capsys, monkeypatch, mode):
+    """``case01/`` (a real DICOM series) beside ``case01.nii.gz``: both map to ``case01_seg.nii.gz``; exit 2."""
+    from medimg.data.embedded.mni152 import MNI_FILES, mni152_source_dir
+
+    inputs = tmp_path / "in"
+    philips_volume(inputs / "case01")
+    t1 = nib.load(str(mni152_source_dir() / MNI_FILES["t1"]))
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj)[80:112, 100:132, 80:112], t1.affine), str(inputs / "case01.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj)[80:112, 100:132, 40:72], t1.affine), str(inputs / "case02.nii.gz"))
+    out = tmp_path / "out"
+    args = ["--bundle", "tissue_t1", "--input", str(inputs), "--output", str(out), "--preview", str(tmp_path / "png")]
+    if mode == "--keep-going":
+        args.append("--keep-going")
+    elif mode.startswith("torchrun"):  # what torchrun sets; the check comes before any process group
+        for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+            monkeypatch.setenv(name, value)
+    code = infer_main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == (f"error: {inputs / 'case01.nii.gz'}: writes the same output case01_seg.nii.gz as "
+                      f"{inputs / 'case01'}; rename one of them")
+    assert not out.exists() and not (tmp_path / "png").exists()  # nothing written, not even the folders

@@ -204,3 +204,37 @@ def test_write_like_refuses_wrong_shape_and_leaves_nothing(tmp_path):
     with pytest.raises(DataError, match="differs from input shape"):
         write_like(np.zeros((3, 3, 3)), ref, tmp_path / "out.nii.gz")
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_saved_ct_keeps_its_hounsfield_units(tmp_path):
+    """A real CT slice (pydicom's ``CT_small``, -896 to 1167 HU) saved and read back is the same image, as int16."""
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "ct").mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct")
+    ct = read_image(tmp_path / "ct")
+    assert ct.array.min() < -800 and ct.array.max() > 1000
+    back = read_image(ct.save(tmp_path / "ct.nii.gz"))
+    np.testing.assert_array_equal(back.array, ct.array)
+    np.testing.assert_allclose(back.affine, ct.affine, atol=1e-4)  # NIfTI stores the affine as float32
+    assert nib.load(str(tmp_path / "ct.nii.gz")).get_data_dtype() == np.int16
+
+
+def test_saved_probability_map_keeps_its_values(tmp_path):
+    """Non-integer voxels (the MNI152 grey-matter probability map, 0..1) are saved as float32, exactly."""
+    from medimg.data.embedded.mni152 import MNI_FILES, mni152_source_dir
+
+    gm = nib.load(str(mni152_source_dir() / MNI_FILES["gm"]))
+    crop = np.asarray(gm.dataobj, dtype=np.float32)[80:96, 100:116, 80:88] / np.float32(255.0)
+    src = read_image(_save_nifti(tmp_path / "gm.nii.gz", crop, gm.affine))
+    assert 0.0 < src.array.max() <= 1.0 and not np.array_equal(src.array, np.round(src.array))
+    back = read_image(src.save(tmp_path / "copy.nii.gz"))
+    np.testing.assert_array_equal(back.array, src.array)
+    assert nib.load(str(tmp_path / "copy.nii.gz")).get_data_dtype() == np.float32
+
+
+def test_write_like_refuses_values_its_dtype_cannot_hold(tmp_path):
+    ref = read_image(_save_nifti(tmp_path / "in.nii.gz", _volume(), _affine()))
+    with pytest.raises(DataError, match="do not fit uint8"):
+        write_like(_volume(), ref, tmp_path / "out.nii.gz", dtype=np.uint8)
+    assert not (tmp_path / "out.nii.gz").exists()

@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 from medimg.errors import DataError
 from medimg.io.image import read_image
 from tests.helpers import write_dicom_series
+from tests.label.vendors import philips_volume
 
 
 def _dcm2niix() -> str:
@@ -110,6 +111,15 @@ def test_slice_without_position_is_named(tmp_path):
     with pytest.raises(DataError, match="no ImagePositionPatient") as err:
         read_image(tmp_path / "s")
     assert err.value.path == str(files[3])
+
+
+@pytest.mark.parametrize("position", [0, 5])
+def test_slice_without_orientation_is_a_data_error_naming_file_and_tag(tmp_path, position):
+    """A real Philips slice without ImageOrientationPatient: a DataError naming it and the tag, no AttributeError."""
+    stripped = philips_volume(tmp_path / "philips", "ImageOrientationPatient", position)[position]
+    with pytest.raises(DataError, match=r"no ImageOrientationPatient \(0020,0037\)") as err:
+        read_image(tmp_path / "philips")
+    assert err.value.path == str(stripped)
 
 
 def test_siemens_mosaic_is_refused(tmp_path):

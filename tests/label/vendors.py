@@ -74,6 +74,19 @@ def copy_files(files: list[Path], folder: Path) -> Path:
     return folder
 
 
+def philips_volume(folder: Path, without: str | None = None, position: int = 0) -> list[Path]:
+    """Philips' real fMRI series, its first time point (9 slices of 64x64), copied into ``folder``, sorted by name.
+
+    ``without``: a tag keyword deleted from the ``position``-th file (a slice as a broken exporter writes it).
+    """
+    files = sorted(copy_files(one_volume(vendor_series()[PHILIPS]), folder).iterdir())
+    if without is not None:
+        ds = pydicom.dcmread(files[position])
+        delattr(ds, without)
+        ds.save_as(files[position])
+    return files
+
+
 def toshiba_style_series(folder: Path) -> Path:
     """A small synthetic series whose SeriesInstanceUID has Toshiba/Canon's shape (all short components)."""
     rng = np.random.default_rng(7)

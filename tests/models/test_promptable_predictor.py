@@ -205,3 +205,31 @@ def test_ordered_clicks_replay_the_session_with_the_previous_mask_fed_back(lite)
     assert prompt_objects(parse_prompts(doc, (64, 72), np.eye(4)))[0]["ordered"]
     doc["scribbles"] = [{"points": [[30, 30], [34, 40]], "label": 1}]
     assert not prompt_objects(parse_prompts(doc, (64, 72), np.eye(4)))[0]["ordered"]
+
+
+def test_prompts_held_as_numpy_arrays_mean_what_lists_mean(lite, mni_dir):
+    """A pipeline holds its prompts as arrays: every prompt argument takes them, with the lists' exact answer."""
+    t1 = np.asarray(nib.load(str(mni_dir / "t1.nii.gz")).dataobj, dtype=np.float32)[::4, ::4, ::4]
+    pred = PromptablePredictor(lite)
+    pred.set_image(t1[:, :, 20])
+    clicks, labels, box = [[20, 30], [25, 22], [10, 10]], [1, 1, 0], [8, 10, 40, 50]
+    for kwargs in (dict(points=clicks[:1]), dict(points=clicks, point_labels=labels), dict(box=box, points=clicks),
+                   dict(points=clicks, point_labels=labels, ordered=True), dict(box=box)):
+        as_arrays = {k: np.asarray(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        want, low = pred.predict_slice(0, **kwargs)
+        got, got_low = pred.predict_slice(0, **as_arrays)
+        np.testing.assert_array_equal(got, want)
+        torch.testing.assert_close(got_low, low, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="give a box or at least one point"):
+        pred.predict_slice(0, points=np.zeros((0, 2)))
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    prompts = dict(boxes=[[10, 12, 18, 38, 44, 22]], points=[[24, 30, 20], [12, 12, 20]], point_labels=[1, 0])
+    want = pred.predict(t1, affine, propagate=False, **prompts)
+    got = pred.predict(t1, affine, propagate=False, **{k: np.asarray(v) for k, v in prompts.items()})
+    np.testing.assert_array_equal(got, want)
+    assert got.any()
+    pred.set_volume(t1, affine)
+    want = pred.predict_volume(box=prompts["boxes"][0], points=prompts["points"], point_labels=[1, 0], propagate=False)
+    got = pred.predict_volume(box=np.asarray(prompts["boxes"][0]), points=np.asarray(prompts["points"]),
+                              point_labels=np.array([1, 0]), propagate=False)
+    np.testing.assert_array_equal(got, want)

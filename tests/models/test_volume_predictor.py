@@ -136,7 +136,7 @@ def test_threshold_sets_the_mask_and_the_growth_and_is_checked():
 
 
 def test_several_prompts_on_one_image_resample_it_once(tmp_path, monkeypatch):
-    """``prepare`` keeps the model-frame volume while the same array comes back (a simulated user's prompts)."""
+    """``prepare`` keeps the model-frame volume while the same image comes back (a simulated user's prompts)."""
     from medimg.io.image import read_image
     from medimg.io.prompts import parse_prompts
 
@@ -151,7 +151,8 @@ def test_several_prompts_on_one_image_resample_it_once(tmp_path, monkeypatch):
     second = pred.segment_prompts(image, prompts)
     assert len(loads) == 1 and np.array_equal(first, second) and first[48, 14, 14] == 1
     pred.segment_prompts(image, prompts, intensity="mr")  # another window: loaded again
-    pred.segment_prompts(read_image(str(path)), prompts)  # another image: loaded again
+    pred.segment_prompts(read_image(str(path)), prompts)  # the bundle's window again: loaded again
+    pred.segment_prompts(read_image(str(path)), prompts)  # another array, the same voxels: kept (content key)
     assert len(loads) == 3
 
 
@@ -194,3 +195,31 @@ def test_an_roi_and_its_clicks_reach_the_network_together(tmp_path):
     ball = ((np.indices(vol.shape) - click[0][:, None, None, None]) ** 2).sum(0) <= 9
     assert ball.sum() == 123 and not with_click[10, 12, 16]
     np.testing.assert_array_equal(with_click, alone & ~ball)  # the click removed its ball, nothing else
+
+
+def test_a_refilled_buffer_and_a_new_affine_are_new_volumes(mni_dir):
+    """A pipeline reuses one float32 buffer for scan after scan: each answer is a fresh copy's, exactly.
+
+    The real MNI152 T1 (4 mm, stored LPS as from DICOM, so the model frame is a copy) goes into a
+    buffer; the buffer is then refilled with the head moved 40 mm, and handed again with one axis
+    flipped in its affine (the same voxels in another frame).
+    """
+    t1 = np.asarray(nib.load(str(mni_dir / "t1.nii.gz")).dataobj, dtype=np.float32)[::4, ::4, ::4]
+    t1 /= t1.max()
+    affine = np.diag([-4.0, -4.0, 4.0, 1.0])
+    flipped = affine @ np.array([[1, 0, 0, 0], [0, -1, 0, t1.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    click = {"points": [[24, 30, 24]]}
+
+    def predictor() -> VolumePromptPredictor:
+        return VolumePromptPredictor(BrightNet(), roi_size=(32, 32, 32), pixdim=None, intensity="none")
+
+    pred, buffer = predictor(), np.empty(t1.shape, np.float32)  # the pipeline's buffer, allocated once
+    answers = []
+    for refill, frame in ((t1, affine), (np.roll(t1, 10, axis=1), affine), (None, flipped)):
+        if refill is not None:
+            buffer[...] = refill  # the same array object, new voxels
+        got = pred.predict(buffer, frame, **click)
+        want = predictor().predict(buffer.copy(), frame, **click)
+        np.testing.assert_array_equal(got, want)
+        answers.append(want)
+    assert not np.array_equal(answers[0], answers[1])
