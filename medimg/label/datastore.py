@@ -75,7 +75,9 @@ from medimg.io.dicom import folder_has_dicom
 from medimg.io.dicomseg import label_key
 
 log = logging.getLogger(__name__)
-_SAVING = threading.Lock()  # a label stored and its other formats removed, one save at a time
+# the datastore's state (its objects, its file, the folder) changed or read by one thread at a time: the
+# server's worker threads (saves, uploads, listings) and the file watcher's refresh
+_SAVING = threading.RLock()
 # real file suffixes an image or label may carry besides the configured patterns
 FILE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".bin", ".zip")
 
@@ -134,14 +136,17 @@ class ImageExists(DataError):
 
 def same_image(image: Any, path: str) -> bool:
     """Whether ``image`` (read) holds the same voxels on the same grid as the stored image at ``path``."""
-    from medimg.io.image import read_image
+    from medimg.io.image import itk_affine, read_image
 
     try:
         stored = read_image(path, spatial_dims=None)
     except DataError:
         return False
-    return (stored.array.shape == image.array.shape and np.allclose(stored.affine, image.affine, atol=1e-4)
-            and np.array_equal(stored.array, image.array))
+    if stored.array.shape != image.array.shape or not np.array_equal(stored.array, image.array):
+        return False
+    itk = itk_affine(path)  # 3D Slicer uploads a NIfTI study on the grid ITK reads (qform)
+    return any(np.allclose(grid, image.affine, atol=1e-4) for grid in (stored.affine, itk)
+               if grid is not None and grid.shape == image.affine.shape)
 
 
 class StudiesPathError(DataError):
@@ -171,13 +176,17 @@ def image_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(image.array.shape[:3]), image.affine
 
 
-def check_label_upload(label_file: str, image_file: str, image_id: str) -> bool:
+def check_label_upload(label_file: str, image_file: str, image_id: str, rewrite_to: Path | None = None) -> str | None:
     """Read an uploaded label image whole; :class:`~medimg.errors.DataError` unless it lies on its image's grid.
 
+    A label on the grid ITK reads from a NIfTI image whose qform and sform disagree (3D Slicer's
+    save) is accepted, and rewritten to ``rewrite_to`` on the image's own header, so the stored
+    label carries both of the image's forms (training compares their affines).
+
     Returns:
-        Whether it holds a label voxel; ``False``: all zeros.
+        The file to store (the upload, or ``rewrite_to``); ``None`` when it is all zeros.
     """
-    from medimg.io.image import itk_affine, read_image
+    from medimg.io.image import itk_affine, read_image, write_like
 
     try:
         label = read_image(label_file, spatial_dims=None)
@@ -188,13 +197,16 @@ def check_label_upload(label_file: str, image_file: str, image_id: str) -> bool:
     if shape != expected:
         raise DataError(f"label upload for {image_id!r}", f"shape {shape} differs from the image's {expected}")
     apart = float(np.abs(label.affine - affine).max())
-    itk = itk_affine(image_file) if image_file else None  # 3D Slicer saves on the grid ITK reads (qform)
-    if apart > 1e-3 and itk is not None and itk.shape == label.affine.shape:
-        apart = min(apart, float(np.abs(label.affine - itk).max()))
-    if apart > 1e-3:
+    itk = itk_affine(image_file) if image_file and apart > 1e-3 else None  # Slicer saves on ITK's grid (qform)
+    on_itk = itk is not None and itk.shape == label.affine.shape and float(np.abs(label.affine - itk).max()) <= 1e-3
+    if apart > 1e-3 and not on_itk:
         raise DataError(f"label upload for {image_id!r}", f"does not lie on the image's grid: its affine differs "
                                                           f"from the image's by up to {apart:.4g} (mm)")
-    return bool(np.any(label.array))
+    if not np.any(label.array):
+        return None
+    if on_itk and rewrite_to is not None:
+        return str(write_like(label.array, read_image(image_file, spatial_dims=None), rewrite_to))
+    return label_file
 
 
 def read_seg_upload(label_file: str, image_file: str, image_id: str, out: Path) -> Path | None:
@@ -306,13 +318,15 @@ class SeriesDatastore(LocalDatastore):
                 upload = read_image(image_filename, spatial_dims=None)
             except DataError as exc:
                 raise DataError(f"image upload {image_id!r}", exc.problem) from exc
-            stored = self.get_image_uri(image_id) if image_id in self._datastore.objects else ""
-            if stored:
-                if same_image(upload, stored):
-                    return image_id  # MONAI Label deletes its copy of the upload after the answer
-                raise ImageExists(f"image upload {image_id!r}", "the datastore already holds another image under "
-                                                                "this id; upload it under a new name")
-            return super().add_image(image_id, image_filename, image_info)
+            with _SAVING:  # checked and stored as one step: two uploads under one new id cannot both pass
+                self.refresh()  # a file the watcher has not reported yet is an image too
+                stored = self.get_image_uri(image_id) if image_id in self._datastore.objects else ""
+                if stored:
+                    if same_image(upload, stored):
+                        return image_id  # MONAI Label deletes its copy of the upload after the answer
+                    raise ImageExists(f"image upload {image_id!r}", "the datastore already holds another image "
+                                                                    "under this id; upload it under a new name")
+                return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id: str) -> None:
         """Remove an image (and its labels) by a plain id."""
@@ -335,7 +349,7 @@ class SeriesDatastore(LocalDatastore):
             if label_filename.lower().endswith(".dcm"):  # a DICOM SEG (3D Slicer, OHIF)
                 upload = read_seg_upload(label_filename, image_file, image_id, Path(tmp) / f"{image_id}.nii.gz")
             else:
-                upload = label_filename if check_label_upload(label_filename, image_file, image_id) else None
+                upload = check_label_upload(label_filename, image_file, image_id, Path(tmp) / f"{image_id}.nii.gz")
             with _SAVING:
                 if upload is None:
                     if self._remove_label_files(image_id, label_tag) or self._datastore.label(image_id, label_tag):
@@ -409,8 +423,27 @@ class SeriesDatastore(LocalDatastore):
         else:
             write()
 
+    def _reconcile_datastore(self) -> None:
+        """MONAI Label's reconciliation with the folder, one thread at a time (it clears and refills the objects)."""
+        with _SAVING:
+            super()._reconcile_datastore()
+
+    def json(self) -> dict[str, Any]:
+        """MONAI Label's listing, read while no other thread changes it."""
+        with _SAVING:
+            return super().json()
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """MONAI Label's labelled images, read while no other thread changes them."""
+        with _SAVING:
+            return super().datalist(full_path)
+
     def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
         """MONAI Label's loading; a file that does not load at start is rebuilt from the folder (module docstring)."""
+        with _SAVING:
+            self._init_locked(throw_exception)
+
+    def _init_locked(self, throw_exception: bool) -> None:
         try:
             super()._init_from_datastore_file(throw_exception=True)
         except ValueError as exc:

@@ -206,3 +206,71 @@ def test_a_nifti_whose_qform_and_sform_disagree_gets_its_label_where_slicer_show
     sitk.WriteImage(off, str(tmp_path / "off.nrrd"))
     with pytest.raises(DataError, match="grid"):
         check_label_upload(str(tmp_path / "off.nrrd"), str(path), "qs")
+
+
+def test_a_slicer_label_and_upload_of_a_qform_sform_nifti_are_stored_on_the_images_own_header(store, tmp_path):
+    """Fourth review: Slicer's label on ITK's grid was stored as is, and then every fine-tune refused it
+    (its affine is not the image's); Slicer's own upload of the study was refused with 409."""
+    import SimpleITK as sitk
+
+    from medimg.io.image import read_image
+    from medimg.label.datastore import check_label_upload, same_image
+
+    q, s = np.eye(4), np.eye(4)
+    q[:3, 3], s[:3, 3] = [-8, -8, -8], [-3, -10, -13]
+    img = nib.Nifti1Image(np.random.default_rng(2).random((16, 16, 16)).astype(np.float32), s)
+    img.set_qform(q, code=1)
+    img.set_sform(s, code=2)
+    path = tmp_path / "qs.nii.gz"
+    nib.save(img, path)
+    shown = sitk.ReadImage(str(path))
+    label = sitk.GetImageFromArray(np.ones((16, 16, 16), np.uint8))
+    label.CopyInformation(shown)
+    sitk.WriteImage(label, str(tmp_path / "slicer.nrrd"))
+    stored = check_label_upload(str(tmp_path / "slicer.nrrd"), str(path), "qs", tmp_path / "stored.nii.gz")
+    assert stored == str(tmp_path / "stored.nii.gz")
+    np.testing.assert_allclose(nib.load(stored).affine, read_image(path, spatial_dims=None).affine, atol=1e-5)
+    sitk.WriteImage(shown, str(tmp_path / "upload.nrrd"))  # Slicer's saveNode of the study it shows
+    assert same_image(read_image(tmp_path / "upload.nrrd", spatial_dims=None), str(path))
+
+
+def test_two_uploads_under_one_new_id_cannot_both_be_stored(store, monkeypatch):
+    """Fourth review: uploads run in worker threads; both passed the check and the second overwrote the first."""
+    import threading
+    import time
+
+    import medimg.io.image as image_module
+    from medimg.label.datastore import ImageExists
+
+    ds, uploads = store
+    real = image_module.read_image
+
+    def slow_read(*args, **kwargs):
+        time.sleep(0.3)  # both uploads are read at once
+        return real(*args, **kwargs)
+
+    real_copy = shutil.copy
+
+    def slow_copy(*args, **kwargs):
+        time.sleep(0.3)  # a large volume being stored
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(image_module, "read_image", slow_read)
+    monkeypatch.setattr(shutil, "copy", slow_copy)
+    outcomes: list[str] = []
+
+    def upload(value: float) -> None:
+        path = uploads / f"up{value}.nii.gz"
+        nib.save(nib.Nifti1Image(np.full((8, 8, 8), value, np.float32), np.eye(4)), path)
+        try:
+            ds.add_image("MRHead", str(path), {})
+            outcomes.append("stored")
+        except ImageExists:
+            outcomes.append("409")
+
+    threads = [threading.Thread(target=upload, args=(v,)) for v in (1.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["409", "stored"]
