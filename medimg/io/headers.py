@@ -134,6 +134,29 @@ def _nrrd(path: Path) -> None:
         _declared(target, needed, target.stat().st_size)
 
 
+def detached_data_file(path: str | Path) -> str | None:
+    """The data file a NRRD / MetaImage header names (``None``: the voxels follow the header, or another format).
+
+    A single uploaded file can never carry its data file: a server refuses an upload that names one
+    (whatever it names would be some other file beside the upload, in the temporary folder).
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".mha", ".mhd")):
+        lines, _ = _text_header(path, lambda t: t.lower().startswith("elementdatafile"))
+        for line in lines:
+            key, _, value = line.partition("=")
+            if key.strip().lower() == "elementdatafile" and value.strip().upper() != "LOCAL":
+                return value.strip()
+    elif name.endswith((".nrrd", ".nhdr")):
+        lines, _ = _text_header(path, lambda t: t == "")
+        for line in lines[1:]:
+            key, _, value = line.partition(":")
+            if key.strip().lower() in ("data file", "datafile") and not line.startswith("#"):
+                return value.lstrip("=").strip()
+    return None
+
+
 def check_declared_size(path: str | Path) -> None:
     """Raise :class:`DataError` when an uncompressed image file is shorter than its header declares."""
     path = Path(path)

@@ -176,6 +176,23 @@ def image_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(image.array.shape[:3]), image.affine
 
 
+def read_upload(path: str, what: str) -> Any:
+    """An uploaded image file, read whole; :class:`DataError` naming ``what`` unless it reads.
+
+    A header naming a separate data file is refused: an upload is one file, so the data file would
+    be some other file on the server (in the temporary folder, beside the upload).
+    """
+    from medimg.io.headers import detached_data_file
+    from medimg.io.image import read_image
+
+    try:
+        if detached_data_file(path) is not None:
+            raise DataError(path, "is a header naming a separate data file; upload the image as one file")
+        return read_image(path, spatial_dims=None)
+    except DataError as exc:
+        raise DataError(what, exc.problem) from exc
+
+
 def check_label_upload(label_file: str, image_file: str, image_id: str, rewrite_to: Path | None = None) -> str | None:
     """Read an uploaded label image whole; :class:`~medimg.errors.DataError` unless it lies on its image's grid.
 
@@ -188,10 +205,7 @@ def check_label_upload(label_file: str, image_file: str, image_id: str, rewrite_
     """
     from medimg.io.image import itk_affine, read_image, write_like
 
-    try:
-        label = read_image(label_file, spatial_dims=None)
-    except DataError as exc:
-        raise DataError(f"label upload for {image_id!r}", exc.problem) from exc
+    label = read_upload(label_file, f"label upload for {image_id!r}")
     shape = tuple(label.array.shape[:3])
     expected, affine = image_grid(image_file) if image_file else (shape, label.affine)  # the image read once
     if shape != expected:
@@ -309,15 +323,10 @@ class SeriesDatastore(LocalDatastore):
         Another image under a stored id is :class:`ImageExists` (HTTP 409): replacing it would leave
         that study's labels on a scan they were not drawn on.
         """
-        from medimg.io.image import read_image
-
         with upload_removed_if_refused(image_filename):
             image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
             plain_name("image id", image_id)
-            try:
-                upload = read_image(image_filename, spatial_dims=None)
-            except DataError as exc:
-                raise DataError(f"image upload {image_id!r}", exc.problem) from exc
+            upload = read_upload(image_filename, f"image upload {image_id!r}")
             with _SAVING:  # checked and stored as one step: two uploads under one new id cannot both pass
                 self.refresh()  # a file the watcher has not reported yet is an image too
                 stored = self.get_image_uri(image_id) if image_id in self._datastore.objects else ""

@@ -76,6 +76,7 @@ from medimg.io.image import read_image, write_like
 from medimg.label.datastore import (
     SeriesDatastore,
     plain_name,
+    read_upload,
     served_labels,
     unambiguous,
     upload_removed_if_refused,
@@ -295,10 +296,7 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
             return seg_to_labels(label_filename, image_dir, served_labels() or None), image
         if label_filename.endswith(".bin"):  # OHIF: the label map's raw voxels, column fastest
             return raw_labels(label_filename, image.array.shape), image
-        try:
-            upload = read_image(label_filename, spatial_dims=None)
-        except DataError as exc:
-            raise DataError(f"label upload for {image_id!r}", exc.problem) from exc
+        upload = read_upload(label_filename, f"label upload for {image_id!r}")
         if upload.array.shape != image.array.shape or not np.allclose(upload.affine, image.affine, atol=1e-3):
             raise DataError(Path(label_filename).name, f"does not lie on the grid of series {image_id}")
         return label_map(upload.array, f"label upload for {image_id!r}"), image

@@ -274,3 +274,20 @@ def test_two_uploads_under_one_new_id_cannot_both_be_stored(store, monkeypatch):
     for t in threads:
         t.join(30)
     assert sorted(outcomes) == ["409", "stored"]
+
+
+def test_a_header_only_upload_is_refused_even_naming_a_file_beside_it(store):
+    """Fourth review: beside an upload is the temporary folder, where other annotators' uploads are."""
+    from medimg.label.datastore import check_label_upload
+
+    ds, uploads = store
+    (uploads / "someone-elses.raw").write_bytes(bytes(16 ** 3))
+    header = uploads / "tmpabc.nrrd"
+    header.write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16 16 16\nspace: left-posterior-superior\n"
+                      "space directions: (1,0,0) (0,1,0) (0,0,1)\nspace origin: (0,0,0)\nencoding: raw\n"
+                      "data file: someone-elses.raw\n\n")
+    image = str(Path(ds._root()) / "case1.nii.gz")
+    with pytest.raises(DataError, match="separate data file"):
+        check_label_upload(str(header), image, "case1")
+    with pytest.raises(DataError, match="separate data file"):
+        ds.add_image("new", str(header), {})
