@@ -139,8 +139,16 @@ class BundleTrain(TrainTask):
         if len(items) <= val_images:
             raise TrainingFailed(f"the datastore has {len(items)} labelled image(s); training needs more than "
                                  f"{val_images} (held out for validation)")
-        items = [{**item, "label": snapshot(item["label"], work / "labels" / f"{n:05d}")}
-                 for n, item in enumerate(items)]
+        kept = []
+        for n, item in enumerate(items):
+            try:
+                kept.append({**item, "label": snapshot(item["label"], work / "labels" / f"{n:05d}")})
+            except FileNotFoundError:  # cleared since it was listed
+                print(f"medimg: skipped {item['image']}: its label was cleared as the training started", flush=True)
+        items = kept
+        if len(items) <= val_images:
+            raise TrainingFailed(f"the datastore has {len(items)} labelled image(s); training needs more than "
+                                 f"{val_images} (held out for validation)")
         meta = bundle_meta(self.bundle)
         labels = {str(v): k for k, v in bundle_labels(meta, background=True).items()}
         doc = {"name": f"MONAI Label datastore ({len(items)} labelled images)", "labels": labels,
