@@ -41,7 +41,7 @@ STOW-RS to store; its local cache) with medimg's DICOM handling in the places wh
   ``labels/final/<series>.nii.gz``; a cached label whose SEG is gone from the PACS is dropped.
   Label values: a medimg SEG holds each segment's value. Another tool's segments are mapped by
   name: to the labels of the segmentation bundles this server serves (:func:`~medimg.label.
-  datastore.served_labels`), refusing a segment none of them names; with no bundle served, to the
+  uploads.served_labels`), refusing a segment none of them names; with no bundle served, to the
   names medimg's SEGs in the PACS give their values, when every segment is among them; else by
   segment number, with a warning. A labelled series that cannot be read (a Siemens mosaic, a SEG of unknown segments, a
   fetch that fails) is skipped with a warning naming it, and the number skipped is logged: one
@@ -73,14 +73,7 @@ from pydicom.dataset import Dataset
 from medimg.errors import DataError
 from medimg.io.dicomseg import MANUFACTURER, label_key, label_map, raw_labels, seg_to_labels
 from medimg.io.image import read_image, write_like
-from medimg.label.datastore import (
-    SeriesDatastore,
-    plain_name,
-    read_upload,
-    served_labels,
-    unambiguous,
-    upload_removed_if_refused,
-)
+from medimg.label.datastore import SeriesDatastore, plain_name
 from medimg.label.pacs import (
     FINAL_MARK,
     SegSeries,
@@ -90,6 +83,7 @@ from medimg.label.pacs import (
     search_series,
     seg_series,
 )
+from medimg.label.uploads import read_upload, served_labels, unambiguous, upload_removed_if_refused
 
 log = logging.getLogger(__name__)
 NOT_IMAGES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTDOSE"}
@@ -280,7 +274,7 @@ class PacsDatastore(DICOMWebDatastore, SeriesDatastore):
                    label_id: str = "") -> str:
         """Keep the label locally; a final one also goes to the PACS as a DICOM SEG referencing the series.
 
-        A refused upload's temporary copy is deleted (:func:`~medimg.label.datastore.upload_removed_if_refused`).
+        A refused upload's temporary copy is deleted (:func:`~medimg.label.uploads.upload_removed_if_refused`).
         """
         with upload_removed_if_refused(label_filename):
             if label_tag != FINAL:

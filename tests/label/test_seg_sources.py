@@ -136,7 +136,7 @@ def test_the_served_segmentation_bundles_name_the_values(monkeypatch):
     from monailabel.interfaces.tasks.infer_v2 import InferType
     from monailabel.interfaces.utils import app as app_module
 
-    from medimg.label.datastore import served_labels
+    from medimg.label.uploads import served_labels
 
     tissue = SimpleNamespace(type=InferType.SEGMENTATION, meta={"labels": {"background": 0, "grey_matter": 1,
                                                                            "white_matter": 2}})

@@ -179,8 +179,8 @@ def test_a_nifti_whose_qform_and_sform_disagree_gets_its_label_where_slicer_show
     import SimpleITK as sitk
 
     from medimg.io.image import read_image
-    from medimg.label.datastore import check_label_upload
     from medimg.label.results import write_result
+    from medimg.label.uploads import check_label_upload
 
     q = np.eye(4)
     q[:3, 3] = [-32, -32, -32]
@@ -214,7 +214,7 @@ def test_a_slicer_label_and_upload_of_a_qform_sform_nifti_are_stored_on_the_imag
     import SimpleITK as sitk
 
     from medimg.io.image import read_image
-    from medimg.label.datastore import check_label_upload, same_image
+    from medimg.label.uploads import check_label_upload, same_image
 
     q, s = np.eye(4), np.eye(4)
     q[:3, 3], s[:3, 3] = [-8, -8, -8], [-3, -10, -13]
@@ -240,7 +240,7 @@ def test_two_uploads_under_one_new_id_cannot_both_be_stored(store, monkeypatch):
     import time
 
     import medimg.io.image as image_module
-    from medimg.label.datastore import ImageExists
+    from medimg.label.uploads import ImageExists
 
     ds, uploads = store
     real = image_module.read_image
@@ -278,7 +278,7 @@ def test_two_uploads_under_one_new_id_cannot_both_be_stored(store, monkeypatch):
 
 def test_a_header_only_upload_is_refused_even_naming_a_file_beside_it(store):
     """Fourth review: beside an upload is the temporary folder, where other annotators' uploads are."""
-    from medimg.label.datastore import check_label_upload
+    from medimg.label.uploads import check_label_upload
 
     ds, uploads = store
     (uploads / "someone-elses.raw").write_bytes(bytes(16 ** 3))
