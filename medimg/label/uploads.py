@@ -75,7 +75,7 @@ class ImageExists(DataError):
 
 def same_image(image: Any, path: str) -> bool:
     """Whether ``image`` (read) holds the same voxels on the same grid as the stored image at ``path``."""
-    from medimg.io.image import itk_affine, read_image
+    from medimg.io.image import read_image
 
     try:
         stored = read_image(path, spatial_dims=None)
@@ -83,9 +83,19 @@ def same_image(image: Any, path: str) -> bool:
         return False
     if stored.array.shape != image.array.shape or not np.array_equal(stored.array, image.array):
         return False
-    itk = itk_affine(path)  # 3D Slicer uploads a NIfTI study on the grid ITK reads (qform)
-    return any(np.allclose(grid, image.affine, atol=1e-4) for grid in (stored.affine, itk)
-               if grid is not None and grid.shape == image.affine.shape)
+    return np.allclose(stored.affine, image.affine, atol=1e-4) or on_itk_grid(image.affine, path, 1e-4)
+
+
+def on_itk_grid(affine: np.ndarray, path: str, atol: float) -> bool:
+    """Whether ``affine`` is the grid ITK (3D Slicer) reads from the NIfTI at ``path``.
+
+    That is its qform when the qform and sform disagree: where Slicer shows the image, and where it
+    uploads or saves on it.
+    """
+    from medimg.io.image import itk_affine
+
+    itk = itk_affine(path)
+    return itk is not None and itk.shape == affine.shape and bool(np.allclose(itk, affine, atol=atol))
 
 
 def image_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
@@ -128,7 +138,7 @@ def check_label_upload(label_file: str, image_file: str, image_id: str, rewrite_
     Returns:
         The file to store (the upload, or ``rewrite_to``); ``None`` when it is all zeros.
     """
-    from medimg.io.image import itk_affine, read_image, write_like
+    from medimg.io.image import read_image, write_like
 
     label = read_upload(label_file, f"label upload for {image_id!r}")
     shape = tuple(label.array.shape[:3])
@@ -136,8 +146,7 @@ def check_label_upload(label_file: str, image_file: str, image_id: str, rewrite_
     if shape != expected:
         raise DataError(f"label upload for {image_id!r}", f"shape {shape} differs from the image's {expected}")
     apart = float(np.abs(label.affine - affine).max())
-    itk = itk_affine(image_file) if image_file and apart > 1e-3 else None  # Slicer saves on ITK's grid (qform)
-    on_itk = itk is not None and itk.shape == label.affine.shape and float(np.abs(label.affine - itk).max()) <= 1e-3
+    on_itk = bool(image_file) and apart > 1e-3 and on_itk_grid(label.affine, image_file, 1e-3)
     if apart > 1e-3 and not on_itk:
         raise DataError(f"label upload for {image_id!r}", f"does not lie on the image's grid: its affine differs "
                                                           f"from the image's by up to {apart:.4g} (mm)")
