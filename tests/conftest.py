@@ -107,6 +107,9 @@ def mni_dir(_data_root) -> Path:
 @pytest.fixture(scope="session")
 def structures_manifest(_data_root) -> Path:
     from medimg.data.embedded.structures import prepare_structures
+    from tests.oracles import need_debian
+
+    need_debian("mricron-data", "invesalius-examples")
 
     return prepare_structures(_data_root / "structures")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -23,18 +22,14 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from tests.cli.label_client import free_port
-
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+from tests.oracles import DICOMWEB_PLUGIN, ORTHANC, need_debian
 
 
 class OrthancServer:
     """``Orthanc`` (Debian ``orthanc`` + ``orthanc-dicomweb``) on a free loopback port, storage in ``work``."""
 
     def __init__(self, work: Path, users: dict[str, str] | None = None) -> None:
-        # a reference tool: CI installs it (.ci/run); without it the test fails
-        assert Path(ORTHANC).is_file() and DICOMWEB_PLUGIN.is_file(), \
-            "Orthanc and its DICOMweb plugin are required: apt-get install orthanc orthanc-dicomweb"
+        need_debian("orthanc", "orthanc-dicomweb")  # a reference PACS: CI installs it (.ci/run)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb = f"{self.url}/dicom-web"

@@ -22,8 +22,7 @@ import requests
 
 from medimg.bundles import shipped_bundles
 from tests.cli.label_client import LabelServer
-
-COLIN = Path("/usr/share/mricron/templates")
+from tests.oracles import COLIN, need_debian
 
 
 def _strict(text: str):
@@ -35,9 +34,9 @@ def _strict(text: str):
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
-    assert (COLIN / "ch2.nii.gz").is_file(), "Colin27 is required: apt-get install mricron-data"
+    need_debian("mricron-data")
     studies = tmp_path_factory.mktemp("studies")
-    shutil.copy(COLIN / "ch2.nii.gz", studies / "colin.nii.gz")
+    shutil.copy(COLIN, studies / "colin.nii.gz")
     work = tmp_path_factory.mktemp("default-label")
     home = work / "home"
     srv = LabelServer(None, studies, work, env={"MEDIMG_LABEL_HOME": str(home)})
@@ -59,7 +58,7 @@ def test_slicer_connects_to_the_default_server_and_clicks_in_2d_and_3d(default_s
     assert r.status_code == 200, r.text[:500]
     info = _strict(r.text)  # what JavaScript's JSON.parse (OHIF) accepts
     assert set(info["models"]) == set(shipped_bundles()) >= {"tissue_t1", "litemedsam", "medsam3d"}
-    aal = read_image(COLIN / "aal.nii.gz").array
+    aal = read_image(COLIN.parent / "aal.nii.gz").array
     thalamus = aal == 77
     k = int(np.argmax(thalamus.sum(axis=(0, 1))))
     i, j = np.argwhere(thalamus[:, :, k]).mean(0).round().astype(int)

@@ -14,6 +14,7 @@ import torch
 from medimg.bundles import ZOO, resolve_bundle, shipped_bundles
 from medimg.errors import BundleError
 from tests.helpers import run_module
+from tests.oracles import COLIN, need_debian
 
 SHIPPED = sorted(shipped_bundles())
 BUDGET_MB = 150
@@ -70,7 +71,7 @@ def test_each_bundle_is_complete_and_carded(name, schema):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_card_figure_holds_through_load_bundle(name, mni_dir, structures_manifest):
+def test_card_figure_holds_through_load_bundle(name, mni_dir, request):
     """The card's fast check, recomputed through ``load_bundle``, within the card's tolerance.
 
     Tissue: mean Dice on the MNI152 held-out slab. Interactive: box and one-click Dice on the held-out
@@ -79,6 +80,8 @@ def test_card_figure_holds_through_load_bundle(name, mni_dir, structures_manifes
     import medimg
 
     check = _meta(name)["medimg_card_check"]
+    promptable = _meta(name).get("medimg_task") == "promptable"
+    structures_manifest = request.getfixturevalue("structures_manifest") if promptable else None  # Debian atlases
     if _is_3d(name):  # box and one click on two held-out structures, whole volume
         from medimg.predictors.evaluation3d import card_check3d
 
@@ -86,7 +89,7 @@ def test_card_figure_holds_through_load_bundle(name, mni_dir, structures_manifes
         for prompt, expected in check["dice"].items():
             assert abs(dice[prompt] - expected) <= check["tolerance"], (prompt, dice)
         return
-    if _meta(name).get("medimg_task") == "promptable":
+    if promptable:
         from medimg.predictors.evaluation import card_check
 
         dice = card_check(medimg.load_bundle(name, "cpu"), structures_manifest, check)
@@ -105,8 +108,9 @@ def test_slicer_click_on_a_real_head_returns_a_mask_holding_the_click(tmp_path):
     from medimg.label.infer import PromptInfer2D
     from medimg.label.serve import copy_shipped
 
-    image = read_image("/usr/share/mricron/templates/ch2.nii.gz")
-    aal = read_image("/usr/share/mricron/templates/aal.nii.gz").array
+    need_debian("mricron-data")
+    image = read_image(COLIN)
+    aal = read_image(COLIN.parent / "aal.nii.gz").array
     thalamus = aal == 77
     k = int(np.argmax(thalamus.sum(axis=(0, 1))))
     i, j = np.argwhere(thalamus[:, :, k]).mean(0).round().astype(int)
@@ -130,9 +134,10 @@ def test_slicer_3d_click_on_a_real_head_stays_in_the_brain(tmp_path):
     from medimg.label.serve import copy_shipped
     from medimg.predictors.evaluation import interior
 
-    image = read_image("/usr/share/mricron/templates/ch2.nii.gz")
-    aal = read_image("/usr/share/mricron/templates/aal.nii.gz").array
-    brain = read_image("/usr/share/mricron/templates/ch2bet.nii.gz").array > 0
+    need_debian("mricron-data")
+    image = read_image(COLIN)
+    aal = read_image(COLIN.parent / "aal.nii.gz").array
+    brain = read_image(COLIN.parent / "ch2bet.nii.gz").array > 0
     thalamus = aal == 77
     i, j, k = interior(thalamus).astype(int)
     task = infer_task(copy_shipped(tmp_path / "models") / "medsam3d", device="cpu")  # as serve does

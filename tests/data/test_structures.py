@@ -17,6 +17,7 @@ from medimg.data.embedded import structures as st
 from medimg.data.manifest import load_manifest, validate_manifest
 from medimg.errors import DataError
 from medimg.io.invesalius import read_inv3
+from tests.oracles import need_debian
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -77,6 +78,7 @@ def test_inv3_reader_refuses_broken_or_unsafe_archives(tmp_path, problem, match)
 
 
 def test_real_head_ct_from_invesalius_has_bone_soft_tissue_and_its_face_in_front():
+    need_debian("invesalius-examples")
     project = read_inv3(st.INVESALIUS_FILE)
     assert project.array.shape == (256, 256, 108) and project.modality == "CT"
     np.testing.assert_allclose(np.diag(project.affine)[:3], [-0.95703125, 0.95703125, 1.5], atol=1e-6)
@@ -104,6 +106,7 @@ def test_real_chest_ct_labels_and_geometry_from_slicer_files():
 
 
 def test_real_mni152_atlas_is_harvard_oxford_and_jhu_on_the_nlin6_head():
+    need_debian("mricron-data")
     t1, labels, affine, names = st.mni152_atlas()
     values = set(np.unique(labels).tolist())
     assert set(range(1, 49)) <= values and {103, 147, 148} <= values and max(values) <= 412
@@ -116,6 +119,7 @@ def test_real_mni152_atlas_is_harvard_oxford_and_jhu_on_the_nlin6_head():
 
 
 def test_structures_split_holds_out_whole_structures(tmp_path):
+    need_debian("mricron-data", "invesalius-examples")
     manifest_path = st.prepare_structures(tmp_path, volumes=("chest_ct", "mni152_atlas"))
     manifest = load_manifest(manifest_path)
     validate_manifest(manifest, read_data=False)
@@ -160,6 +164,7 @@ def test_slice_dataset_honours_each_entrys_planes_and_window(tmp_path):
 
 def test_deep_grey_nuclei_come_from_aicha_split_at_the_midline_where_no_other_atlas_labels():
     """AICHA's parcels merged per structure: thalamus, caudate ... amygdala, each side, in their places (RAS mm)."""
+    need_debian("mricron-data")
     t1, labels, affine, names = st.mni152_atlas()
     world = lambda v: (affine @ np.r_[np.argwhere(labels == v).mean(0), 1])[:3]  # noqa: E731
     assert names[401] == "Left Thalamus" and names[402] == "Right Thalamus" and names[412] == "Right Amygdala"
