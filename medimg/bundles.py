@@ -73,6 +73,37 @@ def install_staged(staged: Path, name: str, meta: dict[str, Any], card: Callable
     return dest
 
 
+HELD_OUT_3D = "medimg_held_out_3d"  # a card's held-out 3D Dice, measured beside the other 3D models (same run)
+
+
+def held_out_3d(folder: Path) -> dict[str, Any] | None:
+    """A bundle card's held-out 3D figures (``medimg_held_out_3d``), or ``None`` for a card without them.
+
+    ``benchmarks/propagation_vs_3d.py`` measures every shipped model that takes 3D prompts (the 2D
+    model by slice propagation, the 3D model on whole volumes) in one run, on the same held-out
+    structures and prompts; ``dice`` is the mean of box, 1-click and 3-click Dice over its held-out
+    sets, ``summary`` one line for clients.
+    """
+    try:
+        value = json.loads((Path(folder) / "configs" / "metadata.json").read_text()).get(HELD_OUT_3D)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get("dice"), (int, float)) else None
+
+
+def serving_order(folders: list[Path]) -> list[Path]:
+    """Bundles in the order a server offers them: the best held-out 3D Dice first, then the rest by name.
+
+    So the model that measured better for 3D work is the one MONAI Label's clients (3D Slicer,
+    OHIF) list, and select, first.
+    """
+    def key(folder: Path) -> tuple[float, str]:
+        figures = held_out_3d(folder)
+        return (-float(figures["dice"]) if figures else float("inf"), folder.name)
+
+    return sorted(folders, key=key)
+
+
 def folder_mb(folder: Path) -> float:
     """Size of every file under ``folder``, in MB."""
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6

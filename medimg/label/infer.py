@@ -31,6 +31,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from medimg.bundle.loader import bundle_task, load_bundle, segment_names
+from medimg.bundles import held_out_3d
 from medimg.data.slicing import axis_plane
 from medimg.errors import MedimgError
 from medimg.io.image import Image, read_image
@@ -53,6 +54,13 @@ def bundle_labels(meta: dict[str, Any], background: bool = False) -> dict[str, i
     """``{name: value}`` of a bundle's labels (its metadata's ``labels``), by value, background optional."""
     labels = sorted(((str(k), int(v)) for k, v in meta.get("labels", {}).items()), key=lambda kv: kv[1])
     return {k: v for k, v in labels if background or v > 0}
+
+
+def described(bundle: Path, kind: str, prompts: str) -> str:
+    """An interactive model's description for the clients, with its card's held-out 3D figures when it has them."""
+    figures = held_out_3d(bundle)
+    return f"{kind} ({bundle.name}): {prompts}" + (f"; {figures['summary']}" if figures and figures.get("summary")
+                                                    else "")
 
 
 class BundleInfer(InferTask):
@@ -179,7 +187,7 @@ class PromptInfer2D(BundleInfer):
     """
 
     def __init__(self, bundle: Path, device: str | None = None, cache_mb: float = DEFAULT_CACHE_MB) -> None:
-        super().__init__(bundle, InferType.DEEPGROW, 2, f"medimg interactive 2D ({bundle.name}): clicks or ROI",
+        super().__init__(bundle, InferType.DEEPGROW, 2, described(bundle, "medimg interactive 2D", "clicks or ROI"),
                          device, cache_mb)
 
     @property
@@ -226,7 +234,7 @@ class PromptInfer3D(BundleInfer):
     """
 
     def __init__(self, bundle: Path, device: str | None = None) -> None:
-        super().__init__(bundle, InferType.DEEPGROW, 3, f"medimg interactive 3D ({bundle.name}): clicks or ROI",
+        super().__init__(bundle, InferType.DEEPGROW, 3, described(bundle, "medimg interactive 3D", "clicks or ROI"),
                          device)
 
     def run(self, image: Image, request: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:

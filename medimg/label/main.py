@@ -33,6 +33,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
+from medimg.bundles import serving_order
 from medimg.errors import DataError
 from medimg.io.jsonfile import finite
 from medimg.label.datastore import SeriesDatastore, plain_name
@@ -54,9 +55,13 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def find_bundles(models: Path) -> list[Path]:
-    """The bundle folders directly inside ``models`` (hidden folders, such as publication leftovers, skipped)."""
-    return sorted(p for p in models.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / "configs" / "metadata.json").is_file())
+    """The bundle folders directly inside ``models`` (hidden folders, such as publication leftovers, skipped).
+
+    In serving order (:func:`medimg.bundles.serving_order`): the model whose card measured the best
+    held-out 3D Dice first, so ``/info/`` lists it, and 3D Slicer selects it, before the others.
+    """
+    return serving_order([p for p in models.iterdir()
+                          if p.is_dir() and not p.name.startswith(".") and (p / "configs" / "metadata.json").is_file()])
 
 
 def pacs_session() -> Any:

@@ -18,6 +18,8 @@ from tests.oracles import COLIN, need_debian
 
 SHIPPED = sorted(shipped_bundles())
 BUDGET_MB = 150
+CASES_3D = ("held-out structures: MNI152 atlas", "held-out head: Colin27 AAL deep grey")
+PROMPTS_3D = ("box", "click1", "click3")
 
 
 def _meta(name: str) -> dict:
@@ -68,6 +70,11 @@ def test_each_bundle_is_complete_and_carded(name, schema):
             meta["medimg_storage"]["identical"] == meta["medimg_storage"]["masks"])
     else:
         assert f"{meta['eval_metrics']['template_mean']:.3f}" in card
+    if "interactive3d_compared" in meta.get("eval_metrics", {}):  # the same-run 3D table, every model's row
+        compared = meta["eval_metrics"]["interactive3d_compared"]
+        for model, figures in compared["models"].items():
+            row = next(line for line in card.splitlines() if line.startswith(f"| {model} ("))
+            assert all(f"{figures[case]['mean'][p]:.3f}" in row for case in CASES_3D for p in PROMPTS_3D)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -151,6 +158,38 @@ def test_slicer_3d_click_on_a_real_head_stays_in_the_brain(tmp_path):
     print(f"thalamus click: {inside:.3f} of the mask inside, {covered:.3f} of the thalamus covered")
     assert inside >= 0.7 and covered >= 0.5  # that structure, not the hemisphere (card: 1-click Dice 0.765)
     assert (mask & ~brain).sum() <= 0.1 * mask.sum()
+
+
+def test_the_server_offers_first_the_model_measured_better_for_3d_work(tmp_path):
+    """Both models that take 3D prompts carry held-out 3D Dice from one run (benchmarks/propagation_vs_3d.py);
+    the served models are ordered by it (``/info/`` lists them so, 3D Slicer selects the first), then by name."""
+    pytest.importorskip("monailabel")
+    from medimg.bundles import HELD_OUT_3D, held_out_3d, serving_order
+    from medimg.label.compat import install
+
+    install()
+    from medimg.label.infer import infer_task
+    from medimg.label.main import find_bundles
+
+    figures = {name: held_out_3d(folder) for name, folder in shipped_bundles().items()}
+    measured = {name: f for name, f in figures.items() if f}
+    assert set(measured) == {"litemedsam", "medsam3d"} and len({f["measured"] for f in measured.values()}) == 1
+    for name, f in measured.items():  # the ranking figure is the mean of the card's own held-out Dice
+        meta = _meta(name)
+        mine = meta["eval_metrics"]["interactive3d_compared"]["models"][name]
+        assert all(f[c][p] == round(mine[c]["mean"][p], 4) for c in CASES_3D for p in PROMPTS_3D)
+        assert f["dice"] == pytest.approx(np.mean([f[c][p] for c in CASES_3D for p in PROMPTS_3D]), abs=1e-4)
+    best = max(measured, key=lambda n: measured[n]["dice"])
+    served = [p.name for p in find_bundles(ZOO)]
+    assert served[0] == best and served[-1] == "tissue_t1" and sorted(served) == SHIPPED
+    assert measured[best]["summary"] in infer_task(ZOO / best).description
+    made = []  # the order follows the cards' figures, not the names; no figure: after them, by name
+    for name, dice in (("a_plain", None), ("b_worse", 0.2), ("c_better", 0.6), ("d_plain", None)):
+        (tmp_path / name / "configs").mkdir(parents=True)
+        meta = {HELD_OUT_3D: {"dice": dice}} if dice is not None else {}
+        (tmp_path / name / "configs" / "metadata.json").write_text(json.dumps(meta))
+        made.append(tmp_path / name)
+    assert [p.name for p in serving_order(made)] == ["c_better", "b_worse", "a_plain", "d_plain"]
 
 
 def test_short_name_on_the_command_line_keeps_the_input_geometry(tmp_path, mni_dir):

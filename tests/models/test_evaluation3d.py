@@ -1,4 +1,5 @@
-"""The simulated 3D user of ``benchmarks/ship_promptable3d.py`` and the 3D card check, on a scripted predictor."""
+"""The simulated 3D user of ``benchmarks/ship_promptable3d.py`` and ``benchmarks/propagation_vs_3d.py`` and the 3D
+card check, on scripted predictors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from medimg.io.image import Image
-from medimg.predictors.evaluation3d import VolumeScorer, dice, score_volume, volume_targets
+from medimg.predictors.evaluation3d import VolumeScorer, dice, same_prompts, score_models, score_volume, volume_targets
 
 
 class Scripted:
@@ -64,3 +65,41 @@ def test_score_volume_weights_structures_equally_and_skips_small_ones(case):
     res = score_volume(Scripted(truth, blob), image, label, "mr", {"ball": (7,), "bead": (9,)}, 40,
                        ("box", "click1"))
     assert res["targets"] == 1 and res["mean"]["box"] == 1.0 and set(res["mean"]) == {"box", "click1"}
+
+
+class Whole:
+    """Answers every prompt with its box, or with the whole volume: another model, other corrections."""
+
+    def segment_prompts(self, image, prompts, intensity=None):
+        out = np.zeros(image.array.shape, np.uint8)
+        if len(prompts.boxes):
+            lo, hi = prompts.boxes[0][:3].astype(int), prompts.boxes[0][3:].astype(int)
+            out[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = 1
+        else:
+            out[:] = 1
+        return out
+
+
+def test_two_models_get_the_same_targets_box_and_first_click(case):
+    """The fairness rule of ``benchmarks/propagation_vs_3d.py``: same targets, same box, same first click;
+    the corrections are each model's own."""
+    truth, blob, brain, image = case
+    label = truth.astype(np.int64) * 7
+    label[blob] = 9
+    values = {"ball": (7,), "bead": (9,)}
+    res = score_models({"scripted": Scripted(truth, blob), "whole": Whole()}, image, label, "mr", values, 20,
+                       brain=brain)
+    a, b = res["scripted"], res["whole"]
+    assert list(a["structures"]) == list(b["structures"]) == ["ball", "bead"]
+    assert a["structures"]["ball"]["box"] == 1.0 and b["structures"]["ball"]["box"] < 1.0  # the answers differ ...
+    for name in ("ball", "bead"):
+        assert a["prompts"][name][:2] == b["prompts"][name][:2]  # ... the box and first click do not
+        assert [d["prompt"] for d in b["prompts"][name]] == ["box", "click1", "click2", "click3"]
+    assert a["prompts"]["ball"][2] != b["prompts"]["ball"][2]  # a correction follows the model's own error
+    assert all(r["cold_click_s"] > 0 and set(r["seconds"]) >= {"box", "click1"} for r in res.values())
+    b["prompts"]["bead"][0] = {**b["prompts"]["bead"][0], "boxes": [[0, 0, 0, 23, 23, 23]]}
+    with pytest.raises(AssertionError, match="bead"):
+        same_prompts(res)
+    del b["structures"]["bead"]
+    with pytest.raises(AssertionError, match="other targets"):
+        same_prompts(res)
