@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medimg.bundle.writer import write_bundle
-from medimg.errors import ConfigError, WeightsError
+from medimg.errors import ConfigError, WeightsError, check_output_location
 from medimg.models import build_network
 from medimg.models.weights import read_network_state
 from medimg.runs.parts import RECORD_FILE, RunRecord
@@ -45,6 +45,7 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         The bundle folder.
     """
     source = Path(source)
+    check_output_location(out, folder=True)
     if not source.exists():
         raise ConfigError(source, "no such run folder or checkpoint")
     if source.is_file():
