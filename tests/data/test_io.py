@@ -238,3 +238,38 @@ def test_write_like_refuses_values_its_dtype_cannot_hold(tmp_path):
     with pytest.raises(DataError, match="do not fit uint8"):
         write_like(_volume(), ref, tmp_path / "out.nii.gz", dtype=np.uint8)
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("kind", ["RGB", "complex"])
+def test_rgb_and_complex_nifti_are_refused_naming_the_file(tmp_path, suffix, kind):
+    """RGB24 crashed with a numpy error; complex lost its imaginary part silently."""
+    from medimg.io.image import probe_image
+
+    if kind == "RGB":
+        data = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    else:
+        data = (np.ones((4, 4, 4)) + 2j * np.ones((4, 4, 4))).astype(np.complex64)
+    path = tmp_path / f"{kind}{suffix}"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    for check in (read_image, probe_image):
+        with pytest.raises(DataError, match=f"stores {kind} voxels.*a scalar volume is expected") as err:
+            check(path)
+        assert err.value.path == str(path)
+
+
+@pytest.mark.parametrize("split", ["halves", "uneven"])
+def test_multi_member_gzip_nifti_reads_whole_and_truncation_is_still_caught(tmp_path, split):
+    """bgzip and ``cat a.gz b.gz`` write several gzip members: a valid .nii.gz that gunzip and nibabel read."""
+    volume = np.arange(16 * 16 * 16, dtype=np.int16).reshape(16, 16, 16)
+    nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "plain.nii"))
+    raw = (tmp_path / "plain.nii").read_bytes()
+    cut = len(raw) // 2 if split == "halves" else 1000  # halves: both members declare the same size
+    members = [gzip.compress(raw[:cut]), gzip.compress(raw[cut:])]
+    (tmp_path / "multi.nii.gz").write_bytes(b"".join(members))
+    image = read_image(tmp_path / "multi.nii.gz")
+    np.testing.assert_array_equal(image.array, volume)
+    np.testing.assert_array_equal(image.affine, nib.load(str(tmp_path / "multi.nii.gz")).affine)
+    (tmp_path / "cut.nii.gz").write_bytes(members[0] + members[1][: len(members[1]) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_image(tmp_path / "cut.nii.gz")
