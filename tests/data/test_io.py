@@ -273,3 +273,42 @@ def test_multi_member_gzip_nifti_reads_whole_and_truncation_is_still_caught(tmp_
     (tmp_path / "cut.nii.gz").write_bytes(members[0] + members[1][: len(members[1]) // 2])
     with pytest.raises(DataError, match="truncated or corrupt"):
         read_image(tmp_path / "cut.nii.gz")
+
+
+def test_gantry_tilted_ct_is_refused_naming_the_folder(tmp_path):
+    """Slices stepping along y as well as z (a GE gantry tilt of 20 degrees): the stack is sheared.
+
+    The NIfTI sform could hold it but the qform cannot, so ITK / 3D Slicer would place it elsewhere.
+    """
+    tilt = np.deg2rad(20.0)
+    sheared = np.diag([0.7, 0.7, 5.0, 1.0])
+    sheared[1, 2] = 5.0 * np.tan(tilt)  # each slice shifted along y
+    write_dicom_series(np.zeros((16, 16, 8), np.float32), sheared, tmp_path / "tilted")
+    with pytest.raises(DataError, match=r"gantry tilt of 20\.0 degrees: resample it first \(e\.g\. dcm2niix\)") as err:
+        read_image(tmp_path / "tilted")
+    assert err.value.path == str(tmp_path / "tilted")
+    # rounding of ImagePositionPatient (a hundredth of a mm over two thin slices) is no tilt
+    near = np.diag([0.7, 0.7, 1.0, 1.0])
+    near[0, 2] = 0.01
+    write_dicom_series(np.zeros((16, 16, 2), np.float32), near, tmp_path / "rounded")
+    assert read_image(tmp_path / "rounded").array.shape == (16, 16, 2)
+
+
+def test_a_series_of_several_multiframe_files_is_refused(tmp_path):
+    """Two multi-frame files of one series would be stacked as 3D arrays (a numpy error)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    src = pydicom.dcmread(get_testdata_file("emri_small.dcm"))  # 10 frames, no functional groups
+    folder = tmp_path / "mf"
+    folder.mkdir()
+    for i, name in enumerate(("a.dcm", "b.dcm")):
+        ds = src.copy()
+        ds.SOPInstanceUID = generate_uid()
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 10.0 * i]
+        ds.PixelSpacing = [1, 1]
+        ds.save_as(folder / name)
+    with pytest.raises(DataError, match="multi-frame file .*10 frames.* one series of several") as err:
+        read_image(folder)
+    assert err.value.path == str(folder / "a.dcm")
