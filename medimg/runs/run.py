@@ -7,7 +7,6 @@ The run folder holds ``config.yaml`` (the composed config, as given), ``run.json
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -25,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from medimg.errors import ConfigError, WeightsError
 from medimg.models.compiling import compile_encoder, resolve_speed
 from medimg.models.peft import trainable_summary
-from medimg.runs.parts import TaskParts
+from medimg.runs.parts import TaskParts, save_json
 
 log = logging.getLogger("medimg.train")
 RUN_DIR_ENV = "MEDIMG_RUN_DIR"
@@ -267,7 +266,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume_ckpt: Path | None, given: dict
         metrics["monitor"] = parts.monitor
         metrics["validation_split"] = parts.record.validation_split or "validation split"
         metrics["checkpoint"] = str(best or ckpt_dir / "last.ckpt")
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        save_json(run_dir / "metrics.json", metrics)
         parts.record.metrics = metrics
         parts.record.save(run_dir)
         parts.report(metrics)
