@@ -117,22 +117,65 @@ def _exit_for_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def check_output_location(path: str | os.PathLike, folder: bool = False) -> Path:
+    """Refuse an output that cannot be written, before any work is done; nothing is created.
+
+    The nearest existing folder above ``path`` must be a folder (not a file) in which a file can
+    be created: a temporary file is made there and removed at once (this catches read-only mounts,
+    permissions and pseudo file systems such as ``/proc`` alike).
+
+    Args:
+        path: the output file, or with ``folder`` the output folder (which may exist).
+        folder: ``path`` is a folder to write into.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ConfigError: naming ``path`` and why it cannot be written.
+    """
+    import tempfile
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(path, "is a file; the output here is a folder (one file per input)")
+    here = path if folder else path.parent
+    here = here if str(here) else Path(".")
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise ConfigError(path, f"cannot be written: {here} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=here):
+            pass
+    except OSError as exc:
+        raise ConfigError(path, f"cannot be written: {here}: {exc.strerror or exc}") from exc
+    return path
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
-    Nothing half-written is ever left at ``path``: on any error the temporary file is removed.
+    Nothing half-written is ever left at ``path``: on any error the temporary file is removed. A
+    failure to write there (no such folder, a file in the way, permissions, a full disk) is a
+    :class:`ConfigError` naming ``path``.
 
     Args:
         path: the final output file.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     # keep the full suffix (.nii.gz) so writers that dispatch on it behave
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}{''.join(final.suffixes)}")
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.filename is None or Path(exc.filename) not in (tmp, final, *final.parents):
+            raise  # not the output's own file or folder: some other failure inside the block
+        check_output_location(final)  # a file in the way, a read-only place: says which
+        raise ConfigError(final, f"cannot be written: {exc.strerror or exc}") from exc
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -28,7 +28,7 @@ import numpy as np
 import medimg.cpu  # noqa: F401 - OpenMP spin default, before PyTorch loads
 from medimg.batch import Shard, check_distinct_targets, run_batch
 from medimg.bundle.loader import segment_names
-from medimg.errors import ConfigError, DataError, console_main, run_cli
+from medimg.errors import ConfigError, DataError, check_output_location, console_main, run_cli
 from medimg.io.dicom import folder_has_dicom
 from medimg.io.image import IMAGE_SUFFIXES, Image, has_suffix, probe_image, read_image, strip_suffix, write_like
 from medimg.io.preview import write_preview
@@ -42,18 +42,15 @@ def output_name(path: Path, fmt: str = "nifti") -> str:
 
 
 def check_preview(preview: str | None, many: bool) -> Path | None:
-    """The ``--preview`` target: a ``.png`` file for one input, a folder for several."""
+    """The ``--preview`` target: a ``.png`` file for one input, a folder for several (created when written)."""
     if preview is None:
         return None
     path = Path(preview)
     if many:
-        if path.exists() and not path.is_dir():
-            raise ConfigError(path, "--preview for a folder of inputs must be a folder (one PNG per input)")
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return check_output_location(path, folder=True)
     if path.suffix.lower() != ".png" or path.is_dir():
         raise ConfigError(path, "--preview writes a PNG: give a file name ending in .png")
-    return path
+    return check_output_location(path)
 
 
 def write_labels(labels: np.ndarray, image: Image, target: Path, fmt: str, seg_info: tuple | None) -> Path:
@@ -152,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(out, "is a folder; give an output file name for a single input")
         if not many and not out.name.lower().endswith(FORMATS[args.format]):
             raise ConfigError(out, f"{args.format} output must end in {' or '.join(FORMATS[args.format])}")
+        check_output_location(out, folder=many)  # before the network loads and the inputs are read
         if args.format == "dicom-seg":
             for item in inputs:
                 if not (item.is_dir() and folder_has_dicom(item)):
@@ -213,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def batch(args: argparse.Namespace, inputs: list[Path], out: Path, preview: Path | None, shard: Shard) -> int:
     """A folder of inputs the :mod:`medimg.batch` way: this rank's share, resumable, failures recorded."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(out, "is a file; a folder of inputs writes to an output folder")
     info = segment_names(args.bundle, False)  # metadata read once: names, algorithm, version
     names, seg_info = info[0], (info if args.format == "dicom-seg" else None)
     predictor = _load_bundle(args.bundle, shard.device(args.device), args.settings)
@@ -239,6 +235,7 @@ def classify(args: argparse.Namespace, out: Path) -> None:
         raise ConfigError(args.prompts, "a classification bundle takes no prompts; drop --prompts")
     if out.suffix.lower() != ".json" or out.is_dir():
         raise ConfigError(out, "a classification bundle writes JSON: give an output file ending in .json")
+    check_output_location(out)
     inputs, _ = collect_inputs(Path(args.input), IMAGE_SUFFIXES + PICTURE_SUFFIXES)
     predictor = _load_bundle(args.bundle, args.device, args.settings)
     predictor.write_json([str(p) for p in inputs], out)

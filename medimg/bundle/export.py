@@ -9,15 +9,26 @@ from pathlib import Path
 from typing import Any
 
 from medimg.bundle.writer import write_bundle
-from medimg.errors import ConfigError, WeightsError
+from medimg.errors import ConfigError, WeightsError, check_output_location
 from medimg.models import build_network
 from medimg.models.weights import read_network_state
 from medimg.runs.parts import RECORD_FILE, RunRecord
 
 
-def find_checkpoint(run_dir: Path) -> Path:
-    """The best checkpoint of a run (by its monitored validation metric), else ``last.ckpt``."""
+def find_checkpoint(run_dir: Path, record: RunRecord | None = None) -> Path:
+    """The checkpoint to export: the one the run's final validation used, else the best, else ``last.ckpt``.
+
+    The record's ``metrics["checkpoint"]`` names the checkpoint the reported metrics belong to
+    (found by its name in ``checkpoints/`` when the run folder has moved); without it, the newest
+    ``best-*.ckpt``.
+    """
     ckpts = run_dir / "checkpoints"
+    chosen = (record.metrics.get("checkpoint") if record is not None else None) or None
+    if chosen:
+        for path in (Path(chosen), ckpts / Path(chosen).name):
+            if path.is_file():
+                return path
+        raise WeightsError(ckpts / Path(chosen).name, "the checkpoint the run's metrics.json names is gone")
     best = sorted(ckpts.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
     if best:
         return best[-1]
@@ -45,16 +56,14 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         The bundle folder.
     """
     source = Path(source)
+    check_output_location(out, folder=True)
     if not source.exists():
         raise ConfigError(source, "no such run folder or checkpoint")
-    if source.is_file():
-        ckpt, run_dir = source, source.parent.parent
-    else:
-        run_dir = source
-        ckpt = find_checkpoint(run_dir)
+    run_dir = source.parent.parent if source.is_file() else source
     if not (run_dir / RECORD_FILE).is_file():
         raise ConfigError(run_dir / RECORD_FILE, "run record missing; is this a medimg run folder?")
     record = RunRecord.load(run_dir)
+    ckpt = source if source.is_file() else find_checkpoint(run_dir, record)
     if not record.template:
         raise ConfigError(run_dir, f"a {record.task} run has no bundle to export")
     network = build_network(**record.network)

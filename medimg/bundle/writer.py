@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,11 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
         raise BundleError(src, "bundle template has no configs/inference.json")
     if out_dir.exists() and not overwrite:
         raise BundleError(out_dir, "already exists; choose another --out or pass --overwrite")
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a folder of this process's own: two exports of one run folder never write into each other's
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        shutil.copytree(src, tmp)
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
         (tmp / "models").mkdir(exist_ok=True)
         network = network.cpu().eval()
         torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, tmp / "models" / "model.pt")

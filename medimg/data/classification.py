@@ -14,6 +14,13 @@
 channel; a 3D image with ``k`` slices is a slab whose centre ``in_chans`` slices become the
 channels (2.5D: neighbouring slices as channels); an RGB picture has 3 channels. Channels are
 repeated (1 -> 3) or reduced to the centre slice / the mean (3 -> 1) to fit the network.
+
+**Orientation**: the network sees every image in picture order, (rows, columns) as a viewer shows
+it: PNG / JPEG and MedMNIST arrays as they are, and a medical image file or in-memory image, whose
+array is in medimg's index order (i, j) = (column, row), transposed by :func:`load_image_array`
+(the one place that does it). One picture saved as PNG and as NIfTI (SimpleITK's usual
+conversion) gives the same tensor; a DICOM radiograph reaches the network as a DICOM viewer
+shows it, the orientation ImageNet-pretrained backbones were trained in.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 from monai.data import DataLoader
 
 from medimg.errors import ConfigError, DataError
+from medimg.io.image import Image, read_image
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("training", "validation", "test")
@@ -80,9 +88,16 @@ def _to_channels(array: np.ndarray, in_chans: int, picture: bool, source: object
     raise DataError(source, f"has {k} channels/slices; the network takes {in_chans}")
 
 
-def load_image_array(path: str | Path) -> tuple[np.ndarray, bool]:
-    """An image file as an array in the file's index order, and whether it is a picture (PNG/JPEG)."""
-    path = Path(path)
+def load_image_array(source: str | Path | Image) -> tuple[np.ndarray, bool]:
+    """An image in picture order (rows, columns[, slices or RGB]), and whether it is a picture (PNG/JPEG).
+
+    Pictures come as PIL reads them. Medical image files (and the medimg ``Image``
+    of an in-memory input) are stored in index order (i, j[, k]) = (column, row[, slice]): their
+    first two axes are swapped, so one image reaches the network the same whatever its format.
+    """
+    if isinstance(source, Image):
+        return np.swapaxes(source.array, 0, 1), False
+    path = Path(source)
     if path.suffix.lower() in PICTURE_SUFFIXES:
         from PIL import Image as PILImage
 
@@ -93,9 +108,7 @@ def load_image_array(path: str | Path) -> tuple[np.ndarray, bool]:
                 return np.asarray(pic.convert("RGB" if pic.mode in ("RGB", "RGBA", "P") else "F")), True
         except OSError as exc:
             raise DataError(path, f"cannot read picture ({exc})") from exc
-    from medimg.io.image import read_image
-
-    return read_image(path, spatial_dims=None).array, False
+    return load_image_array(read_image(path, spatial_dims=None))
 
 
 class ClassifyPreprocess:
@@ -116,15 +129,15 @@ class ClassifyPreprocess:
             raise ConfigError("data.normalize", f"unknown normalisation {normalize!r}; choose imagenet or none")
         self.img_size, self.in_chans, self.normalize = int(img_size), int(in_chans), normalize
 
-    def __call__(self, image: str | Path | np.ndarray) -> torch.Tensor:
-        """Preprocess one image."""
+    def __call__(self, image: str | Path | Image | np.ndarray) -> torch.Tensor:
+        """Preprocess one image: a file, a read :class:`~medimg.io.image.Image`, or an array in picture order."""
         return self.standardise(self.unit(image))
 
-    def unit(self, image: str | Path | np.ndarray) -> torch.Tensor:
+    def unit(self, image: str | Path | Image | np.ndarray) -> torch.Tensor:
         """Every step but the standardisation: (C, S, S) in [0, 1] (augmentations work on this)."""
-        if isinstance(image, (str, Path)):
+        if isinstance(image, (str, Path, Image)):
             array, picture = load_image_array(image)
-            source: object = image
+            source: object = image.path if isinstance(image, Image) else image
         else:
             array, source = np.asarray(image), "array"
             picture = array.ndim == 3 and array.shape[-1] == 3

@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
+from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 
 from medimg.data.manifest import Manifest, load_manifest, train_val_split, validate_manifest
 from medimg.errors import ConfigError
 
 CACHE_MODES = ("none", "memory", "disk")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, (str, os.PathLike)):
+        yield str(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def file_state_hash(item: Any) -> bytes:
+    """The disk cache's key of one item: the item and the size and mtime of every file it names.
+
+    MONAI's ``PersistentDataset`` keys an item by its dict alone (the paths), so a file edited in
+    place (a corrected label) would be served from the cache as it was. With this ``hash_func``
+    an edited file has a new key; a DICOM folder counts every file in it.
+    """
+    stamps: dict[str, Any] = {}
+    for text in _strings(item):
+        path = Path(text)
+        if path.is_file():
+            stamps[text] = _stamp(path)
+        elif path.is_dir():
+            stamps[text] = sorted((str(f), *_stamp(f)) for f in path.rglob("*") if f.is_file())
+    return pickle_hashing({"item": item, "files": stamps})
 
 
 class ManifestDataModule(L.LightningDataModule):
@@ -25,8 +61,9 @@ class ManifestDataModule(L.LightningDataModule):
         val_transforms: pipeline for validation items.
         batch_size: training batch size (volumes; each may yield several crops).
         num_workers: data-loader workers.
-        cache: ``none``, ``memory`` (MONAI ``CacheDataset``) or ``disk`` (``PersistentDataset``).
-        cache_dir: folder for the disk cache.
+        cache: ``none``, ``memory`` (MONAI ``CacheDataset``) or ``disk`` (``PersistentDataset``, keyed by
+            :func:`file_state_hash`: a file edited in place is read again).
+        cache_dir: folder for the disk cache (may be shared by runs).
         validate: check every file before training (shapes, affines, NaNs, empty labels).
         repeats: list each training volume this many times per epoch (small datasets).
         cache_key: identifies the transforms (a hash of their spec): the disk cache lives in a
@@ -76,7 +113,8 @@ class ManifestDataModule(L.LightningDataModule):
         if self.cache == "memory":
             return CacheDataset(data, transforms, cache_rate=1.0, num_workers=None, progress=False)
         if self.cache == "disk":
-            return PersistentDataset(data, transforms, cache_dir=self.cache_dir / self.cache_key / split)
+            return PersistentDataset(data, transforms, cache_dir=self.cache_dir / self.cache_key / split,
+                                     hash_func=file_state_hash)
         return Dataset(data, transforms)
 
     def train_dataloader(self) -> DataLoader:

@@ -117,8 +117,13 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Dico
 
     for path, ds in items:
         _check_greyscale_slice(path, ds)
-    if len(items) == 1 and int(items[0][1].get("NumberOfFrames", 1) or 1) > 1:
+    frames = [(path, int(ds.get("NumberOfFrames", 1) or 1)) for path, ds in items]
+    if len(items) == 1 and frames[0][1] > 1:
         return _read_multiframe(items[0][0], str(series_uid))
+    several = [(path, n) for path, n in frames if n > 1]
+    if several:
+        raise DataError(several[0][0], f"multi-frame file ({several[0][1]} frames) in one series of several files; "
+                                       "give each multi-frame file a folder of its own")
     first = items[0][1]
     iop = geometry_tag(items[0][0], first, "ImageOrientationPatient")
     spacing_rc = geometry_tag(items[0][0], first, "PixelSpacing")
@@ -148,6 +153,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Dico
             raise DataError(folder, f"non-uniform slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm);"
                                     " resample the series before use")
         slice_vec = (positions[-1] - positions[0]) / (len(items) - 1)
+        check_no_tilt(folder, slice_vec, normal, len(items), spacing_rc)
     else:
         thickness = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
         slice_vec = normal * thickness
@@ -191,6 +197,24 @@ def geometry_tag(path: Path, ds: pydicom.Dataset, keyword: str, what: str = "sli
     if numbers.size != count or not np.all(np.isfinite(numbers)):
         raise DataError(path, f"{what} has a {keyword} {tag} of {numbers.size} values; {count} finite numbers expected")
     return numbers
+
+
+def check_no_tilt(where: Path, slice_vec: np.ndarray, normal: np.ndarray, count: int, spacing_rc: np.ndarray) -> None:
+    """Refuse a sheared stack: slices that step sideways as well as along their normal (CT gantry tilt).
+
+    The affine could hold the shear, but a NIfTI qform cannot, and ITK (3D Slicer) places such a
+    file by its qform: the same voxels would lie elsewhere there. Tolerated: a sideways drift over
+    the whole stack under half the smallest pixel (rounding of ImagePositionPatient).
+
+    Raises:
+        DataError: naming ``where`` and the tilt angle.
+    """
+    along = float(slice_vec @ normal)
+    sideways = slice_vec - along * normal
+    if np.linalg.norm(sideways) * (count - 1) <= 0.5 * float(np.min(spacing_rc)):
+        return
+    angle = float(np.degrees(np.arctan2(np.linalg.norm(sideways), abs(along))))
+    raise DataError(where, f"gantry tilt of {angle:.1f} degrees: resample it first (e.g. dcm2niix)")
 
 
 def _affine_lps(row_dir: np.ndarray, col_dir: np.ndarray, spacing_rc: np.ndarray, slice_vec: np.ndarray,
@@ -274,6 +298,7 @@ def _read_multiframe(path: Path, series_uid: str) -> DicomSeries:
         if np.max(np.abs(gaps - step)) > SPACING_RTOL * step:
             raise DataError(path, "non-uniform frame spacing; resample before use")
         slice_vec = (positions[order[-1]] - positions[order[0]]) / (n - 1)
+        check_no_tilt(path, slice_vec, normal, n, spacings[0])
     else:
         slice_vec = normal * float(_frame_item(ds, 0, "PixelMeasuresSequence").get("SliceThickness", 1.0) or 1.0)
     frames = _pixels(path, ds).reshape(n, int(ds.Rows), int(ds.Columns))

@@ -43,6 +43,7 @@ def _nifti(path: Path) -> None:
         offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
     except Exception as exc:  # noqa: BLE001 - any header failure is a data error
         raise DataError(path, f"not a readable NIfTI image ({exc})") from exc
+    check_scalar_voxels(path, header.get_data_dtype())
     needed = int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
     _declared(path, needed, path.stat().st_size - offset)
 
@@ -155,6 +156,22 @@ def detached_data_file(path: str | Path) -> str | None:
             if key.strip().lower() in ("data file", "datafile") and not line.startswith("#"):
                 return value.lstrip("=").strip()
     return None
+
+
+def check_scalar_voxels(path: str | Path, dtype: np.dtype) -> None:
+    """Refuse voxel types that are not one number per voxel (RGB24 / RGBA32 records, complex values).
+
+    Raises:
+        DataError: naming ``path``: medimg reads scalar volumes; a complex image would lose its imaginary part.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.fields is not None:
+        kind = "".join(dtype.names) if set(dtype.names or ()) <= set("RGBA") else "structured"
+    elif dtype.kind == "c":
+        kind = "complex"
+    else:
+        return
+    raise DataError(path, f"stores {kind} voxels; a scalar volume is expected (one number per voxel)")
 
 
 def check_declared_size(path: str | Path) -> None:

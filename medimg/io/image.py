@@ -13,7 +13,6 @@ so the transform pipelines, ``Invertd`` and exported bundles all see identical g
 from __future__ import annotations
 
 import gzip
-import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ import numpy as np
 
 from medimg.errors import DataError, atomic_output
 from medimg.io.dicom import LPS_TO_RAS, folder_has_dicom, read_dicom_series
-from medimg.io.headers import check_declared_size
+from medimg.io.headers import check_declared_size, check_scalar_voxels
+from medimg.io.niftigz import inflate_nifti
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -82,51 +82,15 @@ def strip_suffix(name: str) -> str | None:
     return None
 
 
-def _inflate_nifti(path: Path) -> tuple[np.ndarray, Any]:
-    """Read a ``.nii.gz`` by inflating it in one libdeflate call (3-4x faster than streaming gzip).
-
-    The voxels are viewed straight from the inflated buffer (no copy) and scaled like nibabel.
-    """
-    import io
-
-    import deflate
-
-    try:
-        raw = deflate.gzip_decompress(path.read_bytes())
-    except deflate.DeflateError as exc:
-        raise zlib.error(str(exc)) from exc
-    order = "<"
-    sizeof_hdr = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
-    if sizeof_hdr not in (348, 540):
-        order, sizeof_hdr = ">", int.from_bytes(raw[:4], "big")
-    if sizeof_hdr not in (348, 540) or len(raw) < sizeof_hdr:
-        raise nib.filebasedimages.ImageFileError("no NIfTI header")
-    # parse only header + extensions (up to vox_offset): handing nibabel the whole buffer costs ms
-    vox_offset = (struct.unpack_from(f"{order}f", raw, 108)[0] if sizeof_hdr == 348
-                  else struct.unpack_from(f"{order}q", raw, 168)[0])
-    header_cls = nib.Nifti1Header if sizeof_hdr == 348 else nib.Nifti2Header
-    header = header_cls.from_fileobj(io.BytesIO(raw[: max(int(vox_offset), sizeof_hdr + 4)]))
-    shape = header.get_data_shape()
-    dtype = header.get_data_dtype()
-    offset = int(header.get_data_offset())
-    count = int(np.prod(shape))
-    if offset + count * dtype.itemsize > len(raw):
-        raise EOFError("voxel data shorter than the header declares")
-    data = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
-    slope, inter = header.get_slope_inter()
-    if slope is not None and (slope != 1.0 or (inter or 0.0) != 0.0):
-        return (data * np.float32(slope) + np.float32(inter or 0.0)).astype(np.float32), header
-    return data.astype(np.float32), header
-
-
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
     try:
         if not str(path).lower().endswith(".gz"):
             check_declared_size(path)
         if str(path).lower().endswith(".gz"):
-            data, header = _inflate_nifti(path)
+            data, header = inflate_nifti(path)
             return data, np.asarray(header.get_best_affine(), dtype=np.float64), header
         img = nib.load(str(path))
+        check_scalar_voxels(path, img.header.get_data_dtype())
         data = np.asarray(img.dataobj, dtype=np.float32)
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise DataError(path, f"truncated or corrupt compressed NIfTI ({exc})") from exc
@@ -284,9 +248,10 @@ def probe_image(path: str | Path) -> None:
     if has_suffix(path, NIFTI_SUFFIXES):
         check_declared_size(path)
         try:
-            nib.load(str(path)).header  # noqa: B018 - parses the header
+            header = nib.load(str(path)).header
         except Exception as exc:  # noqa: BLE001 - any header failure is a data error
             raise DataError(path, f"not a readable NIfTI image ({str(exc).splitlines()[0]})") from exc
+        check_scalar_voxels(path, header.get_data_dtype())
     elif has_suffix(path, ITK_SUFFIXES):
         import SimpleITK as sitk
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from medimg.data.classification import ClassifyPreprocess
 from medimg.errors import atomic_output
+from medimg.io.image import Image
 from medimg.io.memory import as_image
 
 
@@ -43,7 +44,9 @@ class ClassificationPredictor:
 
         Args:
             images: one image or a list / tuple of images: file paths (NIfTI, NRRD, MHA, DICOM
-                folders, PNG / JPEG), nibabel or SimpleITK images, ``MetaTensor``s or arrays.
+                folders, PNG / JPEG), nibabel or SimpleITK images, ``MetaTensor``s or arrays. An
+                array is in medimg's index order (i, j) = (column, row), like every in-memory input;
+                a picture's array as PIL gives it (rows, columns) is its transpose (or pass the file).
             affine: the affine of a single array input (classification ignores geometry).
 
         Returns:
@@ -63,10 +66,10 @@ class ClassificationPredictor:
         return out[0] if one else out
 
     @staticmethod
-    def _array_or_path(image: Any, affine: np.ndarray | None) -> str | Path | np.ndarray:
+    def _array_or_path(image: Any, affine: np.ndarray | None) -> str | Path | Image:
         if isinstance(image, (str, Path)):  # files keep their own reader (pictures included)
             return image
-        return as_image(image, affine).image.array
+        return as_image(image, affine).image  # index order: ClassifyPreprocess turns it to picture order
 
     def write_json(self, images: Sequence[str | Path], path: str | Path) -> Path:
         """Write ``{"classes": [...], "multilabel": bool, "predictions": [{"input", "probabilities", "label"}]}``."""

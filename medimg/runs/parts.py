@@ -1,4 +1,4 @@
-"""What one training run is made of (a leaf module: it imports nothing from medimg).
+"""What one training run is made of (a leaf module: it imports nothing from medimg but its errors).
 
 A task kind's assembly returns :class:`TaskParts`: the LightningModule, the data, what to monitor,
 and a :class:`RunRecord`. The record is the run's explicit contract with export: the network
@@ -16,9 +16,19 @@ from typing import Any
 
 import lightning as L
 
+from medimg.errors import ConfigError, atomic_output
+
 RECORD_FILE = "run.json"
 # builder arguments that point at local pretrained files: a bundle carries its own weights instead
 PRETRAINED_KEYS = ("pretrained", "pretrained_format", "checkpoint", "backbone_checkpoint", "backbone_format")
+
+
+def save_json(path: str | Path, value: Any) -> Path:
+    """Write ``value`` as indented JSON atomically: a killed run or a full disk leaves the old file whole."""
+    text = json.dumps(value, indent=2, default=str)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def network_spec(model_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -56,14 +66,29 @@ class RunRecord:
 
     def save(self, run_dir: str | Path) -> Path:
         """Write ``run.json`` into ``run_dir``."""
-        path = Path(run_dir) / RECORD_FILE
-        path.write_text(json.dumps(asdict(self), indent=2, default=str))
-        return path
+        return save_json(Path(run_dir) / RECORD_FILE, asdict(self))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunRecord:
-        """Read a run folder's ``run.json``."""
-        return cls(**json.loads((Path(run_dir) / RECORD_FILE).read_text()))
+        """Read a run folder's ``run.json``.
+
+        Raises:
+            ConfigError: naming the file: unreadable, not JSON, or not a run record.
+        """
+        path = Path(run_dir) / RECORD_FILE
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(path, f"cannot read the run record ({exc})") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(path, f"not valid JSON ({exc}); the run may have been killed while writing it") from exc
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"not a run record (a JSON {type(value).__name__}, not an object)")
+        try:
+            return cls(**value)
+        except TypeError as exc:
+            why = str(exc).removeprefix(f"{cls.__name__}.__init__() ")
+            raise ConfigError(path, f"not a run record ({why})") from exc
 
 
 @dataclass

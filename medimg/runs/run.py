@@ -7,9 +7,9 @@ The run folder holds ``config.yaml`` (the composed config, as given), ``run.json
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from medimg.errors import ConfigError, WeightsError
 from medimg.models.compiling import compile_encoder, resolve_speed
 from medimg.models.peft import trainable_summary
-from medimg.runs.parts import TaskParts
+from medimg.runs.parts import TaskParts, save_json
 
 log = logging.getLogger("medimg.train")
 RUN_DIR_ENV = "MEDIMG_RUN_DIR"
@@ -54,22 +54,68 @@ class SaveLastOnTrainEnd(L.Callback):
         trainer.save_checkpoint(self.path)
 
 
+def _is_rank_zero() -> bool:
+    """Whether this process is the first rank (or the only process) of a run."""
+    if "RANK" in os.environ:  # torchrun
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _natural_key(path: Path) -> list[int | str]:
+    """Sort key that orders ``20250101-120000-10`` after ``20250101-120000-9``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def claim_run_dir(wanted: Path, config_text: str) -> Path:
+    """Create a new run folder that no other run uses, and write its ``config.yaml``.
+
+    The folder is claimed by creating ``config.yaml`` exclusively, so two runs started in the same
+    second (separate processes, or the jobs of one Hydra multirun) never share a folder: the later
+    one gets ``wanted-2``, then ``-3``, ... An existing folder that holds no run yet (one a caller
+    prepared, as the MONAI Label train task does) is used as it is.
+
+    Args:
+        wanted: the configured ``run_dir``.
+        config_text: the composed config, written as the claimed folder's ``config.yaml``.
+
+    Returns:
+        The claimed folder (absolute).
+    """
+    wanted = wanted.resolve()
+    for n in range(1, 10_000):
+        run_dir = wanted if n == 1 else wanted.with_name(f"{wanted.name}-{n}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(run_dir / "config.yaml", "x") as fh:
+                fh.write(config_text)
+        except FileExistsError:
+            continue
+        if run_dir != wanted:
+            log.info("%s holds another run: this run is in %s", wanted, run_dir)
+        return run_dir
+    raise ConfigError("run_dir", f"no free run folder next to {wanted}")
+
+
 def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     """Decide the run folder and the checkpoint to resume from.
 
-    DDP worker processes inherit the folder chosen by rank 0 through ``$MEDIMG_RUN_DIR``.
+    DDP worker processes that Lightning starts inherit the folder rank 0 claimed through
+    ``$MEDIMG_RUN_DIR``; rank 0 (and a single process) ignores that variable, so the jobs of a
+    Hydra multirun, which share one process, each get their own folder. A new run's folder is
+    claimed later by :func:`claim_run_dir`; a resumed run continues in its own folder.
 
     Returns:
         ``(run_dir, resume_checkpoint_or_None)``.
     """
     inherited = os.environ.get(RUN_DIR_ENV)
     resume = cfg.resume
-    if inherited:
+    if inherited and not _is_rank_zero():
         run_dir = Path(inherited)
     elif resume not in (False, None, "false", "False"):
         if resume in (True, "true", "True"):
             parent = Path(cfg.runs_dir) / cfg.bundle.name
-            runs = sorted(p for p in parent.glob("*") if (p / "checkpoints" / "last.ckpt").is_file())
+            runs = sorted((p for p in parent.glob("*") if (p / "checkpoints" / "last.ckpt").is_file()),
+                          key=_natural_key)
             if not runs:
                 raise ConfigError("resume", f"no run of {cfg.bundle.name} with a last.ckpt under {parent}")
             run_dir = runs[-1]
@@ -145,7 +191,24 @@ def run_training(cfg: DictConfig) -> Path:
         The run folder.
     """
     run_dir, resume_ckpt = resolve_run_dir(cfg)
+    given = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(given, dict)
+    inherited = os.environ.get(RUN_DIR_ENV)
+    new_run = _is_rank_zero() and cfg.resume in (False, None, "false", "False")
+    if new_run:
+        run_dir = claim_run_dir(run_dir, OmegaConf.to_yaml({**given, "run_dir": str(run_dir)}))
     os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers started by Lightning land in the same run
+    try:
+        return _train(cfg, run_dir, resume_ckpt, given)
+    finally:  # the next job of a Hydra multirun (same process) claims its own folder
+        if inherited is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = inherited
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume_ckpt: Path | None, given: dict[Any, Any]) -> Path:
+    """:func:`run_training` in its run folder."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     parts = _builder(cfg.bundle.get("task", "segmentation"))(cfg, run_dir)
     task, dm = parts.task, parts.datamodule
@@ -157,11 +220,8 @@ def run_training(cfg: DictConfig) -> Path:
     if compile_mode:
         compile_encoder(task.network, compile_mode)
 
-    is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    if is_rank_zero:
+    if _is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
-        given = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(given, dict)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**given, "run_dir": str(run_dir)}))
         parts.record.save(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -206,7 +266,7 @@ def run_training(cfg: DictConfig) -> Path:
         metrics["monitor"] = parts.monitor
         metrics["validation_split"] = parts.record.validation_split or "validation split"
         metrics["checkpoint"] = str(best or ckpt_dir / "last.ckpt")
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        save_json(run_dir / "metrics.json", metrics)
         parts.record.metrics = metrics
         parts.record.save(run_dir)
         parts.report(metrics)

@@ -4,6 +4,7 @@ import gzip
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -231,3 +232,57 @@ def test_console_scripts_install_the_sigterm_handler_like_python_m(tmp_path, scr
         proc = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, module, how, *args], cwd=tmp_path,
                               capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert proc.stdout.split() == ["exit", "2", "handler", "True"], (how, proc.stdout, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("where", ["pseudo file system", "under a file", "preview under a file", "folder mode",
+                                   "--keep-going"])
+def test_an_unwritable_output_is_one_line_before_the_network_loads(tmp_path, capsys, monkeypatch, where):
+    """``--output /proc/nope/x.nii.gz`` or a path under a file: exit 2 naming it, before any inference."""
+    import medimg.bundle.loader as loader
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the bundle's network was loaded before the output was checked")
+
+    monkeypatch.setattr(loader, "load_bundle_network", forbidden)
+    (tmp_path / "in").mkdir()
+    image = tmp_path / "in" / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), str(image))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    out, extra = a_file / "x.nii.gz", []
+    if where == "pseudo file system":
+        out = "/proc/nope/x.nii.gz"
+    elif where == "preview under a file":
+        out, extra = tmp_path / "ok.nii.gz", ["--preview", str(a_file / "p.png")]
+    elif where in ("folder mode", "--keep-going"):
+        image, out = tmp_path / "in", a_file / "sub"
+        extra = ["--keep-going"] if where == "--keep-going" else []
+    bad = extra[-1] if where.startswith("preview") else str(out)
+    code = infer_main(["--bundle", "tissue_t1", "--input", str(image), "--output", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {bad}: cannot be written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in"]  # nothing created
+
+
+def test_a_failed_atomic_write_is_a_config_error_naming_the_path(tmp_path):
+    from medimg.errors import ConfigError, atomic_output
+
+    (tmp_path / "a_file").write_text("x")
+    for target, why in ((tmp_path / "a_file" / "o.json", "a_file is a file, not a folder"),
+                        (Path("/proc/nope/o.json"), "No such file or directory")):
+        with pytest.raises(ConfigError, match=why) as err, atomic_output(target) as tmp:
+            tmp.write_text("{}")
+        assert err.value.path == str(target)
+    with pytest.raises(FileNotFoundError), atomic_output(tmp_path / "o.json"):
+        open(tmp_path / "missing" / "input")  # not the output's own failure: left as it is
+
+
+def test_a_bad_input_leaves_no_empty_preview_folder(tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    bad = _make(inputs, "truncated")
+    code = infer_main(["--bundle", "tissue_t1", "--input", str(inputs), "--output", str(tmp_path / "out"),
+                       "--preview", str(tmp_path / "png")])
+    assert code == 2 and capsys.readouterr().err.strip().startswith(f"error: {bad}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

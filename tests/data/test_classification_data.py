@@ -84,10 +84,38 @@ def test_preprocess_channel_rules(tmp_path):
     _img(tmp_path / "slab.nii.gz", np.stack([ramp + k for k in (0.0, 1.0, 2.0)], -1))
     x3 = ClassifyPreprocess(16, 3, "none")(tmp_path / "slab.nii.gz")
     assert x3.shape == (3, 16, 16) and float(x3[2, 8, 8]) > float(x3[1, 8, 8]) > float(x3[0, 8, 8])
-    # a 10 x 6 image is padded to a square before resizing: the padded columns are zero
-    assert float(x3[2, 8, 0]) == 0.0 and float(x3[2, 0, 8]) > 0.0
+    # a 10 x 6 (i, j) image is 6 rows of 10 columns, padded to a square before resizing: the padded rows are zero
+    assert float(x3[2, 0, 8]) == 0.0 and float(x3[2, 8, 0]) > 0.0
     norm = ClassifyPreprocess(16, 1)(np.random.rand(16, 16).astype(np.float32))  # no resize
     assert float(norm.min()) == pytest.approx((0 - 0.449) / 0.226, abs=1e-4)
+
+
+def test_one_picture_as_png_nifti_or_in_memory_reaches_the_network_the_same(tmp_path):
+    """A horizontal bar stays horizontal: PNG (rows, columns) and NIfTI (i, j) = (column, row) agree."""
+    import SimpleITK as sitk
+    from PIL import Image as PILImage
+
+    from medimg.io.image import read_image
+
+    picture = np.zeros((40, 60), np.uint8)
+    picture[5:15, 10:50] = 200  # a horizontal bar: rows 5-15
+    PILImage.fromarray(picture).save(tmp_path / "bar.png")
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "bar.png")), str(tmp_path / "bar.nii.gz"))  # the usual conversion
+    assert read_image(tmp_path / "bar.nii.gz", spatial_dims=None).array.shape[:2] == (60, 40)  # (column, row)
+    pp = ClassifyPreprocess(32, 1, "none")
+    png, nii = pp(tmp_path / "bar.png"), pp(tmp_path / "bar.nii.gz")
+    torch.testing.assert_close(nii, png, atol=1e-4, rtol=0)
+    torch.testing.assert_close(pp(picture), png, atol=1e-4, rtol=0)  # a MedMNIST-style array: picture order
+    rows, cols = png[0].amax(1), png[0].amax(0)  # the bar spans most columns and few rows
+    assert int((cols > 0.5).sum()) > 2 * int((rows > 0.5).sum()) > 0
+    from medimg.predictors.classification import ClassificationPredictor
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 2))
+    predictor = ClassificationPredictor(net, pp, ["a", "b"])
+    by_file = predictor.predict([tmp_path / "bar.png", tmp_path / "bar.nii.gz"])
+    in_memory = predictor.predict([sitk.ReadImage(str(tmp_path / "bar.nii.gz")), picture.T.astype(np.float32)])
+    for probs in (by_file[1], *in_memory):
+        assert probs == pytest.approx(by_file[0], abs=1e-5)
 
 
 def test_augmented_dataset_keeps_labels_and_range(tmp_path):

@@ -238,3 +238,77 @@ def test_write_like_refuses_values_its_dtype_cannot_hold(tmp_path):
     with pytest.raises(DataError, match="do not fit uint8"):
         write_like(_volume(), ref, tmp_path / "out.nii.gz", dtype=np.uint8)
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("kind", ["RGB", "complex"])
+def test_rgb_and_complex_nifti_are_refused_naming_the_file(tmp_path, suffix, kind):
+    """RGB24 crashed with a numpy error; complex lost its imaginary part silently."""
+    from medimg.io.image import probe_image
+
+    if kind == "RGB":
+        data = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    else:
+        data = (np.ones((4, 4, 4)) + 2j * np.ones((4, 4, 4))).astype(np.complex64)
+    path = tmp_path / f"{kind}{suffix}"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    for check in (read_image, probe_image):
+        with pytest.raises(DataError, match=f"stores {kind} voxels.*a scalar volume is expected") as err:
+            check(path)
+        assert err.value.path == str(path)
+
+
+@pytest.mark.parametrize("split", ["halves", "uneven"])
+def test_multi_member_gzip_nifti_reads_whole_and_truncation_is_still_caught(tmp_path, split):
+    """bgzip and ``cat a.gz b.gz`` write several gzip members: a valid .nii.gz that gunzip and nibabel read."""
+    volume = np.arange(16 * 16 * 16, dtype=np.int16).reshape(16, 16, 16)
+    nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "plain.nii"))
+    raw = (tmp_path / "plain.nii").read_bytes()
+    cut = len(raw) // 2 if split == "halves" else 1000  # halves: both members declare the same size
+    members = [gzip.compress(raw[:cut]), gzip.compress(raw[cut:])]
+    (tmp_path / "multi.nii.gz").write_bytes(b"".join(members))
+    image = read_image(tmp_path / "multi.nii.gz")
+    np.testing.assert_array_equal(image.array, volume)
+    np.testing.assert_array_equal(image.affine, nib.load(str(tmp_path / "multi.nii.gz")).affine)
+    (tmp_path / "cut.nii.gz").write_bytes(members[0] + members[1][: len(members[1]) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_image(tmp_path / "cut.nii.gz")
+
+
+def test_gantry_tilted_ct_is_refused_naming_the_folder(tmp_path):
+    """Slices stepping along y as well as z (a GE gantry tilt of 20 degrees): the stack is sheared.
+
+    The NIfTI sform could hold it but the qform cannot, so ITK / 3D Slicer would place it elsewhere.
+    """
+    tilt = np.deg2rad(20.0)
+    sheared = np.diag([0.7, 0.7, 5.0, 1.0])
+    sheared[1, 2] = 5.0 * np.tan(tilt)  # each slice shifted along y
+    write_dicom_series(np.zeros((16, 16, 8), np.float32), sheared, tmp_path / "tilted")
+    with pytest.raises(DataError, match=r"gantry tilt of 20\.0 degrees: resample it first \(e\.g\. dcm2niix\)") as err:
+        read_image(tmp_path / "tilted")
+    assert err.value.path == str(tmp_path / "tilted")
+    # rounding of ImagePositionPatient (a hundredth of a mm over two thin slices) is no tilt
+    near = np.diag([0.7, 0.7, 1.0, 1.0])
+    near[0, 2] = 0.01
+    write_dicom_series(np.zeros((16, 16, 2), np.float32), near, tmp_path / "rounded")
+    assert read_image(tmp_path / "rounded").array.shape == (16, 16, 2)
+
+
+def test_a_series_of_several_multiframe_files_is_refused(tmp_path):
+    """Two multi-frame files of one series would be stacked as 3D arrays (a numpy error)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    src = pydicom.dcmread(get_testdata_file("emri_small.dcm"))  # 10 frames, no functional groups
+    folder = tmp_path / "mf"
+    folder.mkdir()
+    for i, name in enumerate(("a.dcm", "b.dcm")):
+        ds = src.copy()
+        ds.SOPInstanceUID = generate_uid()
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 10.0 * i]
+        ds.PixelSpacing = [1, 1]
+        ds.save_as(folder / name)
+    with pytest.raises(DataError, match="multi-frame file .*10 frames.* one series of several") as err:
+        read_image(folder)
+    assert err.value.path == str(folder / "a.dcm")

@@ -207,6 +207,30 @@ def test_disk_cache_is_keyed_on_the_transforms(tmp_path, phantom_manifest):
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+def test_disk_cache_sees_files_edited_in_place(tmp_path):
+    """A shared ``data.cache_dir``: an annotator fixes a label in place; the next run must train on the fix."""
+    for name, value in (("img", 1.0), ("lab", 1)):
+        nib.save(nib.Nifti1Image(np.full((8, 8, 8), value, np.float32 if name == "img" else np.uint8), np.eye(4)),
+                 str(tmp_path / f"{name}.nii.gz"))
+    pair = {"image": "img.nii.gz", "label": "lab.nii.gz"}
+    (tmp_path / "m.json").write_text(json.dumps({"labels": {"0": "background", "1": "x"},
+                                                 "training": [pair], "validation": [pair]}))
+    val = build_pipeline(segmentation_spec("val", pixdim=None, intensity="none", crop_foreground=False))
+
+    def label_sum() -> float:
+        dm = ManifestDataModule(tmp_path / "m.json", tmp_path, val, val, cache="disk", cache_dir=tmp_path / "cache",
+                                validate=False)
+        return float(next(iter(dm.val_dataloader()))["label"].sum())
+
+    assert label_sum() == 512.0
+    cached = list((tmp_path / "cache" / "default" / "validation").iterdir())
+    assert label_sum() == 512.0 and list((tmp_path / "cache" / "default" / "validation").iterdir()) == cached
+    fixed = np.zeros((8, 8, 8), np.uint8)
+    fixed[:2] = 1
+    nib.save(nib.Nifti1Image(fixed, np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    assert label_sum() == 128.0
+
+
 def test_no_validation_split_is_an_error_or_a_subject_split(tmp_path, phantom_manifest):
     import json
 

@@ -215,20 +215,29 @@ def convert_openvino(network: nn.Module) -> tuple[Any, Any, Any]:
 
     network = network.cpu().eval()
     img = int(network.img_size)
+    with torch.no_grad(), quiet_export():  # OpenVINO traces with TorchScript: its deprecation chatter is muted
+        x = torch.zeros(1, 3, img, img)
+        encoder = ov.convert_model(network.image_encoder, example_input=x, input=[list(x.shape)])
+    return (encoder, *convert_decoders(network))
+
+
+def convert_decoders(network: nn.Module) -> tuple[Any, Any]:
+    """The two :class:`PromptDecoderGraph` variants as OpenVINO models: without and with a mask input."""
+    import openvino as ov
+
+    network = network.cpu().eval()
     emb = torch.zeros(1, 256, *network.prompt_encoder.image_embedding_size)
     mask = torch.zeros(1, 1, *network.prompt_encoder.mask_input_size)
     prompt = (torch.zeros(1, 3, 2), torch.tensor([[1.0, 2.0, 3.0]]))
     shapes = [list(emb.shape), [1, -1, 2], [1, -1]]
     models = []
-    with torch.no_grad(), quiet_export():  # OpenVINO traces with TorchScript: its deprecation chatter is muted
-        x = torch.zeros(1, 3, img, img)
-        models.append(ov.convert_model(network.image_encoder, example_input=x, input=[list(x.shape)]))
+    with torch.no_grad(), quiet_export():
         for with_mask in (False, True):
             graph = PromptDecoderGraph(network.prompt_encoder, network.mask_decoder, with_mask).eval()
             example = (emb, *prompt, mask) if with_mask else (emb, *prompt)
             models.append(ov.convert_model(graph, example_input=example,
                                            input=shapes + ([list(mask.shape)] if with_mask else [])))
-    return models[0], models[1], models[2]
+    return models[0], models[1]
 
 
 def save_openvino_ir(network: nn.Module, out_dir: str | Path, fp16: bool = False) -> dict[str, str]:
