@@ -124,6 +124,8 @@ def phantom_manifest(_data_root) -> Path:
 def pytest_runtest_logreport(report):
     """With ``MEDIMG_TEST_TIMELINE=FILE``, append each phase's worker, start and stop (for balancing the workers)."""
     path = os.environ.get("MEDIMG_TEST_TIMELINE")
+    if getattr(report, "node", None) is not None:  # pytest-xdist's controller relays a worker's report: once only
+        return
     if path and hasattr(report, "start"):
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         with open(path, "a") as fh:
