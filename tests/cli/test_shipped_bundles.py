@@ -163,7 +163,6 @@ def test_slicer_3d_click_on_a_real_head_stays_in_the_brain(tmp_path):
 def test_the_server_offers_first_the_model_measured_better_for_3d_work(tmp_path):
     """Both models that take 3D prompts carry held-out 3D Dice from one run (benchmarks/propagation_vs_3d.py);
     the served models are ordered by it (``/info/`` lists them so, 3D Slicer selects the first), then by name."""
-    pytest.importorskip("monailabel")
     from medimg.bundles import HELD_OUT_3D, held_out_3d, serving_order
     from medimg.label.compat import install
 
