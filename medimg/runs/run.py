@@ -66,7 +66,12 @@ def _natural_key(path: Path) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
-def claim_run_dir(wanted: Path, config_text: str) -> Path:
+def _resuming(resume: Any) -> bool:
+    """Whether ``cfg.resume`` asks to continue a run (``true`` or a run folder)."""
+    return resume not in (False, None, "false", "False")
+
+
+def claim_run_dir(wanted: Path, config: dict[Any, Any]) -> Path:
     """Create a new run folder that no other run uses, and write its ``config.yaml``.
 
     The folder is claimed by creating ``config.yaml`` exclusively, so two runs started in the same
@@ -76,7 +81,7 @@ def claim_run_dir(wanted: Path, config_text: str) -> Path:
 
     Args:
         wanted: the configured ``run_dir``.
-        config_text: the composed config, written as the claimed folder's ``config.yaml``.
+        config: the composed config, written as the claimed folder's ``config.yaml`` (with its ``run_dir``).
 
     Returns:
         The claimed folder (absolute).
@@ -87,7 +92,7 @@ def claim_run_dir(wanted: Path, config_text: str) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             with open(run_dir / "config.yaml", "x") as fh:
-                fh.write(config_text)
+                fh.write(OmegaConf.to_yaml({**config, "run_dir": str(run_dir)}))
         except FileExistsError:
             continue
         if run_dir != wanted:
@@ -111,7 +116,7 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     resume = cfg.resume
     if inherited and not _is_rank_zero():
         run_dir = Path(inherited)
-    elif resume not in (False, None, "false", "False"):
+    elif _resuming(resume):
         if resume in (True, "true", "True"):
             parent = Path(cfg.runs_dir) / cfg.bundle.name
             runs = sorted((p for p in parent.glob("*") if (p / "checkpoints" / "last.ckpt").is_file()),
@@ -126,8 +131,7 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     else:
         run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    resuming = resume not in (False, None, "false", "False")
-    return run_dir.resolve(), (ckpt if resuming and ckpt.is_file() else None)
+    return run_dir.resolve(), (ckpt if _resuming(resume) and ckpt.is_file() else None)
 
 
 def _builder(kind: str) -> Callable[[DictConfig, Path], TaskParts]:
@@ -194,9 +198,8 @@ def run_training(cfg: DictConfig) -> Path:
     given = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(given, dict)
     inherited = os.environ.get(RUN_DIR_ENV)
-    new_run = _is_rank_zero() and cfg.resume in (False, None, "false", "False")
-    if new_run:
-        run_dir = claim_run_dir(run_dir, OmegaConf.to_yaml({**given, "run_dir": str(run_dir)}))
+    if _is_rank_zero() and not _resuming(cfg.resume):
+        run_dir = claim_run_dir(run_dir, given)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers started by Lightning land in the same run
     try:
         return _train(cfg, run_dir, resume_ckpt, given)
