@@ -98,13 +98,21 @@ def dciodvfy() -> str:
 
 
 def run_module(module: str, *args: str, cwd: Path | None = None, env: dict | None = None,
-               timeout: int = 1800) -> subprocess.CompletedProcess:
+               timeout: int = 1800, fresh: bool = False) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` and capture its output.
+
+    The command runs in a child of the suite's warm fork server (:mod:`tests.warm_cli`): the CLI's
+    own code in its own process, without paying for torch, MONAI and Lightning imports again.
+    ``fresh`` starts a new interpreter instead, for tests of what happens at start-up.
 
     The limit only catches a hang: 30 minutes, about 3x what the slowest tiny training takes beside
     another CPU-heavy job on 2 cores.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if not fresh:
+        from tests.warm_cli import run_module_warm
+
+        return run_module_warm(module, *args, cwd=cwd or REPO, env=full_env, timeout=timeout)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
