@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY
-from tests.helpers import REPO, group_alive
+from tests.helpers import REPO, group_alive, run_module
 
 RUN_BLOCK = re.compile(r"<!-- run(?:: (\w+))? -->\s*```(bash|python)\n(.*?)```", re.S)
 TUTORIALS = ("own-data", "finetune-litemedsam", "monai-label-slicer")
@@ -95,6 +96,14 @@ def serve(command: str, cwd: Path, env: dict) -> None:
     assert [p.name for p in (cwd / "label-home").glob("*/main.py")] == ["main.py"]  # the app folder lasts
 
 
+def run_line(line: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """One line of a tutorial's bash block: ``python -m MODULE ARGS`` in the warm runner, anything else in bash."""
+    words = shlex.split(line)
+    if words[:2] == ["python", "-m"] and not set("|&;<>$`") & set(line.replace("'", "").replace('"', "")):
+        return run_module(words[2], *words[3:], cwd=cwd, env=env, timeout=1800)
+    return subprocess.run(line, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+
+
 def run_block(kind: str, lang: str, code: str, cwd: Path, env: dict, where: str) -> None:
     if kind == "server":
         serve(code.strip(), cwd, env)
@@ -108,7 +117,7 @@ def run_block(kind: str, lang: str, code: str, cwd: Path, env: dict, where: str)
         bundle = re.search(r"medimg\.train bundle=(\w+)", line)
         if bundle:
             line += " " + " ".join(f"'{o}'" for o in TINY_TRAIN[bundle.group(1)])
-        proc = subprocess.run(line, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+        proc = run_line(line, cwd, env)
         assert proc.returncode == 0, f"{where}: {line}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
 
 
