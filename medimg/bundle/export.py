@@ -38,7 +38,8 @@ def find_checkpoint(run_dir: Path, record: RunRecord | None = None) -> Path:
 
 
 def export_run(source: str | Path, out: str | Path, schema: str | Path | None = None,
-               overwrite: bool = False, verify: bool = True, standard_exports: bool = True) -> Path:
+               overwrite: bool = False, verify: bool = True, standard_exports: bool = True,
+               openvino_ir: bool = True) -> Path:
     """Export a training run (or one of its checkpoints) as a MONAI bundle.
 
     Everything comes from the run's record (``run.json``): the network spec, the predictor's
@@ -51,6 +52,7 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
         overwrite: replace an existing ``out``.
         verify: run MONAI's bundle verification.
         standard_exports: also write the checked ONNX and ``torch.export`` files.
+        openvino_ir: also write the checked OpenVINO IR (else CPU runs convert it once into a cache).
 
     Returns:
         The bundle folder.
@@ -89,4 +91,4 @@ def export_run(source: str | Path, out: str | Path, schema: str | Path | None = 
     return write_bundle(out, record.template, network, {"_target_": "medimg.models.build_network", **record.network},
                         preprocessing, contract, record.labels, meta_updates,
                         train_config=config.read_text() if config.is_file() else None, schema=schema, verify=verify,
-                        overwrite=overwrite, standard_exports=standard_exports)
+                        overwrite=overwrite, standard_exports=standard_exports, openvino_ir=openvino_ir)

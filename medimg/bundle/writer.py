@@ -56,7 +56,7 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
                  preprocessing: list[dict[str, Any]] | None, inference_vars: dict[str, Any], labels: dict[str, str],
                  metadata_updates: dict[str, Any], train_config: str | None = None,
                  schema: str | Path | None = None, verify: bool = True, overwrite: bool = False,
-                 standard_exports: bool = True) -> Path:
+                 standard_exports: bool = True, openvino_ir: bool = True) -> Path:
     """Write (and verify) a MONAI bundle atomically.
 
     Args:
@@ -75,6 +75,9 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
         overwrite: replace an existing ``out_dir``.
         standard_exports: also write ``models/model.onnx`` and ``models/model.pt2``, each checked
             against the eager network (:mod:`medimg.bundle.standard`).
+        openvino_ir: also write the OpenVINO IR of the CPU fast path, checked against eager. Without
+            it the bundle is complete; a CPU run converts the IR once into the user's cache
+            (:mod:`medimg.models.ir_cache`). Off for bundles that only ever run on GPUs.
 
     Returns:
         The bundle folder.
@@ -141,7 +144,7 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
             shape = [2, int(image_fmt["num_channels"]), *[int(r) for r in spatial]]
             meta["medimg_exports"] = export_standard(network, shape, tmp / "models")
         (tmp / "configs" / "metadata.json").write_text(dumps_strict(meta, indent=2))
-        if "runtime_dir" in inference:  # the CPU fast path's OpenVINO IR, checked against eager first
+        if openvino_ir and "runtime_dir" in inference:  # the CPU fast path's OpenVINO IR, checked against eager first
             _write_runtime(network, inference, int(image_fmt["num_channels"]), tmp)
         if verify:
             verify_bundle(tmp, schema)

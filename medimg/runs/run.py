@@ -279,7 +279,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume_ckpt: Path | None, given: dict
             from medimg.bundle.export import export_run
 
             bundle = export_run(run_dir, run_dir / "bundle", schema=cfg.export.schema, overwrite=True,
-                                standard_exports=bool(cfg.export.get("standard", True)))
+                                standard_exports=bool(cfg.export.get("standard", True)),
+                                openvino_ir=bool(cfg.export.get("openvino", True)))
             print(f"bundle written and verified: {bundle}")
         if cfg.bundle.get("demo_note") and cfg.data.get("dataset") == "mni152":  # the quick-start demo
             print(str(cfg.bundle.demo_note))

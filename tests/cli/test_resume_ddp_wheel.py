@@ -14,6 +14,8 @@ from tests.cli.conftest import NO_STD, run_dir_of, train
 from tests.conftest import PHANTOM, TINY
 from tests.helpers import REPO
 
+NO_IR = "export.openvino=false"  # these bundles never run on a CPU here (the IR is tested where they do)
+
 
 def _global_step(ckpt: Path) -> int:
     return int(torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"])
@@ -41,11 +43,12 @@ def test_resume_after_kill(tmp_path, phantom_manifest, schema):
     assert not (run_dir / "bundle").exists()
     # resume=true picks the newest run of this bundle that has checkpoints: the killed one
     done = train(tmp_path, *PHANTOM, f"data.dataset_dir={phantom_manifest.parent}", "resume=true",
-                 "trainer.max_epochs=3", "trainer.limit_train_batches=null", NO_STD)
+                 "trainer.max_epochs=2", "trainer.limit_train_batches=null", NO_STD, NO_IR)
     assert f"resuming from {ckpt}" in done.stdout + done.stderr
     assert run_dir_of(done) == run_dir
-    assert 3 <= killed_at < _global_step(ckpt) == 3 * 4  # 4 training volumes, batch 1: 4 steps per epoch
+    assert 3 <= killed_at < _global_step(ckpt) == 2 * 4  # 4 training volumes, batch 1: 4 steps per epoch
     assert (run_dir / "bundle" / "models" / "model.pt").is_file()
+    assert not (run_dir / "bundle" / "models" / "openvino").exists()  # export.openvino=false: a GPU-only bundle
 
 
 def test_ddp_two_cpu_processes_match_single_process(tmp_path, phantom_manifest, schema):
@@ -59,7 +62,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, phantom_manifest, 
               "trainer.gradient_clip_val=null", "trainer.accelerator=cpu",
               # SGD: the update is linear in the gradient, so the two runs can be compared tightly
               # (Adam's 1/sqrt(v) turns float noise in near-zero gradients into full-size steps)
-              "task.optimizer=sgd", "task.lr=0.05", "task.warmup_epochs=0", NO_STD]
+              "task.optimizer=sgd", "task.lr=0.05", "task.warmup_epochs=0", NO_STD, NO_IR]
     single = run_dir_of(train(tmp_path / "single", *common, "data.batch_size=2"))
     # launched as on many machines: torchrun starts the ranks, Lightning reads them from its environment
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medimg.train",
@@ -100,7 +103,7 @@ def test_installed_wheel_runs_from_another_directory(tmp_path, phantom_manifest,
     assert str(site) in where.stdout
     proc = subprocess.run([sys.executable, "-m", "medimg.train", "bundle=swin_unetr", "trainer=debug", "runs_dir=runs",
                            *TINY, *PHANTOM, f"data.dataset_dir={phantom_manifest.parent}", "trainer.max_epochs=1",
-                           NO_STD],
+                           NO_STD, NO_IR],
                           cwd=workdir, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(workdir.glob("runs/swin_unetr/*/bundle/configs/inference.json"))
