@@ -16,7 +16,8 @@ channels (2.5D: neighbouring slices as channels); an RGB picture has 3 channels.
 repeated (1 -> 3) or reduced to the centre slice / the mean (3 -> 1) to fit the network.
 
 **Orientation**: the network sees every image in picture order, (rows, columns) as a viewer shows
-it: PNG / JPEG and MedMNIST arrays as they are, and a medical image file or in-memory image, whose
+it: PNG / JPEG and bare arrays (MedMNIST; the same at training and in a predictor's ``predict``) as
+they are, and a medical image file or in-memory image (an array with an affine included), whose
 array is in medimg's index order (i, j) = (column, row), transposed by :func:`load_image_array`
 (the one place that does it). One picture saved as PNG and as NIfTI (SimpleITK's usual
 conversion) gives the same tensor; a DICOM radiograph reaches the network as a DICOM viewer
@@ -140,6 +141,11 @@ class ClassifyPreprocess:
             source: object = image.path if isinstance(image, Image) else image
         else:
             array, source = np.asarray(image), "array"
+            if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+                    or array.dtype == bool):
+                raise DataError(source, f"has {array.dtype} values; expected one real number per pixel")
+            if np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
+                raise DataError(source, f"contains {int(np.isnan(array).sum())} NaN intensities")
             picture = array.ndim == 3 and array.shape[-1] == 3
         x = _to_channels(array, self.in_chans, picture, source)
         lo, hi = np.percentile(x, [0.5, 99.5])
