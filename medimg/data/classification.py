@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from monai.data import DataLoader
 
 from medimg.errors import ConfigError, DataError
+from medimg.io.headers import scalar_float32
 from medimg.io.image import Image, read_image
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -140,11 +141,8 @@ class ClassifyPreprocess:
             array, picture = load_image_array(image)
             source: object = image.path if isinstance(image, Image) else image
         else:
-            array, source = np.asarray(image), "array"
-            if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-                    or array.dtype == bool):
-                raise DataError(source, f"has {array.dtype} values; expected one real number per pixel")
-            if np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
+            array, source = scalar_float32("array", np.asarray(image)), "array"
+            if np.isnan(array).any():
                 raise DataError(source, f"contains {int(np.isnan(array).sum())} NaN intensities")
             picture = array.ndim == 3 and array.shape[-1] == 3
         x = _to_channels(array, self.in_chans, picture, source)

@@ -16,6 +16,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medimg.errors import DataError
+from medimg.io.headers import scalar_float32
 
 # relative tolerance on slice gaps before a series counts as non-uniform
 SPACING_RTOL = 1e-2
@@ -230,11 +231,12 @@ def _affine_lps(row_dir: np.ndarray, col_dir: np.ndarray, spacing_rc: np.ndarray
 def _pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     """Decoded pixels (any transfer syntax pydicom's plugins handle: JPEG, JPEG-LS, JPEG 2000, RLE)."""
     try:
-        return ds.pixel_array.astype(np.float32)
+        pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
         raise DataError(path, f"cannot decode pixel data (transfer syntax {name}: {str(exc).splitlines()[0]})") from exc
+    return scalar_float32(path, pixels)
 
 
 def _check_greyscale_slice(path: Path, ds: pydicom.Dataset) -> None:

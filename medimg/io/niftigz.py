@@ -13,7 +13,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medimg.io.headers import check_scalar_voxels
+from medimg.io.headers import check_scalar_voxels, scalar_float32
 
 
 def gunzip(data: bytes, whole: bool = False) -> bytes:
@@ -68,5 +68,5 @@ def inflate_nifti(path: Path) -> tuple[np.ndarray, Any]:
     data = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
     slope, inter = header.get_slope_inter()
     if slope is not None and (slope != 1.0 or (inter or 0.0) != 0.0):
-        return (data * np.float32(slope) + np.float32(inter or 0.0)).astype(np.float32), header
-    return data.astype(np.float32), header
+        return scalar_float32(path, data * np.float32(slope) + np.float32(inter or 0.0)), header
+    return scalar_float32(path, data), header

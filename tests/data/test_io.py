@@ -258,6 +258,35 @@ def test_rgb_and_complex_nifti_are_refused_naming_the_file(tmp_path, suffix, kin
         assert err.value.path == str(path)
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_complex_and_vector_itk_files_are_refused_by_probe_and_read(tmp_path, suffix):
+    """A complex NRRD / MHA lost its imaginary part silently; probe accepted a vector file that read refused."""
+    from medimg.io.image import probe_image
+
+    cx = (np.ones((4, 5, 6)) + 2j * np.ones((4, 5, 6))).astype(np.complex64)
+    sitk.WriteImage(sitk.GetImageFromArray(cx), str(tmp_path / f"cx{suffix}"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True),
+                    str(tmp_path / f"rgb{suffix}"))
+    complex_match = "stores complex voxels" if suffix == ".nrrd" else "has 2 components"  # MetaImage: 2 channels
+    for name, match in (("cx", complex_match), ("rgb", "has 3 components per voxel")):
+        for check in (read_image, probe_image):
+            with pytest.raises(DataError, match=match) as err:
+                check(tmp_path / f"{name}{suffix}")
+            assert err.value.path == str(tmp_path / f"{name}{suffix}")
+
+
+def test_complex_in_memory_images_are_refused():
+    """nibabel, SimpleITK and array inputs go through the same float32 conversion as the files."""
+    from medimg.io.memory import as_image
+
+    cx = (np.ones((4, 5, 6)) + 2j * np.ones((4, 5, 6))).astype(np.complex64)
+    for obj, name in ((nib.Nifti1Image(cx, np.eye(4)), "nibabel image"),
+                      (sitk.GetImageFromArray(cx), "SimpleITK image"), (cx, "array")):
+        with pytest.raises(DataError, match="stores complex voxels") as err:
+            as_image(obj)
+        assert err.value.path == name
+
+
 @pytest.mark.parametrize("split", ["halves", "uneven"])
 def test_multi_member_gzip_nifti_reads_whole_and_truncation_is_still_caught(tmp_path, split):
     """bgzip and ``cat a.gz b.gz`` write several gzip members: a valid .nii.gz that gunzip and nibabel read."""
