@@ -304,6 +304,32 @@ def test_multi_member_gzip_nifti_reads_whole_and_truncation_is_still_caught(tmp_
         read_image(tmp_path / "cut.nii.gz")
 
 
+def test_real_bgzip_pigz_and_zero_padded_gzip_nifti_read_as_nibabel_reads_them(tmp_path):
+    """bgzip ends with an empty member (its size field 0); tape tools pad with zeros: both valid gzip."""
+    from tests.oracles import need_debian
+
+    need_debian("tabix", "pigz")
+    volume = np.arange(40 * 50 * 30, dtype=np.int16).reshape(40, 50, 30) % 977
+    nib.save(nib.Nifti1Image(volume, np.diag([1.5, 1.0, 2.0, 1.0])), str(tmp_path / "v.nii"))
+    raw = (tmp_path / "v.nii").read_bytes()
+    files = {}
+    for tool in (["bgzip", "-c"], ["pigz", "-c"], ["pigz", "-c", "-i"]):  # pigz -i: independent blocks
+        files[" ".join(tool)] = subprocess.run([*tool, str(tmp_path / "v.nii")], check=True, capture_output=True).stdout
+    files["gzip + zero padding"] = gzip.compress(raw) + b"\0" * 512
+    for name, packed in files.items():
+        path = tmp_path / "packed.nii.gz"
+        path.write_bytes(packed)
+        np.testing.assert_array_equal(read_image(path).array, np.asanyarray(nib.load(str(path)).dataobj), err_msg=name)
+        path.write_bytes(packed[: len(packed) * 3 // 4])  # cut inside the voxel data
+        with pytest.raises(DataError, match="truncated or corrupt"):
+            read_image(path)
+    path.write_bytes(files["bgzip -c"][:-28])  # only bgzip's empty end member missing: the voxels are all there
+    np.testing.assert_array_equal(read_image(path).array, volume)
+    path.write_bytes(gzip.compress(raw) + b"\0\0garbage")  # not padding: refused as gzip refuses it
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_image(path)
+
+
 def test_gantry_tilted_ct_is_refused_naming_the_folder(tmp_path):
     """Slices stepping along y as well as z (a GE gantry tilt of 20 degrees): the stack is sheared.
 
