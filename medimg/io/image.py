@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from medimg.errors import DataError, atomic_output
-from medimg.io.dicom import LPS_TO_RAS, folder_has_dicom, read_dicom_series
+from medimg.io.dicom import LPS_TO_RAS, folder_has_dicom, plan_series, read_dicom_series
 from medimg.io.headers import check_declared_size, check_scalar_voxels, scalar_float32
 from medimg.io.niftigz import inflate_nifti
 
@@ -252,9 +252,7 @@ def probe_image(path: str | Path) -> None:
     if path.is_dir():
         if not folder_has_dicom(path):
             raise DataError(path, "folder holds no DICOM files")
-        from medimg.io.dicom import _scan
-
-        _scan(path)
+        plan_series(path)  # every header, checked as read_image checks it (no pixels)
         return
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
