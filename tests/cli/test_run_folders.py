@@ -172,3 +172,53 @@ def test_an_export_never_writes_into_another_exports_temporary_folder(tmp_path):
     assert (in_progress / "models" / "model.pt").read_bytes() == b"being written"
     assert (out / "models" / "model.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.partial", "bundle"]  # its own temporary is gone
+
+
+
+def _export(out: Path, how: str, writing=None, go=None) -> None:
+    """A real export that dies at its first write (``kill``), or holds there until told (``hold``)."""
+    import signal
+
+    import torch
+    from torch import nn
+
+    from medimg.bundle.writer import write_bundle
+
+    def save(*args, **kwargs):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        writing.set()
+        go.wait(60)
+
+    torch.save = save  # in this (forked) process only
+    write_bundle(out, "vit_cls", nn.Linear(2, 2), {"_target_": "torch.nn.Linear"}, None, {}, {"0": "a", "1": "b"},
+                 {}, verify=False, standard_exports=False)
+
+
+def test_an_export_removes_what_a_killed_export_left_but_not_one_in_progress(tmp_path):
+    """SIGKILL (the OOM killer, a cluster's time limit) left ``.bundle.partial-*`` folders forever."""
+    import multiprocessing
+
+    from torch import nn
+
+    from medimg.bundle.writer import write_bundle
+
+    fork = multiprocessing.get_context("fork")
+    writing, go = fork.Event(), fork.Event()
+    held = fork.Process(target=_export, args=(tmp_path / "bundle", "hold", writing, go))
+    held.start()
+    try:
+        assert writing.wait(60)  # an export in the middle of writing
+        killed = fork.Process(target=_export, args=(tmp_path / "bundle", "kill"))
+        killed.start()
+        killed.join(60)
+        assert killed.exitcode == -9
+        partials = sorted(p.name for p in tmp_path.glob(".bundle.partial-*"))
+        assert len(partials) == 2
+        write_bundle(tmp_path / "bundle", "vit_cls", nn.Linear(2, 2), {"_target_": "torch.nn.Linear"}, None, {},
+                     {"0": "a", "1": "b"}, {}, verify=False, standard_exports=False)
+        left = sorted(p.name for p in tmp_path.glob(".bundle.partial-*"))
+        assert len(left) == 1 and left[0] in partials  # the killed export's folder is gone, the live one kept
+    finally:
+        go.set()
+        held.join(60)
