@@ -12,6 +12,7 @@ A path that exists always wins over a name, so a user's own folder called ``tiss
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from collections.abc import Callable
@@ -73,6 +74,7 @@ def install_staged(staged: Path, name: str, meta: dict[str, Any], card: Callable
     return dest
 
 
+log = logging.getLogger("medimg.bundles")
 HELD_OUT_3D = "medimg_held_out_3d"  # a card's held-out 3D Dice, measured beside the other 3D models (same run)
 
 
@@ -84,10 +86,16 @@ def held_out_3d(folder: Path) -> dict[str, Any] | None:
     structures and prompts; ``dice`` is the mean of box, 1-click and 3-click Dice over its held-out
     sets, ``summary`` one line for clients.
     """
+    card = Path(folder) / "configs" / "metadata.json"
     try:
-        value = json.loads((Path(folder) / "configs" / "metadata.json").read_text()).get(HELD_OUT_3D)
+        meta = json.loads(card.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(meta, dict):  # a hand-edited or foreign card: listed without figures, never a crash
+        log.warning("%s: not a JSON object (a %s); the bundle is listed without held-out 3D figures", card,
+                    type(meta).__name__)
+        return None
+    value = meta.get(HELD_OUT_3D)
     return value if isinstance(value, dict) and isinstance(value.get("dice"), (int, float)) else None
 
 

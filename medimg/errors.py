@@ -8,6 +8,7 @@ Every error a user can cause (a bad file, a bad config, a weight file that does 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -153,13 +154,19 @@ def check_output_location(path: str | os.PathLike, folder: bool = False) -> Path
     return path
 
 
+# errors of writing itself (write(), close(), flush() give no file name): a full disk, a quota, a failing device
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS})
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
     Nothing half-written is ever left at ``path``: on any error the temporary file is removed. A
-    failure to write there (no such folder, a file in the way, permissions, a full disk) is a
-    :class:`ConfigError` naming ``path``.
+    failure to write there is a :class:`ConfigError` naming ``path``: an error on the output's own
+    file or folder (no such folder, a file in the way, permissions), and one of
+    :data:`WRITE_ERRNOS` (a full disk, a quota, an I/O error), which ``write()`` and ``close()``
+    raise without a file name.
 
     Args:
         path: the final output file.
@@ -172,7 +179,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, final)
     except OSError as exc:
-        if exc.filename is None or Path(exc.filename) not in (tmp, final, *final.parents):
+        own = exc.filename is not None and Path(exc.filename) in (tmp, final, *final.parents)
+        if not own and not (exc.filename is None and exc.errno in WRITE_ERRNOS):
             raise  # not the output's own file or folder: some other failure inside the block
         check_output_location(final)  # a file in the way, a read-only place: says which
         raise ConfigError(final, f"cannot be written: {exc.strerror or exc}") from exc

@@ -1,5 +1,5 @@
-"""Debian packages some tests read: real atlases and heads (``mricron-data``, ``invesalius-examples``) and a
-real PACS (``orthanc``, ``orthanc-dicomweb``).
+"""Debian packages some tests read: real atlases and heads (``mricron-data``, ``invesalius-examples``), a
+real PACS (``orthanc``, ``orthanc-dicomweb``) and real compressors (``tabix``'s ``bgzip``, ``pigz``).
 
 On a machine without them (no root, macOS, another Linux) those tests skip, each with one line naming the
 package (``-rs`` in pytest's addopts prints it). CI installs them and sets ``MEDIMG_REQUIRE_ORACLES=1``:
@@ -22,7 +22,8 @@ ORTHANC = Path(shutil.which("Orthanc") or "/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 # the one file each package is known by
 DEBIAN = {"mricron-data": COLIN, "invesalius-examples": INVESALIUS_FILE, "orthanc": ORTHANC,
-          "orthanc-dicomweb": DICOMWEB_PLUGIN}
+          "orthanc-dicomweb": DICOMWEB_PLUGIN, "tabix": Path(shutil.which("bgzip") or "/usr/bin/bgzip"),
+          "pigz": Path(shutil.which("pigz") or "/usr/bin/pigz")}
 
 
 def need_debian(*packages: str) -> None:

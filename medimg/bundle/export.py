@@ -18,17 +18,17 @@ from medimg.runs.parts import RECORD_FILE, RunRecord
 def find_checkpoint(run_dir: Path, record: RunRecord | None = None) -> Path:
     """The checkpoint to export: the one the run's final validation used, else the best, else ``last.ckpt``.
 
-    The record's ``metrics["checkpoint"]`` names the checkpoint the reported metrics belong to
-    (found by its name in ``checkpoints/`` when the run folder has moved); without it, the newest
-    ``best-*.ckpt``.
+    The record's ``metrics["checkpoint"]`` names the checkpoint the reported metrics belong to; it
+    is taken by its name from this run folder's own ``checkpoints/`` (a moved or copied run exports
+    its own file, never the one at the recorded path); without it, the newest ``best-*.ckpt``.
     """
     ckpts = run_dir / "checkpoints"
     chosen = (record.metrics.get("checkpoint") if record is not None else None) or None
     if chosen:
-        for path in (Path(chosen), ckpts / Path(chosen).name):
-            if path.is_file():
-                return path
-        raise WeightsError(ckpts / Path(chosen).name, "the checkpoint the run's metrics.json names is gone")
+        own = ckpts / Path(chosen).name
+        if own.is_file():
+            return own
+        raise WeightsError(own, "the checkpoint the run's metrics.json names is gone")
     best = sorted(ckpts.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
     if best:
         return best[-1]

@@ -83,9 +83,12 @@ def bundle_task(bundle_dir: str | Path) -> str:
         if not required.is_file():
             raise BundleError(required, "missing from the bundle")
     try:  # plain JSON: MONAI's parser is not needed (nor imported) to read one field
-        return str(json.loads(meta.read_text()).get("medimg_task", "segmentation"))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        card = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(meta, f"is not valid JSON ({exc})") from exc
+    if not isinstance(card, dict):
+        raise BundleError(meta, f"is not a JSON object (a {type(card).__name__}): not a bundle's metadata")
+    return str(card.get("medimg_task", "segmentation"))
 
 
 def segment_names(bundle: str | Path, promptable: bool) -> tuple[dict[int, str], str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -52,6 +53,48 @@ def _write_runtime(network: nn.Module, inference: dict[str, Any], channels: int,
         raise BundleError(bundle / "configs" / "inference.json", f"no OpenVINO runtime for predictor {target!r}")
 
 
+OWNER_FILE = ".owner"  # in a partial folder: locked (flock) by the export writing it, for as long as it lives
+STALE_UNLOCKED_S = 86_400.0  # a partial folder this old with no owner file: left by a medimg before owner files
+
+
+def _partial_folder(out_dir: Path) -> tuple[Path, int]:
+    """A temporary folder of this export's own beside ``out_dir``, locked as in use, and the lock's descriptor.
+
+    The lock (``flock`` on the folder's owner file) lasts while this process holds the descriptor:
+    the kernel drops it when the process ends, however it ends (SIGKILL included). First every
+    partial folder of the same bundle name whose lock nobody holds is removed: what a killed
+    export left.
+    """
+    import fcntl
+    import time
+
+    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        try:
+            fd = os.open(stale / OWNER_FILE, os.O_RDWR)
+        except FileNotFoundError:  # being created or renamed this instant, or left by an older medimg
+            if stale.is_dir() and time.time() - stale.stat().st_mtime > STALE_UNLOCKED_S:
+                shutil.rmtree(stale, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another export is writing it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(stale, ignore_errors=True)
+            log.info("removed %s, left by an export that was killed", stale)
+        finally:
+            os.close(fd)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    fd = os.open(tmp / f"{OWNER_FILE}-new", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())  # for a person looking: which process writes it
+    os.rename(tmp / f"{OWNER_FILE}-new", tmp / OWNER_FILE)  # seen by others only once locked
+    return tmp, fd
+
+
 def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network_def: dict[str, Any],
                  preprocessing: list[dict[str, Any]] | None, inference_vars: dict[str, Any], labels: dict[str, str],
                  metadata_updates: dict[str, Any], train_config: str | None = None,
@@ -90,7 +133,7 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
         raise BundleError(out_dir, "already exists; choose another --out or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # a folder of this process's own: two exports of one run folder never write into each other's
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp, owner = _partial_folder(out_dir)
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         (tmp / "models").mkdir(exist_ok=True)
@@ -148,9 +191,11 @@ def write_bundle(out_dir: str | Path, template: str, network: nn.Module, network
             _write_runtime(network, inference, int(image_fmt["num_channels"]), tmp)
         if verify:
             verify_bundle(tmp, schema)
+        (tmp / OWNER_FILE).unlink()  # the bundle itself has no owner file; the lock holds until the rename
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(owner)
     return out_dir

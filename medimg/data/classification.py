@@ -16,7 +16,8 @@ channels (2.5D: neighbouring slices as channels); an RGB picture has 3 channels.
 repeated (1 -> 3) or reduced to the centre slice / the mean (3 -> 1) to fit the network.
 
 **Orientation**: the network sees every image in picture order, (rows, columns) as a viewer shows
-it: PNG / JPEG and MedMNIST arrays as they are, and a medical image file or in-memory image, whose
+it: PNG / JPEG and bare arrays (MedMNIST; the same at training and in a predictor's ``predict``) as
+they are, and a medical image file or in-memory image (an array with an affine included), whose
 array is in medimg's index order (i, j) = (column, row), transposed by :func:`load_image_array`
 (the one place that does it). One picture saved as PNG and as NIfTI (SimpleITK's usual
 conversion) gives the same tensor; a DICOM radiograph reaches the network as a DICOM viewer
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from monai.data import DataLoader
 
 from medimg.errors import ConfigError, DataError
+from medimg.io.headers import scalar_float32
 from medimg.io.image import Image, read_image
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -139,7 +141,9 @@ class ClassifyPreprocess:
             array, picture = load_image_array(image)
             source: object = image.path if isinstance(image, Image) else image
         else:
-            array, source = np.asarray(image), "array"
+            array, source = scalar_float32("array", np.asarray(image)), "array"
+            if np.isnan(array).any():
+                raise DataError(source, f"contains {int(np.isnan(array).sum())} NaN intensities")
             picture = array.ndim == 3 and array.shape[-1] == 3
         x = _to_channels(array, self.in_chans, picture, source)
         lo, hi = np.percentile(x, [0.5, 99.5])

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, list_data_collate
 from monai.data.utils import pickle_hashing
-from monai.transforms import Compose
+from monai.transforms import Compose, LoadImaged
 
 from medimg.data.manifest import Manifest, load_manifest, train_val_split, validate_manifest
 from medimg.errors import ConfigError
@@ -18,36 +19,52 @@ from medimg.errors import ConfigError
 CACHE_MODES = ("none", "memory", "disk")
 
 
-def _strings(value: Any) -> Iterator[str]:
+LOADED_KEYS = ("image", "label")  # the files a manifest item's transforms read
+
+
+def _paths(value: Any) -> Iterator[str]:
+    """The non-empty path strings of one item field (a path, or a list of paths: channels)."""
     if isinstance(value, (str, os.PathLike)):
-        yield str(value)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
+        if str(value):
+            yield str(value)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _strings(v)
+            yield from _paths(v)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten: size and mtime, and inode and ctime.
+
+    ``cp -p``, ``rsync -a``, ``touch -r`` and 1-2 s file-system clocks can keep size and mtime.
+    """
     st = path.stat()
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
-def file_state_hash(item: Any) -> bytes:
-    """The disk cache's key of one item: the item and the size and mtime of every file it names.
+def loaded_keys(*pipelines: Compose) -> tuple[str, ...]:
+    """The keys whose files the pipelines' ``LoadImaged`` read (:data:`LOADED_KEYS` when none is found)."""
+    keys = [str(k) for pipeline in pipelines for t in pipeline.flatten().transforms
+            if isinstance(t, LoadImaged) for k in t.keys]
+    return tuple(dict.fromkeys(keys)) or LOADED_KEYS
+
+
+def file_state_hash(item: Any, keys: Sequence[str] = LOADED_KEYS) -> bytes:
+    """The disk cache's key of one item: the item and the state of every file its transforms load.
 
     MONAI's ``PersistentDataset`` keys an item by its dict alone (the paths), so a file edited in
     place (a corrected label) would be served from the cache as it was. With this ``hash_func``
-    an edited file has a new key; a DICOM folder counts every file in it.
+    an edited file has a new key (:func:`_stamp`); a DICOM folder counts every file in it (the
+    reader reads the files directly in it). Only the fields ``keys`` are files: other fields of
+    an item (notes, a subject folder) are part of the key as text, never read.
     """
     stamps: dict[str, Any] = {}
-    for text in _strings(item):
-        path = Path(text)
-        if path.is_file():
-            stamps[text] = _stamp(path)
-        elif path.is_dir():
-            stamps[text] = sorted((str(f), *_stamp(f)) for f in path.rglob("*") if f.is_file())
+    for key in keys:
+        for text in _paths(item.get(key) if isinstance(item, dict) else None):
+            path = Path(text)
+            if path.is_file():
+                stamps[text] = _stamp(path)
+            elif path.is_dir():
+                stamps[text] = sorted((f.name, *_stamp(f)) for f in path.iterdir() if f.is_file())
     return pickle_hashing({"item": item, "files": stamps})
 
 
@@ -114,7 +131,7 @@ class ManifestDataModule(L.LightningDataModule):
             return CacheDataset(data, transforms, cache_rate=1.0, num_workers=None, progress=False)
         if self.cache == "disk":
             return PersistentDataset(data, transforms, cache_dir=self.cache_dir / self.cache_key / split,
-                                     hash_func=file_state_hash)
+                                     hash_func=functools.partial(file_state_hash, keys=loaded_keys(transforms)))
         return Dataset(data, transforms)
 
     def train_dataloader(self) -> DataLoader:

@@ -16,6 +16,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medimg.errors import DataError
+from medimg.io.headers import scalar_float32
 
 # relative tolerance on slice gaps before a series counts as non-uniform
 SPACING_RTOL = 1e-2
@@ -90,8 +91,156 @@ def _describe(series: dict[str, list[tuple[Path, pydicom.Dataset]]]) -> str:
     return "; ".join(parts)
 
 
+@dataclass
+class _Frame:
+    """One 2D frame of a series: a classic slice file, or a frame of an enhanced (multi-frame) file."""
+
+    path: Path
+    index: int  # the frame's place in its file's pixel data
+    count: int  # the frames its file holds
+    orientation: np.ndarray
+    position: np.ndarray
+    spacing: np.ndarray
+    thickness: float
+    rescale: tuple[float, float]
+    shape: tuple[int, int]
+    sop_uid: str
+
+
+def _frame_count(path: Path, ds: pydicom.Dataset) -> int:
+    """``NumberOfFrames`` as a whole number (1 when absent).
+
+    Raises:
+        DataError: naming ``path``, for a value that is not a positive whole number.
+    """
+    value = ds.get("NumberOfFrames")
+    if value is None or str(value).strip() == "":
+        return 1
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        raise DataError(path, f"has a NumberOfFrames (0028,0008) that is not a whole number ({str(value)!r})") from None
+    if count < 1:
+        raise DataError(path, f"has NumberOfFrames (0028,0008) {count}; at least one frame expected")
+    return count
+
+
+def _number(path: Path, ds: pydicom.Dataset, keyword: str, default: float) -> float:
+    """A numeric tag (rescale, thickness) or ``default``; a value that is no number is a DataError naming it."""
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(path, f"has a {keyword} that is not a number ({str(value)!r})") from None
+
+
+def _file_frames(path: Path, ds: pydicom.Dataset, files_in_series: int) -> list[_Frame]:
+    """The frames of one file, each with its own geometry.
+
+    Every frame's position, orientation and pixel spacing come from the file's functional groups
+    (per-frame, then shared) when it has them (enhanced CT/MR, one frame per file included), else
+    from the top-level tags of a classic single-frame slice.
+    """
+    count = _frame_count(path, ds)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if count > 1 and per_frame is None:
+        if files_in_series > 1:
+            raise DataError(path, f"multi-frame file ({count} frames) in one series of several files; "
+                                  "give each multi-frame file a folder of its own")
+        raise DataError(path, f"multi-frame image ({count} frames) without per-frame functional groups: "
+                              "its frames cannot be placed in space")
+    if per_frame is not None and len(per_frame) != count:
+        raise DataError(path, f"has {len(per_frame)} per-frame functional groups for {count} frames")
+    shape = (int(ds.Rows), int(ds.Columns))
+    uid = str(ds.get("SOPInstanceUID", ""))
+    frames = []
+    for i in range(count):
+        what = "slice" if count == 1 else f"frame {i + 1}"
+        groups = [_frame_item(ds, i, name) for name in ("PlanePositionSequence", "PlaneOrientationSequence",
+                                                          "PixelMeasuresSequence", "PixelValueTransformationSequence")]
+        if count > 1 and None in groups[:3]:
+            raise DataError(path, f"frame {i + 1} lacks its position, orientation or pixel spacing")
+        plane, orient, measures, value = (ds if g is None else g for g in groups)  # a classic slice: its own tags
+        thick = _number(path, measures, "SpacingBetweenSlices", _number(path, measures, "SliceThickness", 1.0))
+        frames.append(_Frame(path, i, count, geometry_tag(path, orient, "ImageOrientationPatient", what),
+                             geometry_tag(path, plane, "ImagePositionPatient", what),
+                             geometry_tag(path, measures, "PixelSpacing", what), thick or 1.0,
+                             (_number(path, value, "RescaleSlope", 1.0) or 1.0,
+                              _number(path, value, "RescaleIntercept", 0.0)), shape, uid))
+    return frames
+
+
+def _series_items(folder: Path, series_uid: str | None) -> tuple[str, list[tuple[Path, pydicom.Dataset]]]:
+    """The headers of the chosen series (the folder's only one, or ``series_uid``)."""
+    series = _scan(folder)
+    if series_uid is not None:
+        if series_uid not in series:
+            raise DataError(folder, f"no series with SeriesInstanceUID {series_uid}; found: {_describe(series)}")
+        return series_uid, series[series_uid]
+    if len(series) > 1:
+        raise DataError(folder, f"folder mixes {len(series)} series; choose one by SeriesInstanceUID: "
+                                f"{_describe(series)}")
+    return next(iter(series.items()))
+
+
+def plan_series(folder: str | Path, series_uid: str | None = None) -> tuple[str, list[_Frame], np.ndarray]:
+    """Every frame of a series from the headers alone, in geometric order, checked as one volume.
+
+    Frames are pooled from every file (classic slices, enhanced files of one or many frames) and
+    sorted by their position along the slice normal; orientation, spacing, size, gaps and tilt are
+    checked once for them all. :func:`probe_image` runs this without reading a pixel.
+
+    Returns:
+        ``(series_uid, frames, affine_lps)``.
+
+    Raises:
+        DataError: naming the file or folder, for anything that is not one uniform volume.
+    """
+    folder = Path(folder)
+    series_uid, items = _series_items(folder, series_uid)
+    for path, ds in items:
+        _check_greyscale_slice(path, ds)
+    frames = [f for path, ds in items for f in _file_frames(path, ds, len(items))]
+    first = frames[0]
+    for f in frames:
+        in_file = "frames differ in {} (several stacks in one file); not one volume" if f.count > 1 else None
+        if not np.allclose(f.orientation, first.orientation, atol=1e-4):
+            raise DataError(f.path, in_file.format("orientation") if in_file and f.path == first.path
+                            else "slice orientation differs from the rest of the series")
+        if not np.allclose(f.spacing, first.spacing, atol=1e-4):
+            raise DataError(f.path, "pixel spacing differs from the rest of the series; not one volume")
+        if f.shape != first.shape:
+            raise DataError(f.path, f"slice size {f.shape[0]}x{f.shape[1]} differs from "
+                                    f"{first.shape[0]}x{first.shape[1]}")
+    row_dir, col_dir = first.orientation[:3], first.orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    dist = np.array([float(f.position @ normal) for f in frames])
+    order = np.argsort(dist, kind="stable")
+    dist, frames = dist[order], [frames[i] for i in order]
+    where = frames[0].path if len(items) == 1 else folder
+    if len(frames) > 1:
+        gaps = np.diff(dist)
+        if np.any(gaps < 1e-4):
+            raise DataError(frames[int(np.argmin(gaps)) + 1].path,
+                            "two slices share the same position (duplicates, or several stacks or time points)")
+        step = float(np.median(gaps))
+        if np.max(np.abs(gaps - step)) > SPACING_RTOL * step:
+            raise DataError(where, f"non-uniform slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm);"
+                                   " resample the series before use")
+        slice_vec = (frames[-1].position - frames[0].position) / (len(frames) - 1)
+        check_no_tilt(where, slice_vec, normal, len(frames), first.spacing)
+    else:
+        slice_vec = normal * first.thickness
+    return str(series_uid), frames, _affine_lps(row_dir, col_dir, first.spacing, slice_vec, frames[0].position)
+
+
 def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> DicomSeries:
     """Read one DICOM series from a folder into a (column, row, slice) array and RAS affine.
+
+    Classic series (a file per slice), enhanced multi-frame files and enhanced series stored a
+    frame per file all read the same way (:func:`plan_series`).
 
     Args:
         folder: the series folder.
@@ -103,71 +252,18 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Dico
     Raises:
         DataError: no DICOM, several series and none chosen, inconsistent or non-uniform slices.
     """
-    folder = Path(folder)
-    series = _scan(folder)
-    if series_uid is not None:
-        if series_uid not in series:
-            raise DataError(folder, f"no series with SeriesInstanceUID {series_uid}; found: {_describe(series)}")
-        items = series[series_uid]
-    elif len(series) > 1:
-        raise DataError(folder, f"folder mixes {len(series)} series; choose one by SeriesInstanceUID: "
-                                f"{_describe(series)}")
-    else:
-        series_uid, items = next(iter(series.items()))
-
-    for path, ds in items:
-        _check_greyscale_slice(path, ds)
-    frames = [(path, int(ds.get("NumberOfFrames", 1) or 1)) for path, ds in items]
-    if len(items) == 1 and frames[0][1] > 1:
-        return _read_multiframe(items[0][0], str(series_uid))
-    several = [(path, n) for path, n in frames if n > 1]
-    if several:
-        raise DataError(several[0][0], f"multi-frame file ({several[0][1]} frames) in one series of several files; "
-                                       "give each multi-frame file a folder of its own")
-    first = items[0][1]
-    iop = geometry_tag(items[0][0], first, "ImageOrientationPatient")
-    spacing_rc = geometry_tag(items[0][0], first, "PixelSpacing")
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    shape = (int(first.Rows), int(first.Columns))
-    positions = []
-    for path, ds in items:
-        if not np.allclose(geometry_tag(path, ds, "ImageOrientationPatient"), iop, atol=1e-4):
-            raise DataError(path, "slice orientation differs from the rest of the series")
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise DataError(path, f"slice size {ds.Rows}x{ds.Columns} differs from {shape[0]}x{shape[1]}")
-        positions.append(geometry_tag(path, ds, "ImagePositionPatient"))
-    dist = np.array([float(p @ normal) for p in positions])
-    order = np.argsort(dist, kind="stable")
-    dist = dist[order]
-    items = [items[i] for i in order]
-    positions = [positions[i] for i in order]
-
-    if len(items) > 1:
-        gaps = np.diff(dist)
-        if np.any(gaps < 1e-4):
-            dup = items[int(np.argmin(gaps)) + 1][0]
-            raise DataError(dup, "two slices share the same position (duplicate or mixed acquisitions)")
-        step = float(np.median(gaps))
-        if np.max(np.abs(gaps - step)) > SPACING_RTOL * step:
-            raise DataError(folder, f"non-uniform slice spacing (gaps from {gaps.min():.3f} to {gaps.max():.3f} mm);"
-                                    " resample the series before use")
-        slice_vec = (positions[-1] - positions[0]) / (len(items) - 1)
-        check_no_tilt(folder, slice_vec, normal, len(items), spacing_rc)
-    else:
-        thickness = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
-        slice_vec = normal * thickness
-
-    affine_lps = _affine_lps(row_dir, col_dir, spacing_rc, slice_vec, positions[0])
+    series_uid, frames, affine_lps = plan_series(folder, series_uid)
+    pixels: dict[Path, np.ndarray] = {}
     slices = []
-    for path, _ in items:
-        ds = pydicom.dcmread(path)
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        slices.append(_pixels(path, ds) * slope + intercept)
+    for f in frames:
+        if f.path not in pixels:
+            pixels[f.path] = _pixels(f.path, pydicom.dcmread(f.path)).reshape(f.count, *f.shape)
+        slices.append(pixels[f.path][f.index] * np.float32(f.rescale[0]) + np.float32(f.rescale[1]))
     volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (rows, cols, k) -> (cols, rows, k)
-    return DicomSeries(np.ascontiguousarray(volume), LPS_TO_RAS @ affine_lps, str(series_uid),
-                       [p for p, _ in items], [str(ds.get("SOPInstanceUID", "")) for _, ds in items])
+    per_slice = all(f.count == 1 for f in frames)  # a file per slice: the files name the slices
+    files = [f.path for f in frames] if per_slice else list(dict.fromkeys(f.path for f in frames))
+    return DicomSeries(np.ascontiguousarray(volume, dtype=np.float32), LPS_TO_RAS @ affine_lps, series_uid, files,
+                       [f.sop_uid for f in frames] if per_slice else [])
 
 
 GEOMETRY_TAGS = {"ImageOrientationPatient": ("(0020,0037)", 6), "ImagePositionPatient": ("(0020,0032)", 3),
@@ -230,11 +326,12 @@ def _affine_lps(row_dir: np.ndarray, col_dir: np.ndarray, spacing_rc: np.ndarray
 def _pixels(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     """Decoded pixels (any transfer syntax pydicom's plugins handle: JPEG, JPEG-LS, JPEG 2000, RLE)."""
     try:
-        return ds.pixel_array.astype(np.float32)
+        pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
         raise DataError(path, f"cannot decode pixel data (transfer syntax {name}: {str(exc).splitlines()[0]})") from exc
+    return scalar_float32(path, pixels)
 
 
 def _check_greyscale_slice(path: Path, ds: pydicom.Dataset) -> None:
@@ -260,48 +357,3 @@ def _frame_item(ds: pydicom.Dataset, i: int, name: str) -> pydicom.Dataset | Non
         if seq:
             return seq[0]
     return None
-
-
-def _read_multiframe(path: Path, series_uid: str) -> DicomSeries:
-    """One enhanced multi-frame CT/MR file: the geometry of each frame from its functional groups."""
-    ds = pydicom.dcmread(path)
-    n = int(ds.NumberOfFrames)
-    if "PerFrameFunctionalGroupsSequence" not in ds:
-        raise DataError(path, f"multi-frame image ({n} frames) without per-frame functional groups: "
-                              "its frames cannot be placed in space")
-    positions, orients, spacings, rescale = [], [], [], []
-    for i in range(n):
-        plane = _frame_item(ds, i, "PlanePositionSequence")
-        orient = _frame_item(ds, i, "PlaneOrientationSequence")
-        measures = _frame_item(ds, i, "PixelMeasuresSequence")
-        if plane is None or orient is None or measures is None:
-            raise DataError(path, f"frame {i + 1} lacks its position, orientation or pixel spacing")
-        positions.append(geometry_tag(path, plane, "ImagePositionPatient", f"frame {i + 1}"))
-        orients.append(geometry_tag(path, orient, "ImageOrientationPatient", f"frame {i + 1}"))
-        spacings.append(geometry_tag(path, measures, "PixelSpacing", f"frame {i + 1}"))
-        value = _frame_item(ds, i, "PixelValueTransformationSequence")
-        rescale.append((float(value.get("RescaleSlope", 1.0)), float(value.get("RescaleIntercept", 0.0)))
-                       if value is not None else (1.0, 0.0))
-    if any(not np.allclose(o, orients[0], atol=1e-4) for o in orients):
-        raise DataError(path, "frames differ in orientation (several stacks in one file); not one volume")
-    if any(not np.allclose(sp, spacings[0], atol=1e-4) for sp in spacings):
-        raise DataError(path, "frames differ in pixel spacing; not one volume")
-    row_dir, col_dir = orients[0][:3], orients[0][3:]
-    normal = np.cross(row_dir, col_dir)
-    dist = np.array([p @ normal for p in positions])
-    order = np.argsort(dist, kind="stable")
-    if n > 1:
-        gaps = np.diff(dist[order])
-        if np.any(gaps < 1e-4):
-            raise DataError(path, "two frames share the same position (several stacks or time points in one file)")
-        step = float(np.median(gaps))
-        if np.max(np.abs(gaps - step)) > SPACING_RTOL * step:
-            raise DataError(path, "non-uniform frame spacing; resample before use")
-        slice_vec = (positions[order[-1]] - positions[order[0]]) / (n - 1)
-        check_no_tilt(path, slice_vec, normal, n, spacings[0])
-    else:
-        slice_vec = normal * float(_frame_item(ds, 0, "PixelMeasuresSequence").get("SliceThickness", 1.0) or 1.0)
-    frames = _pixels(path, ds).reshape(n, int(ds.Rows), int(ds.Columns))
-    volume = np.stack([frames[i] * rescale[i][0] + rescale[i][1] for i in order], axis=-1).transpose(1, 0, 2)
-    affine = _affine_lps(row_dir, col_dir, spacings[0], slice_vec, positions[order[0]])
-    return DicomSeries(np.ascontiguousarray(volume, dtype=np.float32), LPS_TO_RAS @ affine, series_uid, [path])

@@ -81,7 +81,7 @@ def write_dicom_seg(labels: np.ndarray, series_folder: str | Path, out: str | Pa
     if kind not in ALGORITHM_TYPES:
         raise ValueError(f"algorithm_type {algorithm_type!r}: use one of {', '.join(ALGORITHM_TYPES)}")
     series = read_dicom_series(series_folder)
-    if len(series.files) == 1 and series.array.shape[2] > 1:
+    if len(series.files) != series.array.shape[2]:  # a multi-frame file holds several slices
         raise DataError(series_folder, "DICOM SEG output needs a classic series (one file per slice), "
                                        "not an enhanced multi-frame image")
     labels = np.asarray(labels)

@@ -10,6 +10,7 @@ inflating it; its readers fail cleanly on a short stream.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -169,9 +170,26 @@ def check_scalar_voxels(path: str | Path, dtype: np.dtype) -> None:
         kind = "".join(dtype.names) if set(dtype.names or ()) <= set("RGBA") else "structured"
     elif dtype.kind == "c":
         kind = "complex"
+    elif dtype.kind not in "biuf":
+        raise DataError(path, f"has non-numeric voxels ({dtype})")
     else:
         return
     raise DataError(path, f"stores {kind} voxels; a scalar volume is expected (one number per voxel)")
+
+
+def scalar_float32(path: str | Path, voxels: Any) -> np.ndarray:
+    """The voxels as float32: the one conversion every reader and every in-memory input goes through.
+
+    Args:
+        path: the file (or in-memory input) named in an error.
+        voxels: an array, or an array-like with a ``dtype`` (a nibabel ``ArrayProxy``: its scaling applies).
+
+    Raises:
+        DataError: naming ``path``, for voxels that are not one real number each (:func:`check_scalar_voxels`):
+            a cast would keep only the real part of complex values.
+    """
+    check_scalar_voxels(path, voxels.dtype)
+    return np.asarray(voxels, dtype=np.float32)
 
 
 def check_declared_size(path: str | Path) -> None:

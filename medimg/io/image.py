@@ -23,8 +23,8 @@ import nibabel as nib
 import numpy as np
 
 from medimg.errors import DataError, atomic_output
-from medimg.io.dicom import LPS_TO_RAS, folder_has_dicom, read_dicom_series
-from medimg.io.headers import check_declared_size, check_scalar_voxels
+from medimg.io.dicom import LPS_TO_RAS, folder_has_dicom, plan_series, read_dicom_series
+from medimg.io.headers import check_declared_size, check_scalar_voxels, scalar_float32
 from medimg.io.niftigz import inflate_nifti
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -90,8 +90,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
             data, header = inflate_nifti(path)
             return data, np.asarray(header.get_best_affine(), dtype=np.float64), header
         img = nib.load(str(path))
-        check_scalar_voxels(path, img.header.get_data_dtype())
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = scalar_float32(path, img.dataobj)
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise DataError(path, f"truncated or corrupt compressed NIfTI ({exc})") from exc
     except nib.filebasedimages.ImageFileError as exc:
@@ -122,10 +121,8 @@ def sitk_array_affine(img: Any, source: str | Path) -> tuple[np.ndarray, np.ndar
     """
     import SimpleITK as sitk
 
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        n = img.GetNumberOfComponentsPerPixel()
-        raise DataError(source, f"has {n} components per voxel; expected a scalar image")
-    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    check_itk_voxels(source, img.GetPixelID(), img.GetNumberOfComponentsPerPixel())
+    arr = scalar_float32(source, sitk.GetArrayFromImage(img))
     arr = arr.transpose(tuple(range(arr.ndim - 1, -1, -1)))  # (z, y, x) -> (x, y, z)
     nd = img.GetDimension()
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(nd, nd)
@@ -133,6 +130,22 @@ def sitk_array_affine(img: Any, source: str | Path) -> tuple[np.ndarray, np.ndar
     lps[:nd, :nd] = direction * np.asarray(img.GetSpacing())[None, :]
     lps[:nd, 3] = img.GetOrigin()
     return np.ascontiguousarray(arr), LPS_TO_RAS @ lps
+
+
+def check_itk_voxels(source: str | Path, pixel_id: int, components: int) -> None:
+    """Refuse an ITK image that is not one real number per voxel, from its pixel type (header only).
+
+    ``probe_image`` (from the file's header) and the readers (from the image) call this one check.
+
+    Raises:
+        DataError: naming ``source``, for complex or vector (multi-component) voxels.
+    """
+    import SimpleITK as sitk
+
+    if pixel_id in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):  # a header counts 2 components
+        check_scalar_voxels(source, np.complex64)
+    if components != 1:
+        raise DataError(source, f"has {components} components per voxel; expected a scalar image")
 
 
 def itk_affine(path: str | Path) -> np.ndarray | None:
@@ -239,9 +252,7 @@ def probe_image(path: str | Path) -> None:
     if path.is_dir():
         if not folder_has_dicom(path):
             raise DataError(path, "folder holds no DICOM files")
-        from medimg.io.dicom import _scan
-
-        _scan(path)
+        plan_series(path)  # every header, checked as read_image checks it (no pixels)
         return
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
@@ -262,6 +273,7 @@ def probe_image(path: str | Path) -> None:
             reader.ReadImageInformation()
         except RuntimeError as exc:
             raise DataError(path, "not a readable NRRD/MHA image") from exc
+        check_itk_voxels(path, reader.GetPixelID(), reader.GetNumberOfComponents())
     else:
         raise DataError(path, "unsupported file type; expected .nii, .nii.gz, .nrrd, .mha, .mhd or a DICOM folder")
 

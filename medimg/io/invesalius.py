@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from medimg.errors import DataError
+from medimg.io.headers import scalar_float32
 
 MAX_MEMBER_BYTES = 2 << 30
 
@@ -123,7 +124,7 @@ def read_inv3(path: str | Path) -> InVesaliusProject:
             raise DataError(path, f"main.plist lacks the volume's description ({exc})") from exc
         if min(sx, sy, sz) <= 0:
             raise DataError(path, f"spacing {[sx, sy, sz]} must be positive")
-        project = InVesaliusProject(np.ascontiguousarray(volume.transpose(2, 1, 0), dtype=np.float32),
+        project = InVesaliusProject(np.ascontiguousarray(scalar_float32(path, volume).transpose(2, 1, 0)),
                                     np.diag([-sx, sy, sz, 1.0]), modality=str(main.get("modality", "")))
         for key in sorted(mask_index, key=lambda k: int(k) if str(k).isdigit() else 0):
             info = _plist(path, _read(path, tar, members, mask_index[key]), str(mask_index[key]))

@@ -32,6 +32,7 @@ import numpy as np
 
 from medimg.errors import DataError
 from medimg.io.dicom import LPS_TO_RAS
+from medimg.io.headers import scalar_float32
 from medimg.io.image import Image, read_image, sitk_array_affine
 
 MEMORY_PREFIX = "<medimg-memory:"
@@ -80,12 +81,10 @@ def _check(source: str, array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarr
     array = np.asarray(array)
     if array.ndim not in (2, 3) or min(array.shape) == 0:
         raise DataError(source, f"has shape {tuple(array.shape)}; expected a 2D or 3D image")
-    if not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
-        raise DataError(source, f"has non-numeric voxels ({array.dtype})")
+    array = np.ascontiguousarray(scalar_float32(source, array))
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(source, "needs a finite, invertible 4x4 affine")
-    array = np.ascontiguousarray(array, dtype=np.float32)
     if np.isnan(array).any():
         raise DataError(source, f"contains {int(np.isnan(array).sum())} NaN intensities")
     return array, affine

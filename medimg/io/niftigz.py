@@ -1,39 +1,65 @@
 """The ``.nii.gz`` fast path: the whole file inflated in memory at once, the voxels viewed in place.
 
-Python's streaming gzip reader (what nibabel uses) is 3-4x slower than one libdeflate call.
+Python's streaming gzip reader (what nibabel uses) is 3-4x slower than one libdeflate call; files of
+several gzip members (bgzip, pigz ``-i``, concatenations) are inflated member by member with zlib.
 """
 
 from __future__ import annotations
 
-import gzip
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from medimg.io.headers import check_scalar_voxels
+from medimg.io.headers import check_scalar_voxels, scalar_float32
 
 
 def gunzip(data: bytes, whole: bool = False) -> bytes:
-    """Inflate gzip data, in one libdeflate call where it can.
+    """Inflate gzip data: every member, as gzip and nibabel read it, in one libdeflate call where that is proven.
 
-    libdeflate stops after the first gzip member; a file of several (bgzip, ``cat a.gz b.gz``) is
-    valid gzip, recognised by a first member that is not the whole file (its size differs from the
-    last member's trailer, or ``whole`` says the data came up short), and read by Python's gzip,
-    which takes every member and still raises on a truncated or corrupt one.
+    libdeflate inflates only the first member (sized by the last four bytes of the data). Its answer
+    stands only when the data's last eight bytes are exactly that output's CRC-32 and size, so the
+    first member is the whole file. Anything else (bgzip's blocks and its empty end member, ``cat
+    a.gz b.gz``, zero padding after the last member), or ``whole``, goes member by member
+    (:func:`inflate_members`).
     """
-    import deflate
-
     if not whole:
+        import deflate
+
         try:
             raw = deflate.gzip_decompress(data)
-            if len(raw) % (1 << 32) == int.from_bytes(data[-4:], "little"):
-                return raw
         except deflate.DeflateError:
-            pass
-    return gzip.decompress(data)
+            raw = b""
+        if raw and data[-8:] == struct.pack("<II", deflate.crc32(raw), len(raw) % (1 << 32)):
+            return raw
+    return inflate_members(data)
+
+
+def inflate_members(data: bytes, chunk: int = 1 << 20) -> bytes:
+    """Inflate every gzip member in turn (zlib), skipping zero padding between and after them.
+
+    Raises:
+        EOFError: the data ends inside a member (a truncated file).
+        zlib.error: a corrupt member, or bytes after a member that are neither padding nor another member.
+    """
+    view, out, pos = memoryview(data), [], 0
+    while True:
+        while pos < len(view) and view[pos] == 0:  # padding (tape blocks, some writers)
+            pos += 1
+        if pos == len(view):
+            if not out:
+                raise EOFError("no gzip member")
+            return b"".join(out)
+        member = zlib.decompressobj(31)
+        while not member.eof:
+            if pos >= len(view):
+                raise EOFError("compressed data ended before the end of a gzip member")
+            piece = view[pos:pos + chunk]
+            out.append(member.decompress(piece))
+            pos += len(piece) - len(member.unused_data)
 
 
 def inflate_nifti(path: Path) -> tuple[np.ndarray, Any]:
@@ -61,12 +87,12 @@ def inflate_nifti(path: Path) -> tuple[np.ndarray, Any]:
     check_scalar_voxels(path, dtype)
     offset = int(header.get_data_offset())
     count = int(np.prod(shape))
-    if offset + count * dtype.itemsize > len(raw):  # a first gzip member of the same size as the last
+    if offset + count * dtype.itemsize > len(raw):  # two identical members: libdeflate gave the first
         raw = gunzip(packed, whole=True)
     if offset + count * dtype.itemsize > len(raw):
         raise EOFError("voxel data shorter than the header declares")
     data = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
     slope, inter = header.get_slope_inter()
     if slope is not None and (slope != 1.0 or (inter or 0.0) != 0.0):
-        return (data * np.float32(slope) + np.float32(inter or 0.0)).astype(np.float32), header
-    return data.astype(np.float32), header
+        return scalar_float32(path, data * np.float32(slope) + np.float32(inter or 0.0)), header
+    return scalar_float32(path, data), header

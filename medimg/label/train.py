@@ -37,6 +37,7 @@ from medimg.bundle.loader import bundle_task
 from medimg.io.jsonfile import finite
 from medimg.label.infer import bundle_labels, bundle_meta
 from medimg.label.publish import bundle_version, publish_bundle
+from medimg.runs.folders import new_folder
 
 # request fields a client may set (MONAI Label shows these in its train options)
 DEFAULTS: dict[str, Any] = {"max_epochs": 5, "val_every": 1, "limit_train_batches": None, "val_images": 1,
@@ -176,6 +177,7 @@ class BundleTrain(TrainTask):
         if opts["limit_train_batches"] is not None:
             cfg["trainer"]["limit_train_batches"] = opts["limit_train_batches"]
         cfg.update(init_weights=str(self.bundle), run_dir=str(run_dir), runs_dir=str(run_dir.parent), resume=False,
+                   run_dir_claimed=True,  # run_dir is this task's folder: its run takes it over
                    validate_init=True)  # the served weights on the same held-out images: the publication gate
         cfg["export"] = {"enabled": True, "schema": self.schema}
         cfg["defaults"] = ["_self_", {"override hydra/job_logging": "stdout"}]
@@ -189,8 +191,8 @@ class BundleTrain(TrainTask):
         task = bundle_task(self.bundle)
         if task not in TRAINABLE:
             raise TrainingFailed(f"{self.bundle}: {task} bundles are not trained from the datastore")
-        run_dir = self.runs_dir / self.bundle.name / time.strftime("%Y%m%d-%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # claimed as every run folder is (created, never found): a CLI run of the same second gets another
+        run_dir = new_folder(self.runs_dir / self.bundle.name / time.strftime("%Y%m%d-%H%M%S"))
         manifest = self.manifest(datastore, run_dir, int(request.get("val_images", DEFAULTS["val_images"])))
         cfg = self.training_config(request, manifest, run_dir)
         (run_dir / "finetune.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -44,10 +44,14 @@ class ClassificationPredictor:
 
         Args:
             images: one image or a list / tuple of images: file paths (NIfTI, NRRD, MHA, DICOM
-                folders, PNG / JPEG), nibabel or SimpleITK images, ``MetaTensor``s or arrays. An
-                array is in medimg's index order (i, j) = (column, row), like every in-memory input;
-                a picture's array as PIL gives it (rows, columns) is its transpose (or pass the file).
-            affine: the affine of a single array input (classification ignores geometry).
+                folders, PNG / JPEG), nibabel or SimpleITK images, ``MetaTensor``s or arrays. A
+                bare array (or plain tensor) is taken exactly as training takes one
+                (:class:`~medimg.data.classification.ClassifyPreprocess`): a picture in (rows,
+                columns[, RGB or slices]) order, as PIL and MedMNIST give it. An image with
+                geometry (a file, nibabel, SimpleITK, ``MetaTensor``, or an array *with* ``affine``)
+                is in medimg's index order (i, j) = (column, row) and is turned to picture order.
+            affine: the affine of a single array input: the array is then an image in index order,
+                like every predictor's array-plus-affine input (classification ignores the geometry).
 
         Returns:
             ``{class: probability}`` for one image, a list of them for a list.
@@ -66,9 +70,11 @@ class ClassificationPredictor:
         return out[0] if one else out
 
     @staticmethod
-    def _array_or_path(image: Any, affine: np.ndarray | None) -> str | Path | Image:
+    def _array_or_path(image: Any, affine: np.ndarray | None) -> str | Path | Image | np.ndarray:
         if isinstance(image, (str, Path)):  # files keep their own reader (pictures included)
             return image
+        if affine is None and (isinstance(image, np.ndarray) or type(image) is torch.Tensor):
+            return image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image  # as in training
         return as_image(image, affine).image  # index order: ClassifyPreprocess turns it to picture order
 
     def write_json(self, images: Sequence[str | Path], path: str | Path) -> Path:

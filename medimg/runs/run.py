@@ -7,10 +7,12 @@ The run folder holds ``config.yaml`` (the composed config, as given), ``run.json
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 from medimg.errors import ConfigError, WeightsError
 from medimg.models.compiling import compile_encoder, resolve_speed
 from medimg.models.peft import trainable_summary
+from medimg.runs.folders import new_folder
 from medimg.runs.parts import TaskParts, save_json
 
 log = logging.getLogger("medimg.train")
 RUN_DIR_ENV = "MEDIMG_RUN_DIR"
+RANK0_WAIT_S = 600  # torchrun ranks > 0 wait this long for rank 0's run folder
+_RUNS = itertools.count()  # run_training calls in this process
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -71,34 +76,78 @@ def _resuming(resume: Any) -> bool:
     return resume not in (False, None, "false", "False")
 
 
-def claim_run_dir(wanted: Path, config: dict[Any, Any]) -> Path:
+def run_config(config: dict[Any, Any], run_dir: Path) -> dict[Any, Any]:
+    """The config a run folder records: the given one with the folder it got (a rerun of it claims anew)."""
+    return {**config, "run_dir": str(run_dir), **({"run_dir_claimed": False} if "run_dir_claimed" in config else {})}
+
+
+def claim_run_dir(wanted: Path, config: dict[Any, Any], prepared: bool = False) -> Path:
     """Create a new run folder that no other run uses, and write its ``config.yaml``.
 
-    The folder is claimed by creating ``config.yaml`` exclusively, so two runs started in the same
-    second (separate processes, or the jobs of one Hydra multirun) never share a folder: the later
-    one gets ``wanted-2``, then ``-3``, ... An existing folder that holds no run yet (one a caller
-    prepared, as the MONAI Label train task does) is used as it is.
+    The folder is claimed by creating it (:func:`~medimg.runs.folders.new_folder`), so two runs
+    started in the same second (separate processes, the jobs of one Hydra multirun, a MONAI Label
+    fine-tune) never share one: the later gets ``wanted-2``, then ``-3``, ... An existing folder,
+    whatever it holds, is another run's. Only ``prepared`` (``run_dir_claimed=true``: the caller
+    created ``wanted`` for this run, as the MONAI Label train task does) takes an existing folder
+    over, once: its ``config.yaml`` is created exclusively.
 
     Args:
         wanted: the configured ``run_dir``.
         config: the composed config, written as the claimed folder's ``config.yaml`` (with its ``run_dir``).
+        prepared: take over ``wanted``, which the caller created for this run.
 
     Returns:
         The claimed folder (absolute).
+
+    Raises:
+        ConfigError: a prepared folder that is missing or already holds a run.
     """
     wanted = wanted.resolve()
-    for n in range(1, 10_000):
-        run_dir = wanted if n == 1 else wanted.with_name(f"{wanted.name}-{n}")
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if prepared:
+        if not wanted.is_dir():
+            raise ConfigError(wanted, "run_dir_claimed=true, but there is no such folder to take over")
         try:
-            with open(run_dir / "config.yaml", "x") as fh:
-                fh.write(OmegaConf.to_yaml({**config, "run_dir": str(run_dir)}))
+            with open(wanted / "config.yaml", "x") as fh:
+                fh.write(OmegaConf.to_yaml(run_config(config, wanted)))
         except FileExistsError:
-            continue
-        if run_dir != wanted:
-            log.info("%s holds another run: this run is in %s", wanted, run_dir)
+            raise ConfigError(wanted, "holds a run already (config.yaml); run_dir_claimed=true takes over only "
+                                      "a folder prepared for this run") from None
+        return wanted
+    run_dir = new_folder(wanted)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config(config, run_dir)))
+    if run_dir != wanted:
+        log.info("%s holds another run: this run is in %s", wanted, run_dir)
+    return run_dir
+
+
+def share_run_dir(run_dir: Path) -> Path:
+    """Rank 0's run folder, for every rank of a ``torchrun`` job (each rank is its own process).
+
+    Rank 0 decides the folder (it may claim ``-2``; a default name holds each process's start
+    time) and puts it in the store torchrun's agent serves to all its ranks
+    (``$MASTER_ADDR:$MASTER_PORT``, the one ``init_process_group`` uses); the other ranks wait for
+    it there. Without torchrun's agent store (one process, or workers Lightning starts, which
+    inherit ``$MEDIMG_RUN_DIR``) ``run_dir`` is returned as it is.
+
+    Raises:
+        ConfigError: rank 0 did not name its folder within :data:`RANK0_WAIT_S`.
+    """
+    job = next(_RUNS)  # every rank runs the same jobs in the same order (a Hydra multirun too)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in os.environ:
         return run_dir
-    raise ConfigError("run_dir", f"no free run folder next to {wanted}")
+    from torch.distributed import TCPStore
+
+    key = f"medimg/run_dir/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{job}"
+    try:
+        store = TCPStore(os.environ.get("MASTER_ADDR", "localhost"), int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=timedelta(seconds=RANK0_WAIT_S))
+        if _is_rank_zero():
+            store.set(key, str(run_dir))
+            return run_dir
+        return Path(store.get(key).decode())
+    except RuntimeError as exc:  # torch's DistStoreError / DistNetworkError
+        raise ConfigError("run_dir", f"rank 0 did not name its run folder through torchrun's store "
+                                     f"({str(exc).splitlines()[0]})") from exc
 
 
 def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -107,7 +156,8 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     DDP worker processes that Lightning starts inherit the folder rank 0 claimed through
     ``$MEDIMG_RUN_DIR``; rank 0 (and a single process) ignores that variable, so the jobs of a
     Hydra multirun, which share one process, each get their own folder. A new run's folder is
-    claimed later by :func:`claim_run_dir`; a resumed run continues in its own folder.
+    claimed later by :func:`claim_run_dir`; a resumed run continues in its own folder; ``torchrun``
+    ranks then take rank 0's (:func:`share_run_dir`).
 
     Returns:
         ``(run_dir, resume_checkpoint_or_None)``.
@@ -199,7 +249,8 @@ def run_training(cfg: DictConfig) -> Path:
     assert isinstance(given, dict)
     inherited = os.environ.get(RUN_DIR_ENV)
     if _is_rank_zero() and not _resuming(cfg.resume):
-        run_dir = claim_run_dir(run_dir, given)
+        run_dir = claim_run_dir(run_dir, given, prepared=bool(cfg.get("run_dir_claimed", False)))
+    run_dir = share_run_dir(run_dir)  # torchrun: every rank in rank 0's folder
     os.environ[RUN_DIR_ENV] = str(run_dir)  # DDP workers started by Lightning land in the same run
     try:
         return _train(cfg, run_dir, resume_ckpt, given)
@@ -225,7 +276,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume_ckpt: Path | None, given: dict
 
     if _is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**given, "run_dir": str(run_dir)}))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config(given, run_dir)))
         parts.record.save(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [

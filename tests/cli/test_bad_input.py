@@ -278,6 +278,24 @@ def test_a_failed_atomic_write_is_a_config_error_naming_the_path(tmp_path):
         open(tmp_path / "missing" / "input")  # not the output's own failure: left as it is
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_while_writing_is_one_line_naming_the_output(tmp_path):
+    """write() and close() report ENOSPC / EDQUOT / EIO without a file name: still the output's own failure."""
+    from medimg.errors import ConfigError, atomic_output
+    from medimg.io.image import Image
+
+    image = Image(np.zeros((4, 4, 4), np.float32), np.eye(4), Path("x"), "memory")
+    writers = {"metrics.json": lambda tmp: tmp.write_text("{}" * 10_000),
+               "seg.nii.gz": lambda tmp: image.to_nibabel().to_filename(str(tmp))}
+    for name, write in writers.items():
+        target = tmp_path / name
+        with pytest.raises(ConfigError, match="No space left on device") as err, atomic_output(target) as tmp:
+            os.symlink("/dev/full", tmp)  # the disk is full: every write() fails with ENOSPC
+            write(tmp)
+        assert err.value.path == str(target) and not target.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary left behind
+
+
 def test_a_bad_input_leaves_no_empty_preview_folder(tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()

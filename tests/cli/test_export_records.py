@@ -47,6 +47,21 @@ def test_export_takes_the_checkpoint_the_run_validated_not_the_newest_file(tmp_p
     torch.testing.assert_close(exported[key], nets["best-epoch=003.ckpt"].state_dict()[key], rtol=0, atol=0)
 
 
+def test_a_copied_run_exports_its_own_checkpoint_not_the_originals(tmp_path):
+    """A colleague copies a finished run (or it is archived); the original is then retrained in place."""
+    import shutil
+
+    run, nets = _run_folder(tmp_path, "best-epoch=003.ckpt")
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    torch.save({"state_dict": {f"network.{k}": v for k, v in nets["best-epoch=001.ckpt"].state_dict().items()}},
+               run / "checkpoints" / "best-epoch=003.ckpt")  # the original's file now holds other weights
+    bundle = export_run(copy, tmp_path / "bundle", verify=False, standard_exports=False)
+    exported = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    for key, value in nets["best-epoch=003.ckpt"].state_dict().items():
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("text", "problem"), [('{"task": "segmentation", "templ', "not valid JSON"),
                                                ('{"task": "segmentation"}', "missing"),
                                                ('["a list"]', "not a run record")])

@@ -83,9 +83,57 @@ def test_a_new_run_never_reuses_a_folder_holding_a_run(monkeypatch, tmp_path):
     assert "seed: 0\n" in (first / "config.yaml").read_text()
     assert "seed: 1\n" in (second / "config.yaml").read_text()
     assert rr.RUN_DIR_ENV not in os.environ  # nothing left for the next run in this process
-    prepared = tmp_path / "prepared"  # a folder a caller made for the run (MONAI Label's train task) is used
+    prepared = tmp_path / "prepared"  # a folder a caller made for the run (MONAI Label's train task): only when told
     prepared.mkdir()
-    assert _run(monkeypatch, tmp_path, run_dir=str(prepared)) == prepared
+    assert _run(monkeypatch, tmp_path, run_dir=str(prepared), run_dir_claimed=True) == prepared
+
+
+def test_a_folder_another_task_prepared_is_taken_over_only_when_the_run_is_told_to(monkeypatch, tmp_path):
+    """MONAI Label's train task prepares runs/<bundle>/<second> (finetune.yaml, labels) before its run starts.
+
+    A CLI run started in the same second resolves the same folder: it must not take it (the label task
+    would then publish that run's bundle). The label task's own run takes it over by ``run_dir_claimed``.
+    """
+    monkeypatch.delenv(rr.RUN_DIR_ENV, raising=False)
+    prepared = tmp_path / "runs" / "b" / "20250101-120000"
+    prepared.mkdir(parents=True)
+    (prepared / "finetune.yaml").write_text("the label task's run\n")
+    cli = _run(monkeypatch, tmp_path, seed=7)
+    assert cli.name == "20250101-120000-2" and not (prepared / "config.yaml").exists()
+    assert _run(monkeypatch, tmp_path, seed=8, run_dir_claimed=True) == prepared
+    assert "seed: 8\n" in (prepared / "config.yaml").read_text()
+    with pytest.raises(rr.ConfigError, match="holds a run already"):  # a prepared folder serves one run
+        rr.run_training(OmegaConf.create({"seed": 9, "resume": False, "runs_dir": str(tmp_path / "runs"),
+                                          "bundle": {"name": "b"}, "run_dir": str(prepared), "run_dir_claimed": True}))
+
+
+def test_torchrun_ranks_train_in_the_folder_rank_0_claimed(monkeypatch, tmp_path):
+    """Each torchrun rank is its own process: rank 0 claimed ``T-2`` (``T`` held a run), so rank 1 must too.
+
+    torchrun's agent hosts a store every rank reaches (``$MASTER_ADDR:$MASTER_PORT``); a stale
+    ``$MEDIMG_RUN_DIR`` in the environment does not count.
+    """
+    import itertools
+
+    from torch.distributed import TCPStore
+
+    agent = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # what torchrun's agent serves
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    taken = tmp_path / "runs" / "b" / "20250101-120000"
+    taken.mkdir(parents=True)
+    (taken / "config.yaml").write_text("a run started in the same second\n")
+    folders = []
+    for rank in ("0", "1"):  # the processes' own counters of runs: each starts at its first run
+        monkeypatch.setattr(rr, "_RUNS", itertools.count(), raising=False)
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        monkeypatch.setenv(rr.RUN_DIR_ENV, str(tmp_path / "stale"))
+        folders.append(_run(monkeypatch, tmp_path))
+    assert [f.name for f in folders] == ["20250101-120000-2", "20250101-120000-2"]
 
 
 def test_an_inherited_run_folder_is_only_for_ddp_worker_ranks(monkeypatch, tmp_path):
@@ -124,3 +172,53 @@ def test_an_export_never_writes_into_another_exports_temporary_folder(tmp_path):
     assert (in_progress / "models" / "model.pt").read_bytes() == b"being written"
     assert (out / "models" / "model.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.partial", "bundle"]  # its own temporary is gone
+
+
+
+def _export(out: Path, how: str, writing=None, go=None) -> None:
+    """A real export that dies at its first write (``kill``), or holds there until told (``hold``)."""
+    import signal
+
+    import torch
+    from torch import nn
+
+    from medimg.bundle.writer import write_bundle
+
+    def save(*args, **kwargs):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        writing.set()
+        go.wait(60)
+
+    torch.save = save  # in this (forked) process only
+    write_bundle(out, "vit_cls", nn.Linear(2, 2), {"_target_": "torch.nn.Linear"}, None, {}, {"0": "a", "1": "b"},
+                 {}, verify=False, standard_exports=False)
+
+
+def test_an_export_removes_what_a_killed_export_left_but_not_one_in_progress(tmp_path):
+    """SIGKILL (the OOM killer, a cluster's time limit) left ``.bundle.partial-*`` folders forever."""
+    import multiprocessing
+
+    from torch import nn
+
+    from medimg.bundle.writer import write_bundle
+
+    fork = multiprocessing.get_context("fork")
+    writing, go = fork.Event(), fork.Event()
+    held = fork.Process(target=_export, args=(tmp_path / "bundle", "hold", writing, go))
+    held.start()
+    try:
+        assert writing.wait(60)  # an export in the middle of writing
+        killed = fork.Process(target=_export, args=(tmp_path / "bundle", "kill"))
+        killed.start()
+        killed.join(60)
+        assert killed.exitcode == -9
+        partials = sorted(p.name for p in tmp_path.glob(".bundle.partial-*"))
+        assert len(partials) == 2
+        write_bundle(tmp_path / "bundle", "vit_cls", nn.Linear(2, 2), {"_target_": "torch.nn.Linear"}, None, {},
+                     {"0": "a", "1": "b"}, {}, verify=False, standard_exports=False)
+        left = sorted(p.name for p in tmp_path.glob(".bundle.partial-*"))
+        assert len(left) == 1 and left[0] in partials  # the killed export's folder is gone, the live one kept
+    finally:
+        go.set()
+        held.join(60)

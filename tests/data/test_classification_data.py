@@ -113,7 +113,8 @@ def test_one_picture_as_png_nifti_or_in_memory_reaches_the_network_the_same(tmp_
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 2))
     predictor = ClassificationPredictor(net, pp, ["a", "b"])
     by_file = predictor.predict([tmp_path / "bar.png", tmp_path / "bar.nii.gz"])
-    in_memory = predictor.predict([sitk.ReadImage(str(tmp_path / "bar.nii.gz")), picture.T.astype(np.float32)])
+    in_memory = predictor.predict([sitk.ReadImage(str(tmp_path / "bar.nii.gz")), picture])  # bare: as in training
+    in_memory.append(predictor.predict(picture.T.astype(np.float32), affine=np.eye(4)))  # with geometry: (i, j)
     for probs in (by_file[1], *in_memory):
         assert probs == pytest.approx(by_file[0], abs=1e-5)
 
@@ -171,3 +172,29 @@ def test_knn_and_metrics():
     task.val_metrics.update(onehot[:3], target[:3])
     task.val_metrics.update(onehot[3:], target[3:])
     assert float(task.val_metrics.compute()["val/kappa"]) == pytest.approx(off_by_one["kappa"])
+
+
+def test_predict_takes_an_array_as_training_does_pictures_and_rgb():
+    """``predict(array)`` feeds the network what training fed it for the same array (MedMNIST: picture order)."""
+    from medimg.predictors.classification import ClassificationPredictor
+
+    seen = []
+
+    class Record(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.zeros(len(x), 2) + self.w
+
+    picture = np.zeros((40, 60), np.uint8)
+    picture[5:10, 5:50] = 255  # not symmetric, not square
+    rgb = np.random.default_rng(0).integers(0, 255, (28, 28, 3)).astype(np.uint8)
+    for array in (picture, rgb):
+        pp = ClassifyPreprocess(32, 1, "none")
+        ClassificationPredictor(Record(), pp, ["a", "b"]).predict(array)
+        torch.testing.assert_close(seen.pop()[0], pp(array))  # training's ClassifyPreprocess(array)
+    with pytest.raises(DataError, match="NaN"):
+        ClassificationPredictor(Record(), ClassifyPreprocess(8, 1), ["a", "b"]).predict(np.full((8, 8), np.nan))

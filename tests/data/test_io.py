@@ -258,6 +258,35 @@ def test_rgb_and_complex_nifti_are_refused_naming_the_file(tmp_path, suffix, kin
         assert err.value.path == str(path)
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_complex_and_vector_itk_files_are_refused_by_probe_and_read(tmp_path, suffix):
+    """A complex NRRD / MHA lost its imaginary part silently; probe accepted a vector file that read refused."""
+    from medimg.io.image import probe_image
+
+    cx = (np.ones((4, 5, 6)) + 2j * np.ones((4, 5, 6))).astype(np.complex64)
+    sitk.WriteImage(sitk.GetImageFromArray(cx), str(tmp_path / f"cx{suffix}"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True),
+                    str(tmp_path / f"rgb{suffix}"))
+    complex_match = "stores complex voxels" if suffix == ".nrrd" else "has 2 components"  # MetaImage: 2 channels
+    for name, match in (("cx", complex_match), ("rgb", "has 3 components per voxel")):
+        for check in (read_image, probe_image):
+            with pytest.raises(DataError, match=match) as err:
+                check(tmp_path / f"{name}{suffix}")
+            assert err.value.path == str(tmp_path / f"{name}{suffix}")
+
+
+def test_complex_in_memory_images_are_refused():
+    """nibabel, SimpleITK and array inputs go through the same float32 conversion as the files."""
+    from medimg.io.memory import as_image
+
+    cx = (np.ones((4, 5, 6)) + 2j * np.ones((4, 5, 6))).astype(np.complex64)
+    for obj, name in ((nib.Nifti1Image(cx, np.eye(4)), "nibabel image"),
+                      (sitk.GetImageFromArray(cx), "SimpleITK image"), (cx, "array")):
+        with pytest.raises(DataError, match="stores complex voxels") as err:
+            as_image(obj)
+        assert err.value.path == name
+
+
 @pytest.mark.parametrize("split", ["halves", "uneven"])
 def test_multi_member_gzip_nifti_reads_whole_and_truncation_is_still_caught(tmp_path, split):
     """bgzip and ``cat a.gz b.gz`` write several gzip members: a valid .nii.gz that gunzip and nibabel read."""
@@ -273,6 +302,32 @@ def test_multi_member_gzip_nifti_reads_whole_and_truncation_is_still_caught(tmp_
     (tmp_path / "cut.nii.gz").write_bytes(members[0] + members[1][: len(members[1]) // 2])
     with pytest.raises(DataError, match="truncated or corrupt"):
         read_image(tmp_path / "cut.nii.gz")
+
+
+def test_real_bgzip_pigz_and_zero_padded_gzip_nifti_read_as_nibabel_reads_them(tmp_path):
+    """bgzip ends with an empty member (its size field 0); tape tools pad with zeros: both valid gzip."""
+    from tests.oracles import need_debian
+
+    need_debian("tabix", "pigz")
+    volume = np.arange(40 * 50 * 30, dtype=np.int16).reshape(40, 50, 30) % 977
+    nib.save(nib.Nifti1Image(volume, np.diag([1.5, 1.0, 2.0, 1.0])), str(tmp_path / "v.nii"))
+    raw = (tmp_path / "v.nii").read_bytes()
+    files = {}
+    for tool in (["bgzip", "-c"], ["pigz", "-c"], ["pigz", "-c", "-i"]):  # pigz -i: independent blocks
+        files[" ".join(tool)] = subprocess.run([*tool, str(tmp_path / "v.nii")], check=True, capture_output=True).stdout
+    files["gzip + zero padding"] = gzip.compress(raw) + b"\0" * 512
+    for name, packed in files.items():
+        path = tmp_path / "packed.nii.gz"
+        path.write_bytes(packed)
+        np.testing.assert_array_equal(read_image(path).array, np.asanyarray(nib.load(str(path)).dataobj), err_msg=name)
+        path.write_bytes(packed[: len(packed) * 3 // 4])  # cut inside the voxel data
+        with pytest.raises(DataError, match="truncated or corrupt"):
+            read_image(path)
+    path.write_bytes(files["bgzip -c"][:-28])  # only bgzip's empty end member missing: the voxels are all there
+    np.testing.assert_array_equal(read_image(path).array, volume)
+    path.write_bytes(gzip.compress(raw) + b"\0\0garbage")  # not padding: refused as gzip refuses it
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_image(path)
 
 
 def test_gantry_tilted_ct_is_refused_naming_the_folder(tmp_path):

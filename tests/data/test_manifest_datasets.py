@@ -231,6 +231,34 @@ def test_disk_cache_sees_files_edited_in_place(tmp_path):
     assert label_sum() == 128.0
 
 
+def test_disk_cache_key_stamps_only_the_loaded_files_and_sees_a_same_size_same_mtime_edit(tmp_path):
+    """``cp -p`` / ``rsync -a`` / a 1 s file system keep size and mtime: inode and ctime still tell the edit.
+
+    Other fields of an item (a notes folder, an empty string, ``/``) are no file the transforms
+    load: never stamped (an empty string was the working folder, walked on every access).
+    """
+    import os
+    import time
+
+    from medimg.data.segmentation import file_state_hash
+
+    label = tmp_path / "label.nii"
+    label.write_bytes(b"\x01" * 1000)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    item = {"image": str(label), "label": str(label), "notes": str(tmp_path / "notes"), "site": "", "root": "/"}
+    before, st = file_state_hash(item), label.stat()
+    (tmp_path / "notes" / "a.txt").write_text("y, longer")  # not a loaded file: same key
+    assert file_state_hash(item) == before
+    time.sleep(0.01)
+    fixed = tmp_path / "fixed.nii"
+    fixed.write_bytes(b"\x02" * 1000)  # the corrected label, same size, moved into place keeping the old times
+    os.utime(fixed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(fixed, label)
+    assert (label.stat().st_size, label.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert file_state_hash(item) != before
+
+
 def test_no_validation_split_is_an_error_or_a_subject_split(tmp_path, phantom_manifest):
     import json
 

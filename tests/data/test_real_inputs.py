@@ -71,6 +71,47 @@ def test_enhanced_multiframe_ct_matches_dcm2niix(tmp_path):
     np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
 
 
+def test_enhanced_ct_stored_one_frame_per_file_reads_as_the_multiframe_file(tmp_path):
+    """Enhanced DICOM one frame per file (NumberOfFrames 1): the geometry is only in the functional groups."""
+    import copy
+
+    from pydicom.uid import generate_uid
+
+    src = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    (tmp_path / "whole").mkdir()
+    shutil.copy(get_testdata_file("eCT_Supplemental.dcm"), tmp_path / "whole")
+    whole = read_image(tmp_path / "whole")
+    pixels = src.pixel_array
+    for folder, frames in (("split", (1, 0)), ("one", (0,))):
+        (tmp_path / folder).mkdir()
+        for i in frames:  # written in reverse: the reader sorts by position
+            ds = copy.deepcopy(src)
+            ds.NumberOfFrames = 1
+            ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence([src.PerFrameFunctionalGroupsSequence[i]])
+            ds.PixelData = pixels[i].tobytes()
+            ds.SOPInstanceUID = generate_uid()
+            ds.save_as(tmp_path / folder / f"{i}.dcm")
+    split = read_image(tmp_path / "split")
+    np.testing.assert_array_equal(split.array, whole.array)
+    np.testing.assert_allclose(split.affine, whole.affine, atol=1e-6)
+    one = read_image(tmp_path / "one")  # frame 0 alone: the whole volume's slice at its position
+    k = [np.allclose(whole.affine @ [0, 0, k, 1], one.affine[:, 3], atol=1e-4) for k in (0, 1)].index(True)
+    np.testing.assert_array_equal(one.array[..., 0], whole.array[..., k])
+    np.testing.assert_allclose(one.affine[:3, :2], whole.affine[:3, :2], atol=1e-6)
+
+
+def test_malformed_number_of_frames_is_one_line_naming_the_file(tmp_path):
+    """pydicom's badVR.dcm: NumberOfFrames '1A' (an IS that is no number)."""
+    from medimg.io.image import probe_image
+
+    (tmp_path / "bad").mkdir()
+    shutil.copy(get_testdata_file("badVR.dcm"), tmp_path / "bad")
+    for check in (probe_image, read_image):
+        with pytest.raises(DataError, match=r"NumberOfFrames \(0028,0008\) .*'1A'") as err:
+            check(tmp_path / "bad")
+        assert err.value.path == str(tmp_path / "bad" / "badVR.dcm")
+
+
 @pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"])
 def test_compressed_transfer_syntaxes_decode_losslessly(tmp_path, name):
     """JPEG-LS, JPEG 2000 and RLE (pylibjpeg plugins) give exactly the uncompressed slice's voxels."""

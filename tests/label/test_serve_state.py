@@ -264,3 +264,21 @@ def test_a_fine_tune_that_validates_worse_than_the_served_weights_is_not_publish
     assert not publication_verdict({**run, "initial/val/dice": float("nan")})[0]
     with pytest.raises(TrainingFailed, match="publish='sometimes'"):
         publication_verdict(run, "sometimes")
+
+
+def test_a_card_whose_top_level_is_not_an_object_never_stops_the_server_starting(tmp_path, caplog):
+    """``metadata.json`` holding a list: ``find_bundles`` (the server's start) raised AttributeError."""
+    import logging
+
+    from medimg.label.compat import install
+
+    install()
+    from medimg.label.main import find_bundles
+
+    for name, card in (("a_list", ["not", "a", "card"]), ("b_good", {"medimg_held_out_3d": {"dice": 0.5}})):
+        (tmp_path / name / "configs").mkdir(parents=True)
+        (tmp_path / name / "configs" / "metadata.json").write_text(json.dumps(card))
+    with caplog.at_level(logging.WARNING):
+        assert [p.name for p in find_bundles(tmp_path)] == ["b_good", "a_list"]
+    lines = [r.getMessage() for r in caplog.records if "a_list" in r.getMessage()]
+    assert len(lines) == 1 and "not a JSON object" in lines[0]

@@ -52,7 +52,9 @@ def test_a_save_that_fails_midway_leaves_the_stored_label_whole(store, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(shutil, "copyfile", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    from medimg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="case1.nii: cannot be written: No space"):  # one line naming the file
         ds.save_label("case1", _upload(uploads, np.ones((16, 16, 16)), "b.nii"), "final", {})
     assert stored.read_bytes() == before and np.asarray(nib.load(stored).dataobj).sum() == first.sum()
     assert sorted(p.name for p in stored.parent.iterdir()) == ["case1.nii"]  # no partial file left or listed
@@ -79,6 +81,45 @@ def test_a_training_reads_its_own_copies_of_the_labels(store, tmp_path):
     assert all(p.is_relative_to(work) for p in used)
     ds.save_label("case1", _upload(uploads, np.zeros((16, 16, 16)) + 2, "again.nii"), "final", {})
     assert np.asarray(nib.load(used[0]).dataobj).max() == 1  # the run's copy is the label it started from
+
+
+def test_a_label_fine_tune_never_shares_its_run_folder_with_a_cli_run(store, tmp_path, monkeypatch):
+    """A CLI run started in the same second claimed runs/<bundle>/<second>: the label task must not use it.
+
+    It used to write finetune.yaml there anyway, its run trained in ``-2``, and it published the
+    CLI run's bundle from the shared folder.
+    """
+    import subprocess
+    import time
+
+    import yaml
+
+    from medimg.bundles import shipped_bundles
+    from medimg.label.train import BundleTrain
+
+    ds, uploads = store
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), Path(ds._root()) / "case2.nii.gz")
+    ds.refresh()
+    for image in ("case1", "case2"):
+        ds.save_label(image, _upload(uploads, np.ones((16, 16, 16)), f"{image}.nii"), "final", {})
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20250101-120000")
+    cli = tmp_path / "runs" / "tissue_t1" / "20250101-120000"
+    cli.mkdir(parents=True)
+    (cli / "config.yaml").write_text("the CLI run\n")
+
+    class Started(Exception):
+        pass
+
+    def popen(cmd, **kwargs):
+        raise Started(cmd)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(Started) as started:
+        BundleTrain(shipped_bundles()["tissue_t1"], tmp_path / "runs")({}, ds)
+    mine = Path(started.value.args[0][started.value.args[0].index("--config-path") + 1])
+    assert mine.name == "20250101-120000-2" and sorted(p.name for p in cli.iterdir()) == ["config.yaml"]
+    cfg = yaml.safe_load((mine / "finetune.yaml").read_text())
+    assert cfg["run_dir"] == str(mine) and cfg["run_dir_claimed"] is True  # its run takes this folder over
 
 
 def _segmentation_bundle(tmp_path: Path) -> Path:
