@@ -117,8 +117,9 @@ def publish_bundle(new_bundle: str | Path, served: str | Path, keep_previous: bo
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(new_bundle, partial)
     original = original_copy(served)
+    seconds, fraction = divmod(time.time_ns(), 10**9)  # one instant: names sort in publication order
     old = original if not original.exists() else served.with_name(
-        f".{served.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}")
+        f".{served.name}.previous-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(seconds))}-{fraction:09d}")
     swap = served.with_name(f".{served.name}.swap")
     with bundle_lock(served):
         shutil.rmtree(staging, ignore_errors=True)
